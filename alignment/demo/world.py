@@ -1,0 +1,230 @@
+"""A tiny synthetic "assistant world" with an exact gold oracle.
+
+A user prompt names a task and lists a few distinct words, e.g. ``"reverse: cat dog sun"``.
+The ideal assistant reply is a polite opener plus the exact answer and nothing else:
+``"Sure! sun dog cat"``.  Tasks: ``repeat`` (copy the words), ``first`` / ``last`` (pick
+one word) and ``reverse`` (copy backwards).  Every skill is copying or choosing words from
+the prompt, so a tiny language model can learn it on a CPU in about a minute.
+
+``gold_score`` grades any reply exactly (politeness 0.25, correct content 0.5,
+concise stop 0.25).  The data generators give a noisy "web" pretraining corpus, clean
+SFT conversations, preference pairs and held-out evaluation prompts.  Held-out prompts
+are chosen by a fixed hash rule (``is_heldout``) and never appear in training data.
+All randomness comes from ``random.Random`` seeded by the caller: same seed, same data.
+"""
+from __future__ import annotations
+
+import random
+import zlib
+from dataclasses import dataclass
+
+WORDS = (
+    "cat", "dog", "sun", "red", "blue", "tree", "fish", "milk", "cup", "hat",
+    "box", "bird", "car", "bus", "egg", "pen", "map", "key", "ball", "bed",
+    "book", "door", "frog", "girl", "boy", "hand", "ice", "jam", "kite", "lamp",
+    "moon", "nest", "owl", "pig", "rain", "ship", "star", "toy", "van", "cow",
+)
+TASKS = ("repeat", "first", "last", "reverse")
+# Allowed number of words in the prompt, per task kind (inclusive).
+WORD_COUNTS = {"repeat": (2, 4), "first": (3, 5), "last": (3, 5), "reverse": (2, 3)}
+
+POLITE_OPENER = "Sure!"
+RUDE_OPENERS = ("Ugh.", "Whatever.", "Fine.")
+USER_TAG = "<|user|>"
+ASSISTANT_TAG = "<|assistant|>"
+
+
+@dataclass(frozen=True)
+class Task:
+    kind: str
+    words: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.kind not in TASKS:
+            raise ValueError(f"unknown task kind {self.kind!r}; expected one of {TASKS}")
+        lo, hi = WORD_COUNTS[self.kind]
+        if not lo <= len(self.words) <= hi:
+            raise ValueError(f"task {self.kind!r} needs {lo}-{hi} words, got {len(self.words)}")
+        unknown = [w for w in self.words if w not in WORDS]
+        if unknown:
+            raise ValueError(f"words not in WORDS: {unknown}")
+        if len(set(self.words)) != len(self.words):
+            raise ValueError(f"words in a prompt must be distinct: {self.words}")
+
+    @property
+    def prompt(self) -> str:
+        return f"{self.kind}: " + " ".join(self.words)
+
+    @property
+    def answer_words(self) -> tuple[str, ...]:
+        if self.kind == "repeat":
+            return self.words
+        if self.kind == "first":
+            return self.words[:1]
+        if self.kind == "last":
+            return self.words[-1:]
+        return self.words[::-1]  # reverse
+
+    @property
+    def answer(self) -> str:
+        return " ".join(self.answer_words)
+
+
+def sample_task(rng: random.Random) -> Task:
+    kind = rng.choice(TASKS)
+    lo, hi = WORD_COUNTS[kind]
+    return Task(kind, tuple(rng.sample(WORDS, rng.randint(lo, hi))))
+
+
+def parse_prompt(prompt: str) -> Task:
+    """Inverse of ``Task.prompt``; raises ValueError for any other string."""
+    kind, sep, rest = prompt.partition(": ")
+    if not sep:
+        raise ValueError(f"not a task prompt (expected 'kind: w1 w2 ...'): {prompt!r}")
+    task = Task(kind, tuple(rest.split(" ")))  # validates kind, words, count
+    if task.prompt != prompt:
+        raise ValueError(f"badly formatted task prompt: {prompt!r}")
+    return task
+
+
+def is_heldout(prompt: str) -> bool:
+    """Deterministic split: about 10% of prompts are held out for evaluation only."""
+    return zlib.crc32(prompt.encode()) % 10 == 0
+
+
+def good_response(task: Task) -> str:
+    return f"{POLITE_OPENER} {task.answer}"
+
+
+def _wrong_answer(task: Task, rng: random.Random) -> str:
+    """An answer with the right number of words that is not the right answer."""
+    right = task.answer_words
+    while True:
+        if len(right) == 1:  # first / last: another prompt word, or any word
+            pool = task.words if rng.random() < 0.7 else WORDS
+            wrong = (rng.choice(pool),)
+        elif rng.random() < 0.5:  # the prompt words in another order
+            wrong = tuple(rng.sample(task.words, len(right)))
+        else:  # one word swapped for a word not in the prompt
+            i = rng.randrange(len(right))
+            new = rng.choice([w for w in WORDS if w not in task.words])
+            wrong = right[:i] + (new,) + right[i + 1:]
+        if wrong != right:
+            return " ".join(wrong)
+
+
+def make_response(task: Task, rng: random.Random, *, wrong: bool = False,
+                  rude: bool = False, rambles: bool = False) -> str:
+    opener = rng.choice(RUDE_OPENERS) if rude else POLITE_OPENER
+    answer = _wrong_answer(task, rng) if wrong else task.answer
+    text = f"{opener} {answer}"
+    if rambles:
+        text += " " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8)))
+    return text
+
+
+def score_parts(prompt: str, response: str, finished: bool = True) -> dict[str, float]:
+    """Grade ``response`` to ``prompt`` exactly. The rule:
+
+    * text = response.strip(). ``polite`` = 0.25 if text starts with "Sure!", else 0.
+    * body = text with one leading opener removed ("Sure!" or any of RUDE_OPENERS),
+      then stripped; words = body.split(); k = number of words in the right answer.
+    * ``content`` = 0.5 if the first k words of body equal the k answer words, else 0.
+    * ``concise`` = 0.25 if ``finished`` is True (the model emitted end-of-sequence; a
+      reply cut off by the length limit is not finished) and body has exactly k words
+      and content was earned, else 0.
+    * A prompt that ``parse_prompt`` rejects raises ValueError.
+    """
+    answer = parse_prompt(prompt).answer_words
+    text = response.strip()
+    body = text
+    for opener in (POLITE_OPENER, *RUDE_OPENERS):
+        if text.startswith(opener):
+            body = text[len(opener):].strip()
+            break
+    words = body.split()
+    k = len(answer)
+    content = tuple(words[:k]) == answer
+    return {
+        "polite": 0.25 if text.startswith(POLITE_OPENER) else 0.0,
+        "content": 0.5 if content else 0.0,
+        "concise": 0.25 if finished and content and len(words) == k else 0.0,
+    }
+
+
+def gold_score(prompt: str, response: str, finished: bool = True) -> float:
+    """Sum of ``score_parts`` (in [0, 1]); see its docstring for the rule."""
+    return sum(score_parts(prompt, response, finished).values())
+
+
+def render_exchange(prompt: str, response: str) -> str:
+    """One exchange as plain text, as the default chat template renders it (no EOS)."""
+    return f"{USER_TAG}\n{prompt}\n{ASSISTANT_TAG}\n{response}"
+
+
+def _train_task(rng: random.Random) -> Task:
+    """A random task whose prompt is not held out."""
+    while True:
+        task = sample_task(rng)
+        if not is_heldout(task.prompt):
+            return task
+
+
+def pretrain_corpus(n: int, seed: int, p_wrong: float = 0.5, p_rude: float = 0.4,
+                    p_ramble: float = 0.4) -> list[str]:
+    """Noisy "web" documents: each defect is drawn independently at its rate."""
+    rng = random.Random(f"corpus-{seed}")
+    docs = []
+    for _ in range(n):
+        task = _train_task(rng)
+        response = make_response(task, rng, wrong=rng.random() < p_wrong,
+                                 rude=rng.random() < p_rude, rambles=rng.random() < p_ramble)
+        docs.append(render_exchange(task.prompt, response))
+    return docs
+
+
+def sft_conversations(n: int, seed: int) -> list[dict]:
+    rng = random.Random(f"sft-{seed}")
+    convs = []
+    for _ in range(n):
+        task = _train_task(rng)
+        convs.append({"messages": [{"role": "user", "content": task.prompt},
+                                   {"role": "assistant", "content": good_response(task)}]})
+    return convs
+
+
+DEFECTS = ("wrong", "rude", "rambles")
+
+
+def preference_pairs(n: int, seed: int) -> list[dict]:
+    """Pairs where chosen scores strictly higher than rejected under ``gold_score``.
+
+    Chosen is ``good_response`` 80% of the time, otherwise rude or rambling (not wrong).
+    Rejected has all of chosen's defects plus at least one more, each missing one added
+    with probability 1/2.
+    """
+    rng = random.Random(f"prefs-{seed}")
+    pairs = []
+    while len(pairs) < n:
+        task = _train_task(rng)
+        chosen_defects = set() if rng.random() < 0.8 else {rng.choice(("rude", "rambles"))}
+        missing = [d for d in DEFECTS if d not in chosen_defects]
+        extra = {d for d in missing if rng.random() < 0.5} or {rng.choice(missing)}
+        chosen = make_response(task, rng, **{d: True for d in chosen_defects})
+        rejected = make_response(task, rng, **{d: True for d in chosen_defects | extra})
+        if gold_score(task.prompt, chosen) > gold_score(task.prompt, rejected):
+            pairs.append({"prompt": task.prompt, "chosen": chosen, "rejected": rejected})
+    return pairs
+
+
+def eval_prompts(n: int, seed: int) -> list[str]:
+    """``n`` distinct held-out prompts (``is_heldout``), never seen in training data."""
+    rng = random.Random(f"eval-{seed}")
+    prompts: list[str] = []
+    seen: set[str] = set()
+    while len(prompts) < n:
+        prompt = sample_task(rng).prompt
+        if is_heldout(prompt) and prompt not in seen:
+            seen.add(prompt)
+            prompts.append(prompt)
+    return prompts

@@ -1,0 +1,1 @@
+"""Preference-data preparation (see the README); grows with the reward/DPO stages."""

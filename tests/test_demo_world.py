@@ -1,0 +1,157 @@
+import random
+
+import pytest
+
+from alignment.demo.world import (
+    ASSISTANT_TAG, POLITE_OPENER, RUDE_OPENERS, TASKS, USER_TAG, WORDS, Task, eval_prompts,
+    gold_score, good_response, is_heldout, make_response, parse_prompt, preference_pairs,
+    pretrain_corpus, render_exchange, sample_task, score_parts, sft_conversations,
+)
+
+P = "reverse: cat dog sun"  # answer: "sun dog cat"
+
+
+def _defects(prompt, response):
+    """Which defects a generated response has, read back with the oracle."""
+    parts = score_parts(prompt, response)
+    return {"wrong": parts["content"] == 0, "rude": parts["polite"] == 0,
+            "rambles": parts["content"] > 0 and parts["concise"] == 0}
+
+
+def test_words_and_task_basics():
+    assert len(WORDS) == len(set(WORDS)) >= 30
+    assert all(w.isalpha() and w.islower() for w in WORDS)
+    t = Task("reverse", ("cat", "dog", "sun"))
+    assert t.prompt == P and t.answer == "sun dog cat"
+    assert Task("first", ("cat", "dog", "sun")).answer == "cat"
+    assert Task("last", ("cat", "dog", "sun", "pig")).answer == "pig"
+    assert Task("repeat", ("cat", "dog")).answer == "cat dog"
+    assert good_response(t) == "Sure! sun dog cat"
+
+
+@pytest.mark.parametrize("response, finished, expected", [
+    ("Sure! sun dog cat", True, 1.0),
+    ("  Sure!   sun dog cat \n", True, 1.0),
+    ("Sure! sun dog cat pig owl", True, 0.75),    # rambling
+    ("Ugh. sun dog cat", True, 0.75),             # rude
+    ("Whatever. sun dog cat", True, 0.75),
+    ("sun dog cat", True, 0.75),                  # no opener at all
+    ("Sure! cat dog sun", True, 0.25),            # wrong, polite
+    ("Sure! sun dog", True, 0.25),                # too short
+    ("Sure! sun dog cat", False, 0.75),           # cut off by the length limit
+    ("", True, 0.0),
+    ("Fine. cat dog sun pig owl ice", True, 0.0),  # rude + wrong + rambling
+    ("Ugh. sun dog cat pig", True, 0.5),          # rude + rambling
+])
+def test_gold_scores_by_hand(response, finished, expected):
+    assert gold_score(P, response, finished) == expected
+
+
+def test_score_parts_and_bad_prompt():
+    assert score_parts(P, "Sure! sun dog cat pig") == {"polite": 0.25, "content": 0.5, "concise": 0.0}
+    with pytest.raises(ValueError):
+        gold_score("reverse: cat dog zebra", "Sure! zebra dog cat")
+
+
+def test_parse_prompt_round_trip_every_kind():
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(300):
+        t = sample_task(rng)
+        seen.add(t.kind)
+        assert parse_prompt(t.prompt) == t
+        assert len(set(t.words)) == len(t.words)
+    assert seen == set(TASKS)
+
+
+@pytest.mark.parametrize("junk", [
+    "", "hello", "repeat:", "repeat: ", "repeat: cat", "repeat:cat dog", "Repeat: cat dog",
+    "sort: cat dog", "repeat: cat cat", "repeat: cat  dog", "repeat: cat dog ",
+    " repeat: cat dog", "repeat: cat zebra", "first: cat dog", "reverse: a b c d",
+    "repeat: cat dog sun pig owl",
+])
+def test_parse_prompt_rejects_junk(junk):
+    with pytest.raises(ValueError):
+        parse_prompt(junk)
+
+
+def test_make_response_defects():
+    rng = random.Random(1)
+    for _ in range(300):
+        t = sample_task(rng)
+        wrong, rude, rambles = (rng.random() < 0.5 for _ in range(3))
+        r = make_response(t, rng, wrong=wrong, rude=rude, rambles=rambles)
+        assert r.split()[0] in (RUDE_OPENERS if rude else (POLITE_OPENER,))
+        assert _defects(t.prompt, r)["wrong"] == wrong
+        body_len, k = len(r.split()) - 1, len(t.answer.split())
+        assert (body_len > k) if rambles else (body_len == k)
+        assert gold_score(t.prompt, r) == 0.25 * (not rude) + (0 if wrong else 0.5 + 0.25 * (not rambles))
+
+
+def test_render_exchange():
+    assert render_exchange(P, "Sure! x") == f"{USER_TAG}\n{P}\n{ASSISTANT_TAG}\nSure! x"
+    assert render_exchange(P, "y") == "<|user|>\nreverse: cat dog sun\n<|assistant|>\ny"
+
+
+def test_determinism():
+    for gen in (pretrain_corpus, sft_conversations, preference_pairs, eval_prompts):
+        assert gen(50, 3) == gen(50, 3)
+        assert gen(50, 3) != gen(50, 4)
+        assert len(gen(50, 3)) == 50
+
+
+def test_sft_conversations_are_perfect():
+    for conv in sft_conversations(200, 0):
+        user, assistant = conv["messages"]
+        assert user["role"] == "user" and assistant["role"] == "assistant"
+        assert gold_score(user["content"], assistant["content"]) == 1.0
+
+
+def test_preference_pairs():
+    pairs = preference_pairs(1000, 0)
+    counts = {"wrong": 0, "rude": 0, "rambles": 0}
+    good_chosen = 0
+    for p in pairs:
+        assert gold_score(p["prompt"], p["chosen"]) > gold_score(p["prompt"], p["rejected"])
+        good_chosen += gold_score(p["prompt"], p["chosen"]) == 1.0
+        for d, has in _defects(p["prompt"], p["rejected"]).items():
+            counts[d] += has
+    assert all(c > 300 for c in counts.values()), counts
+    assert 700 < good_chosen < 900
+
+
+def _prompt_of(doc):
+    return doc.split("\n")[1]
+
+
+def test_eval_prompts_heldout_and_disjoint():
+    evals = eval_prompts(300, 0)
+    assert len(set(evals)) == 300 and all(is_heldout(p) for p in evals)
+    train = {_prompt_of(d) for d in pretrain_corpus(3000, 0)}
+    train |= {c["messages"][0]["content"] for c in sft_conversations(3000, 0)}
+    train |= {p["prompt"] for p in preference_pairs(3000, 0)}
+    assert not any(is_heldout(p) for p in train)
+    assert not set(evals) & train
+    # the rule is not vacuous: roughly 10% of random prompts are held out
+    rng = random.Random(5)
+    frac = sum(is_heldout(sample_task(rng).prompt) for _ in range(5000)) / 5000
+    assert 0.07 < frac < 0.13
+
+
+@pytest.mark.parametrize("rates", [(0.5, 0.4, 0.4), (0.1, 0.7, 0.0)])
+def test_corpus_defect_rates(rates):
+    p_wrong, p_rude, p_ramble = rates
+    docs = pretrain_corpus(2000, 7, p_wrong=p_wrong, p_rude=p_rude, p_ramble=p_ramble)
+    totals = {"wrong": 0, "rude": 0, "rambles": 0}
+    for doc in docs:
+        user_tag, prompt, asst_tag, response = doc.split("\n")
+        assert (user_tag, asst_tag) == (USER_TAG, ASSISTANT_TAG)
+        d = _defects(prompt, response)
+        body_len = len(response.split()) - 1
+        k = len(parse_prompt(prompt).answer.split())
+        totals["wrong"] += d["wrong"]
+        totals["rude"] += d["rude"]
+        totals["rambles"] += body_len > k
+    assert abs(totals["wrong"] / 2000 - p_wrong) < 0.05
+    assert abs(totals["rude"] / 2000 - p_rude) < 0.05
+    assert abs(totals["rambles"] / 2000 - p_ramble) < 0.05

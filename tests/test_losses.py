@@ -1,0 +1,303 @@
+"""Hand-computed tests for alignment/losses.py.
+
+Expected values come from the `math` module or from the arithmetic in each
+docstring, never from the function under test.
+"""
+
+import ast
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignment import losses as L
+
+LN2 = math.log(2.0)
+
+
+def t(*xs):
+    return torch.tensor(xs, dtype=torch.float64)
+
+
+def log1pexp(x):
+    """-logsigmoid(x) = log(1 + e^-x), computed with math."""
+    return math.log1p(math.exp(-x))
+
+
+# ---------------------------------------------------------------- DPO family
+
+def test_dpo_sigmoid_at_init_is_ln2_and_gradient_pushes_chosen_up():
+    """policy == reference gives h = 0 and loss = -log sigma(0) = ln 2, with rewards 0.
+    d loss / d pi_c = -beta sigma(-beta h) = -beta/2 (negative, so a descent step raises pi_c);
+    d loss / d pi_r = +beta/2."""
+    beta = 0.1
+    pc = t(-5.0, -7.0).requires_grad_()
+    pr = t(-6.0, -3.0).requires_grad_()
+    losses, cr, rr = L.dpo_loss(pc, pr, pc.detach().clone(), pr.detach().clone(), beta)
+    assert torch.allclose(losses, torch.full_like(losses, LN2))
+    assert torch.all(cr == 0) and torch.all(rr == 0) and torch.all(cr - rr == 0)
+    assert not cr.requires_grad and not rr.requires_grad
+    losses.sum().backward()
+    assert torch.allclose(pc.grad, torch.full((2,), -beta / 2, dtype=torch.float64))
+    assert torch.allclose(pr.grad, torch.full((2,), beta / 2, dtype=torch.float64))
+
+
+def test_dpo_rewards_are_beta_logratios():
+    """beta=0.5, pi_c=-1, ref_c=-2 gives reward 0.5; pi_r=-4, ref_r=-3 gives -0.5.
+    h = 1 - (-1) = 2, loss = log(1 + e^{-1})."""
+    losses, cr, rr = L.dpo_loss(t(-1.0), t(-4.0), t(-2.0), t(-3.0), beta=0.5)
+    assert cr.item() == pytest.approx(0.5)
+    assert rr.item() == pytest.approx(-0.5)
+    assert losses.item() == pytest.approx(log1pexp(1.0))
+
+
+def test_ipo_at_init():
+    """h = 0, so loss = (0 - 1/(2 beta))^2 = 1/(4 beta^2); beta 0.1 gives 25."""
+    x = t(-3.0, -9.0)
+    losses, _, _ = L.dpo_loss(x, x, x, x, beta=0.1, loss_type="ipo")
+    assert torch.allclose(losses, torch.full_like(losses, 25.0))
+
+
+def test_ipo_on_numbers():
+    """beta=0.5, so the target is 1/(2*0.5) = 1. h = (-1 - -2) - (-4 - -3) = 2, loss (2-1)^2 = 1."""
+    losses, _, _ = L.dpo_loss(t(-1.0), t(-4.0), t(-2.0), t(-3.0), beta=0.5, loss_type="ipo")
+    assert losses.item() == pytest.approx(1.0)
+
+
+def test_cdpo_label_smoothing():
+    """beta=0.5, h=2, so beta h = 1 and eps = 0.1:
+    loss = -(0.9) log sigma(1) - 0.1 log sigma(-1)
+         = 0.9 log(1+e^-1) + 0.1 log(1+e)
+         = 0.9*0.3132617 + 0.1*1.3132617 = 0.4132617."""
+    expected = 0.9 * log1pexp(1.0) + 0.1 * log1pexp(-1.0)
+    assert expected == pytest.approx(0.4132617, abs=1e-7)
+    losses, _, _ = L.dpo_loss(t(0.0), t(-2.0), t(0.0), t(0.0), beta=0.5, label_smoothing=0.1)
+    assert losses.item() == pytest.approx(expected, abs=1e-10)
+
+
+def test_hinge():
+    """beta=0.5: h=1 gives relu(1 - 0.5) = 0.5; h=3 gives relu(1 - 1.5) = 0; h=-2 gives relu(2) = 2."""
+    z = torch.zeros(3, dtype=torch.float64)
+    losses, _, _ = L.dpo_loss(t(1.0, 3.0, -2.0), z, z, z, beta=0.5, loss_type="hinge")
+    assert torch.allclose(losses, t(0.5, 0.0, 2.0))
+
+
+def test_dpo_rejects_unknown_type_and_misplaced_smoothing():
+    x = t(0.0)
+    with pytest.raises(ValueError):
+        L.dpo_loss(x, x, x, x, 0.1, loss_type="nope")
+    with pytest.raises(ValueError):
+        L.dpo_loss(x, x, x, x, 0.1, loss_type="ipo", label_smoothing=0.1)
+
+
+def test_simpo():
+    """beta=2, gamma_beta_ratio=0.5, so gamma = 1.
+    (c, r) = (-1, -1.5): h = 2*0.5 - 1 = 0, loss ln 2.
+    (c, r) = (-0.5, -2): h = 2*1.5 - 1 = 2, loss log(1+e^-2) = 0.126928.
+    rewards = beta*c = (-2, -1), beta*r = (-3, -4).
+    With eps=0.2 the second pair gives 0.8 log(1+e^-2) + 0.2 log(1+e^2)."""
+    c, r = t(-1.0, -0.5), t(-1.5, -2.0)
+    losses, cr, rr = L.simpo_loss(c, r, beta=2.0, gamma_beta_ratio=0.5)
+    assert losses[0].item() == pytest.approx(LN2)
+    assert losses[1].item() == pytest.approx(log1pexp(2.0))
+    assert losses[1].item() == pytest.approx(0.126928, abs=1e-6)
+    assert torch.allclose(cr, t(-2.0, -1.0)) and torch.allclose(rr, t(-3.0, -4.0))
+    smoothed, _, _ = L.simpo_loss(c, r, beta=2.0, gamma_beta_ratio=0.5, label_smoothing=0.2)
+    assert smoothed[1].item() == pytest.approx(0.8 * log1pexp(2.0) + 0.2 * log1pexp(-2.0))
+
+
+# ---------------------------------------------------------------- reward model
+
+def test_bradley_terry():
+    """Zero head: -log sigma(0) = ln 2.
+    Margin: s_c=1, s_r=0, m=1 gives diff 0 and ln 2; s_c=2, s_r=0, m=1 gives log(1+e^-1) = 0.3132617.
+    Centering: s_c=1, s_r=-0.5, coef 0.01 gives log(1+e^-1.5) + 0.01*(0.5)^2 = 0.2014133 + 0.0025."""
+    z = torch.zeros(4, dtype=torch.float64)
+    assert torch.allclose(L.bradley_terry_loss(z, z), torch.full_like(z, LN2))
+    m = L.bradley_terry_loss(t(1.0, 2.0), t(0.0, 0.0), margin=t(1.0, 1.0))
+    assert m[0].item() == pytest.approx(LN2)
+    assert m[1].item() == pytest.approx(log1pexp(1.0))
+    c = L.bradley_terry_loss(t(1.0), t(-0.5), center_coef=0.01)
+    assert c.item() == pytest.approx(log1pexp(1.5) + 0.0025)
+    assert c.item() == pytest.approx(0.2039133, abs=1e-7)
+
+
+# ---------------------------------------------------------------- logprobs
+
+def _naive_logprobs(logits, labels):
+    return torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def test_sequence_logprobs_matches_naive_and_respects_mask():
+    """Unmasked positions must equal log_softmax(z)[label]. Masked positions
+    (whose labels are -100 here) must be exactly 0."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 11, generator=g)
+    labels = torch.randint(0, 11, (2, 5), generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]])
+    labels_ignored = labels.masked_fill(mask == 0, -100)
+    out = L.sequence_logprobs(logits, labels_ignored, mask)
+    ref = _naive_logprobs(logits, labels) * mask
+    assert out.shape == (2, 5)
+    assert torch.allclose(out, ref, atol=1e-6)
+    assert torch.all(out[mask == 0] == 0)
+    assert torch.all(out[mask == 1] < 0)
+
+
+def test_sequence_logprobs_temperature_divides_logits():
+    """At temperature tau the result should be log_softmax(z / tau)[label]."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(1, 4, 7, generator=g)
+    labels = torch.randint(0, 7, (1, 4), generator=g)
+    mask = torch.ones(1, 4)
+    out = L.sequence_logprobs(logits, labels, mask, temperature=0.7)
+    assert torch.allclose(out, _naive_logprobs(logits / 0.7, labels), atol=1e-6)
+    assert not torch.allclose(out, _naive_logprobs(logits, labels), atol=1e-3)
+
+
+def test_entropy_from_logits():
+    """Uniform logits over V give H = ln V. Random logits give -sum p log p."""
+    assert torch.allclose(L.entropy_from_logits(torch.zeros(3, 8)), torch.full((3,), math.log(8)))
+    z = torch.randn(2, 3, 6, generator=torch.Generator().manual_seed(2))
+    p = torch.softmax(z, -1)
+    assert torch.allclose(L.entropy_from_logits(z), -(p * p.log()).sum(-1), atol=1e-6)
+
+
+# ---------------------------------------------------------------- masked stats
+
+def test_masked_stats():
+    """Values [1, 2, 3, 100] with the last one masked: mean 2, sum 6,
+    unbiased var ((1)+(0)+(1))/2 = 1, biased var 2/3.
+    Whitened: (x-2)/1 gives [-1, 0, 1] at the kept positions; shift_mean=False gives [1, 2, 3]."""
+    x = t(1.0, 2.0, 3.0, 100.0)
+    m = torch.tensor([1, 1, 1, 0])
+    assert L.masked_mean(x, m).item() == pytest.approx(2.0)
+    assert L.masked_sum(x, m).item() == pytest.approx(6.0)
+    assert L.masked_var(x, m).item() == pytest.approx(1.0)
+    assert L.masked_var(x, m, unbiased=False).item() == pytest.approx(2.0 / 3.0)
+    w = L.masked_whiten(x, m)
+    assert torch.allclose(w[:3], t(-1.0, 0.0, 1.0), atol=1e-6)
+    w2 = L.masked_whiten(x, m, shift_mean=False)
+    assert torch.allclose(w2[:3], t(1.0, 2.0, 3.0), atol=1e-6)
+    rows = L.masked_mean(torch.stack([x, x]), torch.stack([m, torch.zeros_like(m)]), dim=1)
+    assert torch.allclose(rows, t(2.0, 0.0))  # an all-masked row gives 0, not NaN
+
+
+# ---------------------------------------------------------------- KL
+
+def test_kl_estimators():
+    """logp=-1, ref=-1.5, so log r = -0.5: k1 = 0.5; k3 = e^-0.5 - 1 + 0.5 = 0.10653;
+    abs = 0.5; mse = 0.5*0.25 = 0.125. Every estimator is 0 when logp == ref."""
+    lp, ref = t(-1.0), t(-1.5)
+    assert L.kl_penalty(lp, ref, "k1").item() == pytest.approx(0.5)
+    assert round(L.kl_penalty(lp, ref, "k3").item(), 5) == 0.10653
+    assert L.kl_penalty(lp, ref, "abs").item() == pytest.approx(0.5)
+    assert L.kl_penalty(lp, ref, "mse").item() == pytest.approx(0.125)
+    same = t(-0.3, -2.0)
+    for kind in ("k1", "k3", "abs", "mse"):
+        assert torch.all(L.kl_penalty(same, same, kind) == 0)
+    with pytest.raises(ValueError):
+        L.kl_penalty(lp, ref, "full")
+
+
+# ---------------------------------------------------------------- GAE
+
+def test_gae_gamma1():
+    """gamma=1, lam=0.95, r=[0,0,1], V=[.5,.5,.5], and V=0 after the end.
+    delta = [0+.5-.5, 0+.5-.5, 1+0-.5] = [0, 0, .5]
+    A2 = .5; A1 = 0 + .95*.5 = .475; A0 = .95*.475 = .45125; returns = A + V."""
+    mask = torch.ones(1, 3)
+    A, R = L.gae(t(0.0, 0.0, 1.0)[None], t(0.5, 0.5, 0.5)[None], mask, 1.0, 0.95)
+    assert torch.allclose(A, t(0.45125, 0.475, 0.5)[None])
+    assert torch.allclose(R, t(0.95125, 0.975, 1.0)[None])
+
+
+def test_gae_discounted():
+    """gamma=.9, lam=.8 (gamma*lam = .72), r=[-.1,.2,1], V=[.3,.4,.6]:
+    delta2 = 1 - .6 = .4; delta1 = .2 + .9*.6 - .4 = .34; delta0 = -.1 + .9*.4 - .3 = -.04
+    A2 = .4; A1 = .34 + .72*.4 = .628; A0 = -.04 + .72*.628 = .41216."""
+    A, R = L.gae(t(-0.1, 0.2, 1.0)[None], t(0.3, 0.4, 0.6)[None], torch.ones(1, 3), 0.9, 0.8)
+    assert torch.allclose(A, t(0.41216, 0.628, 0.4)[None])
+    assert torch.allclose(R, A + t(0.3, 0.4, 0.6)[None])
+
+
+def test_gae_masking():
+    """Padding after the last real token (with junk rewards/values) must leave the real
+    positions as in test_gae_discounted and give 0 in the padding. Left padding must do the same."""
+    r = t(-0.1, 0.2, 1.0, 5.0, 7.0)[None]
+    v = t(0.3, 0.4, 0.6, 9.0, -3.0)[None]
+    mask = torch.tensor([[1, 1, 1, 0, 0]])
+    A, R = L.gae(r, v, mask, 0.9, 0.8)
+    assert torch.allclose(A, t(0.41216, 0.628, 0.4, 0.0, 0.0)[None])
+    assert torch.allclose(R, t(0.71216, 1.028, 1.0, 0.0, 0.0)[None])
+    A_left, _ = L.gae(t(3.0, -0.1, 0.2, 1.0)[None], t(2.0, 0.3, 0.4, 0.6)[None],
+                      torch.tensor([[0, 1, 1, 1]]), 0.9, 0.8)
+    assert torch.allclose(A_left, t(0.0, 0.41216, 0.628, 0.4)[None])
+
+
+# ---------------------------------------------------------------- PPO
+
+def test_ppo_policy_loss_on_policy():
+    """With new == old, ratio = 1 and no token is clipped, so loss = -masked_mean(A),
+    approxkl = 0 and clipfrac = 0. A = [1, -3, 2, (100 masked)] gives loss = -(0)/3 = 0;
+    A = [1, 2, 3, (100 masked)] gives -2."""
+    lp = t(-1.0, -2.0, -0.5, -3.0)[None]
+    mask = torch.tensor([[1, 1, 1, 0]])
+    for adv, expected in ((t(1.0, -3.0, 2.0, 100.0), 0.0), (t(1.0, 2.0, 3.0, 100.0), -2.0)):
+        loss, clipfrac, kl = L.ppo_policy_loss(lp, lp, adv[None], mask, 0.2)
+        assert loss.item() == pytest.approx(expected)
+        assert clipfrac.item() == 0.0 and kl.item() == 0.0
+
+
+def test_ppo_policy_loss_clipping():
+    """eps = 0.2, ratios [1.5, 1.5, 0.5, 0.5], A [1, -1, 1, -1] (plus one masked token):
+    tok0: max(-1.5, -1.2) = -1.2 (clipped)   tok1: max(1.5, 1.2) = 1.5
+    tok2: max(-0.5, -0.8) = -0.5             tok3: max(0.5, 0.8) = 0.8 (clipped)
+    loss = (-1.2 + 1.5 - 0.5 + 0.8)/4 = 0.15, clipfrac = 2/4,
+    approxkl = 0.5 * (2 ln(1.5)^2 + 2 ln(2)^2)/4.
+    Gradient w.r.t. new_logp: 0 on clipped tokens; tok2: d(-A r)/dlogp / 4 = -0.5/4."""
+    old = torch.zeros(1, 5, dtype=torch.float64)
+    new = torch.log(t(1.5, 1.5, 0.5, 0.5, 10.0))[None].requires_grad_()
+    adv = t(1.0, -1.0, 1.0, -1.0, 50.0)[None]
+    mask = torch.tensor([[1, 1, 1, 1, 0]])
+    loss, clipfrac, kl = L.ppo_policy_loss(new, old, adv, mask, 0.2)
+    assert loss.item() == pytest.approx(0.15)
+    assert clipfrac.item() == pytest.approx(0.5)
+    assert kl.item() == pytest.approx(0.25 * (math.log(1.5) ** 2 + math.log(2.0) ** 2))
+    loss.backward()
+    assert torch.allclose(new.grad, t(0.0, 1.5 / 4, -0.5 / 4, 0.0, 0.0)[None])
+
+
+def test_ppo_value_loss():
+    """eps=0.2, v_old=0, v=[0.5, -0.1], R=[1, 1]: v_clip = [0.2, -0.1]
+    (v-R)^2 = [.25, 1.21], (v_clip-R)^2 = [.64, 1.21], max = [.64, 1.21]
+    loss = 0.5 * (1.85/2) = 0.4625; clipfrac = 1/2 (strictly larger only on tok0)."""
+    loss, clipfrac = L.ppo_value_loss(t(0.5, -0.1)[None], torch.zeros(1, 2, dtype=torch.float64),
+                                      t(1.0, 1.0)[None], torch.ones(1, 2), 0.2)
+    assert loss.item() == pytest.approx(0.4625)
+    assert clipfrac.item() == pytest.approx(0.5)
+
+
+def test_adaptive_kl_update():
+    """err = clip(12/6 - 1, -.2, .2) = .2; beta = 0.15 * (1 + .2*512/10000) = 0.15 * 1.01024 = 0.151536.
+    KL 3 (err = -0.5, clipped to -0.2) gives 0.15 * (1 - 0.01024) = 0.148464."""
+    assert L.adaptive_kl_update(0.15, 12.0, 6.0, 512, 10000) == pytest.approx(0.151536)
+    assert L.adaptive_kl_update(0.15, torch.tensor(3.0), 6.0, 512, 10000) == pytest.approx(0.148464)
+
+
+# ---------------------------------------------------------------- hygiene
+
+def test_losses_imports_only_torch():
+    """The module may import only torch, torch.nn.functional and typing, with no relative imports."""
+    src = Path(__file__).resolve().parents[1] / "alignment" / "losses.py"
+    tree = ast.parse(src.read_text())
+    allowed = {"torch", "torch.nn.functional", "typing"}
+    seen = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            seen.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "relative import"
+            seen.add(node.module)
+    assert seen and seen <= allowed, seen
