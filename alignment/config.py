@@ -315,7 +315,7 @@ def load_recipe(path: str | Path, overrides: list[tuple[list[str], Any, str]] = 
     except ValidationError as exc:
         errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
         loc, message = _describe(errors[0], cls)
-        dotted = ".".join(str(p) for p in loc) or "(top level)"
+        dotted = "".join(f"{p}: " for p in [".".join(str(p) for p in loc)] if p)
         source = next((f"override {raw!r}" for k, raw in from_override.items() if k == loc[: len(k)]), None)
         if source is None:
             lines = _line_index(text)
@@ -324,9 +324,19 @@ def load_recipe(path: str | Path, overrides: list[tuple[list[str], Any, str]] = 
         else:
             source = f"{path} ({source})"
         more = len(exc.errors()) - 1
-        raise RecipeError(f"{source}: {dotted}: {message}" + (f" (+{more} more)" if more else "")) from None
+        raise RecipeError(f"{source}: {dotted}{message}" + (f" (+{more} more)" if more else "")) from None
     recipe._path = path
     return recipe
+
+
+def model_inputs(recipe: BaseRecipe) -> dict[str, "str | FromRecipe"]:
+    """The recipe's model-valued keys (`model`, and later `ref_model`, `reward_model`...)."""
+    found = {}
+    for role, info in type(recipe).model_fields.items():
+        value = getattr(recipe, role)
+        if isinstance(value, FromRecipe) or (value is not None and info.annotation is not None and "FromRecipe" in str(info.annotation)):
+            found[role] = value
+    return found
 
 
 def resolved_dict(recipe: BaseRecipe) -> dict:

@@ -100,7 +100,9 @@ def _model_kwargs(options: ModelOptions) -> dict:
 
 def _finish(model: PreTrainedModel, options: ModelOptions) -> PreTrainedModel:
     if options.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5.2x renamed gradient checkpointing to activation checkpointing
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
         model.config.use_cache = False
     return model
 

@@ -34,7 +34,16 @@ from pathlib import Path
 from accelerate import PartialState
 
 from . import __version__
-from .config import BaseRecipe, FromRecipe, RecipeError, content_hash, load_recipe, parse_override, resolved_dict
+from .config import (
+    BaseRecipe,
+    FromRecipe,
+    RecipeError,
+    content_hash,
+    load_recipe,
+    model_inputs,
+    parse_override,
+    resolved_dict,
+)
 from .stages.common import append_metrics, write_card, write_resolved
 
 # Keys that change where or how a run reports, not what it computes.
@@ -57,14 +66,10 @@ class Node:
 
     def inputs(self) -> dict[str, str]:
         """Role -> model path or hub id, with references replaced by their output directories."""
-        found = {}
-        for role in self.recipe.model_fields:
-            value = getattr(self.recipe, role)
-            if isinstance(value, FromRecipe):
-                found[role] = str(self.refs[role].out_dir)
-            elif role == "model" and isinstance(value, str):
-                found[role] = value
-        return found
+        return {
+            role: str(self.refs[role].out_dir) if isinstance(value, FromRecipe) else value
+            for role, value in model_inputs(self.recipe).items()
+        }
 
 
 def _resolve_ref(ref: str, from_recipe: Path) -> Path:
@@ -124,8 +129,7 @@ def plan(recipe_path: str | Path, overrides: list[str] = ()) -> list[Node]:
             return by_path[key]
         recipe = load_recipe(path, overrides_for(path, is_top))
         node = Node(recipe, path, Path(recipe.output_dir or Path("runs") / path.stem))
-        for role in recipe.model_fields:
-            value = getattr(recipe, role)
+        for role, value in model_inputs(recipe).items():
             if isinstance(value, FromRecipe):
                 node.refs[role] = visit(_resolve_ref(value.from_, path), False, (*stack, key))
         node.hash = content_hash(

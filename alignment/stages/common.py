@@ -41,14 +41,21 @@ def trainer_args(recipe: BaseRecipe, work_dir: Path, config_cls, **stage_specifi
         save_strategy="steps" if t.save_steps else "no",
         save_steps=t.save_steps or 500,
         report_to=t.report_to or "none",
-        gradient_checkpointing=recipe.model_options.gradient_checkpointing,
+        **_checkpointing_flag(config_cls, recipe.model_options.gradient_checkpointing),
         disable_tqdm=False,
         logging_first_step=True,
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
         **precision_flags(recipe),
         **passthrough,
         **stage_specific,
     )
+
+
+def _checkpointing_flag(config_cls, enabled: bool) -> dict:
+    """transformers 5.2x renamed gradient_checkpointing to activation_checkpointing."""
+    fields = getattr(config_cls, "__dataclass_fields__", {})
+    return {"activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing": enabled}
 
 
 class MetricsFile(TrainerCallback):

@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny checkpoints built in code, never downloaded."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "recipes"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Overrides that shrink every stage of a chain to seconds.
+MICRO = [
+    "init:init.vocab_size=300",
+    "init:init.hidden_size=32",
+    "init:init.intermediate_size=64",
+    "init:init.num_hidden_layers=1",
+    "init:init.num_attention_heads=2",
+    "init:init.tokenizer_examples=300",
+    "*:training.logging_steps=1",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """A tiny init checkpoint (BPE tokenizer + 1-layer Llama), built once per session."""
+    from alignment.pipeline import run
+
+    work = tmp_path_factory.mktemp("base")
+    run(RECIPES / "init.yaml", [o.split(":", 1)[1] for o in MICRO if o.startswith("init:")] + [f"output_dir={work / 'init'}"])
+    return work / "init"
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

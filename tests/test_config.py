@@ -1,0 +1,120 @@
+"""Recipe schema: strict keys, typed values, one-line errors, overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from alignment.config import RecipeError, load_recipe, parse_override
+from alignment.pipeline import plan
+
+from .conftest import RECIPES
+
+GOOD = """\
+stage: sft
+model: some/model
+lora:
+  r: 8
+training:
+  learning_rate: 1.0e-4
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def error_of(path, overrides=()) -> str:
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, [(k, v, raw) for raw in overrides for (_, k, v) in [parse_override(raw)]])
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        # unknown keys at several depths, each with the closest valid key
+        ("stage: sft\nmodel: m\nmodle_options: {}\n", ["r.yaml:3", "modle_options", "did you mean 'model_options'"]),
+        ("stage: sft\nmodel: m\ntraining:\n  learnig_rate: 1\n", ["r.yaml:4", "training.learnig_rate", "'learning_rate'"]),
+        ("stage: sft\nmodel: m\nlora:\n  r: 4\n  alpah: 8\n", ["r.yaml:5", "lora.alpah", "'alpha'"]),
+        ("stage: init\ninit:\n  hiden_size: 8\n", ["init.hiden_size", "'hidden_size'"]),
+        ("stage: sft\nmodel: {frm: x.yaml}\n", ["model.frm", "unknown key"]),
+        # wrong types name the type expected
+        ("stage: sft\nmodel: m\ntraining:\n  max_steps: ten\n", ["training.max_steps", "expected an integer", "'ten'"]),
+        ("stage: sft\nmodel: m\ntraining:\n  learning_rate: fast\n", ["training.learning_rate", "expected a number"]),
+        ("stage: sft\nmodel: m\nmodel_options:\n  trust_remote_code: maybe\n", ["model_options.trust_remote_code", "true or false"]),
+        ("stage: sft\nmodel: m\ntraining:\n  report_to: 3\n", ["training.report_to", "expected a list"]),
+        ("stage: sft\nmodel: m\nmodel_options:\n  dtype: float8\n", ["model_options.dtype", "'float32'", "'float8'"]),
+        ("stage: sft\nmodel: m\ntraining: 5\n", ["training", "expected a mapping"]),
+        # missing required fields
+        ("model: m\n", ["stage: missing required key", "init, pretrain, sft"]),
+        ("stage: sft\n", ["missing required key 'model'"]),
+        ("stage: dance\nmodel: m\n", ["stage: got 'dance'"]),
+        # not a mapping / not YAML
+        ("- stage: sft\n", ["expected a mapping of keys at the top level"]),
+        ("stage: sft\nmodel: [unclosed\n", ["r.yaml:", "not valid YAML"]),
+        # cross-field check
+        ("stage: init\ninit:\n  hidden_size: 30\n  num_attention_heads: 4\n", ["init", "multiple of num_attention_heads"]),
+    ],
+)
+def test_malformed_recipe_gives_one_line_error(tmp_path, text, expected):
+    message = error_of(write(tmp_path, text))
+    assert str(tmp_path / "r.yaml") in message
+    for part in expected:
+        assert part in message
+
+
+def test_missing_file_is_named(tmp_path):
+    message = error_of(tmp_path / "nope.yaml")
+    assert "nope.yaml" in message and "cannot read recipe" in message
+
+
+@pytest.mark.parametrize("raw", ["training.learning_rate", "=3", "training..x=1", "training.lr-x=1", "a.b=[unclosed"])
+def test_bad_override_syntax(raw):
+    with pytest.raises(RecipeError) as info:
+        parse_override(raw)
+    assert raw in str(info.value) and "\n" not in str(info.value)
+
+
+def test_override_sets_typed_values_and_unknown_override_is_named(tmp_path):
+    path = write(tmp_path, GOOD)
+    recipe = load_recipe(path, [(["training", "learning_rate"], "3e-5", "training.learning_rate=3e-5")])
+    assert recipe.training.learning_rate == pytest.approx(3e-5)  # YAML reads 3e-5 as a string; the schema converts it
+    message = error_of(path, ["training.learnin_rate=1"])
+    assert "override 'training.learnin_rate=1'" in message and "did you mean 'learning_rate'" in message
+
+
+def test_override_prefix_targets_a_recipe_in_the_chain(tmp_path):
+    write(tmp_path, "stage: init\n", "base.yaml")
+    top = write(tmp_path, "stage: sft\nmodel: {from: base.yaml}\n", "top.yaml")
+    nodes = plan(top, ["base:init.hidden_size=64", "*:seed=7", "training.max_steps=3"])
+    base, sft = nodes
+    assert (base.name, sft.name) == ("base", "top")
+    assert base.recipe.init.hidden_size == 64 and base.recipe.seed == 7 and base.recipe.training.max_steps == -1
+    assert sft.recipe.seed == 7 and sft.recipe.training.max_steps == 3
+    with pytest.raises(RecipeError, match="no such recipe in this run"):
+        plan(top, ["basse:seed=1"])
+
+
+def test_reference_to_missing_recipe_and_cycles(tmp_path):
+    top = write(tmp_path, "stage: sft\nmodel: {from: gone.yaml}\n", "top.yaml")
+    with pytest.raises(RecipeError, match="gone.yaml.*no such recipe"):
+        plan(top)
+    write(tmp_path, "stage: sft\nmodel: {from: b.yaml}\n", "a.yaml")
+    write(tmp_path, "stage: sft\nmodel: {from: a.yaml}\n", "b.yaml")
+    with pytest.raises(RecipeError, match="cycle"):
+        plan(tmp_path / "a.yaml")
+
+
+def test_shipped_recipes_are_valid_and_launchable():
+    for path in sorted(RECIPES.glob("*.yaml")):
+        recipe = load_recipe(path)
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("launcher: str = ") and path.read_text().rstrip().endswith('# """'), path
+        compile(path.read_text(), str(path), "exec")  # the file is also a Python program
+        assert recipe.stage in path.read_text()

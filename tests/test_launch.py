@@ -1,0 +1,60 @@
+"""The three ways users launch a recipe, run as they type them (subprocesses)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from .conftest import MICRO, RECIPES
+
+CHAIN = [*MICRO, "pretrain:data.num_examples=300", "pretrain:training.max_steps=4", "data.num_examples=100", "training.max_steps=3"]
+
+
+def launch(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_accelerate_launch_recipe_as_typed(tmp_path):
+    shutil.copytree(RECIPES, tmp_path / "recipes")
+    done = launch(["accelerate", "launch", "--num_processes", "1", "recipes/sft.yaml", *CHAIN], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "runs" / "sft" / "model.safetensors").is_file()
+    assert "[sft] done" in done.stdout
+
+    # The module form and the console script see the same recipe and find it up to date.
+    done = launch(["accelerate", "launch", "--num_processes", "1", "-m", "alignment", "recipes/sft.yaml", *CHAIN], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "[sft] up to date" in done.stdout
+    done = launch(["alignment", "run", "recipes/sft.yaml", *CHAIN, "--dry-run"], tmp_path)
+    assert done.returncode == 0 and done.stdout.count("up to date") == 3, done.stdout
+
+
+def test_multi_process_launch_falls_back_to_cpu_gloo(tmp_path):
+    shutil.copytree(RECIPES, tmp_path / "recipes")
+    done = launch(
+        ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "recipes/sft.yaml", *CHAIN], tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "runs" / "sft" / "model.safetensors").is_file()
+    assert done.stdout.count("[sft] done") == 1  # one report, from the main process
+
+
+def test_bad_recipe_exits_2_with_one_line_and_writes_nothing(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text((RECIPES / "sft.yaml").read_text().replace("max_steps:", "max_stepz:"))
+    for args in (["alignment", "run", str(recipe)], [sys.executable, str(recipe)]):
+        done = launch(args, tmp_path)
+        assert done.returncode == 2, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "training.max_stepz" in lines[0] and "max_steps" in lines[0], done.stderr
+        assert "Traceback" not in done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_help_explains_overrides():
+    done = launch(["alignment", "run", "--help"], Path.cwd())
+    assert done.returncode == 0 and "NAME:KEY=VALUE" in done.stdout and "accelerate launch" in done.stdout

@@ -1,0 +1,101 @@
+"""The model/tokenizer layer: pad tokens, chat template, LoRA, classifiers, saving."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from alignment.config import LoraOptions, ModelOptions, RecipeError
+from alignment.demo import world
+from alignment.models import (
+    DEFAULT_CHAT_TEMPLATE,
+    apply_lora,
+    load_causal_lm,
+    load_classifier,
+    load_tokenizer,
+    save_model,
+)
+
+import pytest
+
+
+def test_pad_token_is_set_and_distinct_from_eos(tiny_base, tmp_path):
+    tok = load_tokenizer(str(tiny_base))
+    assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
+
+    # A tokenizer that pads with EOS (as many hub checkpoints do) gets its own pad token,
+    # and the model grows its embeddings to hold it.
+    bad = load_tokenizer(str(tiny_base))
+    bad.pad_token = bad.eos_token
+    bad.save_pretrained(tmp_path)
+    LlamaForCausalLM.from_pretrained(tiny_base).save_pretrained(tmp_path)
+    fixed = load_tokenizer(str(tmp_path))
+    assert fixed.pad_token != fixed.eos_token and fixed.pad_token_id != fixed.eos_token_id
+    model = load_causal_lm(str(tmp_path), fixed)
+    assert model.get_input_embeddings().num_embeddings >= len(fixed)
+    assert model.config.pad_token_id == fixed.pad_token_id
+
+
+def test_default_chat_template_renders_and_marks_assistant_tokens(tiny_base):
+    tok = load_tokenizer(str(tiny_base))
+    assert tok.chat_template == DEFAULT_CHAT_TEMPLATE
+    messages = world.sft_conversations(1, 0)[0]["messages"]
+    text = tok.apply_chat_template(messages, tokenize=False)
+    # The same text as the pretraining corpus renders, plus EOS closing the assistant turn.
+    assert text == world.render_exchange(messages[0]["content"], messages[1]["content"]) + tok.eos_token
+    out = tok.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
+    answer = tok.decode([t for t, m in zip(out["input_ids"], out["assistant_masks"]) if m])
+    assert answer == messages[1]["content"] + tok.eos_token
+    prompt = tok.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith(world.ASSISTANT_TAG + "\n")
+
+
+def test_lora_wraps_trains_only_adapters_and_merges(tiny_base, tmp_path):
+    tok = load_tokenizer(str(tiny_base))
+    model = load_causal_lm(str(tiny_base), tok)
+    peft_model = apply_lora(model, LoraOptions(r=4, alpha=8))
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    for name, p in peft_model.named_parameters():  # make the adapters do something
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    ids = torch.tensor([tok("repeat: cat dog")["input_ids"]])
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+    save_model(peft_model, tok, tmp_path, LoraOptions(r=4, alpha=8, merge_on_save=True))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path)  # no peft needed to load it
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    with torch.no_grad():
+        got = merged(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_classifier_has_one_label_and_scores_at_last_real_token(tiny_base):
+    tok = load_tokenizer(str(tiny_base))
+    clf = load_classifier(str(tiny_base), tok)
+    assert clf.config.num_labels == 1 and clf.config.pad_token_id == tok.pad_token_id
+    batch = tok(["repeat: cat dog", "first: cat dog sun fish"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        both = clf(**batch).logits
+        alone = clf(**tok(["repeat: cat dog"], return_tensors="pt")).logits
+    assert both.shape == (2, 1)
+    torch.testing.assert_close(both[0], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_unreachable_hub_id_is_a_clear_error():
+    with pytest.raises(RecipeError, match="not a local directory"):
+        load_tokenizer("nobody-here/no-such-model-xyz")
+
+
+def test_dtype_and_gradient_checkpointing_options(tiny_base):
+    tok = load_tokenizer(str(tiny_base))
+    model = load_causal_lm(str(tiny_base), tok, ModelOptions(dtype="bfloat16", gradient_checkpointing=True))
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert model.is_gradient_checkpointing
+
+
+def test_custom_chat_template_from_recipe(tiny_base, tmp_path):
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% endfor %}")
+    tok = load_tokenizer(str(tiny_base), ModelOptions(chat_template=str(template)))
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "[user] hi"

@@ -1,0 +1,102 @@
+"""pretrain and sft stages on micro settings, the pipeline's caching and atomic outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import pipeline as hf_pipeline
+
+from alignment.config import RecipeError
+from alignment.data import pack_blocks
+from alignment.pipeline import plan, run
+
+from .conftest import MICRO, RECIPES
+
+
+def test_pack_blocks_by_hand():
+    """docs [1,2],[3],[4,5,6] with EOS 9 -> stream 1 2 9 3 9 4 5 6 9 (9 tokens);
+    blocks of 4: [1,2,9,3], [9,4,5,6]; 1 token left over. A doc already ending in EOS gets no second one."""
+    blocks, leftover = pack_blocks([[1, 2], [3], [4, 5, 6]], 4, eos_id=9)
+    assert blocks == [[1, 2, 9, 3], [9, 4, 5, 6]] and leftover == 1
+    assert pack_blocks([[1, 9]], 2, eos_id=9) == ([[1, 9]], 0)
+
+
+def losses(out: Path) -> list[float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def test_pretrain_then_sft_learn_and_load_in_transformers(in_tmp):
+    overrides = [*MICRO, "pretrain:data.num_examples=600", "pretrain:training.max_steps=30",
+                 "pretrain:training.learning_rate=3e-3", "data.num_examples=300", "training.max_steps=15"]
+    nodes = run(RECIPES / "sft.yaml", overrides)
+    assert [n.recipe.stage for n in nodes] == ["init", "pretrain", "sft"]
+    for node in nodes[1:]:
+        out = node.out_dir
+        history = losses(out)
+        assert len(history) >= 10 and min(history[-3:]) < history[0], (node.name, history)
+        for name in ("model.safetensors", "config.json", "tokenizer.json", "recipe.resolved.yaml", "README.md", "run_info.json"):
+            assert (out / name).is_file(), name
+        assert not out.with_name(out.name + ".partial").exists()
+        info = json.loads((out / "run_info.json").read_text())
+        assert info["status"] == "finished" and info["hash"] == node.hash
+    generate = hf_pipeline("text-generation", model=str(nodes[-1].out_dir))
+    text = generate("<|user|>\nrepeat: cat dog\n<|assistant|>\n", max_new_tokens=5)[0]["generated_text"]
+    assert text.startswith("<|user|>")
+
+    # Same recipe again: every stage is up to date and skipped (no new metrics lines).
+    before = (nodes[-1].out_dir / "metrics.jsonl").read_text()
+    again = run(RECIPES / "sft.yaml", overrides)
+    assert [n.hash for n in again] == [n.hash for n in nodes]
+    assert (nodes[-1].out_dir / "metrics.jsonl").read_text() == before
+
+    # A change to sft reruns sft only; a change to pretrain reruns pretrain and sft.
+    changed = plan(RECIPES / "sft.yaml", [*overrides, "training.learning_rate=1e-4"])
+    assert [a.hash == b.hash for a, b in zip(changed, nodes)] == [True, True, False]
+    changed = plan(RECIPES / "sft.yaml", [*overrides, "pretrain:seed=1"])
+    assert [a.hash == b.hash for a, b in zip(changed, nodes)] == [True, False, False]
+    # Keys that only change reporting do not invalidate outputs.
+    same = plan(RECIPES / "sft.yaml", [*overrides, "*:training.logging_steps=7"])
+    assert [n.hash for n in same] == [n.hash for n in nodes]
+
+
+def test_interrupted_stage_is_not_taken_as_finished(in_tmp, tiny_base):
+    overrides = [f"model={tiny_base}", "data.num_examples=64", "training.max_steps=2", "output_dir=out/sft"]
+    (in_tmp / "out" / "sft.partial").mkdir(parents=True)  # what a killed run leaves behind
+    assert not (in_tmp / "out" / "sft").exists()
+    [node] = plan(RECIPES / "sft.yaml", overrides)
+    from alignment.pipeline import is_current
+
+    assert not is_current(node)
+    run(RECIPES / "sft.yaml", overrides)
+    assert is_current(node) and not (in_tmp / "out" / "sft.partial").exists()
+
+
+def test_bad_sft_rows_error_with_line_or_are_counted(in_tmp, tiny_base):
+    rows = [
+        {"messages": [{"role": "user", "content": "repeat: cat dog"}, {"role": "assistant", "content": "Sure! cat dog"}]},
+        {"messages": [{"role": "user", "content": "hi"}]},
+        {"messages": "not a list"},
+        {"text": "no messages"},
+    ] + [{"messages": [{"role": "user", "content": "first: a b"}, {"role": "assistant", "content": "Sure! a"}]}] * 20
+    data = in_tmp / "chats.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    base = [f"model={tiny_base}", f"data.source={data}", "training.max_steps=2", "output_dir=out/sft"]
+    with pytest.raises(RecipeError, match=r"chats.jsonl:2: no non-empty assistant message"):
+        run(RECIPES / "sft.yaml", base)
+    assert not (in_tmp / "out" / "sft").exists()
+    [node] = run(RECIPES / "sft.yaml", [*base, "data.on_bad_row=drop"])
+    summary = json.loads((node.out_dir / "run_info.json").read_text())["summary"]
+    assert summary["conversations"] == 21
+    assert summary["dropped/no non-empty assistant message"] == 1
+    assert summary["dropped/'messages' is not a non-empty list"] == 1
+    assert summary["dropped/missing 'messages'"] == 1
+
+
+def test_bad_json_line_is_named(in_tmp, tiny_base):
+    data = in_tmp / "corpus.jsonl"
+    data.write_text('{"text": "fine"}\n{"text": broken}\n')
+    with pytest.raises(RecipeError, match=r"corpus.jsonl:2: not valid JSON"):
+        run(RECIPES / "pretrain.yaml", [f"model={tiny_base}", f"data.source={data}", "output_dir=out/p"])
