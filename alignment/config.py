@@ -84,8 +84,27 @@ class DataOptions(Section):
     seed: int = Field(0, description="Seed of the demo-world generator.")
     text_field: str = Field("text", description="Column holding raw text (pretrain).")
     messages_field: str = Field("messages", description="Column holding chat messages (sft).")
+    prompt_field: str = Field("prompt", description="Column holding the user prompt, a plain string (reward, dpo).")
+    chosen_field: str = Field("chosen", description="Column holding the preferred assistant reply (reward, dpo).")
+    rejected_field: str = Field("rejected", description="Column holding the dispreferred assistant reply (reward, dpo).")
     on_bad_row: Literal["error", "drop"] = Field(
         "error", description="'error': stop at the first malformed row; 'drop': skip it and count it by reason."
+    )
+
+
+class PreferenceDataOptions(DataOptions):
+    """Data of the preference stages (reward, dpo): prompt / chosen / rejected rows."""
+
+    eval_examples: int = Field(
+        200,
+        ge=0,
+        description="Rows held out from the end of the data (after checking) for held-out metrics; never trained "
+        "on. 0: no held-out metrics.",
+    )
+    margin_field: str = Field(
+        "margin",
+        description="Column with a per-pair reward margin m, used when the data has it (reward): the model is "
+        "asked for s_chosen - s_rejected > m.",
     )
 
 
@@ -170,10 +189,80 @@ class SFTRecipe(BaseRecipe):
     stage: Literal["sft"]
 
 
+class RewardOptions(Section):
+    """Bradley-Terry reward model: loss = -log sigma(s_c - s_r - m) + center_coef (s_c + s_r)^2."""
+
+    center_coef: float = Field(
+        0.0, ge=0.0, description="Weight of the (s_chosen + s_rejected)^2 term that keeps rewards centred on 0 (0: off)."
+    )
+
+
+class RewardRecipe(BaseRecipe):
+    stage: Literal["reward"]
+    data: PreferenceDataOptions = Field(default_factory=PreferenceDataOptions)
+    reward: RewardOptions = Field(default_factory=RewardOptions)
+
+
+class DPOOptions(Section):
+    """Direct preference optimisation and its relatives (see alignment/losses.py for the formulas)."""
+
+    loss_type: Literal["sigmoid", "ipo", "hinge", "simpo"] = Field(
+        "sigmoid",
+        description="'sigmoid': DPO; 'ipo': IPO on per-token average log-ratios; 'hinge': SLiC; 'simpo': SimPO "
+        "(reference-free, length-normalised).",
+    )
+    beta: float = Field(
+        0.1, gt=0.0, description="Strength of the implicit KL leash to the reference (SimPO: reward scale)."
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0.0,
+        lt=0.5,
+        description="Probability that a preference label is flipped (conservative DPO); sigmoid and simpo only.",
+    )
+    simpo_gamma_beta_ratio: float = Field(
+        0.5, ge=0.0, description="SimPO target margin gamma, as a multiple of beta (gamma = ratio * beta)."
+    )
+    reference: Literal["copy", "precompute"] = Field(
+        "copy",
+        description="'copy': a frozen reference model runs beside the policy; 'precompute': reference log-probs "
+        "are computed once before training and the reference is freed. With LoRA (and ref_model the starting "
+        "model) the reference is the policy with its adapters disabled: no second copy either way. Ignored by simpo.",
+    )
+    precompute_batch_size: int | None = Field(
+        None, gt=0, description="Batch size of the reference pass of 'precompute'. Null: the training batch size."
+    )
+
+    @model_validator(mode="after")
+    def _smoothing_needs_a_likelihood(self):
+        if self.label_smoothing and self.loss_type not in ("sigmoid", "simpo"):
+            raise ValueError(f"label_smoothing applies to loss_type sigmoid or simpo, not {self.loss_type!r}")
+        return self
+
+
+class DPORecipe(BaseRecipe):
+    stage: Literal["dpo"]
+    ref_model: ModelRef | None = Field(
+        None,
+        description="Reference policy: a local path, a hub id or {from: recipe.yaml}. Null: the starting model "
+        "(`model`), the usual choice.",
+    )
+    data: PreferenceDataOptions = Field(default_factory=PreferenceDataOptions)
+    dpo: DPOOptions = Field(default_factory=DPOOptions)
+
+    @model_validator(mode="after")
+    def _simpo_has_no_reference(self):
+        if self.dpo.loss_type == "simpo" and self.ref_model is not None:
+            raise ValueError("ref_model is set but loss_type 'simpo' is reference-free; remove one of them")
+        return self
+
+
 RECIPE_CLASSES: dict[str, type[BaseRecipe]] = {
     "init": InitRecipe,
     "pretrain": PretrainRecipe,
     "sft": SFTRecipe,
+    "reward": RewardRecipe,
+    "dpo": DPORecipe,
 }
 
 

@@ -10,6 +10,7 @@ no row disappears without a count.
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,6 +131,62 @@ def messages_problem(messages_field: str) -> Callable[[dict], str | None]:
         return None
 
     return problem
+
+
+def preference_problem(
+    prompt_field: str, chosen_field: str, rejected_field: str, margin_field: str | None = None
+) -> Callable[[dict], str | None]:
+    """Check a preference row: three non-empty strings, chosen != rejected, and a numeric margin if asked."""
+
+    def problem(row: dict) -> str | None:
+        for name in (prompt_field, chosen_field, rejected_field):
+            if name not in row or row[name] is None:
+                return f"missing '{name}'"
+            if not isinstance(row[name], str):
+                return f"'{name}' is not a string"
+            if not row[name].strip():
+                return f"empty '{name}'"
+        if row[chosen_field].strip() == row[rejected_field].strip():
+            return f"'{chosen_field}' identical to '{rejected_field}'"
+        if margin_field is not None:
+            margin = row.get(margin_field)
+            if margin is None:
+                return f"missing '{margin_field}' (other rows have one)"
+            if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+                return f"'{margin_field}' is not a finite number"
+        return None
+
+    return problem
+
+
+def has_column(found: Rows, name: str) -> bool:
+    """Whether any row carries `name` (an optional column such as a reward margin)."""
+    return any(isinstance(row, dict) and row.get(name) is not None for row in found.rows)
+
+
+def hold_out(found: Rows, n: int) -> tuple[Rows, Rows]:
+    """Split off the last `n` rows as a held-out set: (train, held_out)."""
+    if n and n >= len(found):
+        raise RecipeError(
+            f"data.eval_examples: {n} held-out rows leave none to train on ({len(found)} usable rows); "
+            "lower it or add rows"
+        )
+    cut = len(found) - n
+    train = Rows(found.rows[:cut], found.origins[:cut], Counter(found.dropped))
+    return train, Rows(found.rows[cut:], found.origins[cut:])
+
+
+def preference_conversations(found: Rows, prompt_field: str, chosen_field: str, rejected_field: str) -> dict:
+    """Columns in the conversational preference format TRL's trainers render with the chat template.
+
+    prompt = [user message], chosen / rejected = [assistant message]; the template closes the
+    assistant turn (with EOS for the toolkit's default), so a model learns where replies end.
+    """
+    return {
+        "prompt": [[{"role": "user", "content": r[prompt_field]}] for r in found.rows],
+        "chosen": [[{"role": "assistant", "content": r[chosen_field]}] for r in found.rows],
+        "rejected": [[{"role": "assistant", "content": r[rejected_field]}] for r in found.rows],
+    }
 
 
 def pack_blocks(docs: list[list[int]], block_size: int, eos_id: int) -> tuple[list[list[int]], int]:

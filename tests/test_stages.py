@@ -100,3 +100,28 @@ def test_bad_json_line_is_named(in_tmp, tiny_base):
     data.write_text('{"text": "fine"}\n{"text": broken}\n')
     with pytest.raises(RecipeError, match=r"corpus.jsonl:2: not valid JSON"):
         run(RECIPES / "pretrain.yaml", [f"model={tiny_base}", f"data.source={data}", "output_dir=out/p"])
+
+
+def test_killed_stage_resumes_from_its_last_checkpoint(in_tmp, tiny_base, monkeypatch):
+    from alignment.stages import common
+
+    overrides = [f"model={tiny_base}", "data.num_examples=64", "training.max_steps=4",
+                 "training.save_steps=2", "training.logging_steps=1", "output_dir=out/sft"]
+
+    class Killed(Exception):
+        pass
+
+    def die_at_step_3(self, args, state, control, logs=None, **kwargs):
+        if state.global_step == 3:
+            raise Killed
+
+    with monkeypatch.context() as patch, pytest.raises(Killed):
+        patch.setattr(common.MetricsFile, "on_log", die_at_step_3)
+        run(RECIPES / "sft.yaml", overrides)
+    partial = in_tmp / "out" / "sft.partial"
+    assert (partial / "checkpoints" / "checkpoint-2").is_dir() and not (in_tmp / "out" / "sft").exists()
+
+    [node] = run(RECIPES / "sft.yaml", overrides)
+    summary = json.loads((node.out_dir / "run_info.json").read_text())["summary"]
+    assert summary["resumed_from"] == "checkpoint-2" and summary["steps"] == 4
+    assert not partial.exists() and not (node.out_dir / "checkpoints").exists()

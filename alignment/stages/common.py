@@ -82,7 +82,9 @@ def last_checkpoint(work_dir: Path) -> str | None:
 
 def write_card(out_dir: Path, recipe: BaseRecipe, base: str | None, summary: dict) -> None:
     """Model card (README.md with Hub metadata), so the directory explains itself."""
-    meta = {"library_name": "transformers", "tags": ["alignment", recipe.stage], "pipeline_tag": "text-generation"}
+    task = "text-classification" if recipe.stage == "reward" else "text-generation"
+    final_dir = out_dir.with_name(out_dir.name.removesuffix(".partial"))  # written before the rename
+    meta = {"library_name": "transformers", "tags": ["alignment", recipe.stage], "pipeline_tag": task}
     if base and not Path(base).exists():
         meta["base_model"] = base
     lines = [
@@ -90,7 +92,7 @@ def write_card(out_dir: Path, recipe: BaseRecipe, base: str | None, summary: dic
         yaml.safe_dump(meta, sort_keys=False).strip(),
         "---",
         "",
-        f"# {out_dir.name}",
+        f"# {final_dir.name}",
         "",
         f"Stage `{recipe.stage}` of the alignment toolkit, started from `{base or 'scratch'}`.",
         "The exact recipe is in `recipe.resolved.yaml`; every logged metric in `metrics.jsonl`.",
@@ -103,7 +105,7 @@ def write_card(out_dir: Path, recipe: BaseRecipe, base: str | None, summary: dic
         "",
         "```python",
         "from transformers import pipeline",
-        f'generate = pipeline("text-generation", model="{out_dir}")',
+        f'{"score" if recipe.stage == "reward" else "generate"} = pipeline("{task}", model="{final_dir}")',
         "```",
         "",
     ]
@@ -124,7 +126,7 @@ def train_causal_lm(recipe: BaseRecipe, inputs: dict, work_dir: Path, dataset, *
     """
     from trl import SFTConfig, SFTTrainer
 
-    from ..models import apply_lora, load_causal_lm, load_tokenizer, save_model
+    from ..models import apply_lora, load_causal_lm, load_tokenizer
 
     tok = load_tokenizer(inputs["model"], recipe.model_options)
     model = load_causal_lm(inputs["model"], tok, recipe.model_options)
@@ -138,7 +140,17 @@ def train_causal_lm(recipe: BaseRecipe, inputs: dict, work_dir: Path, dataset, *
         processing_class=tok,
         callbacks=[MetricsFile(work_dir / "metrics.jsonl")],
     )
-    result = trainer.train(resume_from_checkpoint=last_checkpoint(work_dir))
+    return fit_and_save(trainer, tok, recipe, work_dir)
+
+
+def fit_and_save(trainer, tok, recipe: BaseRecipe, work_dir: Path, evaluate: bool = False) -> dict:
+    """Train (resuming from the last checkpoint in `work_dir`), evaluate on the held-out set
+    if asked, save the model on the main process; return the summary every stage reports."""
+    from ..models import save_model
+
+    resume = last_checkpoint(work_dir)
+    result = trainer.train(resume_from_checkpoint=resume)
+    held_out = trainer.evaluate() if evaluate else {}
     if trainer.is_world_process_zero():
         save_model(trainer.model, tok, work_dir, recipe.lora)
     history = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -147,4 +159,68 @@ def train_causal_lm(recipe: BaseRecipe, inputs: dict, work_dir: Path, dataset, *
         "first_logged_loss": history[0] if history else float("nan"),
         "last_logged_loss": history[-1] if history else float("nan"),
         "steps": result.global_step,
+        "steps_per_second": result.metrics.get("train_steps_per_second", float("nan")),
+        "resumed_from": Path(resume).name if resume else "",
+        **{k: v for k, v in held_out.items() if k.startswith("eval_") and not k.endswith(("runtime", "per_second"))},
     }
+
+
+def last_logged(trainer, keys: tuple[str, ...]) -> dict:
+    """The last logged training value of each key (e.g. the final rewards/margins)."""
+    found = {}
+    for record in trainer.state.log_history:
+        found.update({k: record[k] for k in keys if k in record})
+    return found
+
+
+# --------------------------------------------------------------------------- preference data
+
+
+def preference_datasets(recipe, demo, default_examples: int, with_margin: bool = False):
+    """Load, check and split the recipe's preference rows (reward and dpo stages).
+
+    Returns (train, held_out or None, counts): datasets in TRL's conversational preference
+    format (the trainers render them with the chat template), and the row counts, dropped
+    rows by reason included, for the summary. With `with_margin`, a margin column the data
+    carries (`data.margin_field`) is checked and kept as `margin`.
+    """
+    from datasets import Dataset
+
+    from ..data import check_rows, has_column, hold_out, load_rows, preference_conversations, preference_problem
+
+    d = recipe.data
+    found = load_rows(d, demo, default_examples)
+    margin = d.margin_field if with_margin and has_column(found, d.margin_field) else None
+    problem = preference_problem(d.prompt_field, d.chosen_field, d.rejected_field, margin)
+    train, held = hold_out(check_rows(found, problem, d.on_bad_row), d.eval_examples)
+
+    def to_dataset(rows):
+        columns = preference_conversations(rows, d.prompt_field, d.chosen_field, d.rejected_field)
+        if margin:
+            columns["margin"] = [float(r[margin]) for r in rows.rows]
+        return Dataset.from_dict(columns)
+
+    counts = {
+        "train_pairs": len(train),
+        "eval_pairs": len(held),
+        **({"margin_column": margin} if margin else {}),
+        **{f"dropped/{k}": v for k, v in train.dropped.items()},
+    }
+    return to_dataset(train), (to_dataset(held) if len(held) else None), counts
+
+
+def lora_config(lora, task_type: str):
+    """peft's LoraConfig for the recipe's `lora` section, for trainers that wrap the model themselves.
+
+    DPOTrainer needs it rather than a wrapped model: given the config it knows the adapter is
+    new and uses the policy with adapters disabled as the reference (no second copy).
+    """
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type=task_type,
+    )
