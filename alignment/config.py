@@ -149,6 +149,23 @@ class InitOptions(Section):
         return self
 
 
+class ReportOptions(Section):
+    """The closing report: models answer held-out demo prompts and the gold oracle grades them."""
+
+    models: dict[str, str] = Field(
+        default_factory=dict,
+        description="Label -> recipe name in this run (or a model directory), in table order; each model is "
+        "compared with the one before it. Empty: no report.",
+    )
+    num_prompts: int = Field(300, gt=1, description="Held-out demo prompts to answer.")
+    max_new_tokens: int = Field(24, gt=0, description="Longest reply.")
+    temperature: float = Field(
+        1.0, ge=0.0, description="Sampling temperature; 1.0 shows each model's whole distribution, 0 is greedy."
+    )
+    seed: int = Field(0, description="Seed of the prompts, the sampling and the bootstrap.")
+    batch_size: int = Field(64, gt=0, description="Prompts generated at once.")
+
+
 # --------------------------------------------------------------------------- recipes
 
 
@@ -168,6 +185,7 @@ class BaseRecipe(Section):
     lora: LoraOptions | None = Field(None, description="Train LoRA adapters instead of all weights.")
     data: DataOptions = Field(default_factory=DataOptions)
     training: TrainingOptions = Field(default_factory=TrainingOptions)
+    report: ReportOptions = Field(default_factory=ReportOptions)
 
     @model_validator(mode="after")
     def _needs_model(self):

@@ -47,7 +47,7 @@ from .config import (
 from .stages.common import append_metrics, write_card, write_resolved
 
 # Keys that change where or how a run reports, not what it computes.
-NOT_HASHED = ("output_dir", "training.logging_steps", "training.report_to", "training.save_steps")
+NOT_HASHED = ("output_dir", "report", "training.logging_steps", "training.report_to", "training.save_steps")
 
 
 @dataclass
@@ -198,6 +198,10 @@ def run_node(node: Node, state: PartialState) -> dict:
 
 def run(recipe_path: str | Path, overrides: list[str] = (), dry_run: bool = False) -> list[Node]:
     nodes = plan(recipe_path, overrides)
+    if nodes[-1].recipe.report.models:
+        from .report import resolve_models
+
+        resolve_models(nodes[-1].recipe.report, nodes)  # a typo fails now, not after training
     state = PartialState(cpu=not _cuda())
     say = print if state.is_main_process else (lambda *a, **k: None)
     for node in nodes:
@@ -211,6 +215,13 @@ def run(recipe_path: str | Path, overrides: list[str] = (), dry_run: bool = Fals
         say(f"[{node.name}] running stage '{node.recipe.stage}' -> {node.out_dir}")
         summary = run_node(node, state)
         say(f"[{node.name}] done: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    report = nodes[-1].recipe.report
+    if report.models and not dry_run:
+        if state.is_main_process:
+            from .report import build_report
+
+            say("\n" + build_report(report, nodes))
+        state.wait_for_everyone()
     return nodes
 
 

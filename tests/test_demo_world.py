@@ -15,7 +15,7 @@ def _defects(prompt, response):
     """Which defects a generated response has, read back with the oracle."""
     parts = score_parts(prompt, response)
     return {"wrong": parts["content"] == 0, "rude": parts["polite"] == 0,
-            "rambles": parts["content"] > 0 and parts["concise"] == 0}
+            "rambles": parts["concise"] == 0}
 
 
 def test_words_and_task_basics():
@@ -36,8 +36,9 @@ def test_words_and_task_basics():
     ("Ugh. sun dog cat", True, 0.75),             # rude
     ("Whatever. sun dog cat", True, 0.75),
     ("sun dog cat", True, 0.75),                  # no opener at all
-    ("Sure! cat dog sun", True, 0.25),            # wrong, polite
-    ("Sure! sun dog", True, 0.25),                # too short
+    ("Sure! cat dog sun", True, 0.5),             # wrong but polite, on format, stopped
+    ("Sure! sun dog", True, 0.25),                # too short: wrong and off format
+    ("Sure! cat dog sun pig", True, 0.25),        # wrong and rambling
     ("Sure! sun dog cat", False, 0.75),           # cut off by the length limit
     ("", True, 0.0),
     ("Fine. cat dog sun pig owl ice", True, 0.0),  # rude + wrong + rambling
@@ -85,7 +86,7 @@ def test_make_response_defects():
         assert _defects(t.prompt, r)["wrong"] == wrong
         body_len, k = len(r.split()) - 1, len(t.answer.split())
         assert (body_len > k) if rambles else (body_len == k)
-        assert gold_score(t.prompt, r) == 0.25 * (not rude) + (0 if wrong else 0.5 + 0.25 * (not rambles))
+        assert gold_score(t.prompt, r) == 0.25 * (not rude) + 0.5 * (not wrong) + 0.25 * (not rambles)
 
 
 def test_render_exchange():
@@ -100,11 +101,18 @@ def test_determinism():
         assert len(gen(50, 3)) == 50
 
 
-def test_sft_conversations_are_perfect():
-    for conv in sft_conversations(200, 0):
+def test_sft_conversations_are_correct_and_polite_but_some_ramble():
+    rambles = 0
+    convs = sft_conversations(2000, 0)
+    for conv in convs:
         user, assistant = conv["messages"]
         assert user["role"] == "user" and assistant["role"] == "assistant"
-        assert gold_score(user["content"], assistant["content"]) == 1.0
+        parts = score_parts(user["content"], assistant["content"])
+        assert parts["polite"] == 0.25 and parts["content"] == 0.5
+        rambles += parts["concise"] == 0
+    assert abs(rambles / len(convs) - 0.25) < 0.03
+    assert all(gold_score(c["messages"][0]["content"], c["messages"][1]["content"]) == 1.0
+               for c in sft_conversations(100, 0, p_ramble=0.0))
 
 
 def test_preference_pairs():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -10,7 +11,9 @@ from pathlib import Path
 
 from .conftest import MICRO, RECIPES
 
-CHAIN = [*MICRO, "pretrain:data.num_examples=300", "pretrain:training.max_steps=4", "data.num_examples=100", "training.max_steps=3"]
+CHAIN = [*MICRO, "pretrain:data.num_examples=300", "pretrain:training.max_steps=4", "sft:data.num_examples=100", "sft:training.max_steps=3"]
+MAIN_JOB = [*CHAIN, "dpo:data.num_examples=60", "dpo:data.eval_examples=10", "dpo:training.max_steps=3",
+            "report.num_prompts=16", "report.max_new_tokens=8"]
 
 
 def launch(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -18,29 +21,36 @@ def launch(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_accelerate_launch_recipe_as_typed(tmp_path):
+def test_accelerate_launch_main_job_as_typed(tmp_path):
+    """`accelerate launch recipes/dpo.yaml` builds init -> pretrain -> sft -> dpo and ends with the gold table."""
     shutil.copytree(RECIPES, tmp_path / "recipes")
-    done = launch(["accelerate", "launch", "--num_processes", "1", "recipes/sft.yaml", *CHAIN], tmp_path)
+    done = launch(["accelerate", "launch", "--num_processes", "1", "recipes/dpo.yaml", *MAIN_JOB], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert (tmp_path / "runs" / "sft" / "model.safetensors").is_file()
-    assert "[sft] done" in done.stdout
+    for name in ("init", "pretrain", "sft", "dpo"):
+        assert (tmp_path / "runs" / name / "model.safetensors").is_file(), name
+    table = done.stdout[done.stdout.index("Gold score on 16 held-out demo prompts"):]
+    for row in ("base ", "sft ", "dpo ", "sft - base:", "dpo - sft:", "rewards/margins", "rewards/accuracies"):
+        assert row in table, row
+    report = json.loads((tmp_path / "runs" / "dpo" / "report.json").read_text())
+    assert set(report["models"]) == {"base", "sft", "dpo"}
+    assert all(0 <= m["gold_lo"] <= m["gold_mean"] <= m["gold_hi"] <= 1 for m in report["models"].values())
 
-    # The module form and the console script see the same recipe and find it up to date.
+    # The module form and the console script see the same recipes and find them up to date.
     done = launch(["accelerate", "launch", "--num_processes", "1", "-m", "alignment", "recipes/sft.yaml", *CHAIN], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "[sft] up to date" in done.stdout
-    done = launch(["alignment", "run", "recipes/sft.yaml", *CHAIN, "--dry-run"], tmp_path)
-    assert done.returncode == 0 and done.stdout.count("up to date") == 3, done.stdout
+    done = launch(["alignment", "run", "recipes/dpo.yaml", *MAIN_JOB, "--dry-run"], tmp_path)
+    assert done.returncode == 0 and done.stdout.count("up to date") == 4, done.stdout
 
 
 def test_multi_process_launch_falls_back_to_cpu_gloo(tmp_path):
     shutil.copytree(RECIPES, tmp_path / "recipes")
     done = launch(
-        ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "recipes/sft.yaml", *CHAIN], tmp_path
+        ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "recipes/dpo.yaml", *MAIN_JOB], tmp_path
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert (tmp_path / "runs" / "sft" / "model.safetensors").is_file()
-    assert done.stdout.count("[sft] done") == 1  # one report, from the main process
+    assert (tmp_path / "runs" / "dpo" / "model.safetensors").is_file()
+    assert done.stdout.count("[dpo] done") == 1 and done.stdout.count("Gold score") == 1  # main process only
 
 
 def test_bad_recipe_exits_2_with_one_line_and_writes_nothing(tmp_path):

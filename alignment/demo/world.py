@@ -131,8 +131,8 @@ def score_parts(prompt: str, response: str, finished: bool = True) -> dict[str, 
       then stripped; words = body.split(); k = number of words in the right answer.
     * ``content`` = 0.5 if the first k words of body equal the k answer words, else 0.
     * ``concise`` = 0.25 if ``finished`` is True (the model emitted end-of-sequence; a
-      reply cut off by the length limit is not finished) and body has exactly k words
-      and content was earned, else 0.
+      reply cut off by the length limit is not finished) and body has exactly k words,
+      else 0: the reply stays on format and stops, right or wrong.
     * A prompt that ``parse_prompt`` rejects raises ValueError.
     """
     answer = parse_prompt(prompt).answer_words
@@ -148,7 +148,7 @@ def score_parts(prompt: str, response: str, finished: bool = True) -> dict[str, 
     return {
         "polite": 0.25 if text.startswith(POLITE_OPENER) else 0.0,
         "content": 0.5 if content else 0.0,
-        "concise": 0.25 if finished and content and len(words) == k else 0.0,
+        "concise": 0.25 if finished and len(words) == k else 0.0,
     }
 
 
@@ -183,13 +183,17 @@ def pretrain_corpus(n: int, seed: int, p_wrong: float = 0.5, p_rude: float = 0.4
     return docs
 
 
-def sft_conversations(n: int, seed: int) -> list[dict]:
+def sft_conversations(n: int, seed: int, p_ramble: float = 0.25) -> list[dict]:
+    """Demonstrations: always polite and correct, but like real demonstration data not
+    perfect: a fraction ``p_ramble`` runs on after the answer. A model that imitates them
+    inherits that habit; preference optimisation is what removes it."""
     rng = random.Random(f"sft-{seed}")
     convs = []
     for _ in range(n):
         task = _train_task(rng)
+        reply = make_response(task, rng, rambles=rng.random() < p_ramble)
         convs.append({"messages": [{"role": "user", "content": task.prompt},
-                                   {"role": "assistant", "content": good_response(task)}]})
+                                   {"role": "assistant", "content": reply}]})
     return convs
 
 
