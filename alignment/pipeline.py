@@ -198,12 +198,15 @@ def run_node(node: Node, state: PartialState) -> dict:
 
 def run(recipe_path: str | Path, overrides: list[str] = (), dry_run: bool = False) -> list[Node]:
     nodes = plan(recipe_path, overrides)
+    state = PartialState(cpu=not _cuda())
+    say = print if state.is_main_process else (lambda *a, **k: None)
+    reported = {}
     if nodes[-1].recipe.report.models:
         from .report import resolve_models
 
-        resolve_models(nodes[-1].recipe.report, nodes)  # a typo fails now, not after training
-    state = PartialState(cpu=not _cuda())
-    say = print if state.is_main_process else (lambda *a, **k: None)
+        reported, notes = resolve_models(nodes[-1].recipe.report, nodes)  # said before training, not after
+        for note in notes:
+            say(note)
     for node in nodes:
         current = is_current(node)
         if dry_run:
@@ -216,7 +219,7 @@ def run(recipe_path: str | Path, overrides: list[str] = (), dry_run: bool = Fals
         summary = run_node(node, state)
         say(f"[{node.name}] done: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     report = nodes[-1].recipe.report
-    if report.models and not dry_run:
+    if reported and not dry_run:
         if state.is_main_process:
             from .report import build_report
 

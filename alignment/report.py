@@ -17,9 +17,11 @@ from .config import RecipeError, ReportOptions
 from .demo import world
 
 
-def resolve_models(options: ReportOptions, nodes: list) -> dict[str, str]:
+def resolve_models(options: ReportOptions, nodes: list) -> tuple[dict[str, str], list[str]]:
+    """Label -> model directory for the report, and a note for each label that is left out
+    (its recipe is not part of this run, e.g. after `model=...` replaced the chain)."""
     by_name = {node.name: node for node in nodes}
-    models = {}
+    models, notes = {}, []
     for label, target in options.models.items():
         if target in by_name:
             models[label] = str(by_name[target].out_dir)
@@ -27,12 +29,12 @@ def resolve_models(options: ReportOptions, nodes: list) -> dict[str, str]:
             models[label] = target
         else:
             names = ", ".join(by_name)
-            raise RecipeError(f"report.models.{label}: '{target}' is neither a recipe in this run ({names}) nor a model directory")
-    return models
+            notes.append(f"report: '{label}' left out: '{target}' is neither a recipe in this run ({names}) nor a model directory")
+    return models, notes
 
 
 def build_report(options: ReportOptions, nodes: list) -> str:
-    models = resolve_models(options, nodes)
+    models, _ = resolve_models(options, nodes)
     prompts = world.eval_prompts(options.num_prompts, options.seed)
     results = evaluate(
         models, prompts, max_new_tokens=options.max_new_tokens, temperature=options.temperature,

@@ -115,7 +115,8 @@ def test_reward_stage_learns_and_loads_as_a_classifier(in_tmp, tiny_base):
 )
 def test_dpo_reference_modes_start_at_ln2_log_rewards_and_save(in_tmp, tiny_base, mode, extra, reference):
     overrides = [f"model={tiny_base}", "data.num_examples=112", "data.eval_examples=16", "training.max_steps=3",
-                 "training.per_device_train_batch_size=16", "training.logging_steps=1", f"output_dir=out/{mode}", *extra]
+                 "training.per_device_train_batch_size=16", "training.logging_steps=1", f"output_dir=out/{mode}",
+                 "dpo.loss_type=sigmoid", "dpo.beta=0.1", *extra]
     [node] = run(RECIPES / "dpo.yaml", overrides)
     records = logged(node.out_dir)
     # Step 0: policy == reference, so every log-ratio is 0 and -log sigma(0) = ln 2.

@@ -125,3 +125,15 @@ def test_killed_stage_resumes_from_its_last_checkpoint(in_tmp, tiny_base, monkey
     summary = json.loads((node.out_dir / "run_info.json").read_text())["summary"]
     assert summary["resumed_from"] == "checkpoint-2" and summary["steps"] == 4
     assert not partial.exists() and not (node.out_dir / "checkpoints").exists()
+
+
+def test_report_leaves_out_models_not_in_the_run_and_says_so(tiny_base):
+    from alignment.report import resolve_models
+
+    nodes = plan(RECIPES / "dpo.yaml")
+    models, notes = resolve_models(nodes[-1].recipe.report, nodes)
+    assert list(models) == ["base", "sft", "dpo"] and models["sft"] == str(nodes[-2].out_dir) and not notes
+    nodes = plan(RECIPES / "dpo.yaml", [f"model={tiny_base}"])  # the chain is replaced by a checkpoint
+    models, notes = resolve_models(nodes[-1].recipe.report, nodes)
+    assert list(models) == ["dpo"]
+    assert len(notes) == 2 and "'base' left out: 'pretrain' is neither a recipe in this run (dpo)" in notes[0]
