@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -102,6 +103,7 @@ def main() -> None:
         return one_reference(args)
 
     shape = (args.steps, args.batch, args.max_length, args.examples)
+    load_before = os.getloadavg()[0]  # other CPU jobs skew every figure below
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         base = run(RECIPES / "init.yaml", [f"output_dir={tmp / 'base'}"])[-1].out_dir
@@ -114,7 +116,8 @@ def main() -> None:
 
     a, b = statistics.median(ours_sps), statistics.median(trl_sps)
     print(f"\nDPO (sigmoid, copy reference) steps/s: batch {args.batch}, max_length {args.max_length}, "
-          f"{args.steps} steps, {torch.get_num_threads()} threads, median of {args.repeats}")
+          f"{args.steps} steps, {torch.get_num_threads()} threads, median of {args.repeats}; "
+          f"1-min load average {load_before:.2f} at start, {os.getloadavg()[0]:.2f} at end")
     print(f"  ours:      {a:.3f}   runs {[round(x, 3) for x in ours_sps]}")
     print(f"  plain TRL: {b:.3f}   runs {[round(x, 3) for x in trl_sps]}")
     print(f"  ratio ours/TRL: {a / b:.3f}  (target >= 0.95)")
