@@ -44,6 +44,8 @@ def trainer_args(recipe: BaseRecipe, work_dir: Path, config_cls, **stage_specifi
         **_checkpointing_flag(config_cls, recipe.model_options.gradient_checkpointing),
         disable_tqdm=False,
         logging_first_step=True,
+        max_length=t.max_length,
+        per_device_eval_batch_size=t.per_device_train_batch_size,
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
         **precision_flags(recipe),
@@ -132,7 +134,7 @@ def train_causal_lm(recipe: BaseRecipe, inputs: dict, work_dir: Path, dataset, *
     model = load_causal_lm(inputs["model"], tok, recipe.model_options)
     if recipe.lora is not None:
         model = apply_lora(model, recipe.lora)
-    args = trainer_args(recipe, work_dir, SFTConfig, max_length=recipe.training.max_length, **sft_options)
+    args = trainer_args(recipe, work_dir, SFTConfig, **sft_options)
     trainer = SFTTrainer(
         model=model,
         args=args,

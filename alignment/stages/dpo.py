@@ -155,8 +155,6 @@ def run(recipe: DPORecipe, inputs: dict, work_dir: Path) -> dict:
         recipe,
         work_dir,
         DPOConfig,
-        max_length=recipe.training.max_length,
-        per_device_eval_batch_size=recipe.training.per_device_train_batch_size,
         beta=o.beta,
         precompute_ref_log_probs=o.reference == "precompute" or o.loss_type == "simpo",
         precompute_ref_batch_size=o.precompute_batch_size,

@@ -67,8 +67,6 @@ def run(recipe: RewardRecipe, inputs: dict, work_dir: Path) -> dict:
         recipe,
         work_dir,
         RewardConfig,
-        max_length=recipe.training.max_length,
-        per_device_eval_batch_size=recipe.training.per_device_train_batch_size,
     )
     trainer = BradleyTerryTrainer(
         model=model,
