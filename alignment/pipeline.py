@@ -44,7 +44,7 @@ from .config import (
     parse_override,
     resolved_dict,
 )
-from .stages.common import append_metrics, write_card, write_resolved
+from .stages.common import append_metrics, last_checkpoint, write_card, write_resolved
 
 # Keys that change where or how a run reports, not what it computes.
 NOT_HASHED = ("output_dir", "report", "training.logging_steps", "training.report_to", "training.save_steps")
@@ -177,8 +177,14 @@ def run_node(node: Node, state: PartialState) -> dict:
     stage = importlib.import_module(f"alignment.stages.{node.recipe.stage}")
     started = time.time()
     summary = {}
-    if state.is_main_process or not getattr(stage, "MAIN_PROCESS_ONLY", False):
-        summary = stage.run(node.recipe, node.inputs(), work)
+    try:
+        if state.is_main_process or not getattr(stage, "MAIN_PROCESS_ONLY", False):
+            summary = stage.run(node.recipe, node.inputs(), work)
+    except RecipeError:
+        # Bad input found before any training: leave nothing half-written behind.
+        if state.is_main_process and last_checkpoint(work) is None:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     state.wait_for_everyone()
 
     if state.is_main_process:
