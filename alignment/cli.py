@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alignment",
         description="Alignment pipeline toolkit: YAML recipes for pretraining, SFT, reward modelling and DPO.",
+        epilog="examples:\n  accelerate launch recipes/dpo.yaml      # the main job, on the demo world\n"
+        "  alignment run recipes/sft.yaml training.max_steps=50\n"
+        "  alignment run --help                    # overrides and more examples",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser(
