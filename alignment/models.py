@@ -128,18 +128,28 @@ def load_classifier(
     return _finish(_fit_to_tokenizer(model, tok), options)
 
 
-def apply_lora(model: PreTrainedModel, lora: LoraOptions, task_type: str = "CAUSAL_LM"):
-    """Wrap `model` with trainable LoRA adapters; everything else is frozen."""
-    from peft import LoraConfig, get_peft_model
+def lora_config(lora: LoraOptions, task_type: str = "CAUSAL_LM"):
+    """peft's LoraConfig for the recipe's `lora` section.
 
-    config = LoraConfig(
+    Trainers that wrap the model themselves take this rather than a wrapped model (TRL's
+    DPOTrainer, given it, uses the policy with adapters disabled as the reference).
+    """
+    from peft import LoraConfig
+
+    return LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
         task_type=task_type,
     )
-    return get_peft_model(model, config)
+
+
+def apply_lora(model: PreTrainedModel, lora: LoraOptions, task_type: str = "CAUSAL_LM"):
+    """Wrap `model` with trainable LoRA adapters; everything else is frozen."""
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(lora, task_type))
 
 
 def save_model(model, tok: PreTrainedTokenizerBase, out_dir: str | Path, lora: LoraOptions | None = None) -> None:

@@ -209,20 +209,3 @@ def preference_datasets(recipe, demo, default_examples: int, with_margin: bool =
         **{f"dropped/{k}": v for k, v in train.dropped.items()},
     }
     return to_dataset(train), (to_dataset(held) if len(held) else None), counts
-
-
-def lora_config(lora, task_type: str):
-    """peft's LoraConfig for the recipe's `lora` section, for trainers that wrap the model themselves.
-
-    DPOTrainer needs it rather than a wrapped model: given the config it knows the adapter is
-    new and uses the policy with adapters disabled as the reference (no second copy).
-    """
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        task_type=task_type,
-    )

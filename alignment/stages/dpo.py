@@ -30,8 +30,8 @@ from trl import DPOConfig, DPOTrainer
 from ..config import DPOOptions, DPORecipe, FromRecipe
 from ..demo import world
 from ..losses import dpo_loss, simpo_loss
-from ..models import load_causal_lm, load_tokenizer
-from .common import MetricsFile, fit_and_save, last_logged, lora_config, preference_datasets, trainer_args
+from ..models import load_causal_lm, load_tokenizer, lora_config
+from .common import MetricsFile, fit_and_save, last_logged, preference_datasets, trainer_args
 
 DEFAULT_EXAMPLES = 4000
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
