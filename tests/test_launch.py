@@ -21,13 +21,19 @@ def launch(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_accelerate_launch_main_job_as_typed(tmp_path):
-    """`accelerate launch recipes/dpo.yaml` builds init -> pretrain -> sft -> dpo and ends with the gold table."""
+def test_accelerate_launch_as_typed_then_main_job_reuses_the_chain(tmp_path):
+    """`accelerate launch recipes/sft.yaml` builds init -> pretrain -> sft; the module form of
+    the main job (`-m alignment recipes/dpo.yaml`) reuses them, adds dpo and ends with the gold table."""
     shutil.copytree(RECIPES, tmp_path / "recipes")
-    done = launch(["accelerate", "launch", "--num_processes", "1", "recipes/dpo.yaml", *MAIN_JOB], tmp_path)
+    done = launch(["accelerate", "launch", "--num_processes", "1", "recipes/sft.yaml", *CHAIN], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    for name in ("init", "pretrain", "sft", "dpo"):
+    for name in ("init", "pretrain", "sft"):
         assert (tmp_path / "runs" / name / "model.safetensors").is_file(), name
+    assert "[sft] done" in done.stdout
+
+    done = launch(["accelerate", "launch", "--num_processes", "1", "-m", "alignment", "recipes/dpo.yaml", *MAIN_JOB], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "[sft] up to date" in done.stdout and "[dpo] done" in done.stdout
     table = done.stdout[done.stdout.index("Gold score on 16 held-out demo prompts"):]
     for row in ("base ", "sft ", "dpo ", "sft - base:", "dpo - sft:", "rewards/margins", "rewards/accuracies"):
         assert row in table, row
@@ -35,10 +41,6 @@ def test_accelerate_launch_main_job_as_typed(tmp_path):
     assert set(report["models"]) == {"base", "sft", "dpo"}
     assert all(0 <= m["gold_lo"] <= m["gold_mean"] <= m["gold_hi"] <= 1 for m in report["models"].values())
 
-    # The module form and the console script see the same recipes and find them up to date.
-    done = launch(["accelerate", "launch", "--num_processes", "1", "-m", "alignment", "recipes/sft.yaml", *CHAIN], tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "[sft] up to date" in done.stdout
     done = launch(["alignment", "run", "recipes/dpo.yaml", *MAIN_JOB, "--dry-run"], tmp_path)
     assert done.returncode == 0 and done.stdout.count("up to date") == 4, done.stdout
 
