@@ -441,15 +441,14 @@ def model_inputs(recipe: BaseRecipe) -> dict[str, "str | FromRecipe"]:
     found = {}
     for role, info in type(recipe).model_fields.items():
         value = getattr(recipe, role)
-        if isinstance(value, FromRecipe) or (value is not None and info.annotation is not None and "FromRecipe" in str(info.annotation)):
+        if value is not None and "FromRecipe" in str(info.annotation):
             found[role] = value
     return found
 
 
 def resolved_dict(recipe: BaseRecipe) -> dict:
     """Every key with its value after defaults and overrides (the launcher line dropped)."""
-    data = recipe.model_dump(mode="json", by_alias=True, exclude={"launcher"})
-    return data
+    return recipe.model_dump(mode="json", by_alias=True, exclude={"launcher"})
 
 
 def content_hash(*parts: Any) -> str:

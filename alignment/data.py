@@ -56,7 +56,7 @@ def _read_with_datasets(source: str, split: str) -> Rows:
             if isinstance(ds, datasets.DatasetDict):
                 ds = ds[split]
         elif path.suffix in (".json", ".csv", ".parquet"):
-            ds = datasets.load_dataset(path.suffix[1:].replace("parquet", "parquet"), data_files=str(path), split="train")
+            ds = datasets.load_dataset(path.suffix[1:], data_files=str(path), split="train")
         else:
             ds = datasets.load_dataset(source, split=split)
     except Exception as exc:  # datasets raises many kinds; all mean "cannot read this source"

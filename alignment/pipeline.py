@@ -44,7 +44,7 @@ from .config import (
     parse_override,
     resolved_dict,
 )
-from .stages.common import append_metrics, last_checkpoint, write_card, write_resolved
+from .stages.common import append_metrics, last_checkpoint, use_cpu, write_card, write_resolved
 
 # Keys that change where or how a run reports, not what it computes.
 NOT_HASHED = ("output_dir", "report", "training.logging_steps", "training.report_to", "training.save_steps")
@@ -204,7 +204,7 @@ def run_node(node: Node, state: PartialState) -> dict:
 
 def run(recipe_path: str | Path, overrides: list[str] = (), dry_run: bool = False) -> list[Node]:
     nodes = plan(recipe_path, overrides)
-    state = PartialState(cpu=not _cuda())
+    state = PartialState(cpu=use_cpu())
     say = print if state.is_main_process else (lambda *a, **k: None)
     reported = {}
     if nodes[-1].recipe.report.models:
@@ -229,12 +229,7 @@ def run(recipe_path: str | Path, overrides: list[str] = (), dry_run: bool = Fals
         if state.is_main_process:
             from .report import build_report
 
-            say("\n" + build_report(report, nodes))
+            say("\n" + build_report(report, nodes, reported))
         state.wait_for_everyone()
     return nodes
 
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

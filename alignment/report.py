@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from .compare import evaluate, gold_table
-from .config import RecipeError, ReportOptions
+from .config import ReportOptions
 from .demo import world
 
 
@@ -33,8 +33,7 @@ def resolve_models(options: ReportOptions, nodes: list) -> tuple[dict[str, str],
     return models, notes
 
 
-def build_report(options: ReportOptions, nodes: list) -> str:
-    models, _ = resolve_models(options, nodes)
+def build_report(options: ReportOptions, nodes: list, models: dict[str, str]) -> str:
     prompts = world.eval_prompts(options.num_prompts, options.seed)
     results = evaluate(
         models, prompts, max_new_tokens=options.max_new_tokens, temperature=options.temperature,

@@ -17,13 +17,10 @@ from ..config import InitRecipe
 from ..data import check_rows, load_rows, text_problem
 from ..demo import world
 from ..models import DEFAULT_CHAT_TEMPLATE, PAD_TOKEN
+from .pretrain import demo_corpus
 
 SPECIAL_TOKENS = [PAD_TOKEN, "<s>", "</s>", world.USER_TAG, world.ASSISTANT_TAG, "<|system|>"]
 MAIN_PROCESS_ONLY = True
-
-
-def demo_corpus(n: int, seed: int) -> list[dict]:
-    return [{"text": t} for t in world.pretrain_corpus(n, seed)]
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
