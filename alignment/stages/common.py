@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -17,11 +18,21 @@ def use_cpu() -> bool:
     return not torch.cuda.is_available()
 
 
-def precision_flags(recipe: BaseRecipe) -> dict:
-    """TrainingArguments' bf16/fp16 flags from the recipe's `training.mixed_precision`."""
+def resolved_precision(recipe: BaseRecipe) -> str:
+    """The precision a stage really trains in: the recipe's `training.mixed_precision` with
+    'auto' resolved (bf16 on a GPU that supports it), and where that leaves full precision,
+    the launcher's (`accelerate launch --mixed_precision`), which transformers applies then."""
     mode = recipe.training.mixed_precision
     if mode == "auto":
         mode = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if mode == "no":
+        mode = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    return mode
+
+
+def precision_flags(recipe: BaseRecipe) -> dict:
+    """TrainingArguments' bf16/fp16 flags from the recipe's `training.mixed_precision`."""
+    mode = resolved_precision(recipe)
     return {"bf16": mode == "bf16", "fp16": mode == "fp16"}
 
 
