@@ -8,8 +8,10 @@ recipe's first line).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from .config import RecipeError
@@ -91,6 +93,18 @@ def use_launcher_cores() -> None:
         torch.set_num_threads(threads)
 
 
+def _tell_torchrun(message: str) -> None:
+    """Under a multi-process launch (torchrun, which `accelerate launch --multi_gpu` uses), the
+    launcher's failure summary shows the error file of each failed process: give it our line,
+    so the summary names the error instead of pointing at torch's docs."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        try:
+            Path(error_file).write_text(json.dumps({"message": message, "timestamp": int(time.time())}))
+        except OSError:
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0].endswith((".yaml", ".yml")):
@@ -105,5 +119,6 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as exc:
         if os.environ.get("LOCAL_RANK", "0") == "0":
             print(f"error: {exc}", file=sys.stderr)
+        _tell_torchrun(f"error: {exc}")
         return 2
     return 0

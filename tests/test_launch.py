@@ -67,6 +67,56 @@ def test_bad_recipe_exits_2_with_one_line_and_writes_nothing(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_bad_recipe_under_accelerate_launch(tmp_path):
+    """What the README says a user sees: our one line, then accelerate's own wrapper reporting
+    the exit status (it always does that for a failed script unless given -q); with -q our
+    line is the last one. Either way the exit status is non-zero and nothing is written."""
+    shutil.copytree(RECIPES, tmp_path / "recipes")
+    bad = tmp_path / "recipes" / "sft.yaml"
+    bad.write_text(bad.read_text().replace("max_steps:", "max_stepz:"))
+    ours = f"error: {bad}:14: "
+    done = launch(["accelerate", "launch", "--num_processes", "1", "recipes/sft.yaml"], tmp_path)
+    lines = done.stderr.strip().splitlines()
+    [at] = [i for i, line in enumerate(lines) if line.startswith(ours)]
+    assert "training.max_stepz: unknown key (did you mean 'max_steps'?)" in lines[at]
+    assert done.returncode == 1 and "returned non-zero exit status 2" in lines[-1], done.stderr
+    assert lines[at + 1] == "Traceback (most recent call last):"  # accelerate's, not ours
+
+    done = launch(["accelerate", "launch", "-q", "--num_processes", "1", "recipes/sft.yaml"], tmp_path)
+    assert done.returncode == 1 and done.stderr.strip().splitlines()[-1].startswith(ours), done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+PROBE = """
+from alignment.cli import launcher_thread_default, use_launcher_cores
+import torch
+chosen = launcher_thread_default()
+use_launcher_cores()
+print("threads", chosen, torch.get_num_threads())
+"""
+
+
+def test_runner_uses_the_cores_accelerate_would_pin_to_one(tmp_path):
+    """`accelerate launch` with no config sets OMP_NUM_THREADS=1; the runner takes the
+    machine's cores back (split among local processes), unless the user chose a count."""
+    (tmp_path / "probe.py").write_text(PROBE)
+    cores = len(os.sched_getaffinity(0))
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+
+    def probe(args, **extra):
+        done = subprocess.run(["accelerate", "launch", *args, "probe.py"], cwd=tmp_path, env={**env, **extra},
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return sorted(line for line in done.stdout.splitlines() if line.startswith("threads"))
+
+    assert probe(["--num_processes", "1"]) == [f"threads {cores} {cores}"]
+    assert probe(["--num_processes", "1"], OMP_NUM_THREADS="1") == ["threads None 1"]  # the user's choice
+    assert probe(["--num_processes", "1", "--num_cpu_threads_per_process", "1"]) == ["threads None 1"]
+    split = max(1, cores // 2)  # two local processes share the cores (not `cores` threads each)
+    assert probe(["--multi_gpu", "--num_processes", "2"]) == [f"threads {split} {split}"] * 2
+
+
 def test_help_explains_overrides():
     done = launch(["alignment", "run", "--help"], Path.cwd())
     assert done.returncode == 0 and "NAME:KEY=VALUE" in done.stdout and "accelerate launch" in done.stdout
