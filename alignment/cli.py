@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def launcher_thread_default() -> int | None:
+def launcher_thread_default(launcher_pid: int | None = None) -> int | None:
     """The CPU threads this process should use when `accelerate launch` (run with no config and
     no thread count) set OMP_NUM_THREADS=1 for it; None when the count is the user's choice.
 
@@ -67,9 +67,10 @@ def launcher_thread_default() -> int | None:
     """
     if os.environ.get("OMP_NUM_THREADS") != "1" or "ACCELERATE_DYNAMO_BACKEND" not in os.environ:
         return None  # not under accelerate launch, or a count other than its default
+    launcher = Path(f"/proc/{launcher_pid or os.getppid()}")
     try:
-        parent_env = Path(f"/proc/{os.getppid()}/environ").read_bytes().split(b"\0")
-        parent_args = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")
+        parent_env = (launcher / "environ").read_bytes().split(b"\0")
+        parent_args = (launcher / "cmdline").read_bytes().split(b"\0")
     except OSError:
         return None
     if any(v.startswith(b"OMP_NUM_THREADS=") for v in parent_env) or any(
