@@ -405,6 +405,8 @@ def run(recipe_path: str | Path, overrides: list[str] = (), dry_run: bool = Fals
     state = PartialState(cpu=use_cpu())
     nodes = plan(recipe_path, overrides, num_processes=state.num_processes)
     say = print if state.is_main_process else (lambda *a, **k: None)
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and use_cpu():
+        say("note: accelerate applies FSDP on GPUs only; on this CPU machine the processes train as plain data parallel (DDP over gloo)")
     check_outputs(nodes, [n for n in nodes if not is_current(n)], probe=not dry_run)
     if state.is_main_process and not dry_run:
         for node in nodes:

@@ -135,3 +135,17 @@ def test_thread_count_tells_accelerates_default_from_the_users(monkeypatch):
 def test_help_explains_overrides():
     done = launch(["alignment", "run", "--help"], Path.cwd())
     assert done.returncode == 0 and "NAME:KEY=VALUE" in done.stdout and "accelerate launch" in done.stdout
+
+
+def test_fsdp_config_on_cpu_is_said_to_run_as_ddp(in_tmp, monkeypatch, capsys):
+    """accelerate ignores an FSDP launcher config on CPUs (plain DDP): the runner says so."""
+    from alignment import pipeline
+    from alignment.pipeline import run
+
+    monkeypatch.setattr(pipeline, "use_cpu", lambda: True)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `--config_file recipes/accelerate/fsdp.yaml` sets
+    run(RECIPES / "init.yaml", dry_run=True)
+    assert "FSDP on GPUs only" in capsys.readouterr().out
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    run(RECIPES / "init.yaml", dry_run=True)
+    assert "FSDP" not in capsys.readouterr().out
