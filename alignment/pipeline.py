@@ -165,6 +165,7 @@ def is_current(node: Node) -> bool:
 
 def run_node(node: Node, state: PartialState) -> dict:
     """Run one stage into `<out>.partial/`, then move it into place."""
+    new_parents = [p for p in node.out_dir.parents if not p.exists()]  # removed again if the input is refused
     work = node.out_dir.with_name(node.out_dir.name + ".partial")
     if state.is_main_process:
         if work.exists() and _read_info(work).get("hash") != node.hash:
@@ -184,6 +185,9 @@ def run_node(node: Node, state: PartialState) -> dict:
         # Bad input found before any training: leave nothing half-written behind.
         if state.is_main_process and last_checkpoint(work) is None:
             shutil.rmtree(work, ignore_errors=True)
+            for parent in new_parents:  # deepest first
+                if parent.is_dir() and not any(parent.iterdir()):
+                    parent.rmdir()
         raise
     state.wait_for_everyone()
 
