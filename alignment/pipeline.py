@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from accelerate import PartialState
+from transformers import set_seed
 
 from . import __version__
 from .config import (
@@ -180,6 +181,9 @@ def run_node(node: Node, state: PartialState) -> dict:
     summary = {}
     try:
         if state.is_main_process or not getattr(stage, "MAIN_PROCESS_ONLY", False):
+            # Seeded before the stage loads its model: a new head (reward) or new pad-token
+            # embeddings are initialised the same way in every run of the recipe.
+            set_seed(node.recipe.seed)
             summary = stage.run(node.recipe, node.inputs(), work)
     except RecipeError:
         # Bad input found before any training: leave nothing half-written behind.
