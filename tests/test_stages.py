@@ -15,6 +15,7 @@ from transformers import pipeline as hf_pipeline
 
 from alignment.config import RecipeError
 from alignment.data import pack_blocks
+from alignment.models import load_causal_lm, load_tokenizer
 from alignment.pipeline import plan, run
 
 from .conftest import MICRO, RECIPES
@@ -47,9 +48,18 @@ def test_pretrain_then_sft_learn_and_load_in_transformers(in_tmp):
         assert not out.with_name(out.name + ".partial").exists()
         info = json.loads((out / "run_info.json").read_text())
         assert info["status"] == "finished" and info["hash"] == node.hash
-    generate = hf_pipeline("text-generation", model=str(nodes[-1].out_dir))
-    text = generate("<|user|>\nrepeat: cat dog\n<|assistant|>\n", max_new_tokens=5)[0]["generated_text"]
-    assert text.startswith("<|user|>")
+    # transformers alone loads the output and answers a chat through the saved template, picking
+    # the same tokens as the toolkit's model layer does one argmax at a time.
+    out = nodes[-1].out_dir
+    chat = [{"role": "user", "content": "repeat: cat dog"}]
+    reply = hf_pipeline("text-generation", model=str(out))(chat, max_new_tokens=8, do_sample=False)[0]["generated_text"]
+    tok = load_tokenizer(str(out))
+    model = load_causal_lm(str(out), tok).eval()
+    ids, new = tok.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)["input_ids"], []
+    with torch.no_grad():
+        while len(new) < 8 and (not new or new[-1] != tok.eos_token_id):
+            new.append(int(model(torch.tensor([ids + new])).logits[0, -1].argmax()))
+    assert reply == [*chat, {"role": "assistant", "content": tok.decode(new, skip_special_tokens=True)}]
 
     # Same recipe again: every stage is up to date and skipped (no new metrics lines).
     before = (nodes[-1].out_dir / "metrics.jsonl").read_text()
@@ -86,6 +96,27 @@ def test_bad_sft_rows_error_with_line_or_are_counted(in_tmp, tiny_base):
     assert summary["dropped/no non-empty assistant message"] == 1
     assert summary["dropped/'messages' is not a non-empty list"] == 1
     assert summary["dropped/missing 'messages'"] == 1
+
+
+def test_sft_counts_conversations_cut_or_dropped_by_max_length(in_tmp, tiny_base):
+    """SFTTrainer cuts conversations to max_length tokens and drops those left with no assistant
+    token. max_length is set to the exact length of one conversation, which is neither."""
+    def chat(user, assistant):
+        return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
+
+    exact = chat("repeat: cat dog sun", "Sure! cat dog sun")
+    rows = [exact] * 3 + [chat("first: a b", "Sure! a")] * 4 + [chat("repeat: a b", "Sure! " + "a b " * 30)] * 5 \
+        + [chat("reverse: " + "fish " * 60, "Sure!")] * 2
+    data = in_tmp / "chats.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = load_tokenizer(str(tiny_base))
+    max_length = len(tok.apply_chat_template(exact["messages"], return_dict=True)["input_ids"])
+    [node] = run(RECIPES / "sft.yaml", [f"model={tiny_base}", f"data.source={data}", f"training.max_length={max_length}",
+                                       "training.max_steps=1", "output_dir=out/sft"])
+    summary = json.loads((node.out_dir / "run_info.json").read_text())["summary"]
+    assert summary["conversations"] == 14 and summary["conversations_trained"] == 12
+    assert summary["truncated/longer than max_length"] == 5
+    assert summary["dropped/no assistant token within max_length"] == 2
 
 
 def test_bad_json_line_is_named(in_tmp, tiny_base):
