@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from . import models as model_layer
 from .demo import world
+from .generation import sample
 
 
 @dataclass
@@ -30,15 +31,6 @@ class Generation:
 def _batches(items: list, size: int):
     for start in range(0, len(items), size):
         yield items[start : start + size]
-
-
-def _stop_ids(model, tok) -> list[int]:
-    """The tokenizer's EOS plus any EOS ids in the model's generation config (Qwen lists two)."""
-    ids = {tok.eos_token_id}
-    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if config_eos is not None:
-        ids.update([config_eos] if isinstance(config_eos, int) else config_eos)
-    return sorted(ids)
 
 
 def render_prompt(tok, prompt: str) -> str:
@@ -57,57 +49,37 @@ def generate(
     *,
     max_new_tokens: int = 32,
     temperature: float = 0.0,
+    top_p: float = 1.0,
     batch_size: int = 64,
     seed: int = 0,
     progress: bool = True,
 ) -> list[Generation]:
-    """Answer each prompt; temperature 0 is greedy, otherwise plain sampling (no top-k/top-p).
+    """Answer each user prompt through the chat template; temperature 0 is greedy, otherwise
+    sampling (no top-k; nucleus when top_p < 1). Same seed, same replies.
 
-    Batches are left-padded so that every row's new tokens start at the same position.
-    Decoding settings are passed explicitly so that two models are compared under the same
-    rule, whatever their own generation configs say (e.g. a repetition penalty).
+    Batches are left-padded (see `generation.sample`), so under greedy decoding a reply does
+    not depend on its batch mates.
     """
-    stop_ids = _stop_ids(model, tok)
-    decoding = {"do_sample": False}
-    if temperature > 0:
-        decoding = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
-
     torch.manual_seed(seed)
-    was_training, old_side = model.training, tok.padding_side
+    was_training = model.training
     model.eval()
-    tok.padding_side = "left"
     results: list[Generation] = []
     try:
-        with torch.no_grad(), tqdm(total=len(prompts), desc="generate", disable=not progress) as bar:
+        with tqdm(total=len(prompts), desc="generate", disable=not progress) as bar:
             for batch in _batches(list(prompts), batch_size):
-                texts = [render_prompt(tok, p) for p in batch]
-                enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-                out = model.generate(
-                    input_ids=enc["input_ids"],
-                    attention_mask=enc["attention_mask"],
-                    max_new_tokens=max_new_tokens,
-                    repetition_penalty=1.0,
-                    pad_token_id=tok.pad_token_id,
-                    eos_token_id=stop_ids,
-                    **decoding,
+                out = sample(
+                    model, tok, [render_prompt(tok, p) for p in batch],
+                    max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                 )
-                new_tokens = out[:, enc["input_ids"].shape[1] :].tolist()
-                for prompt, tokens in zip(batch, new_tokens):
-                    results.append(_to_generation(tok, prompt, tokens, stop_ids))
+                lengths = out.response_mask.sum(-1).tolist()
+                for i, prompt in enumerate(batch):
+                    finished = bool(out.finished[i])
+                    text = tok.decode(out.response_ids[i, : lengths[i] - finished].tolist(), skip_special_tokens=True)
+                    results.append(Generation(prompt, text, finished, lengths[i]))
                 bar.update(len(batch))
     finally:
-        tok.padding_side = old_side
         model.train(was_training)
     return results
-
-
-def _to_generation(tok, prompt: str, tokens: list[int], stop_ids: list[int]) -> Generation:
-    stops = [i for i, t in enumerate(tokens) if t in stop_ids]
-    if stops:
-        end = stops[0]
-        return Generation(prompt, tok.decode(tokens[:end], skip_special_tokens=True), True, end + 1)
-    # Not finished: generate stops at max_new_tokens and only pads rows that stopped early.
-    return Generation(prompt, tok.decode(tokens, skip_special_tokens=True), False, len(tokens))
 
 
 def bootstrap_ci(values, n_resamples: int = 2000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float, float]:
