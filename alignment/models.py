@@ -61,6 +61,14 @@ def _check_weights(directory: Path) -> None:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
+def _check_tokenizer_files(directory: Path) -> None:
+    if not any((directory / f).is_file() for f in TOKENIZER_FILES):
+        raise RecipeError(
+            f"cannot load tokenizer from {directory}: the directory has no tokenizer files "
+            f"(expected one of {', '.join(TOKENIZER_FILES)}); save the tokenizer beside the model"
+        )
+
+
 @functools.lru_cache(maxsize=1)
 def hub_unreachable() -> str | None:
     """Why the model hub cannot be reached right now, or None if it may be.
@@ -92,12 +100,9 @@ def _load(loader, name_or_path: str, what: str, **kwargs):
     if local.exists():
         if not local.is_dir():
             raise RecipeError(f"cannot load {what} from {name_or_path}: not a directory")
-        if what == "tokenizer" and not any((local / f).is_file() for f in TOKENIZER_FILES):
-            raise RecipeError(
-                f"cannot load tokenizer from {name_or_path}: the directory has no tokenizer files "
-                f"(expected one of {', '.join(TOKENIZER_FILES)}); save the tokenizer beside the model"
-            )
-        if what != "tokenizer":
+        if what == "tokenizer":
+            _check_tokenizer_files(local)
+        else:
             _check_weights(local)
         try:
             return loader(name_or_path, **kwargs)
@@ -200,6 +205,26 @@ def check_model_kind(name_or_path: str, kind: str, key: str = "model", options: 
         what = "a model of another kind"
     expected = "a causal language model (a policy)" if kind == "causal-lm" else "a sequence classifier (a reward model)"
     raise RecipeError(f"{key}: {name_or_path} is {what}, its config says {found}; expected {expected}")
+
+
+# The kind of model each model-valued recipe key needs (the reward stage's `model` may be either).
+INPUT_KINDS = {"model": "causal-lm", "ref_model": "causal-lm", "reward_model": "classifier"}
+
+
+def check_local_inputs(stage: str, inputs: dict[str, str]) -> None:
+    """The loaders' checks, done before a run trains anything: each local checkpoint a recipe
+    names directly is of the kind its key needs and has readable weights, and `model` has a
+    tokenizer. Without this a chain would stop only at the stage that reads the bad input,
+    after training the ones before it. Hub ids are left to the loaders."""
+    for key, path in inputs.items():
+        if not Path(path).is_dir():
+            continue
+        if key == "model":
+            _check_tokenizer_files(Path(path))
+        _check_weights(Path(path))
+        kind = None if stage == "reward" and key == "model" else INPUT_KINDS.get(key)
+        if kind:
+            check_model_kind(path, kind, key)
 
 
 def load_causal_lm(

@@ -45,6 +45,7 @@ from .config import (
     parse_override,
     resolved_dict,
 )
+from .models import check_local_inputs
 from .stages.common import append_metrics, last_checkpoint, use_cpu, write_card, write_resolved
 
 # Keys that change where or how a run reports, not what it computes.
@@ -212,6 +213,8 @@ def run_node(node: Node, state: PartialState) -> dict:
 
 def run(recipe_path: str | Path, overrides: list[str] = (), dry_run: bool = False) -> list[Node]:
     nodes = plan(recipe_path, overrides)
+    for node in nodes:  # checkpoints given as paths are checked before any stage trains
+        check_local_inputs(node.recipe.stage, {r: p for r, p in node.inputs().items() if r not in node.refs})
     state = PartialState(cpu=use_cpu())
     say = print if state.is_main_process else (lambda *a, **k: None)
     reported = {}

@@ -146,6 +146,11 @@ def test_reward_model_given_where_a_policy_is_expected(fails_cleanly, tiny_base,
                   f"{key}: {classifier_dir} is a sequence classifier", "expected a causal language model")
 
 
+def test_bad_checkpoint_late_in_a_chain_stops_it_before_the_first_stage(fails_cleanly, classifier_dir):
+    """dpo.yaml builds init -> pretrain -> sft first; its bad ref_model stops the run before init."""
+    fails_cleanly([str(RECIPES / "dpo.yaml"), f"ref_model={classifier_dir}"], f"ref_model: {classifier_dir} is a sequence")
+
+
 def test_policy_given_where_a_reward_model_is_expected(tiny_base, classifier_dir):
     with pytest.raises(RecipeError) as info:
         models.check_model_kind(str(tiny_base), "classifier", key="reward_model")
