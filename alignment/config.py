@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 STAGES = ("init", "pretrain", "sft", "reward", "dpo")
 
@@ -29,6 +29,25 @@ class RecipeError(Exception):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value, info):
+        # pydantic's lax mode reads `true` as 1 for an int or float field; a recipe never means that.
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and annotation in (int, int | None):
+            raise ValueError(f"expected an integer, got {value!r}")
+        if isinstance(value, bool) and annotation in (float, float | None):
+            raise ValueError(f"expected a number, got {value!r}")
+        return value
+
+
+def did_you_mean(value: str, valid) -> str:
+    """'expected one of a, b, c' with the closest valid value first when there is one."""
+    valid = list(valid)
+    close = difflib.get_close_matches(value, valid, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"{hint}expected one of {', '.join(valid)}"
 
 
 # --------------------------------------------------------------------------- sections
@@ -51,6 +70,15 @@ class ModelOptions(Section):
         None, description="Attention kernel ('sdpa', 'eager', 'flash_attention_2'); null: transformers' default."
     )
     trust_remote_code: bool = Field(False, description="Allow checkpoints that ship their own Python code.")
+
+    @field_validator("attn_implementation")
+    @classmethod
+    def _known_and_installed(cls, name):
+        if name is not None:
+            problem = attention_problem(name)
+            if problem:
+                raise ValueError(problem)
+        return name
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
     chat_template: str | None = Field(
         None,
@@ -116,7 +144,7 @@ class TrainingOptions(Section):
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     num_train_epochs: float = Field(1.0, gt=0, description="Epochs (ignored when max_steps > 0).")
     max_steps: int = Field(-1, description="Optimizer steps; -1: run num_train_epochs.")
-    lr_scheduler_type: str = Field("cosine", description="transformers scheduler name.")
+    lr_scheduler_type: str = Field("cosine", description="transformers scheduler name (transformers.SchedulerType).")
     warmup_steps: float = Field(0.0, ge=0, description="Warm-up steps (a value below 1 is a fraction of training).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
@@ -129,6 +157,51 @@ class TrainingOptions(Section):
     report_to: list[str] = Field(
         default_factory=list, description="Trackers ('tensorboard', 'wandb', ...); metrics.jsonl is always written."
     )
+
+
+    @field_validator("max_steps")
+    @classmethod
+    def _positive_or_minus_one(cls, steps):
+        if steps == 0 or steps < -1:
+            raise ValueError(f"expected a positive number of steps, or -1 to run num_train_epochs; got {steps}")
+        return steps
+
+    @field_validator("lr_scheduler_type")
+    @classmethod
+    def _known_scheduler(cls, name):
+        from transformers.trainer_utils import SchedulerType
+
+        valid = [s.value for s in SchedulerType]
+        if name not in valid:
+            raise ValueError(f"unknown scheduler {name!r}; {did_you_mean(name, valid)}")
+        return name
+
+
+def attention_problem(name: str) -> str | None:
+    """Why `model_options.attn_implementation: name` cannot work here, or None.
+
+    Known names are transformers' attention kernels (plus 'org/repo' kernels from the hub, which
+    need the `kernels` package); the flash and flex kernels need their packages installed.
+    """
+    from transformers import utils
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    known = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+    needs = {
+        "flash_attention_2": (utils.is_flash_attn_2_available, "the flash-attn package and a CUDA GPU"),
+        "flash_attention_3": (utils.is_flash_attn_3_available, "the flash-attn 3 package and a Hopper GPU"),
+        "flash_attention_4": (utils.is_flash_attn_4_available, "the flash-attn 4 package and a recent GPU"),
+        "flex_attention": (utils.is_torch_flex_attn_available, "a torch build with flex attention"),
+    }
+    if "/" in name:  # a kernel from the hub, e.g. kernels-community/flash-attn
+        available, what = utils.is_kernels_available, "the kernels package (pip install kernels)"
+    elif name.removeprefix("paged|") in known:
+        available, what = needs.get(name.removeprefix("paged|"), (lambda: True, ""))
+    else:
+        return f"unknown attention implementation {name!r}; {did_you_mean(name, known)}"
+    if not available():
+        return f"{name!r} is not available here: it needs {what}; use 'sdpa' (or null) instead"
+    return None
 
 
 class InitOptions(Section):
@@ -287,6 +360,31 @@ RECIPE_CLASSES: dict[str, type[BaseRecipe]] = {
 # --------------------------------------------------------------------------- loading
 
 
+class DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, line: int, first: int):
+        super().__init__(f"key {key!r} is written twice (first at line {first}); keep one")
+        self.line = line
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that rejects a key written twice in one mapping (plain PyYAML keeps the
+    last one and silently drops the first block)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, (str, int, float, bool)):
+                    continue  # a complex key: nothing a recipe uses
+                if key in first_line:
+                    raise DuplicateKey(key, key_node.start_mark.line + 1, first_line[key])
+                first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def _line_index(text: str) -> dict[tuple, int]:
     """Map each key path of a YAML document to its 1-based line number."""
     index: dict[tuple, int] = {}
@@ -396,15 +494,29 @@ def load_recipe(path: str | Path, overrides: list[tuple[list[str], Any, str]] = 
     """Read, override and validate a recipe; every failure is a one-line RecipeError."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as exc:
         raise RecipeError(f"{path}: cannot read recipe ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        line = exc.object[: exc.start].count(b"\n") + 1
+        raise RecipeError(
+            f"{path}:{line}: not a text file (byte {exc.object[exc.start]:#04x} is not UTF-8); a recipe is a YAML text file"
+        ) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=RecipeLoader)
+    except DuplicateKey as exc:
+        raise RecipeError(f"{path}:{exc.line}: {exc}") from None
     except yaml.YAMLError as exc:
+        if isinstance(exc, yaml.reader.ReaderError):  # a control character, as in a binary file
+            line = text[: exc.position].count("\n") + 1
+            code = exc.character if isinstance(exc.character, int) else ord(exc.character)
+            raise RecipeError(
+                f"{path}:{line}: not a text file (control character {code:#04x}); a recipe is a YAML text file"
+            ) from None
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
-        raise RecipeError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        raise RecipeError(f"{path}{where}: not valid YAML ({problem})") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}")
     from_override: dict[tuple, str] = {}

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from accelerate import PartialState
+from transformers import set_seed
 
 from .config import (
     STAGES,
@@ -56,6 +57,7 @@ from .config import (
     parse_override,
     resolved_dict,
 )
+from .models import check_local_inputs
 from .stages.common import append_metrics, last_checkpoint, resolved_precision, use_cpu, write_card, write_resolved
 
 # Keys that change where or how a run reports, not what it computes; and mixed_precision,
@@ -363,6 +365,7 @@ def complete_interrupted_swap(node: Node) -> None:
 
 def run_node(node: Node, state: PartialState) -> dict:
     """Run one stage into `<out>.partial/`, then move it into place."""
+    new_parents = [p for p in node.out_dir.parents if not p.exists()]  # removed again if the input is refused
     work = partial_dir(node.out_dir)
     if state.is_main_process:
         if work.exists() and _read_info(work).get("hash") != node.hash:
@@ -380,11 +383,17 @@ def run_node(node: Node, state: PartialState) -> dict:
     summary = {}
     try:
         if state.is_main_process or not getattr(stage, "MAIN_PROCESS_ONLY", False):
+            # Seeded before the stage loads its model: a new head (reward) or new pad-token
+            # embeddings are initialised the same way in every run of the recipe.
+            set_seed(node.recipe.seed)
             summary = stage.run(node.recipe, node.inputs(), work)
     except RecipeError:
         # Bad input found before any training: leave nothing half-written behind.
         if state.is_main_process and last_checkpoint(work) is None:
             shutil.rmtree(work, ignore_errors=True)
+            for parent in new_parents:  # deepest first
+                if parent.is_dir() and not any(parent.iterdir()):
+                    parent.rmdir()
         raise
     state.wait_for_everyone()
 
@@ -404,6 +413,8 @@ def run_node(node: Node, state: PartialState) -> dict:
 def run(recipe_path: str | Path, overrides: list[str] = (), dry_run: bool = False) -> list[Node]:
     state = PartialState(cpu=use_cpu())
     nodes = plan(recipe_path, overrides, num_processes=state.num_processes)
+    for node in nodes:  # checkpoints given as paths are checked before any stage trains
+        check_local_inputs(node.recipe.stage, {r: p for r, p in node.inputs().items() if r not in node.refs})
     say = print if state.is_main_process else (lambda *a, **k: None)
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and use_cpu():
         say("note: accelerate applies FSDP on GPUs only; on this CPU machine the processes train as plain data parallel (DDP over gloo)")

@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 
 from .compare import evaluate, gold_table
-from .config import ReportOptions
+from .config import RecipeError, ReportOptions
+from .models import check_model_kind
 from .demo import world
 
 
@@ -23,9 +24,12 @@ def resolve_models(options: ReportOptions, nodes: list) -> tuple[dict[str, str],
     by_name = {node.name: node for node in nodes}
     models, notes = {}, []
     for label, target in options.models.items():
+        if target in by_name and by_name[target].recipe.stage == "reward":
+            raise RecipeError(f"report.models.{label}: '{target}' is a reward model; the report compares policies")
         if target in by_name:
             models[label] = str(by_name[target].out_dir)
         elif Path(target).is_dir():
+            check_model_kind(target, "causal-lm", key=f"report.models.{label}")
             models[label] = target
         else:
             names = ", ".join(by_name)

@@ -11,7 +11,7 @@ import torch
 import yaml
 from transformers import TrainerCallback
 
-from ..config import BaseRecipe, resolved_dict
+from ..config import BaseRecipe, RecipeError, resolved_dict
 
 
 def use_cpu() -> bool:
@@ -131,11 +131,12 @@ def write_resolved(out_dir: Path, recipe: BaseRecipe, upstream: dict) -> None:
     (out_dir / "recipe.resolved.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
 
 
-def train_causal_lm(recipe: BaseRecipe, inputs: dict, work_dir: Path, dataset, **sft_options) -> dict:
+def train_causal_lm(recipe: BaseRecipe, inputs: dict, work_dir: Path, dataset, count=None, **sft_options) -> dict:
     """Fine-tune a causal LM on `dataset` with TRL's SFTTrainer and save it to `work_dir`.
 
     Shared by `pretrain` (pre-tokenised blocks) and `sft` (conversations); returns the
-    final training metrics.
+    final training metrics, after `count(trainer, tok)`'s counts of what the trainer's data
+    preparation did (it runs before training).
     """
     from trl import SFTConfig, SFTTrainer
 
@@ -153,7 +154,8 @@ def train_causal_lm(recipe: BaseRecipe, inputs: dict, work_dir: Path, dataset, *
         processing_class=tok,
         callbacks=[MetricsFile(work_dir / "metrics.jsonl")],
     )
-    return fit_and_save(trainer, tok, recipe, work_dir)
+    counts = count(trainer, tok) if count else {}
+    return {**counts, **fit_and_save(trainer, tok, recipe, work_dir)}
 
 
 def fit_and_save(trainer, tok, recipe: BaseRecipe, work_dir: Path, evaluate: bool = False) -> dict:
@@ -176,6 +178,15 @@ def fit_and_save(trainer, tok, recipe: BaseRecipe, work_dir: Path, evaluate: boo
         "resumed_from": Path(resume).name if resume else "",
         **{k: v for k, v in held_out.items() if k.startswith("eval_") and not k.endswith(("runtime", "per_second"))},
     }
+
+
+def require_rows(before: int, dataset, what: str, max_length: int) -> None:
+    """Stop before training when the trainer's length filter left none of `before` rows."""
+    if before and dataset is not None and len(dataset) == 0:
+        raise RecipeError(
+            f"training.max_length: {max_length} tokens is too short for every one of the {before} {what} "
+            "(the trainer drops those that do not fit); raise training.max_length"
+        )
 
 
 def last_logged(trainer, keys: tuple[str, ...]) -> dict:

@@ -23,7 +23,7 @@ from ..config import RewardRecipe
 from ..demo import world
 from ..losses import bradley_terry_loss
 from ..models import apply_lora, load_classifier, load_tokenizer
-from .common import MetricsFile, fit_and_save, preference_datasets, trainer_args
+from .common import MetricsFile, fit_and_save, preference_datasets, require_rows, trainer_args
 
 DEFAULT_EXAMPLES = 4000
 
@@ -77,6 +77,9 @@ def run(recipe: RewardRecipe, inputs: dict, work_dir: Path) -> dict:
         callbacks=[MetricsFile(work_dir / "metrics.jsonl")],
         center_coef=recipe.reward.center_coef,
     )
+    max_length = recipe.training.max_length
+    require_rows(len(train), trainer.train_dataset, "training pairs", max_length)
+    require_rows(len(held_out or ()), trainer.eval_dataset, "held-out pairs", max_length)
     too_long = {"dropped/longer than max_length": len(train) - len(trainer.train_dataset)}
     summary = fit_and_save(trainer, tok, recipe, work_dir, evaluate=held_out is not None)
     return {**counts, **too_long, **summary}
