@@ -208,10 +208,10 @@ class InitOptions(Section):
     """Shape of the tiny base checkpoint built by the `init` stage."""
 
     vocab_size: int = Field(512, ge=64, description="BPE vocabulary size (special tokens included).")
-    hidden_size: int = Field(128, gt=0, description="Model width.")
-    intermediate_size: int = Field(256, gt=0, description="MLP width.")
+    hidden_size: int = Field(256, gt=0, description="Model width.")
+    intermediate_size: int = Field(512, gt=0, description="MLP width.")
     num_hidden_layers: int = Field(2, gt=0, description="Transformer blocks.")
-    num_attention_heads: int = Field(4, gt=0, description="Attention heads.")
+    num_attention_heads: int = Field(8, gt=0, description="Attention heads.")
     max_position_embeddings: int = Field(256, gt=0, description="Longest sequence the model accepts.")
     tokenizer_examples: int = Field(4000, gt=0, description="Corpus documents the tokenizer is trained on.")
 
