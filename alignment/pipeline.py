@@ -39,6 +39,7 @@ from .config import (
     FromRecipe,
     RecipeError,
     content_hash,
+    data_files,
     load_recipe,
     model_inputs,
     parse_override,
@@ -136,7 +137,7 @@ def plan(recipe_path: str | Path, overrides: list[str] = ()) -> list[Node]:
             _hashed_view(recipe),
             {role: ref.hash for role, ref in node.refs.items()},
             {role: _fingerprint(p) for role, p in node.inputs().items() if role not in node.refs},
-            _fingerprint(recipe.data.source) if recipe.data.source != "demo" else "demo",
+            [_fingerprint(source) for source in data_files(recipe)],
             __version__,
         )
         by_path[key] = node
