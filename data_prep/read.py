@@ -124,7 +124,7 @@ def _read_jsonl_text(path: Path, text: str) -> Iterator[tuple[str, dict | Bad]]:
             if i == last:
                 yield where, Bad("truncated last line", "the file ends inside a JSON object")
             else:
-                yield where, Bad("malformed JSON line", str(exc).split(":")[0])
+                yield where, Bad("not valid JSON", str(exc).split(":")[0])
             continue
         yield where, row if isinstance(row, dict) else Bad("row is not a JSON object", type(row).__name__)
 
