@@ -214,8 +214,29 @@ def _split_conversation(value, name: str) -> tuple[list[dict], dict] | str:
     return messages[:-1], messages[-1]
 
 
+_LAST = "\n\nAssistant:"
+
+
+def _shared_transcript(chosen, rejected) -> tuple[list[dict], dict, dict] | None:
+    """Fast path for two transcripts whose text is identical up to the last assistant turn:
+    parse the shared part once. None when it does not apply (the general path decides)."""
+    if not (isinstance(chosen, str) and isinstance(rejected, str)):
+        return None
+    i, j = chosen.rfind(_LAST), rejected.rfind(_LAST)
+    if i < 0 or j < 0 or chosen[:i] != rejected[:j] or "\n\nHuman:" in chosen[i:] or "\n\nHuman:" in rejected[j:]:
+        return None
+    prompt = parse_transcript(chosen[:i])
+    if not prompt or prompt[-1]["role"] != "user":
+        return None
+    reply = lambda text, k: {"role": "assistant", "content": text[k + len(_LAST) :].strip()}  # noqa: E731
+    return prompt, reply(chosen, i), reply(rejected, j)
+
+
 def _implicit(c: PrepColumns, o: PrepOptions):
     def parse(row: dict):
+        shared = _shared_transcript(row.get(c.chosen), row.get(c.rejected))
+        if shared is not None:
+            return [_pair(shared[0], [shared[1]], [shared[2]], row_id=row.get(c.id))]
         chosen = _split_conversation(row.get(c.chosen), c.chosen)
         if isinstance(chosen, str):
             return chosen
