@@ -31,7 +31,6 @@ string: the reason the row is dropped. Reasons are short and fixed, so they can 
 from __future__ import annotations
 
 import random
-import re
 import zlib
 from typing import Callable
 
@@ -42,7 +41,6 @@ from .read import DataError
 PREFERENCE_SHAPES = ("explicit", "implicit", "rated", "scored", "ranked")
 KIND_SHAPES = {"pairs": PREFERENCE_SHAPES, "sft": ("sft",), "text": ("text",)}
 ROLES = ("system", "user", "assistant")
-_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
 _ROLE = {"Human": "user", "Assistant": "assistant"}
 
 Parsed = "list[dict] | str"
@@ -89,11 +87,27 @@ def is_transcript(text: str) -> bool:
 
 
 def parse_transcript(text: str) -> list[dict]:
-    """`"\\n\\nHuman: a\\n\\nAssistant: b"` -> user/assistant messages; text before the first turn is a system message."""
-    parts = _TURN.split(text)
-    messages = [{"role": "system", "content": parts[0].strip()}] if parts[0].strip() else []
-    for i in range(1, len(parts) - 1, 2):
-        messages.append({"role": _ROLE[parts[i]], "content": parts[i + 1].strip()})
+    """`"\\n\\nHuman: a\\n\\nAssistant: b"` -> user/assistant messages; text before the first turn is a system message.
+
+    A turn starts at "Human:" or "Assistant:" at the start of the text or after a blank line
+    ("\\n\\n"); the text up to the next turn, stripped, is its content. (Splitting on blank
+    lines is several times faster than a regular expression, which matters at 100k rows.)
+    """
+    lead: list[str] = []
+    turns: list[list[str]] = []
+    for chunk in text.split("\n\n"):
+        marker = chunk.lstrip("\n")
+        if marker.startswith("Human:"):
+            turns.append(["user", marker[6:]])
+        elif marker.startswith("Assistant:"):
+            turns.append(["assistant", marker[10:]])
+        elif turns:
+            turns[-1][1] += "\n\n" + chunk
+        else:
+            lead.append(chunk)
+    system = "\n\n".join(lead).strip()
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.extend({"role": role, "content": content.strip()} for role, content in turns)
     return messages
 
 

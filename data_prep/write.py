@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from .read import DataError
@@ -75,13 +76,25 @@ def write_files(directory: Path, kind: str, splits: dict[str, list[dict]], summa
     """Write every split and summary.json into an existing `directory`; return the file names."""
     names = []
     for split, rows in splits.items():
+        lines = [line_bytes(r) for r in rows]
         with open(directory / f"{split}.jsonl", "wb") as fh:
-            fh.writelines(line_bytes(r) for r in rows)
-        pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMAS[kind]), directory / f"{split}.parquet")
+            fh.writelines(lines)
+        longest = max(map(len, lines), default=0)
+        pq.write_table(_table(directory / f"{split}.jsonl", longest, SCHEMAS[kind]), directory / f"{split}.parquet")
         names += [f"{split}.jsonl", f"{split}.parquet"]
     summary = {**summary, "files": names}
     (directory / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return [*names, "summary.json"]
+
+
+def _table(jsonl: Path, longest: int, schema: pa.Schema) -> pa.Table:
+    """The rows as an Arrow table: the JSONL just written, parsed back by Arrow's C++ reader
+    (about twice as fast as converting the Python objects; identical content). A block must
+    hold the longest line."""
+    if not longest:
+        return pa.Table.from_pylist([], schema=schema)
+    read = pa_json.ReadOptions(block_size=max(1 << 22, 2 * longest))
+    return pa_json.read_json(jsonl, read_options=read, parse_options=pa_json.ParseOptions(explicit_schema=schema))
 
 
 def write_atomic(out: Path, kind: str, splits: dict[str, list[dict]], summary: dict) -> list[str]:

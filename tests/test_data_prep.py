@@ -438,3 +438,12 @@ def test_demo_files_round_trip_through_the_stage_loaders(tmp_path):
     prompts = [json.loads(line)["prompt"] for line in (tmp_path / "eval_prompts.jsonl").read_text().splitlines()]
     assert len(prompts) == 10 and all(world.is_heldout(p) for p in prompts)
     assert not list(tmp_path.glob(".*"))  # no temporary files left behind
+
+
+def test_parquet_equals_jsonl_even_with_a_row_longer_than_a_read_block(tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": "p", "chosen": "long " * 1_000_000, "rejected": "short"}, {"prompt": "q", "chosen": "é", "rejected": "🙂"}]
+    src = write_jsonl(tmp_path / "big.jsonl", rows)
+    assert run_cli(["pairs", src, "--test-fraction", "0", "--out", tmp_path / "out"], capsys)[0] == 0
+    assert pq.read_table(tmp_path / "out" / "train.parquet").to_pylist() == read_out(tmp_path / "out")

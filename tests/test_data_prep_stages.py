@@ -172,3 +172,25 @@ def test_onpolicy_keeps_best_against_worst_when_the_margin_clears(monkeypatch):
     assert [o for o, _ in rows] == ["f:1", "f:2", "f:3", "f:4"]
     assert rows[0][1] == {"prompt": "p1", "chosen": "best", "rejected": "ok", "score_chosen": 0.9, "score_rejected": 0.2}
     assert [r.reason for _, r in rows[1:]] == ["not valid JSON", "all samples scored the same", "score margin below min_margin"]
+
+
+def test_token_limits_count_with_the_given_tokenizer(tmp_path, tiny_base):
+    """Counts from the Rust backend (each distinct text once) equal the tokenizer's own, and the
+    command's --tokenizer/--max-length drop exactly the rows over the limit."""
+    from transformers import AutoTokenizer
+
+    from data_prep.prepare import token_lengths
+
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    texts = ["repeat: cat dog", "Sure! cat dog", "Ça va ? 🙂", "repeat: cat dog", ""]
+    assert token_lengths(tok, texts) == [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
+
+    rows = [{"prompt": "repeat: cat dog", "chosen": "Sure! cat dog" + " dog" * n, "rejected": "Ugh."} for n in range(0, 40, 4)]
+    src = write_jsonl(tmp_path / "p.jsonl", rows)
+    limit = 20
+    lengths = [sum(token_lengths(tok, [r["prompt"]])) + max(token_lengths(tok, [r["chosen"], r["rejected"]])) for r in rows]
+    assert main(["pairs", str(src), "--tokenizer", str(tiny_base), "--max-length", str(limit), "--test-fraction", "0",
+                 "--quiet", "--out", str(tmp_path / "out")]) == 0
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert s["kept"] == sum(n <= limit for n in lengths) and s["dropped"] == {f"longer than {limit} tokens": sum(n > limit for n in lengths)}
+    assert 0 < s["kept"] < len(rows)
