@@ -447,3 +447,10 @@ def test_parquet_equals_jsonl_even_with_a_row_longer_than_a_read_block(tmp_path,
     src = write_jsonl(tmp_path / "big.jsonl", rows)
     assert run_cli(["pairs", src, "--test-fraction", "0", "--out", tmp_path / "out"], capsys)[0] == 0
     assert pq.read_table(tmp_path / "out" / "train.parquet").to_pylist() == read_out(tmp_path / "out")
+
+
+def test_hub_dataset_id_that_cannot_be_loaded_is_one_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError, match=r"^nobody/no-such-set:cfg: cannot load hub dataset \(") as err:
+        list(read_source("nobody/no-such-set:cfg"))
+    assert "\n" not in str(err.value)
