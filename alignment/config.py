@@ -20,7 +20,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-STAGES = ("init", "pretrain", "sft", "reward", "dpo")
+STAGES = ("init", "pretrain", "sft", "reward", "dpo", "prep")
 
 
 class RecipeError(Exception):
@@ -100,10 +100,11 @@ class LoraOptions(Section):
 
 
 class DataOptions(Section):
-    source: str = Field(
+    source: Union[str, FromRecipe] = Field(
         "demo",
-        description="'demo' (the synthetic demo world), a .jsonl/.json/.csv/.parquet file, a directory saved "
-        "with datasets' save_to_disk, or a hub dataset id.",
+        description="'demo' (the synthetic demo world), a .jsonl/.jsonl.gz/.json/.csv/.parquet file, a directory "
+        "saved with datasets' save_to_disk or written by data_prep, a hub dataset id ('id' or 'id:config'), or "
+        "{from: prep_recipe.yaml}: the output of a `prep` stage (built first).",
     )
     split: str = Field("train", description="Split to read from a hub dataset or a saved DatasetDict.")
     num_examples: int | None = Field(
@@ -126,8 +127,12 @@ class PreferenceDataOptions(DataOptions):
     eval_examples: int = Field(
         200,
         ge=0,
-        description="Rows held out from the end of the data (after checking) for held-out metrics; never trained "
-        "on. 0: no held-out metrics.",
+        description="About this many pairs are held out for held-out metrics and never trained on: whole prompts "
+        "(all pairs sharing a prompt, compared after whitespace and case folding) are taken in the order of a "
+        "fixed hash of the prompt until the next one would exceed the number, so no prompt is on both sides and "
+        "the choice does not depend on row order. The summary's eval_pairs counts what is left after the "
+        "trainer's length filter. 0: no held-out metrics. A `prep` output ({from: prep.yaml} or its directory) "
+        "brings its own held-out split (test.jsonl), which is used instead.",
     )
     margin_field: str = Field(
         "margin",
@@ -348,12 +353,125 @@ class DPORecipe(BaseRecipe):
         return self
 
 
+# --------------------------------------------------------------------------- prep (data_prep)
+
+SHAPES = ("explicit", "implicit", "rated", "scored", "ranked", "sft", "text")
+
+
+class PrepColumns(Section):
+    """Column names in the source rows; the defaults are the common ones. Which are read depends on the shape."""
+
+    prompt: str = Field("prompt", description="Prompt: text, a transcript, or chat messages (explicit, rated, scored, ranked).")
+    chosen: str = Field("chosen", description="Preferred reply, or whole transcript / conversation (implicit).")
+    rejected: str = Field("rejected", description="Dispreferred reply, or whole transcript / conversation (implicit).")
+    completions: str = Field("completions", description="Rated: list of responses (text, or objects with response_key/rating_key).")
+    ratings: str = Field("ratings", description="Rated: list of numbers, one per completion (when completions are text).")
+    response_key: str = Field("response", description="Rated: key of the response inside a completion object.")
+    rating_key: str = Field("rating", description="Rated: key of the rating inside a completion object.")
+    response_a: str = Field("response_a", description="Scored: first response.")
+    response_b: str = Field("response_b", description="Scored: second response.")
+    score_a: str = Field("score_a", description="Scored: score of the first response (e.g. upvotes).")
+    score_b: str = Field("score_b", description="Scored: score of the second response.")
+    ranked: str = Field("ranked", description="Ranked: list of responses, best first.")
+    messages: str = Field("messages", description="SFT: chat messages (or a Human/Assistant transcript).")
+    text: str = Field("text", description="Raw text (pretrain).")
+    id: str = Field("id", description="Row id kept in the output when present (else a content hash).")
+
+
+class PrepSource(Section):
+    """One input of `prep`: where the rows are, their shape and their weight in the mix."""
+
+    path: str = Field(
+        description="'demo' (the demo world's pairs, conversations or text), a .jsonl/.jsonl.gz/.json/.csv/.parquet "
+        "file, a save_to_disk directory, or a hub dataset id ('id' or 'id:config')."
+    )
+    shape: Literal["auto", "explicit", "implicit", "rated", "scored", "ranked", "sft", "text"] = Field(
+        "auto", description="Row shape; 'auto' detects it from the columns and is an error when several match."
+    )
+    name: str | None = Field(None, description="Label written in the `source` column. Null: the file name.")
+    weight: float = Field(
+        1.0,
+        gt=0.0,
+        description="Sampling rate in the mix: 0.5 keeps a (fixed, hash-chosen) half of this source's rows, 2 "
+        "writes each row twice, 1.5 half of them twice. Rows left out are counted as 'not sampled (weight)'.",
+    )
+    split: str = Field("train", description="Split to read from a hub dataset or a saved DatasetDict.")
+    num_examples: int | None = Field(None, gt=0, description="Read only the first N rows (demo: rows generated). Null: all.")
+    columns: PrepColumns = Field(default_factory=PrepColumns)
+
+
+class PrepOptions(Section):
+    """What `python -m data_prep` and the `prep` stage do (the command-line flags have the same names)."""
+
+    kind: Literal["pairs", "sft", "text"] = Field(
+        "pairs", description="'pairs': preference pairs (reward, dpo); 'sft': conversations; 'text': raw text (pretrain)."
+    )
+    sources: list[PrepSource] = Field(
+        default_factory=lambda: [PrepSource(path="demo")], min_length=1, description="Inputs, mixed in this order."
+    )
+    test_fraction: float = Field(
+        0.05,
+        ge=0.0,
+        lt=1.0,
+        description="Share of prompts held out in test.*: a fixed hash of the normalised prompt decides, so a "
+        "prompt (and every pair that has it) is on one side only, whatever the row order. 0: no test split.",
+    )
+    split_seed: int = Field(0, description="Salt of the split hash: another seed, another (equally fixed) split.")
+    dedup: Literal["none", "exact", "normalised"] = Field(
+        "normalised",
+        description="'exact': drop rows identical to an earlier one; 'normalised': also those equal after Unicode "
+        "NFKC, case folding and whitespace collapsing. The first occurrence is kept.",
+    )
+    max_turns: int | None = Field(None, gt=0, description="Drop rows whose prompt (sft: conversation) has more user turns.")
+    max_prompt_tokens: int | None = Field(None, gt=0, description="Drop pairs whose prompt has more tokens (needs `model`).")
+    max_length: int | None = Field(
+        None,
+        gt=0,
+        description="Drop rows longer than this many tokens: prompt + the longer reply (sft, text: the whole row). "
+        "Counts message contents with the tokenizer of `model`, without the chat template's few tokens per turn.",
+    )
+    rejected_choice: Literal["worst", "random"] = Field(
+        "worst", description="Rated completions: the best is chosen; rejected is the worst or a random lower-rated one."
+    )
+    min_margin: float = Field(
+        0.0, ge=0.0, description="Rated completions / on-policy: the chosen rating must exceed the rejected by at least this (ties are always dropped)."
+    )
+    min_ratio: float = Field(
+        1.0, ge=1.0, description="Scored responses: keep a pair when the higher score is at least this multiple of the lower (2 is usual for upvotes; ties are always dropped)."
+    )
+    ranked_pairs: Literal["best-worst", "adjacent", "all"] = Field(
+        "best-worst", description="Ranked lists: one pair (best vs worst), each neighbour pair, or every ordered pair."
+    )
+    strict: bool = Field(False, description="Any dropped row is an error naming its file and line.")
+    seed: int = Field(0, description="Seed of the random rejected choice, of the weighted sampling and of demo sources.")
+
+
+class PrepRecipe(BaseRecipe):
+    """Stage `prep`: data preparation. Its output directory holds train/test JSONL and Parquet files and
+    summary.json; a reward or dpo recipe reads it with `data.source: {from: prep.yaml}`."""
+
+    stage: Literal["prep"]
+    model: ModelRef | None = Field(
+        None,
+        description="Tokenizer for prep.max_prompt_tokens / prep.max_length: a path, a hub id or {from: recipe.yaml}. "
+        "Null: no token limits.",
+    )
+    prep: PrepOptions = Field(default_factory=PrepOptions)
+
+    @model_validator(mode="after")
+    def _needs_model(self):  # replaces BaseRecipe's check: prep needs a tokenizer only for token limits
+        if (self.prep.max_prompt_tokens or self.prep.max_length) and self.model is None:
+            raise ValueError("prep.max_prompt_tokens / prep.max_length count tokens: set 'model' to a tokenizer")
+        return self
+
+
 RECIPE_CLASSES: dict[str, type[BaseRecipe]] = {
     "init": InitRecipe,
     "pretrain": PretrainRecipe,
     "sft": SFTRecipe,
     "reward": RewardRecipe,
     "dpo": DPORecipe,
+    "prep": PrepRecipe,
 }
 
 
@@ -549,13 +667,23 @@ def load_recipe(path: str | Path, overrides: list[tuple[list[str], Any, str]] = 
 
 
 def model_inputs(recipe: BaseRecipe) -> dict[str, "str | FromRecipe"]:
-    """The recipe's model-valued keys (`model`, and later `ref_model`, `reward_model`...)."""
+    """The recipe's inputs that may name another recipe: its model-valued keys (`model`, `ref_model`...)
+    and, under the role `data`, `data.source` when it is {from: prep_recipe.yaml}."""
     found = {}
     for role, info in type(recipe).model_fields.items():
         value = getattr(recipe, role)
         if value is not None and "FromRecipe" in str(info.annotation):
             found[role] = value
+    if isinstance(recipe.data.source, FromRecipe):
+        found["data"] = recipe.data.source
     return found
+
+
+def data_files(recipe: BaseRecipe) -> list[str]:
+    """Local data sources the recipe reads (for its content hash): `data.source`, and prep's sources."""
+    sources = [recipe.data.source] if isinstance(recipe.data.source, str) else []
+    sources += [s.path for s in getattr(getattr(recipe, "prep", None), "sources", [])]
+    return [s for s in sources if s != "demo"]
 
 
 def resolved_dict(recipe: BaseRecipe) -> dict:

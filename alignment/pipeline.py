@@ -52,6 +52,7 @@ from .config import (
     FromRecipe,
     RecipeError,
     content_hash,
+    data_files,
     load_recipe,
     model_inputs,
     parse_override,
@@ -204,7 +205,7 @@ def plan(recipe_path: str | Path, overrides: list[str] = (), num_processes: int 
             _hashed_view(recipe),
             {role: ref.hash for role, ref in node.refs.items()},
             {role: _fingerprint(p) for role, p in node.inputs().items() if role not in node.refs},
-            _fingerprint(recipe.data.source) if recipe.data.source != "demo" else "demo",
+            [_fingerprint(source) for source in data_files(recipe)],
             {
                 "chat_template_file": _chat_template_fingerprint(recipe.model_options.chat_template),
                 "num_processes": num_processes if _runs_on_every_process(recipe.stage) else 1,

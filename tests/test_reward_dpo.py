@@ -22,7 +22,8 @@ from .conftest import RECIPES
 GOOD = {"prompt": "repeat: cat dog", "chosen": "Sure! cat dog", "rejected": "Ugh. dog cat"}
 BAD = [
     ({"prompt": "first: a b", "chosen": "Sure! a"}, "missing 'rejected'"),
-    ({"prompt": ["first: a b"], "chosen": "Sure! a", "rejected": "Ugh. b"}, "'prompt' is not a string"),
+    ({"prompt": ["first: a b"], "chosen": "Sure! a", "rejected": "Ugh. b"},
+     "'prompt' has a message without a role in ('system', 'user', 'assistant')"),
     ({"prompt": "first: a b", "chosen": "Sure! a", "rejected": "Sure! a"}, "'chosen' identical to 'rejected'"),
     ({"prompt": "first: a b", "chosen": "  ", "rejected": "Ugh. b"}, "empty 'chosen'"),
 ]
@@ -39,11 +40,11 @@ def logged(out: Path) -> list[dict]:
 
 @pytest.fixture
 def pairs_file(in_tmp) -> Path:
-    """24 good rows with the four bad ones at lines 3, 5, 7 and 9."""
+    """24 good rows (each its own prompt) with the four bad ones at lines 3, 5, 7 and 9."""
     lines = []
     bad = iter(BAD)
     for i in range(28):
-        lines.append(next(bad)[0] if i in (2, 4, 6, 8) else GOOD)
+        lines.append(next(bad)[0] if i in (2, 4, 6, 8) else {**GOOD, "prompt": f"{GOOD['prompt']} {i}"})
     path = in_tmp / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in lines))
     return path

@@ -31,7 +31,15 @@ from ..config import DPOOptions, DPORecipe, FromRecipe
 from ..demo import world
 from ..losses import dpo_loss, simpo_loss
 from ..models import check_lora_targets, load_causal_lm, load_tokenizer, lora_config
-from .common import MetricsFile, fit_and_save, last_logged, preference_datasets, require_rows, trainer_args
+from .common import (
+    MetricsFile,
+    fit_and_save,
+    last_logged,
+    pairs_after_filter,
+    preference_datasets,
+    require_rows,
+    trainer_args,
+)
 
 DEFAULT_EXAMPLES = 4000
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
@@ -141,7 +149,7 @@ def truncated_pairs(dataset, max_length: int) -> int:
 
 def run(recipe: DPORecipe, inputs: dict, work_dir: Path) -> dict:
     o = recipe.dpo
-    train, held_out, counts = preference_datasets(recipe, world.preference_pairs, DEFAULT_EXAMPLES)
+    train, held_out, counts = preference_datasets(recipe, inputs, world.preference_pairs, DEFAULT_EXAMPLES)
 
     tok = load_tokenizer(inputs["model"], recipe.model_options)
     policy = load_causal_lm(inputs["model"], tok, recipe.model_options)
@@ -189,7 +197,7 @@ def run(recipe: DPORecipe, inputs: dict, work_dir: Path) -> dict:
     require_rows(len(train), trainer.train_dataset, "training pairs", max_length)
     require_rows(len(held_out or ()), trainer.eval_dataset, "held-out pairs", max_length)
     too_long = {
-        "dropped/prompt fills max_length": len(train) - len(trainer.train_dataset),
+        **pairs_after_filter(trainer, train, held_out, "prompt fills max_length"),
         "truncated_pairs": truncated_pairs(trainer.train_dataset, recipe.training.max_length),
     }
     summary = fit_and_save(trainer, tok, recipe, work_dir, evaluate=held_out is not None)
