@@ -318,6 +318,11 @@ def check_reward_model(name_or_path: str) -> None:
         )
 
 
+def _about(label: str, exc: Exception) -> str:
+    """The error message, naming the model's label unless it already does (a directory's name)."""
+    return str(exc) if label in str(exc) else f"{label}: {exc}"
+
+
 def same_tokenizer(a, b) -> bool:
     """True when token ids mean the same in both tokenizers, so one model's ids can go to the other."""
     return a.get_vocab() == b.get_vocab() and (a.pad_token_id, a.eos_token_id) == (b.pad_token_id, b.eos_token_id)
@@ -374,20 +379,21 @@ def compare_models(
     """
     if baseline not in models:
         raise CompareError("baseline", f"{baseline!r} is not one of the models ({', '.join(models)})")
+    options = model_options or ModelOptions()
     if reward_model is not None:
         check_reward_model(reward_model)
-    options = model_options or ModelOptions()
+        try:
+            reward_tok = model_layer.load_tokenizer(reward_model, options)
+        except RecipeError as exc:
+            raise CompareError("reward_model", str(exc)) from None
     toks = {}
     for label, path in models.items():
         try:
             toks[label] = model_layer.load_tokenizer(path, options)
         except RecipeError as exc:
-            raise CompareError("models", f"{label}: {exc}" if label != path else str(exc)) from None
+            raise CompareError("models", _about(label, exc)) from None
 
     gen = generation
-    n = gen.samples_per_prompt
-    asked = [p for p in prompts for _ in range(n)]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     kl_able = {label: gen.temperature > 0 and same_tokenizer(toks[label], toks[baseline]) for label in models}
     notes = []
     if gen.temperature == 0:
@@ -399,32 +405,9 @@ def compare_models(
     if gen.temperature > 0 and gen.top_p < 1:
         notes.append(f"KL uses the temperature-{gen.temperature:g} distributions without the top-p cut")
 
-    generations, logratio, own, batches = {}, {}, {}, {}
-    for label in [m for m in models if m != baseline] + [baseline]:
-        tok = toks[label]
-        try:
-            model = model_layer.load_causal_lm(models[label], tok, options).to(device)
-        except RecipeError as exc:
-            raise CompareError("models", f"{label}: {exc}" if label != models[label] else str(exc)) from None
-        generations[label], batches[label] = generate_with_samples(
-            model, tok, asked, max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
-            batch_size=gen.batch_size, seed=gen.seed, progress=progress, desc=f"generate {label}",
-        )
-        if label != baseline and kl_able[label]:
-            own[label] = torch.cat([reply_logprobs(model, b, gen.temperature) for b in batches[label]])
-        if label == baseline:
-            for other in own:
-                ref = torch.cat([reply_logprobs(model, b, gen.temperature) for b in batches[other]])
-                logratio[other] = (own[other] - ref).tolist()
-            if kl_able[baseline]:
-                logratio[baseline] = [0.0] * len(asked)  # KL of a model to itself
-        del model
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    generations = {label: generations[label] for label in models}  # table order
-
-    scores: dict[str, dict[str, list[float]]] = {}
+    asked = [p for p in prompts for _ in range(gen.samples_per_prompt)]
+    generations, logratio = _generate_all(models, toks, asked, gen, baseline, kl_able, options, progress)
+    scores = {}
     if has_gold(prompts):
         for label, gens in generations.items():
             parts = gold_parts(gens)
@@ -434,18 +417,50 @@ def compare_models(
     else:
         notes.append("no gold scores: the prompts are not demo-world tasks")
     if reward_model is not None:
-        rtok = model_layer.load_tokenizer(reward_model, options)
-        scorer = model_layer.load_classifier(reward_model, rtok, options).to(device)
-        for label, gens in generations.items():
-            scores.setdefault("reward", {})[label] = reward_scores(scorer, rtok, gens, batch_size=gen.batch_size)
+        scorer = model_layer.load_classifier(reward_model, reward_tok, options).to(_device())
+        scores["reward"] = {
+            label: reward_scores(scorer, reward_tok, gens, batch_size=gen.batch_size) for label, gens in generations.items()
+        }
         del scorer
     settings = {**gen.model_dump(), "num_prompts": len(prompts), "prompt_source": prompt_source}
     summary = summarize(generations, scores, logratio, settings, baseline=baseline, notes=notes)
-    summary["models_given"] = dict(models)
     for label in models:
         summary["models"][label]["model"] = models[label]
-    rows = side_by_side(generations, scores, logratio, n)
-    return Comparison(summary, rows)
+    return Comparison(summary, side_by_side(generations, scores, logratio, gen.samples_per_prompt))
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _generate_all(models, toks, asked, gen: GenerationOptions, baseline, kl_able, options, progress):
+    """Each model's replies (label -> generations, in `models` order) and, where KL is estimated,
+    each reply's summed log-ratio log p_model - log p_baseline (label -> list)."""
+    generations, batches, own, logratio = {}, {}, {}, {}
+    device = _device()
+    for label in [m for m in models if m != baseline] + [baseline]:
+        tok = toks[label]
+        try:
+            model = model_layer.load_causal_lm(models[label], tok, options).to(device)
+        except RecipeError as exc:
+            raise CompareError("models", _about(label, exc)) from None
+        generations[label], batches[label] = generate_with_samples(
+            model, tok, asked, max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
+            batch_size=gen.batch_size, seed=gen.seed, progress=progress, desc=f"generate {label}",
+        )
+        if label != baseline and kl_able[label]:
+            own[label] = torch.cat([reply_logprobs(model, b, gen.temperature) for b in batches[label]])
+        if label == baseline:  # the last one: it scores the others' replies
+            for other in own:
+                ref = torch.cat([reply_logprobs(model, b, gen.temperature) for b in batches[other]])
+                logratio[other] = (own[other] - ref).tolist()
+            if kl_able[baseline]:
+                logratio[baseline] = [0.0] * len(asked)  # KL of a model to itself
+        del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {label: generations[label] for label in models}, logratio
 
 
 SCORE_KINDS = ("gold", "reward")
