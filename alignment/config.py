@@ -198,7 +198,7 @@ class ReportOptions(Section):
 
     @model_validator(mode="after")
     def _baseline_is_a_label(self):
-        if self.baseline is not None and self.baseline not in self.models:
+        if self.models and self.baseline is not None and self.baseline not in self.models:
             raise ValueError(f"baseline {self.baseline!r} is not a label of report.models ({', '.join(self.models)})")
         return self
 
