@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import gc
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pathlib import Path
-
 from . import models as model_layer
-from .config import DataOptions, GenerationOptions, ModelOptions, PromptOptions, RecipeError
+from .config import DEMO_PROMPTS, DataOptions, GenerationOptions, ModelOptions, PromptOptions, RecipeError
 from .data import load_rows, text_problem
 from .demo import world
 from .generation import Samples, response_logits, sample
@@ -263,7 +262,7 @@ def load_prompts(options: PromptOptions) -> tuple[list[str], str]:
     """(prompts, what they are) from the prompt options; a bad source is a CompareError('prompts')."""
     source = options.source
     if source == "demo":
-        prompts = world.eval_prompts(options.num_prompts or 300, options.seed)
+        prompts = world.eval_prompts(options.num_prompts or DEMO_PROMPTS, options.seed)
         return prompts, "held-out demo prompts"
     if source.endswith(".txt"):
         path = Path(source)
@@ -273,14 +272,14 @@ def load_prompts(options: PromptOptions) -> tuple[list[str], str]:
         for number, line in enumerate(lines, 1):
             if not line.strip() and len(lines) > 1:
                 raise CompareError("prompts", f"{source}:{number}: empty line (expected one prompt a line)")
-        prompts, origins = lines, [f"{source}:{i}" for i in range(1, len(lines) + 1)]
+        prompts = lines
     else:
         try:
             found = load_rows(DataOptions(source=source, split=options.split), lambda n, seed: [], 0)
         except RecipeError as exc:
             raise CompareError("prompts", str(exc).removeprefix("data.source").lstrip(": ")) from None
         check = text_problem(options.field)
-        prompts, origins = [], found.origins
+        prompts = []
         for row, origin in zip(found.rows, found.origins):
             problem = check(row) if isinstance(row, dict) else "row is not a JSON object"
             if problem:

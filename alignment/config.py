@@ -315,6 +315,9 @@ class DPORecipe(BaseRecipe):
 # --------------------------------------------------------------------------- compare
 
 
+DEMO_PROMPTS = 300  # held-out demo prompts a comparison answers when it names no number
+
+
 class PromptOptions(Section):
     """The prompts compared models answer."""
 
@@ -326,7 +329,8 @@ class PromptOptions(Section):
     field: str = Field("prompt", description="Column holding the user prompt (a plain string) in a data file.")
     split: str = Field("train", description="Split to read from a hub dataset or a saved DatasetDict.")
     num_prompts: int | None = Field(
-        300, gt=0, description="Prompts to use: how many demo prompts, or the first N of a file. Null: all (demo: 300)."
+        DEMO_PROMPTS, gt=0, description="Prompts to use: how many demo prompts, or the first N of a file. Null: all "
+        f"of a file ({DEMO_PROMPTS} demo prompts).",
     )
     seed: int = Field(0, description="Seed that picks the demo prompts.")
 

@@ -240,7 +240,8 @@ def build_report(options: ReportOptions, nodes: list, models: dict[str, str]) ->
             examples.append(f"    {label:>8}: {reply['text']!r}{cut}  gold {reply['gold']:.2f}")
     text = f"{title(main.summary)}:\n{text_table(main.summary)}\n"
     for extra in also:
-        text += f"\n{title(extra)}:\n{text_table(extra, brief=True)}\n"
+        text += f"\nGreedy replies to the same prompts (at most {options.max_new_tokens} new tokens):\n"
+        text += text_table(extra, brief=True) + "\n"
     text += f"\n{top.name} ({top.recipe.stage}) metrics:\n{metrics}\n\nExamples:\n" + "\n".join(examples) + "\n"
     write_outputs(main, top.out_dir, prefix="report_", heading=f"What alignment changed: {top.name}",
                   summary_name="report.json", extra={"also": also, "stage_summary": stage_summary})
