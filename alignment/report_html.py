@@ -41,11 +41,12 @@ def score_distributions(summary: dict, samples: list[dict]) -> list[go.Figure]:
     figs = []
     for kind in summary["score_kinds"]:
         fig = go.Figure()
+        grades = sorted({row["replies"][label][kind] for row in samples for label in summary["models"]})
         for i, label in enumerate(summary["models"]):
             values = [row["replies"][label][kind] for row in samples]
-            if kind == "gold":  # multiples of 0.25: a histogram with one bar per grade
-                fig.add_trace(go.Histogram(x=values, name=label, marker_color=_color(i),
-                                           xbins={"start": -0.125, "end": 1.125, "size": 0.25}))
+            if kind == "gold":  # a few grades (multiples of 0.25): one bar per grade and model
+                fig.add_trace(go.Bar(x=[f"{g:g}" for g in grades], y=[values.count(g) for g in grades], name=label,
+                                     marker_color=_color(i)))
             else:
                 fig.add_trace(go.Violin(y=values, name=label, box_visible=True, meanline_visible=True,
                                         line_color=_color(i)))
@@ -153,8 +154,8 @@ def samples_table(summary: dict, samples: list[dict]) -> str:
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 24px; color: #222; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.5em; }
-.grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(520px, 1fr)); gap: 12px; }
-.plot { border: 1px solid #eee; }
+.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(520px, 1fr)); gap: 12px; }
+.plot { border: 1px solid #eee; min-width: 0; overflow: hidden; }
 table { border-collapse: collapse; font-size: 0.9em; }
 td, th { border: 1px solid #ddd; padding: 4px 8px; vertical-align: top; text-align: left; }
 th { background: #f4f4f4; position: sticky; top: 0; }
@@ -178,7 +179,7 @@ def render_html(summary: dict, samples: list[dict], heading: str = "Comparison")
     figs = [*score_distributions(summary, samples), *gold_parts(summary), *win_rates(summary),
             *score_vs_kl(summary), *lengths(summary, samples)]
     plots = "".join(
-        f"<div class='plot'>{fig.to_html(full_html=False, include_plotlyjs=False, div_id=f'plot{i}')}</div>"
+        f"<div class='plot'>{fig.to_html(full_html=False, include_plotlyjs=False, div_id=f'plot{i}', config={'responsive': True})}</div>"
         for i, fig in enumerate(figs)
     )
     tables = _table_html(table_rows(summary))

@@ -31,6 +31,7 @@ def rendered_dom(html_file, tmp_path) -> str:
         pytest.fail("headless Chromium is needed to check report.html; install it: apt-get install -y chromium")
     done = subprocess.run(
         [exe, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}", "--virtual-time-budget=10000",
+         "--window-size=1400,1000",
          "--dump-dom", html_file.as_uri()],
         capture_output=True, text=True, timeout=120,
     )
@@ -38,14 +39,15 @@ def rendered_dom(html_file, tmp_path) -> str:
     return done.stdout
 
 
-def drawn_plots(dom: str) -> dict[str, tuple[int, int]]:
-    """Plot div id -> (traces plotly drew, marks drawn: bars/markers and violins)."""
+def drawn_plots(dom: str) -> dict[str, tuple[int, int, float]]:
+    """Plot div id -> (traces plotly drew, marks drawn: bars/markers and violins, width in pixels)."""
     found = {}
     pieces = re.split(r'<div id="(plot\d+)" class="plotly-graph-div js-plotly-plot"', dom)
     for name, body in zip(pieces[1::2], pieces[2::2]):
         traces = len(re.findall(r'class="trace (?:bars|scatter|violins)', body))
         marks = body.count('class="point"') + body.count('class="violin"')
-        found[name] = (traces, marks)
+        width = float(re.search(r'<svg class="main-svg"[^>]*? width="([0-9.]+)"', body)[1])
+        found[name] = (traces, marks, width)
     return found
 
 
@@ -93,7 +95,9 @@ def test_report_html_is_self_contained_and_its_plots_are_drawn(report_dir, tmp_p
     # gold histogram, reward violins, gold parts, win rates, score vs KL, length histogram, score vs length
     expected_traces = [3, 3, 3, 1, 3, 3, 3]
     assert [plots[f"plot{i}"][0] for i in range(7)] == expected_traces, plots
-    assert all(marks > 0 for _, marks in plots.values()), plots
+    assert all(marks > 0 for _, marks, _ in plots.values()), plots
+    widths = {width for _, _, width in plots.values()}
+    assert len(widths) == 1 and 500 < widths.pop() < 1400 / 2, plots  # two columns, none overflowing its cell
     assert dom.count('class="main-svg"') >= 7
     assert len(re.findall(r"<tr>", dom.split('id="samples"')[1])) == 8 + 1  # header + one row per prompt
 
