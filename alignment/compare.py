@@ -7,8 +7,7 @@ the answers with the demo world's exact oracle (`gold_parts` part by part) and
 KL(model || baseline); `bootstrap_ci`, `paired_bootstrap_diff` and `win_rate` put
 confidence intervals on means, differences and win rates. `compare_models` runs all of it
 for a few models on the same prompts under the same seed and returns one `Comparison`
-(a JSON summary and the side-by-side samples); `evaluate` and `gold_table` are the older,
-smaller entry points, kept for their callers.
+(a JSON summary and the side-by-side samples).
 """
 
 from __future__ import annotations
@@ -195,56 +194,6 @@ def reward_scores(reward_model, tok, generations: list[Generation], batch_size: 
         tok.padding_side = old_side
         reward_model.train(was_training)
     return scores
-
-
-def evaluate(
-    models: dict[str, str],
-    prompts: list[str],
-    *,
-    max_new_tokens: int = 32,
-    temperature: float = 0.0,
-    seed: int = 0,
-    batch_size: int = 64,
-) -> dict[str, dict]:
-    """Generate with each model directory (name -> path) on the same prompts; grade with the gold oracle."""
-    results = {}
-    for name, path in models.items():
-        tok = model_layer.load_tokenizer(path)
-        model = model_layer.load_causal_lm(path, tok)
-        gens = generate(
-            model, tok, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-            batch_size=batch_size, seed=seed,
-        )
-        scores = gold_scores(gens)
-        mean, lo, hi = bootstrap_ci(scores, seed=seed)
-        results[name] = {
-            "gold_mean": mean,
-            "gold_lo": lo,
-            "gold_hi": hi,
-            "eos_rate": sum(g.finished for g in gens) / len(gens),
-            "scores": scores,
-            "generations": gens,
-        }
-        del model
-        gc.collect()
-    return results
-
-
-def gold_table(results: dict, baseline_order: list[str]) -> str:
-    """Rows in `baseline_order`, then each model's paired gain over the one before it."""
-    rows = [("model", "gold [95% CI]", "EOS rate")]
-    for name in baseline_order:
-        r = results[name]
-        rows.append((name, f"{r['gold_mean']:.3f} [{r['gold_lo']:.3f}, {r['gold_hi']:.3f}]", f"{r['eos_rate']:.0%}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-
-    for prev, cur in zip(baseline_order, baseline_order[1:]):
-        if [g.prompt for g in results[cur]["generations"]] != [g.prompt for g in results[prev]["generations"]]:
-            raise ValueError(f"'{cur}' and '{prev}' were evaluated on different prompts; cannot pair them")
-        diff, lo, hi = paired_bootstrap_diff(results[cur]["scores"], results[prev]["scores"])
-        lines.append(f"{cur} - {prev}: {diff:+.3f} [{lo:.3f}, {hi:.3f}]")
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- comparing models

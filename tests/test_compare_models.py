@@ -37,13 +37,16 @@ def save_lm(tok, directory, seed):
 @pytest.fixture(scope="module")
 def dirs(tok, tmp_path_factory):
     """Model directories: a, a_copy (the same weights), b (other weights), rm (a reward model),
-    other_tok (a model on a different tokenizer)."""
+    rm2 (a two-label classifier), other_tok (a model on a different tokenizer)."""
     root = tmp_path_factory.mktemp("models")
     out = {"a": save_lm(tok, root / "a", 0), "a_copy": save_lm(tok, root / "a_copy", 0), "b": save_lm(tok, root / "b", 1)}
     torch.manual_seed(2)
     LlamaForSequenceClassification(tiny_config(tok, num_labels=1)).save_pretrained(root / "rm")
     tok.save_pretrained(root / "rm")
     out["rm"] = str(root / "rm")
+    LlamaForSequenceClassification(tiny_config(tok, num_labels=2)).save_pretrained(root / "rm2")
+    tok.save_pretrained(root / "rm2")
+    out["rm2"] = str(root / "rm2")
     other = train_tokenizer(world.pretrain_corpus(300, seed=1), vocab_size=300)
     out["other_tok"] = save_lm(other, root / "other_tok", 3)
     return out
@@ -220,6 +223,7 @@ def run_cli(args, capsys):
     (["{a}"], "MODEL: need at least two models to compare, got 1"),
     (["{a}", "{tmp}/nope"], "MODEL: cannot load tokenizer"),
     (["{a}", "{b}", "--reward-model", "{a}"], "--reward-model: "),
+    (["{a}", "{b}", "--reward-model", "{rm2}"], "--reward-model: "),
     (["{a}", "{b}", "--baseline", "c"], "--baseline: 'c' is not a model label"),
     (["{a}", "{b}", "--prompts", "{tmp}/missing.txt"], "--prompts: "),
     (["{a}", "{b}", "--prompts", "{tmp}/empty.txt"], "--prompts: "),
@@ -230,7 +234,7 @@ def run_cli(args, capsys):
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(dirs, tmp_path, capsys, args, expected):
     (tmp_path / "empty.txt").write_text("")
-    fill = {"a": dirs["a"], "b": dirs["b"], "tmp": tmp_path}
+    fill = {"a": dirs["a"], "b": dirs["b"], "rm2": dirs["rm2"], "tmp": tmp_path}
     code, lines = run_cli([a.format(**fill) for a in args] + ["--out", str(tmp_path / "out")], capsys)
     assert code == 2
     assert len(lines) == 1 and lines[0].startswith("error: " + expected.split(":")[0]) and expected in lines[0], lines

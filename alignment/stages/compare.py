@@ -162,6 +162,10 @@ def _command(args: argparse.Namespace):
         raise CompareError(f"--{name.replace('_', '-')}", message) from None
     from ..compare import compare_models, load_prompts
 
+    if args.no_progress:
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()  # "Loading weights" bars too
     prompt_list, source = load_prompts(prompts)
     comparison = compare_models(models, prompt_list, generation, baseline=baseline, reward_model=args.reward_model,
                                 prompt_source=source, progress=not args.no_progress)
