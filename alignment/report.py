@@ -17,7 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .compare import Comparison, CompareError, compare_models
+from .compare import CompareError, Comparison, compare_models
 from .config import GenerationOptions, ReportOptions
 from .demo import world
 

@@ -16,7 +16,7 @@ from alignment.config import GenerationOptions, PromptOptions
 from alignment.demo import world
 from alignment.stages.init import train_tokenizer
 
-from .test_compare import one_thread, tiny_config  # noqa: F401  (one_thread: autouse fixture)
+from .test_compare import forced_lm, one_thread, tiny_config  # noqa: F401  (one_thread: autouse fixture)
 
 PROMPTS = world.eval_prompts(6, seed=0)
 SAMPLED = GenerationOptions(max_new_tokens=6, temperature=1.0, batch_size=4, seed=0)
@@ -143,6 +143,16 @@ def test_reply_logprobs_match_a_per_row_forward_pass(tok, dirs):
                 logits = model(torch.cat([prompt, reply], 1)).logits[0, prompt.shape[1] - 1 : -1].float()
             logp = torch.log_softmax(logits / temperature, -1).gather(-1, reply[0, :, None])[:, 0]
             assert together[i].item() == pytest.approx((logp * batch.response_mask[i]).sum().item(), abs=1e-4)
+
+
+def test_generation_stops_at_every_eos_id_of_the_generation_config(tok):
+    """A model whose generation config lists a second EOS id (as Qwen's does) stops there too."""
+    word_id = tok.encode(" cat", add_special_tokens=False)[0]
+    model = forced_lm(tok, word_id)
+    assert compare.generate(model, tok, PROMPTS[:2], max_new_tokens=4, progress=False)[0].finished is False
+    model.generation_config.eos_token_id = [tok.eos_token_id, word_id]
+    for g in compare.generate(model, tok, PROMPTS[:2], max_new_tokens=4, progress=False):
+        assert (g.finished, g.num_tokens) == (True, 1)
 
 
 def test_same_seed_same_samples_other_seed_other_samples(dirs):
