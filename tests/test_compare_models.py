@@ -203,6 +203,10 @@ def test_prompt_files(tmp_path):
     rows = [{"prompt": "one"}, {"prompt": "two"}, {"prompt": "three"}]
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert compare.load_prompts(PromptOptions(source=str(tmp_path / "p.jsonl"), num_prompts=2))[0] == ["one", "two"]
+    from datasets import Dataset
+
+    Dataset.from_dict({"question": ["a?", "b?"]}).save_to_disk(str(tmp_path / "saved"))
+    assert compare.load_prompts(PromptOptions(source=str(tmp_path / "saved"), field="question"))[0] == ["a?", "b?"]
     demo, what = compare.load_prompts(PromptOptions(num_prompts=5))
     assert demo == world.eval_prompts(5, 0) and what == "held-out demo prompts"
 
