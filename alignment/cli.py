@@ -52,6 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("recipe", help="path of the recipe YAML file")
     run.add_argument("overrides", nargs="*", help="KEY=VALUE overrides (see below)")
     run.add_argument("--dry-run", action="store_true", help="print which stages would run or be skipped, and stop")
+    from .stages import compare
+
+    compare.add_arguments(sub.add_parser(
+        "compare",
+        help="compare models side by side: scores, win rates, KL, report.html",
+        description="Models answer the same prompts under the same seed; replies are scored (gold oracle on demo "
+        "prompts, a reward model if given); the report shows scores with 95% CIs, win rates, KL to the baseline "
+        "and reply lengths.",
+        epilog=compare.EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    ))
     return parser
 
 
@@ -117,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
             from .pipeline import run
 
             run(args.recipe, args.overrides, dry_run=args.dry_run)
+        elif args.command == "compare":
+            from .stages import compare
+
+            return compare.command(args)
     except RecipeError as exc:
         if os.environ.get("LOCAL_RANK", "0") == "0":
             print(f"error: {exc}", file=sys.stderr)

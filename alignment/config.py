@@ -20,7 +20,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-STAGES = ("init", "pretrain", "sft", "reward", "dpo", "prep")
+STAGES = ("init", "pretrain", "sft", "reward", "dpo", "prep", "compare")
 
 
 class RecipeError(Exception):
@@ -227,21 +227,58 @@ class InitOptions(Section):
         return self
 
 
+class GenerationOptions(Section):
+    """How compared models answer: the same rule and the same seed for every model."""
+
+    max_new_tokens: int = Field(24, gt=0, description="Longest reply, in tokens.")
+    temperature: float = Field(
+        1.0, ge=0.0, description="Sampling temperature; 1.0 shows each model's whole distribution, 0 is greedy."
+    )
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling (1: off); ignored when greedy.")
+    samples_per_prompt: int = Field(1, gt=0, description="Replies sampled per prompt and model (needs temperature > 0 above 1).")
+    seed: int = Field(0, description="Seed of the sampling (the same for every model) and of the bootstrap.")
+    batch_size: int = Field(64, gt=0, description="Prompts generated (and scored) at once.")
+
+    @model_validator(mode="after")
+    def _samples_need_sampling(self):
+        if self.samples_per_prompt > 1 and self.temperature == 0:
+            raise ValueError("samples_per_prompt > 1 needs temperature > 0 (greedy replies are all the same)")
+        return self
+
+
 class ReportOptions(Section):
-    """The closing report: models answer held-out demo prompts and the gold oracle grades them."""
+    """The closing report: models answer held-out demo prompts and the gold oracle grades them.
+
+    It is `alignment compare` on the demo prompts: the same summary, table, report.md/json/html."""
 
     models: dict[str, str] = Field(
         default_factory=dict,
         description="Label -> recipe name in this run (or a model directory), in table order; each model is "
         "compared with the one before it. Empty: no report.",
     )
+    baseline: str | None = Field(
+        None,
+        description="Label KL and win rates are measured against (the reference, e.g. 'sft'). Null: the label "
+        "before the last one in `models` (the model the last stage started from, in the usual order).",
+    )
     num_prompts: int = Field(300, gt=1, description="Held-out demo prompts to answer.")
     max_new_tokens: int = Field(24, gt=0, description="Longest reply.")
     temperature: float = Field(
         1.0, ge=0.0, description="Sampling temperature; 1.0 shows each model's whole distribution, 0 is greedy."
     )
+    also_greedy: bool = Field(
+        True,
+        description="Also answer greedily and print the per-part gold table under greedy decoding (when "
+        "`temperature` is above 0): what each model does at its most likely, beside its whole distribution.",
+    )
     seed: int = Field(0, description="Seed of the prompts, the sampling and the bootstrap.")
     batch_size: int = Field(64, gt=0, description="Prompts generated at once.")
+
+    @model_validator(mode="after")
+    def _baseline_is_a_label(self):
+        if self.models and self.baseline is not None and self.baseline not in self.models:
+            raise ValueError(f"baseline {self.baseline!r} is not a label of report.models ({', '.join(self.models)})")
+        return self
 
 
 # --------------------------------------------------------------------------- recipes
@@ -465,6 +502,55 @@ class PrepRecipe(BaseRecipe):
         return self
 
 
+# --------------------------------------------------------------------------- compare
+
+
+DEMO_PROMPTS = 300  # held-out demo prompts a comparison answers when it names no number
+
+
+class PromptOptions(Section):
+    """The prompts compared models answer."""
+
+    source: str = Field(
+        "demo",
+        description="'demo' (the demo world's held-out eval prompts, graded by its gold oracle), a .txt file "
+        "(one prompt a line), a .jsonl/.json/.csv/.parquet file, a save_to_disk directory or a hub dataset id.",
+    )
+    field: str = Field("prompt", description="Column holding the user prompt (a plain string) in a data file.")
+    split: str = Field("train", description="Split to read from a hub dataset or a saved DatasetDict.")
+    num_prompts: int | None = Field(
+        DEMO_PROMPTS, gt=0, description="Prompts to use: how many demo prompts, or the first N of a file. Null: all "
+        f"of a file ({DEMO_PROMPTS} demo prompts).",
+    )
+    seed: int = Field(0, description="Seed that picks the demo prompts.")
+
+
+class CompareRecipe(BaseRecipe):
+    """Stage `compare`: models answer the same prompts; scores, win rates, KL and a report."""
+
+    stage: Literal["compare"]
+    models: dict[str, ModelRef] = Field(
+        default_factory=dict,
+        description="Label -> model (a path, a hub id or {from: recipe.yaml}), at least two, in table order.",
+    )
+    baseline: str | None = Field(
+        None, description="Label KL(model || baseline) and win rates are measured against. Null: the first model."
+    )
+    reward_model: ModelRef | None = Field(
+        None, description="A one-label sequence classifier that scores every reply (optional)."
+    )
+    prompts: PromptOptions = Field(default_factory=PromptOptions)
+    generation: GenerationOptions = Field(default_factory=GenerationOptions)
+
+    @model_validator(mode="after")
+    def _needs_model(self):  # replaces BaseRecipe's: `models` instead of `model`
+        if len(self.models) < 2:
+            raise ValueError(f"models: need at least two models to compare, got {len(self.models)}")
+        if self.baseline is not None and self.baseline not in self.models:
+            raise ValueError(f"baseline {self.baseline!r} is not a label of models ({', '.join(self.models)})")
+        return self
+
+
 RECIPE_CLASSES: dict[str, type[BaseRecipe]] = {
     "init": InitRecipe,
     "pretrain": PretrainRecipe,
@@ -472,6 +558,7 @@ RECIPE_CLASSES: dict[str, type[BaseRecipe]] = {
     "reward": RewardRecipe,
     "dpo": DPORecipe,
     "prep": PrepRecipe,
+    "compare": CompareRecipe,
 }
 
 
@@ -667,13 +754,17 @@ def load_recipe(path: str | Path, overrides: list[tuple[list[str], Any, str]] = 
 
 
 def model_inputs(recipe: BaseRecipe) -> dict[str, "str | FromRecipe"]:
-    """The recipe's inputs that may name another recipe: its model-valued keys (`model`, `ref_model`...)
-    and, under the role `data`, `data.source` when it is {from: prep_recipe.yaml}."""
+    """The recipe's inputs that may name another recipe: its model-valued keys (`model`, `ref_model`,
+    `reward_model`...; a mapping of them, compare's `models`, gives one role per label, e.g.
+    `models.sft`) and, under the role `data`, `data.source` when it is {from: prep_recipe.yaml}."""
     found = {}
     for role, info in type(recipe).model_fields.items():
         value = getattr(recipe, role)
         if value is not None and "FromRecipe" in str(info.annotation):
-            found[role] = value
+            if isinstance(value, dict):
+                found.update({f"{role}.{label}": item for label, item in value.items()})
+            else:
+                found[role] = value
     if isinstance(recipe.data.source, FromRecipe):
         found["data"] = recipe.data.source
     return found

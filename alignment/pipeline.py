@@ -402,7 +402,8 @@ def run_node(node: Node, state: PartialState) -> dict:
         summary["wall_seconds"] = round(time.time() - started, 2)
         append_metrics(work / "metrics.jsonl", {"summary": summary})
         write_resolved(work, node.recipe, node.inputs())
-        write_card(work, node.recipe, node.inputs().get("model"), summary)
+        if getattr(stage, "WRITES_MODEL", True):
+            write_card(work, node.recipe, node.inputs().get("model"), summary)
         shutil.rmtree(work / "checkpoints", ignore_errors=True)
         info = {**_read_info(work), "status": "finished", "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "summary": summary}
         (work / "run_info.json").write_text(json.dumps(info, indent=2))
