@@ -224,6 +224,7 @@ class PerTokenScores(torch.nn.Module):
     def __init__(self, classifier):
         super().__init__()
         self.classifier = classifier
+        self.train(classifier.training)  # a wrapper of a frozen / dropout-free model stays in eval mode
 
     def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
         return token_scores(self.classifier, input_ids, attention_mask, position_ids)

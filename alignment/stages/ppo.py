@@ -138,6 +138,22 @@ def build_models(recipe: PPORecipe, inputs: dict, say) -> Models:
     return Models(policy, reference, critic, reward, tok, None if shared else reward_tok)
 
 
+def prepare_training(m: Models, accelerator, recipe: PPORecipe):
+    """One AdamW over the policy's and the critic's trainable weights, the LR schedule over every
+    optimizer step of the run; models placed (and wrapped for DDP) by accelerate."""
+    o, t = recipe.ppo, recipe.training
+    optimizer_steps = (o.total_episodes // o.batch_size) * o.ppo_epochs * o.num_minibatches
+    params = [p for model in (m.policy, m.critic) for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+    warmup = t.warmup_steps if t.warmup_steps >= 1 else math.ceil(t.warmup_steps * optimizer_steps)
+    scheduler = get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=int(warmup), num_training_steps=optimizer_steps)
+    m.policy, m.critic, optimizer = accelerator.prepare(m.policy, m.critic, optimizer)
+    for frozen_model in (m.reference, m.reward):
+        if frozen_model is not None:
+            frozen_model.to(accelerator.device)
+    return optimizer, scheduler
+
+
 # --------------------------------------------------------------------------- rollout and scoring
 
 
@@ -303,6 +319,20 @@ def ppo_update(
     return out
 
 
+def learn(m: Models, accelerator, optimizer, scheduler, r: Rollout, beta: float, recipe: PPORecipe, iteration: int):
+    """Steps 3-5 of an iteration on scored rollouts: KL-shaped rewards, GAE and whitened
+    advantages (statistics over all processes), PPO epochs. Returns (stats, kl, returns)."""
+    o = recipe.ppo
+    mask = r.response_mask
+    rewards, kl = losses.kl_shaped_rewards(r.logp, r.ref_logp, mask, r.scores, beta, o.kl_estimator)
+    if o.whiten_rewards:
+        rewards = global_whiten(accelerator, rewards, mask, shift_mean=False) * mask
+    advantages, returns = losses.gae(rewards, r.values, mask, o.gamma, o.lam)
+    advantages = global_whiten(accelerator, advantages, mask) * mask
+    stats = ppo_update(m, accelerator, optimizer, scheduler, r, advantages, returns, recipe, iteration)
+    return stats, kl, returns
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 
@@ -366,15 +396,7 @@ def run(recipe: PPORecipe, inputs: dict, work_dir: Path) -> dict:
     m = build_models(recipe, inputs, say)
     prompts, rendered, counts = load_prompts(recipe, m.tok)
     iterations = o.total_episodes // o.batch_size
-    optimizer_steps = iterations * o.ppo_epochs * o.num_minibatches
-    params = [p for model in (m.policy, m.critic) for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
-    warmup = t.warmup_steps if t.warmup_steps >= 1 else math.ceil(t.warmup_steps * optimizer_steps)
-    scheduler = get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=int(warmup), num_training_steps=optimizer_steps)
-    m.policy, m.critic, optimizer = accelerator.prepare(m.policy, m.critic, optimizer)
-    for frozen_model in (m.reference, m.reward):
-        if frozen_model is not None:
-            frozen_model.to(accelerator.device)
+    optimizer, scheduler = prepare_training(m, accelerator, recipe)
     loop = LoopState(o.kl_coef)
     accelerator.register_for_checkpointing(scheduler, loop)
 
@@ -399,16 +421,8 @@ def run(recipe: PPORecipe, inputs: dict, work_dir: Path) -> dict:
         r = rollout(m, accelerator, [rendered[i] for i in mine], [prompts[i] for i in mine], recipe, timer)
 
         started = time.perf_counter()
-        # 3. KL-shaped rewards
-        mask = r.response_mask
-        rewards, kl = losses.kl_shaped_rewards(r.logp, r.ref_logp, mask, r.scores, loop.beta, o.kl_estimator)
-        if o.whiten_rewards:
-            rewards = global_whiten(accelerator, rewards, mask, shift_mean=False) * mask
-        # 4. advantages
-        advantages, returns = losses.gae(rewards, r.values, mask, o.gamma, o.lam)
-        advantages = global_whiten(accelerator, advantages, mask) * mask
-        # 5. PPO epochs
-        stats = ppo_update(m, accelerator, optimizer, scheduler, r, advantages, returns, recipe, loop.iteration)
+        # 3-5. KL-shaped rewards, advantages, PPO epochs
+        stats, kl, returns = learn(m, accelerator, optimizer, scheduler, r, loop.beta, recipe, loop.iteration)
         timer["optimisation"] += time.perf_counter() - started
 
         # 6. metrics, KL control, checkpoint
@@ -416,7 +430,7 @@ def run(recipe: PPORecipe, inputs: dict, work_dir: Path) -> dict:
         seq_kl = g(kl.sum(-1))
         scores = g(r.scores)
         non_score = g((-loop.beta * kl).sum(-1))
-        all_mask = g(mask)
+        all_mask = g(r.response_mask)
         record = {
             "objective/kl": seq_kl.mean().item(),
             "objective/scores": scores.mean().item(),
