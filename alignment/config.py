@@ -20,7 +20,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-STAGES = ("init", "pretrain", "sft", "reward", "dpo", "prep", "compare")
+STAGES = ("init", "pretrain", "sft", "reward", "ppo", "dpo", "prep", "compare")
 
 
 class RecipeError(Exception):
@@ -551,12 +551,99 @@ class CompareRecipe(BaseRecipe):
         return self
 
 
+# --------------------------------------------------------------------------- ppo
+
+
+class PPOOptions(Section):
+    """PPO with a KL penalty (see alignment/stages/ppo.py for one iteration step by step)."""
+
+    total_episodes: int = Field(
+        2048, gt=0, description="Rollouts (prompt + sampled reply) over the whole run; iterations = "
+        "total_episodes // batch_size."
+    )
+    batch_size: int = Field(64, gt=0, description="Rollouts per iteration, over all processes.")
+    num_minibatches: int = Field(
+        1, gt=0, description="Minibatches each iteration's batch is split into; one optimizer step per minibatch "
+        "(training.gradient_accumulation_steps micro-batches inside each)."
+    )
+    ppo_epochs: int = Field(4, gt=0, description="Passes over each iteration's rollouts.")
+    response_length: int = Field(24, gt=0, description="Most new tokens per reply.")
+    temperature: float = Field(
+        0.7, gt=0.0, description="Sampling temperature of the rollouts; log-probs are taken at the same temperature."
+    )
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling of the rollouts (1: off).")
+    clip_range: float = Field(0.2, gt=0.0, description="PPO ratio clip epsilon.")
+    value_clip_range: float = Field(0.2, gt=0.0, description="Clip of the value update around the rollout's values.")
+    vf_coef: float = Field(0.1, ge=0.0, description="Weight of the value loss in the total loss.")
+    gamma: float = Field(1.0, ge=0.0, le=1.0, description="Discount factor of GAE.")
+    lam: float = Field(0.95, ge=0.0, le=1.0, description="GAE lambda.")
+    kl_estimator: Literal["k1", "k3"] = Field(
+        "k1", description="Per-token KL estimator: 'k1' = logp - ref_logp, 'k3' = exp(r) - 1 - r with r = ref_logp - logp."
+    )
+    kl_coef: float = Field(0.05, ge=0.0, description="KL penalty coefficient beta (the starting value when adaptive).")
+    kl_control: Literal["fixed", "adaptive"] = Field(
+        "fixed", description="'adaptive': beta follows Ziegler et al.'s controller toward kl_target."
+    )
+    kl_target: float = Field(6.0, gt=0.0, description="(adaptive) target of the per-reply summed KL.")
+    kl_horizon: int = Field(10000, gt=0, description="(adaptive) controller horizon in episodes.")
+    missing_eos_penalty: float | None = Field(
+        None, ge=0.0, description="Subtracted from the score of replies that end without EOS (null: none)."
+    )
+    whiten_rewards: bool = Field(False, description="Whiten the per-token rewards (mean kept) before GAE.")
+    forward_batch_size: int | None = Field(
+        None, gt=0, description="Rows per no-grad forward pass during rollouts (null: the whole local batch)."
+    )
+
+    @model_validator(mode="after")
+    def _batch_splits(self):
+        if self.batch_size % self.num_minibatches:
+            raise ValueError(
+                f"batch_size {self.batch_size} is not divisible by num_minibatches {self.num_minibatches}"
+            )
+        if self.total_episodes < self.batch_size:
+            raise ValueError(f"total_episodes {self.total_episodes} is smaller than batch_size {self.batch_size}")
+        return self
+
+
+class PromptDataOptions(DataOptions):
+    """Prompts of the PPO stage: rows with a user prompt (`prompt_field`); demo: the demo world's training
+    prompts (never the held-out ones the report uses)."""
+
+    num_examples: int | None = Field(
+        2000, gt=0, description="Prompts to generate (demo) or to keep (first N of a file). Null: all."
+    )
+    max_prompt_length: int = Field(
+        64, gt=0, description="Prompts longer than this many tokens after the chat template are dropped and counted."
+    )
+
+
+class PPORecipe(BaseRecipe):
+    stage: Literal["ppo"]
+    reward_model: ModelRef = Field(
+        description="Reward model (a one-label sequence classifier): a path, a hub id or {from: reward.yaml}. "
+        "The critic starts from it too."
+    )
+    data: PromptDataOptions = Field(default_factory=PromptDataOptions)
+    ppo: PPOOptions = Field(default_factory=PPOOptions)
+
+    @model_validator(mode="after")
+    def _minibatch_splits(self):
+        per_minibatch = self.ppo.batch_size // self.ppo.num_minibatches
+        if per_minibatch % self.training.gradient_accumulation_steps:
+            raise ValueError(
+                f"ppo.batch_size / ppo.num_minibatches = {per_minibatch} rollouts is not divisible by "
+                f"training.gradient_accumulation_steps {self.training.gradient_accumulation_steps}"
+            )
+        return self
+
+
 RECIPE_CLASSES: dict[str, type[BaseRecipe]] = {
     "init": InitRecipe,
     "pretrain": PretrainRecipe,
     "sft": SFTRecipe,
     "reward": RewardRecipe,
     "dpo": DPORecipe,
+    "ppo": PPORecipe,
     "prep": PrepRecipe,
     "compare": CompareRecipe,
 }

@@ -306,3 +306,70 @@ def save_model(model, tok: PreTrainedTokenizerBase, out_dir: str | Path, lora: L
         model = model.merge_and_unload()
     model.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
+
+
+# --------------------------------------------------------------------------- PPO plumbing
+
+
+def check_reward_model(name_or_path: str, key: str = "reward_model") -> None:
+    """A reward model must be a sequence classifier with exactly one label; anything else
+    (a causal LM would get a fresh random head) is a one-line error naming the recipe key."""
+    from transformers import AutoConfig
+
+    config = _load(AutoConfig.from_pretrained, name_or_path, "config")
+    kinds = getattr(config, "architectures", None) or []
+    if not any(k.endswith("ForSequenceClassification") for k in kinds) or config.num_labels != 1:
+        raise RecipeError(
+            f"{key}: {name_or_path} is not a one-label sequence classifier "
+            f"(architectures {kinds}, num_labels {config.num_labels}); train one with the reward stage"
+        )
+
+
+def same_tokenizer(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
+    """True when token ids mean the same in both (same vocabulary, pad and EOS), so one model's
+    ids can be fed to the other."""
+    return a.get_vocab() == b.get_vocab() and a.pad_token_id == b.pad_token_id and a.eos_token_id == b.eos_token_id
+
+
+def frozen(model):
+    """Eval mode (no dropout) and no gradients: a reference or reward model."""
+    return no_dropout(model).requires_grad_(False)
+
+
+def no_dropout(model):
+    """Eval mode and every dropout probability 0: PPO's ratio must be exactly 1 before an update."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for name in ("attention_dropout", "hidden_dropout", "dropout", "classifier_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if isinstance(getattr(model.config, name, None), float):
+            setattr(model.config, name, 0.0)
+    return model.eval()
+
+
+def token_scores(classifier, input_ids, attention_mask, position_ids) -> torch.Tensor:
+    """A one-label sequence classifier's score at every position: (B, T).
+
+    The backbone's hidden states go through the classification head position by position,
+    so a reward model gives its score at any token (read it at the last real one) and a
+    critic initialised from it gives a value for every position.
+    """
+    inner = classifier.get_base_model() if hasattr(classifier, "get_base_model") else classifier
+    backbone = getattr(inner, inner.base_model_prefix)
+    head = inner.score if hasattr(inner, "score") else inner.classifier
+    hidden = backbone(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
+    return head(hidden).squeeze(-1).float()
+
+
+class PerTokenScores(torch.nn.Module):
+    """`token_scores` as a module, so that a critic can be wrapped (DDP) and trained as one."""
+
+    def __init__(self, classifier):
+        super().__init__()
+        self.classifier = classifier
+        self.train(classifier.training)  # a wrapper of a frozen / dropout-free model stays in eval mode
+
+    def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
+        return token_scores(self.classifier, input_ids, attention_mask, position_ids)
