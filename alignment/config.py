@@ -858,9 +858,11 @@ def model_inputs(recipe: BaseRecipe) -> dict[str, "str | FromRecipe"]:
 
 
 def data_files(recipe: BaseRecipe) -> list[str]:
-    """Local data sources the recipe reads (for its content hash): `data.source`, and prep's sources."""
+    """Local data sources the recipe reads (for its content hash): `data.source`, prep's sources and
+    compare's prompt file."""
     sources = [recipe.data.source] if isinstance(recipe.data.source, str) else []
     sources += [s.path for s in getattr(getattr(recipe, "prep", None), "sources", [])]
+    sources += [recipe.prompts.source] if isinstance(recipe, CompareRecipe) else []
     return [s for s in sources if s != "demo"]
 
 

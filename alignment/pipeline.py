@@ -269,12 +269,11 @@ def _read_paths(nodes: list[Node]) -> list[tuple[str, Path]]:
     names = {node.name for node in nodes}
     found = []
     for node in nodes:
-        keys = {role: value for role, value in node.inputs().items() if role not in node.refs}
-        if isinstance(node.recipe.data.source, str):  # {from: prep.yaml} is an output of this run
-            keys["data.source"] = node.recipe.data.source
-        keys["model_options.chat_template"] = node.recipe.model_options.chat_template
-        keys.update({f"report.models.{k}": v for k, v in node.recipe.report.models.items() if v not in names})
-        for key, value in keys.items():
+        pairs = [(role, value) for role, value in node.inputs().items() if role not in node.refs]
+        pairs += [("data", source) for source in data_files(node.recipe)]
+        pairs += [("model_options.chat_template", node.recipe.model_options.chat_template)]
+        pairs += [(f"report.models.{k}", v) for k, v in node.recipe.report.models.items() if v not in names]
+        for key, value in pairs:
             if (path := _local(value)) is not None:
                 found.append((f"{node.path.name}'s {key} '{value}'", path))
     return found
