@@ -188,22 +188,29 @@ def check_model_kind(name_or_path: str, kind: str, key: str = "model", options: 
     """Stop with one line when a checkpoint is not the kind of model its recipe key needs.
 
     `kind` is "causal-lm" (a policy, reference or report model) or "classifier" (a trained reward
-    model). Read from the config's `architectures` before any weights are loaded; a config
-    that lists none is let through (nothing to go by).
+    model: a sequence classifier with one label; a causal LM would get a random head). Read from
+    the config before any weights are loaded. A config that lists no architectures passes as a
+    causal LM (nothing to go by), never as a reward model.
     """
     options = options or ModelOptions()
     config = _load(AutoConfig.from_pretrained, name_or_path, "model config", trust_remote_code=options.trust_remote_code)
     architectures = getattr(config, "architectures", None) or []
-    if not architectures or any(a.endswith(MODEL_KINDS[kind]) for a in architectures):
+    if kind == "causal-lm" and (not architectures or any(a.endswith(MODEL_KINDS[kind]) for a in architectures)):
         return
-    found = architectures[0]
+    if kind == "classifier" and any(a.endswith(MODEL_KINDS[kind]) for a in architectures) and config.num_labels == 1:
+        return
+    found = architectures[0] if architectures else "no architectures"
     if any(found.endswith(suffix) for suffix in MODEL_KINDS["classifier"]):
-        what = "a sequence classifier (a reward model)"
+        what = f"a sequence classifier with {config.num_labels} label(s)" if kind == "classifier" else (
+            "a sequence classifier (a reward model)"
+        )
     elif any(found.endswith(suffix) for suffix in MODEL_KINDS["causal-lm"]):
         what = "a causal language model"
     else:
         what = "a model of another kind"
-    expected = "a causal language model (a policy)" if kind == "causal-lm" else "a sequence classifier (a reward model)"
+    expected = "a causal language model (a policy)" if kind == "causal-lm" else (
+        "a one-label sequence classifier (a reward model; train one with the reward stage)"
+    )
     raise RecipeError(f"{key}: {name_or_path} is {what}, its config says {found}; expected {expected}")
 
 
@@ -312,17 +319,8 @@ def save_model(model, tok: PreTrainedTokenizerBase, out_dir: str | Path, lora: L
 
 
 def check_reward_model(name_or_path: str, key: str = "reward_model") -> None:
-    """A reward model must be a sequence classifier with exactly one label; anything else
-    (a causal LM would get a fresh random head) is a one-line error naming the recipe key."""
-    from transformers import AutoConfig
-
-    config = _load(AutoConfig.from_pretrained, name_or_path, "config")
-    kinds = getattr(config, "architectures", None) or []
-    if not any(k.endswith("ForSequenceClassification") for k in kinds) or config.num_labels != 1:
-        raise RecipeError(
-            f"{key}: {name_or_path} is not a one-label sequence classifier "
-            f"(architectures {kinds}, num_labels {config.num_labels}); train one with the reward stage"
-        )
+    """A reward model must be a sequence classifier with exactly one label."""
+    check_model_kind(name_or_path, "classifier", key)
 
 
 def same_tokenizer(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:

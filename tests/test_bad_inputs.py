@@ -132,17 +132,18 @@ def classifier_dir(tiny_base, in_tmp) -> Path:
     path = in_tmp / "rm"
     shutil.copytree(tiny_base, path)
     config = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaForSequenceClassification"]}))
+    one_label = {"architectures": ["LlamaForSequenceClassification"], "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}
+    (path / "config.json").write_text(json.dumps({**config, **one_label}))
     return path
 
 
 @pytest.mark.parametrize(
     "argv, role, key",
-    [(SFT, "model={rm}", "model"), (DPO, "ref_model={rm}", "ref_model"), (DPO, "report.models={{sft: {rm}}}", "report.models.sft")],
+    [(SFT, "model={rm}", "model"), (DPO, "ref_model={rm}", "ref_model"), (DPO, "report.models={{a: {rm}}}|report.baseline=null", "report.models.a")],
     ids=["policy", "reference", "report"],
 )
 def test_reward_model_given_where_a_policy_is_expected(fails_cleanly, tiny_base, classifier_dir, argv, role, key):
-    fails_cleanly([*argv, f"model={tiny_base}", role.format(rm=classifier_dir)],
+    fails_cleanly([*argv, f"model={tiny_base}", *role.format(rm=classifier_dir).split("|")],
                   f"{key}: {classifier_dir} is a sequence classifier", "expected a causal language model")
 
 
@@ -155,7 +156,7 @@ def test_policy_given_where_a_reward_model_is_expected(tiny_base, classifier_dir
     with pytest.raises(RecipeError) as info:
         models.check_model_kind(str(tiny_base), "classifier", key="reward_model")
     assert str(info.value) == (f"reward_model: {tiny_base} is a causal language model, its config says LlamaForCausalLM; "
-                               "expected a sequence classifier (a reward model)")
+                               "expected a one-label sequence classifier (a reward model; train one with the reward stage)")
     models.check_model_kind(str(classifier_dir), "classifier", key="reward_model")  # the right kind passes
 
 
