@@ -233,3 +233,10 @@ def eval_prompts(n: int, seed: int) -> list[str]:
             seen.add(prompt)
             prompts.append(prompt)
     return prompts
+
+
+def train_prompts(n: int, seed: int) -> list[dict]:
+    """``n`` training prompts (rows ``{"prompt": ...}``, repeats possible), never held out:
+    what online methods (PPO) answer and learn from."""
+    rng = random.Random(f"prompts-{seed}")
+    return [{"prompt": _train_task(rng).prompt} for _ in range(n)]
