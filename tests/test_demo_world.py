@@ -197,7 +197,7 @@ def _content_rate(path, prompts):
 def test_micro_chain_sft_learns_content_the_base_model_lacks(in_tmp):
     """init -> pretrain -> sft at micro scale, on the default recipes: after a short SFT, the
     model copies/chooses the right words on held-out prompts far more often than the pretrained
-    base (which sits at chance: it has not formed the copying circuit). What it measures: that
+    base (which sits near chance: it has not learnt to pick words from the prompt). What it measures: that
     the demo world's content is learnable by SFT in this chain at all (demonstrations right,
     loss on the answer, held-out prompts of the same family), not the default's final figure."""
     from alignment.pipeline import run
@@ -206,7 +206,8 @@ def test_micro_chain_sft_learns_content_the_base_model_lacks(in_tmp):
 
     settings = {"sft_examples": 6400, "sft_steps": 200}
     run(RECIPES / "sft.yaml", [o.format(**settings) for o in MICRO_CHAIN])
-    prompts = eval_prompts(120, 0)
+    # The single-word tasks (first, last): the skills SFT teaches first (docs/demo_world.md).
+    prompts = [p for p in eval_prompts(300, 0) if parse_prompt(p).kind in ("first", "last")][:100]
     base, sft = _content_rate("runs/pretrain", prompts), _content_rate("runs/sft", prompts)
     assert base < 0.15, base
-    assert sft > base + 0.1, (base, sft)
+    assert sft > base + 0.15, (base, sft)
