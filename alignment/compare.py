@@ -223,6 +223,8 @@ def load_prompts(options: PromptOptions) -> tuple[list[str], str]:
                 raise CompareError("prompts", f"{source}:{number}: empty line (expected one prompt a line)")
         prompts = lines
     else:
+        from data_prep.read import Bad
+
         try:
             found = load_rows(DataOptions(source=source, split=options.split), lambda n, seed: [], 0)
         except RecipeError as exc:
@@ -230,7 +232,10 @@ def load_prompts(options: PromptOptions) -> tuple[list[str], str]:
         check = text_problem(options.field)
         prompts = []
         for row, origin in zip(found.rows, found.origins):
-            problem = check(row) if isinstance(row, dict) else "row is not a JSON object"
+            if isinstance(row, Bad):  # a line the reader could not make a row of
+                problem = f"{row.reason} ({row.detail})" if row.detail else row.reason
+            else:
+                problem = check(row) if isinstance(row, dict) else "row is not a JSON object"
             if problem:
                 raise CompareError("prompts", f"{origin}: {problem} (expected a string column '{options.field}')")
             prompts.append(row[options.field])

@@ -241,12 +241,12 @@ def prepare(options: PrepOptions, tokenizer=None, progress: bool = True, given: 
         run.tallies[name] = Tally()
         rows = iter(given[name] if given and name in given else source_rows(source, o.kind, o.seed))
         head = list(islice(rows, DETECT_ROWS))
-        columns = set().union(*(r.keys() for _, r in head if isinstance(r, dict)))
         where = source.path if source.path != "demo" else "demo"
-        if not columns:
-            raise DataError(f"{where}: no readable row among the first {len(head)}")
         shape = source.shape
         if shape == "auto":
+            columns = set().union(*(r.keys() for _, r in head if isinstance(r, dict)))
+            if not columns:
+                raise DataError(f"{where}: no readable row among the first {len(head)}")
             shape = detect_shape(columns, source.columns, KIND_SHAPES[o.kind], where)
         elif shape not in KIND_SHAPES[o.kind]:
             raise DataError(f"{where}: shape '{shape}' does not make {o.kind} (expected {', '.join(KIND_SHAPES[o.kind])})")

@@ -138,7 +138,7 @@ def classifier_dir(tiny_base, in_tmp) -> Path:
 
 @pytest.mark.parametrize(
     "argv, role, key",
-    [(SFT, "model={rm}", "model"), (DPO, "ref_model={rm}", "ref_model"), (DPO, "report.models={{a: {rm}}}", "report.models.a")],
+    [(SFT, "model={rm}", "model"), (DPO, "ref_model={rm}", "ref_model"), (DPO, "report.models={{sft: {rm}}}", "report.models.sft")],
     ids=["policy", "reference", "report"],
 )
 def test_reward_model_given_where_a_policy_is_expected(fails_cleanly, tiny_base, classifier_dir, argv, role, key):

@@ -286,5 +286,5 @@ def test_reward_model_must_be_a_one_label_classifier(in_tmp, tiny_base):
     proc = _run_cli([f"model={tiny_base}", f"reward_model={tiny_base}", *MICRO_PPO, "output_dir=out/ppo"], in_tmp)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2
-    assert err.strip().splitlines()[-1].startswith("error: reward_model: ") and "one-label sequence classifier" in err
+    assert err.strip().splitlines()[-1].startswith("error: reward_model: ") and "expected a sequence classifier" in err
     assert not (in_tmp / "out" / "ppo").exists() and not (in_tmp / "out" / "ppo.partial").exists()

@@ -125,7 +125,7 @@ def test_reward_stage_learns_and_loads_as_a_classifier(in_tmp, tiny_base):
     [
         ("copy", [], "copy: "),
         ("precompute", ["dpo.reference=precompute"], "precompute: starting model"),
-        ("lora", ["lora={r: 4, alpha: 8}"], "copy: adapters disabled"),
+        ("lora", ["lora={r: 4, alpha: 8}", "training.learning_rate=5e-2"], "copy: adapters disabled"),
     ],
 )
 def test_dpo_reference_stays_the_starting_policy_while_the_policy_moves(in_tmp, tiny_base, mode, extra, reference):
