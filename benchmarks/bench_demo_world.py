@@ -79,6 +79,7 @@ def table(seeds: list[int], num_prompts: int) -> None:
             for label, name in (("base", "pretrain"), ("sft", "sft"), ("dpo", "dpo")):
                 for temperature in (0.0, 1.0):
                     rows.append((seed, label, temperature, measure(f"runs/{name}", prompts, temperature, seed)))
+                    print("row", rows[-1], flush=True)
         finally:
             os.chdir(cwd)
             shutil.rmtree(work, ignore_errors=True)
@@ -110,7 +111,10 @@ def curves(num_prompts: int, every: int) -> None:
             out.mkdir()
             sft_stage.run(recipe, {"model": f"runs/{start}"}, out)
             checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-            results[start] = {int(c.name.split("-")[1]): measure(str(c), prompts, 0.0) for c in checkpoints}
+            results[start] = {}
+            for c in checkpoints:
+                results[start][int(c.name.split("-")[1])] = measure(str(c), prompts, 0.0)
+                print("point", start, c.name, results[start][int(c.name.split("-")[1])], flush=True)
         steps = sorted(results["init"])
         tasks = [k for k in results["init"][steps[0]] if k.startswith("content/")]
         print(f"\nGreedy content accuracy on {num_prompts} held-out prompts after N SFT steps (default sft recipe):")
