@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-STAGES = ("init", "pretrain", "sft", "reward", "dpo", "prep")
+STAGES = ("init", "pretrain", "sft", "reward", "ppo", "dpo", "prep", "compare")
 
 
 class RecipeError(Exception):
@@ -29,6 +29,25 @@ class RecipeError(Exception):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value, info):
+        # pydantic's lax mode reads `true` as 1 for an int or float field; a recipe never means that.
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and annotation in (int, int | None):
+            raise ValueError(f"expected an integer, got {value!r}")
+        if isinstance(value, bool) and annotation in (float, float | None):
+            raise ValueError(f"expected a number, got {value!r}")
+        return value
+
+
+def did_you_mean(value: str, valid) -> str:
+    """'expected one of a, b, c' with the closest valid value first when there is one."""
+    valid = list(valid)
+    close = difflib.get_close_matches(value, valid, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"{hint}expected one of {', '.join(valid)}"
 
 
 # --------------------------------------------------------------------------- sections
@@ -51,6 +70,15 @@ class ModelOptions(Section):
         None, description="Attention kernel ('sdpa', 'eager', 'flash_attention_2'); null: transformers' default."
     )
     trust_remote_code: bool = Field(False, description="Allow checkpoints that ship their own Python code.")
+
+    @field_validator("attn_implementation")
+    @classmethod
+    def _known_and_installed(cls, name):
+        if name is not None:
+            problem = attention_problem(name)
+            if problem:
+                raise ValueError(problem)
+        return name
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
     chat_template: str | None = Field(
         None,
@@ -121,7 +149,7 @@ class TrainingOptions(Section):
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     num_train_epochs: float = Field(1.0, gt=0, description="Epochs (ignored when max_steps > 0).")
     max_steps: int = Field(-1, description="Optimizer steps; -1: run num_train_epochs.")
-    lr_scheduler_type: str = Field("cosine", description="transformers scheduler name.")
+    lr_scheduler_type: str = Field("cosine", description="transformers scheduler name (transformers.SchedulerType).")
     warmup_steps: float = Field(0.0, ge=0, description="Warm-up steps (a value below 1 is a fraction of training).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
@@ -136,14 +164,59 @@ class TrainingOptions(Section):
     )
 
 
+    @field_validator("max_steps")
+    @classmethod
+    def _positive_or_minus_one(cls, steps):
+        if steps == 0 or steps < -1:
+            raise ValueError(f"expected a positive number of steps, or -1 to run num_train_epochs; got {steps}")
+        return steps
+
+    @field_validator("lr_scheduler_type")
+    @classmethod
+    def _known_scheduler(cls, name):
+        from transformers.trainer_utils import SchedulerType
+
+        valid = [s.value for s in SchedulerType]
+        if name not in valid:
+            raise ValueError(f"unknown scheduler {name!r}; {did_you_mean(name, valid)}")
+        return name
+
+
+def attention_problem(name: str) -> str | None:
+    """Why `model_options.attn_implementation: name` cannot work here, or None.
+
+    Known names are transformers' attention kernels (plus 'org/repo' kernels from the hub, which
+    need the `kernels` package); the flash and flex kernels need their packages installed.
+    """
+    from transformers import utils
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    known = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+    needs = {
+        "flash_attention_2": (utils.is_flash_attn_2_available, "the flash-attn package and a CUDA GPU"),
+        "flash_attention_3": (utils.is_flash_attn_3_available, "the flash-attn 3 package and a Hopper GPU"),
+        "flash_attention_4": (utils.is_flash_attn_4_available, "the flash-attn 4 package and a recent GPU"),
+        "flex_attention": (utils.is_torch_flex_attn_available, "a torch build with flex attention"),
+    }
+    if "/" in name:  # a kernel from the hub, e.g. kernels-community/flash-attn
+        available, what = utils.is_kernels_available, "the kernels package (pip install kernels)"
+    elif name.removeprefix("paged|") in known:
+        available, what = needs.get(name.removeprefix("paged|"), (lambda: True, ""))
+    else:
+        return f"unknown attention implementation {name!r}; {did_you_mean(name, known)}"
+    if not available():
+        return f"{name!r} is not available here: it needs {what}; use 'sdpa' (or null) instead"
+    return None
+
+
 class InitOptions(Section):
     """Shape of the tiny base checkpoint built by the `init` stage."""
 
     vocab_size: int = Field(512, ge=64, description="BPE vocabulary size (special tokens included).")
-    hidden_size: int = Field(128, gt=0, description="Model width.")
-    intermediate_size: int = Field(256, gt=0, description="MLP width.")
+    hidden_size: int = Field(256, gt=0, description="Model width.")
+    intermediate_size: int = Field(512, gt=0, description="MLP width.")
     num_hidden_layers: int = Field(2, gt=0, description="Transformer blocks.")
-    num_attention_heads: int = Field(4, gt=0, description="Attention heads.")
+    num_attention_heads: int = Field(8, gt=0, description="Attention heads.")
     max_position_embeddings: int = Field(256, gt=0, description="Longest sequence the model accepts.")
     tokenizer_examples: int = Field(4000, gt=0, description="Corpus documents the tokenizer is trained on.")
 
@@ -154,21 +227,58 @@ class InitOptions(Section):
         return self
 
 
+class GenerationOptions(Section):
+    """How compared models answer: the same rule and the same seed for every model."""
+
+    max_new_tokens: int = Field(24, gt=0, description="Longest reply, in tokens.")
+    temperature: float = Field(
+        1.0, ge=0.0, description="Sampling temperature; 1.0 shows each model's whole distribution, 0 is greedy."
+    )
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling (1: off); ignored when greedy.")
+    samples_per_prompt: int = Field(1, gt=0, description="Replies sampled per prompt and model (needs temperature > 0 above 1).")
+    seed: int = Field(0, description="Seed of the sampling (the same for every model) and of the bootstrap.")
+    batch_size: int = Field(64, gt=0, description="Prompts generated (and scored) at once.")
+
+    @model_validator(mode="after")
+    def _samples_need_sampling(self):
+        if self.samples_per_prompt > 1 and self.temperature == 0:
+            raise ValueError("samples_per_prompt > 1 needs temperature > 0 (greedy replies are all the same)")
+        return self
+
+
 class ReportOptions(Section):
-    """The closing report: models answer held-out demo prompts and the gold oracle grades them."""
+    """The closing report: models answer held-out demo prompts and the gold oracle grades them.
+
+    It is `alignment compare` on the demo prompts: the same summary, table, report.md/json/html."""
 
     models: dict[str, str] = Field(
         default_factory=dict,
         description="Label -> recipe name in this run (or a model directory), in table order; each model is "
         "compared with the one before it. Empty: no report.",
     )
+    baseline: str | None = Field(
+        None,
+        description="Label KL and win rates are measured against (the reference, e.g. 'sft'). Null: the label "
+        "before the last one in `models` (the model the last stage started from, in the usual order).",
+    )
     num_prompts: int = Field(300, gt=1, description="Held-out demo prompts to answer.")
     max_new_tokens: int = Field(24, gt=0, description="Longest reply.")
     temperature: float = Field(
         1.0, ge=0.0, description="Sampling temperature; 1.0 shows each model's whole distribution, 0 is greedy."
     )
+    also_greedy: bool = Field(
+        True,
+        description="Also answer greedily and print the per-part gold table under greedy decoding (when "
+        "`temperature` is above 0): what each model does at its most likely, beside its whole distribution.",
+    )
     seed: int = Field(0, description="Seed of the prompts, the sampling and the bootstrap.")
     batch_size: int = Field(64, gt=0, description="Prompts generated at once.")
+
+    @model_validator(mode="after")
+    def _baseline_is_a_label(self):
+        if self.models and self.baseline is not None and self.baseline not in self.models:
+            raise ValueError(f"baseline {self.baseline!r} is not a label of report.models ({', '.join(self.models)})")
+        return self
 
 
 # --------------------------------------------------------------------------- recipes
@@ -392,17 +502,179 @@ class PrepRecipe(BaseRecipe):
         return self
 
 
+# --------------------------------------------------------------------------- compare
+
+
+DEMO_PROMPTS = 300  # held-out demo prompts a comparison answers when it names no number
+
+
+class PromptOptions(Section):
+    """The prompts compared models answer."""
+
+    source: str = Field(
+        "demo",
+        description="'demo' (the demo world's held-out eval prompts, graded by its gold oracle), a .txt file "
+        "(one prompt a line), a .jsonl/.json/.csv/.parquet file, a save_to_disk directory or a hub dataset id.",
+    )
+    field: str = Field("prompt", description="Column holding the user prompt (a plain string) in a data file.")
+    split: str = Field("train", description="Split to read from a hub dataset or a saved DatasetDict.")
+    num_prompts: int | None = Field(
+        DEMO_PROMPTS, gt=0, description="Prompts to use: how many demo prompts, or the first N of a file. Null: all "
+        f"of a file ({DEMO_PROMPTS} demo prompts).",
+    )
+    seed: int = Field(0, description="Seed that picks the demo prompts.")
+
+
+class CompareRecipe(BaseRecipe):
+    """Stage `compare`: models answer the same prompts; scores, win rates, KL and a report."""
+
+    stage: Literal["compare"]
+    models: dict[str, ModelRef] = Field(
+        default_factory=dict,
+        description="Label -> model (a path, a hub id or {from: recipe.yaml}), at least two, in table order.",
+    )
+    baseline: str | None = Field(
+        None, description="Label KL(model || baseline) and win rates are measured against. Null: the first model."
+    )
+    reward_model: ModelRef | None = Field(
+        None, description="A one-label sequence classifier that scores every reply (optional)."
+    )
+    prompts: PromptOptions = Field(default_factory=PromptOptions)
+    generation: GenerationOptions = Field(default_factory=GenerationOptions)
+
+    @model_validator(mode="after")
+    def _needs_model(self):  # replaces BaseRecipe's: `models` instead of `model`
+        if len(self.models) < 2:
+            raise ValueError(f"models: need at least two models to compare, got {len(self.models)}")
+        if self.baseline is not None and self.baseline not in self.models:
+            raise ValueError(f"baseline {self.baseline!r} is not a label of models ({', '.join(self.models)})")
+        return self
+
+
+# --------------------------------------------------------------------------- ppo
+
+
+class PPOOptions(Section):
+    """PPO with a KL penalty (see alignment/stages/ppo.py for one iteration step by step)."""
+
+    total_episodes: int = Field(
+        2048, gt=0, description="Rollouts (prompt + sampled reply) over the whole run; iterations = "
+        "total_episodes // batch_size."
+    )
+    batch_size: int = Field(64, gt=0, description="Rollouts per iteration, over all processes.")
+    num_minibatches: int = Field(
+        1, gt=0, description="Minibatches each iteration's batch is split into; one optimizer step per minibatch "
+        "(training.gradient_accumulation_steps micro-batches inside each)."
+    )
+    ppo_epochs: int = Field(4, gt=0, description="Passes over each iteration's rollouts.")
+    response_length: int = Field(24, gt=0, description="Most new tokens per reply.")
+    temperature: float = Field(
+        0.7, gt=0.0, description="Sampling temperature of the rollouts; log-probs are taken at the same temperature."
+    )
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling of the rollouts (1: off).")
+    clip_range: float = Field(0.2, gt=0.0, description="PPO ratio clip epsilon.")
+    value_clip_range: float = Field(0.2, gt=0.0, description="Clip of the value update around the rollout's values.")
+    vf_coef: float = Field(0.1, ge=0.0, description="Weight of the value loss in the total loss.")
+    gamma: float = Field(1.0, ge=0.0, le=1.0, description="Discount factor of GAE.")
+    lam: float = Field(0.95, ge=0.0, le=1.0, description="GAE lambda.")
+    kl_estimator: Literal["k1", "k3"] = Field(
+        "k1", description="Per-token KL estimator: 'k1' = logp - ref_logp, 'k3' = exp(r) - 1 - r with r = ref_logp - logp."
+    )
+    kl_coef: float = Field(0.05, ge=0.0, description="KL penalty coefficient beta (the starting value when adaptive).")
+    kl_control: Literal["fixed", "adaptive"] = Field(
+        "fixed", description="'adaptive': beta follows Ziegler et al.'s controller toward kl_target."
+    )
+    kl_target: float = Field(6.0, gt=0.0, description="(adaptive) target of the per-reply summed KL.")
+    kl_horizon: int = Field(10000, gt=0, description="(adaptive) controller horizon in episodes.")
+    missing_eos_penalty: float | None = Field(
+        None, ge=0.0, description="Subtracted from the score of replies that end without EOS (null: none)."
+    )
+    whiten_rewards: bool = Field(False, description="Whiten the per-token rewards (mean kept) before GAE.")
+    forward_batch_size: int | None = Field(
+        None, gt=0, description="Rows per no-grad forward pass during rollouts (null: the whole local batch)."
+    )
+
+    @model_validator(mode="after")
+    def _batch_splits(self):
+        if self.batch_size % self.num_minibatches:
+            raise ValueError(
+                f"batch_size {self.batch_size} is not divisible by num_minibatches {self.num_minibatches}"
+            )
+        if self.total_episodes < self.batch_size:
+            raise ValueError(f"total_episodes {self.total_episodes} is smaller than batch_size {self.batch_size}")
+        return self
+
+
+class PromptDataOptions(DataOptions):
+    """Prompts of the PPO stage: rows with a user prompt (`prompt_field`); demo: the demo world's training
+    prompts (never the held-out ones the report uses)."""
+
+    num_examples: int | None = Field(
+        2000, gt=0, description="Prompts to generate (demo) or to keep (first N of a file). Null: all."
+    )
+    max_prompt_length: int = Field(
+        64, gt=0, description="Prompts longer than this many tokens after the chat template are dropped and counted."
+    )
+
+
+class PPORecipe(BaseRecipe):
+    stage: Literal["ppo"]
+    reward_model: ModelRef = Field(
+        description="Reward model (a one-label sequence classifier): a path, a hub id or {from: reward.yaml}. "
+        "The critic starts from it too."
+    )
+    data: PromptDataOptions = Field(default_factory=PromptDataOptions)
+    ppo: PPOOptions = Field(default_factory=PPOOptions)
+
+    @model_validator(mode="after")
+    def _minibatch_splits(self):
+        per_minibatch = self.ppo.batch_size // self.ppo.num_minibatches
+        if per_minibatch % self.training.gradient_accumulation_steps:
+            raise ValueError(
+                f"ppo.batch_size / ppo.num_minibatches = {per_minibatch} rollouts is not divisible by "
+                f"training.gradient_accumulation_steps {self.training.gradient_accumulation_steps}"
+            )
+        return self
+
+
 RECIPE_CLASSES: dict[str, type[BaseRecipe]] = {
     "init": InitRecipe,
     "pretrain": PretrainRecipe,
     "sft": SFTRecipe,
     "reward": RewardRecipe,
     "dpo": DPORecipe,
+    "ppo": PPORecipe,
     "prep": PrepRecipe,
+    "compare": CompareRecipe,
 }
 
 
 # --------------------------------------------------------------------------- loading
+
+
+class DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, line: int, first: int):
+        super().__init__(f"key {key!r} is written twice (first at line {first}); keep one")
+        self.line = line
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that rejects a key written twice in one mapping (plain PyYAML keeps the
+    last one and silently drops the first block)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, (str, int, float, bool)):
+                    continue  # a complex key: nothing a recipe uses
+                if key in first_line:
+                    raise DuplicateKey(key, key_node.start_mark.line + 1, first_line[key])
+                first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
 
 
 def _line_index(text: str) -> dict[tuple, int]:
@@ -514,15 +786,29 @@ def load_recipe(path: str | Path, overrides: list[tuple[list[str], Any, str]] = 
     """Read, override and validate a recipe; every failure is a one-line RecipeError."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as exc:
         raise RecipeError(f"{path}: cannot read recipe ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        line = exc.object[: exc.start].count(b"\n") + 1
+        raise RecipeError(
+            f"{path}:{line}: not a text file (byte {exc.object[exc.start]:#04x} is not UTF-8); a recipe is a YAML text file"
+        ) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=RecipeLoader)
+    except DuplicateKey as exc:
+        raise RecipeError(f"{path}:{exc.line}: {exc}") from None
     except yaml.YAMLError as exc:
+        if isinstance(exc, yaml.reader.ReaderError):  # a control character, as in a binary file
+            line = text[: exc.position].count("\n") + 1
+            code = exc.character if isinstance(exc.character, int) else ord(exc.character)
+            raise RecipeError(
+                f"{path}:{line}: not a text file (control character {code:#04x}); a recipe is a YAML text file"
+            ) from None
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
-        raise RecipeError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        raise RecipeError(f"{path}{where}: not valid YAML ({problem})") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}")
     from_override: dict[tuple, str] = {}
@@ -555,13 +841,17 @@ def load_recipe(path: str | Path, overrides: list[tuple[list[str], Any, str]] = 
 
 
 def model_inputs(recipe: BaseRecipe) -> dict[str, "str | FromRecipe"]:
-    """The recipe's inputs that may name another recipe: its model-valued keys (`model`, `ref_model`...)
-    and, under the role `data`, `data.source` when it is {from: prep_recipe.yaml}."""
+    """The recipe's inputs that may name another recipe: its model-valued keys (`model`, `ref_model`,
+    `reward_model`...; a mapping of them, compare's `models`, gives one role per label, e.g.
+    `models.sft`) and, under the role `data`, `data.source` when it is {from: prep_recipe.yaml}."""
     found = {}
     for role, info in type(recipe).model_fields.items():
         value = getattr(recipe, role)
         if value is not None and "FromRecipe" in str(info.annotation):
-            found[role] = value
+            if isinstance(value, dict):
+                found.update({f"{role}.{label}": item for label, item in value.items()})
+            else:
+                found[role] = value
     if isinstance(recipe.data.source, FromRecipe):
         found["data"] = recipe.data.source
     return found

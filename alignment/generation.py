@@ -107,3 +107,21 @@ def sample(
         response = torch.cat([response, fill], dim=1)
     ids, mask, finished = truncate_after_stop(response, stops, tok.pad_token_id)
     return Samples(enc["input_ids"], enc["attention_mask"], ids, mask, finished)
+
+
+def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_length: int) -> torch.Tensor:
+    """(B, R, V) logits that predict each of the R tokens after `context_length`: the logits at
+    position t predict token t + 1, so they are read from positions context_length - 1 .. -2.
+
+    Positions come from the attention mask (`position_ids`), so left padding and batch mates
+    leave a row's logits unchanged; only the last R + 1 positions go through the LM head.
+    """
+    width = input_ids.shape[1] - context_length
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids(attention_mask),
+        logits_to_keep=width + 1,
+        use_cache=False,
+    )
+    return out.logits[:, :-1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -10,18 +11,28 @@ import torch
 import yaml
 from transformers import TrainerCallback
 
-from ..config import BaseRecipe, resolved_dict
+from ..config import BaseRecipe, RecipeError, resolved_dict
 
 
 def use_cpu() -> bool:
     return not torch.cuda.is_available()
 
 
-def precision_flags(recipe: BaseRecipe) -> dict:
-    """TrainingArguments' bf16/fp16 flags from the recipe's `training.mixed_precision`."""
+def resolved_precision(recipe: BaseRecipe) -> str:
+    """The precision a stage really trains in: the recipe's `training.mixed_precision` with
+    'auto' resolved (bf16 on a GPU that supports it), and where that leaves full precision,
+    the launcher's (`accelerate launch --mixed_precision`), which transformers applies then."""
     mode = recipe.training.mixed_precision
     if mode == "auto":
         mode = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if mode == "no":
+        mode = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    return mode
+
+
+def precision_flags(recipe: BaseRecipe) -> dict:
+    """TrainingArguments' bf16/fp16 flags from the recipe's `training.mixed_precision`."""
+    mode = resolved_precision(recipe)
     return {"bf16": mode == "bf16", "fp16": mode == "fp16"}
 
 
@@ -137,11 +148,12 @@ def write_resolved(out_dir: Path, recipe: BaseRecipe, upstream: dict) -> None:
     (out_dir / "recipe.resolved.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
 
 
-def train_causal_lm(recipe: BaseRecipe, inputs: dict, work_dir: Path, dataset, **sft_options) -> dict:
+def train_causal_lm(recipe: BaseRecipe, inputs: dict, work_dir: Path, dataset, count=None, **sft_options) -> dict:
     """Fine-tune a causal LM on `dataset` with TRL's SFTTrainer and save it to `work_dir`.
 
     Shared by `pretrain` (pre-tokenised blocks) and `sft` (conversations); returns the
-    final training metrics.
+    final training metrics, after `count(trainer, tok)`'s counts of what the trainer's data
+    preparation did (it runs before training).
     """
     from trl import SFTConfig, SFTTrainer
 
@@ -159,7 +171,8 @@ def train_causal_lm(recipe: BaseRecipe, inputs: dict, work_dir: Path, dataset, *
         processing_class=tok,
         callbacks=[MetricsFile(work_dir / "metrics.jsonl")],
     )
-    return fit_and_save(trainer, tok, recipe, work_dir)
+    counts = count(trainer, tok) if count else {}
+    return {**counts, **fit_and_save(trainer, tok, recipe, work_dir)}
 
 
 def fit_and_save(trainer, tok, recipe: BaseRecipe, work_dir: Path, evaluate: bool = False) -> dict:
@@ -182,6 +195,15 @@ def fit_and_save(trainer, tok, recipe: BaseRecipe, work_dir: Path, evaluate: boo
         "resumed_from": Path(resume).name if resume else "",
         **{k: v for k, v in held_out.items() if k.startswith("eval_") and not k.endswith(("runtime", "per_second"))},
     }
+
+
+def require_rows(before: int, dataset, what: str, max_length: int) -> None:
+    """Stop before training when the trainer's length filter left none of `before` rows."""
+    if before and dataset is not None and len(dataset) == 0:
+        raise RecipeError(
+            f"training.max_length: {max_length} tokens is too short for every one of the {before} {what} "
+            "(the trainer drops those that do not fit); raise training.max_length"
+        )
 
 
 def last_logged(trainer, keys: tuple[str, ...]) -> dict:
@@ -243,17 +265,10 @@ def preference_datasets(recipe, inputs: dict, demo, default_examples: int, with_
 def pairs_after_filter(trainer, train, held_out, reason: str) -> dict:
     """Pairs the trainer kept after its own length filter, train and held-out, and the drops by reason.
 
-    Counted from the trainer's datasets, so `eval_pairs` is what is really scored. No pair left
-    to train on is a one-line error rather than a sampler traceback.
+    Counted from the trainer's datasets, so `eval_pairs` is what is really scored (call
+    `require_rows` first: no pair left is a one-line error rather than a sampler traceback).
     """
-    from ..config import RecipeError
-
     kept = len(trainer.train_dataset)
-    if kept == 0:
-        raise RecipeError(
-            f"training.max_length: {recipe_max_length(trainer)}: all {len(train)} training pairs were dropped "
-            f"({reason}); raise it or shorten the data"
-        )
     held = len(trainer.eval_dataset) if held_out is not None else 0
     return {
         "train_pairs": kept,
@@ -261,7 +276,3 @@ def pairs_after_filter(trainer, train, held_out, reason: str) -> dict:
         f"dropped/{reason}": len(train) - kept,
         f"dropped/held-out, {reason}": (len(held_out) - held) if held_out is not None else 0,
     }
-
-
-def recipe_max_length(trainer) -> int | None:
-    return getattr(trainer.args, "max_length", None)

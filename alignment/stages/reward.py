@@ -24,7 +24,7 @@ from ..config import RewardRecipe
 from ..demo import world
 from ..losses import bradley_terry_loss
 from ..models import apply_lora, load_classifier, load_tokenizer
-from .common import MetricsFile, fit_and_save, pairs_after_filter, preference_datasets, trainer_args
+from .common import MetricsFile, fit_and_save, pairs_after_filter, preference_datasets, require_rows, trainer_args
 
 DEFAULT_EXAMPLES = 4000
 
@@ -78,6 +78,9 @@ def run(recipe: RewardRecipe, inputs: dict, work_dir: Path) -> dict:
         callbacks=[MetricsFile(work_dir / "metrics.jsonl")],
         center_coef=recipe.reward.center_coef,
     )
+    max_length = recipe.training.max_length
+    require_rows(len(train), trainer.train_dataset, "training pairs", max_length)
+    require_rows(len(held_out or ()), trainer.eval_dataset, "held-out pairs", max_length)
     too_long = pairs_after_filter(trainer, train, held_out, "longer than max_length")
     summary = fit_and_save(trainer, tok, recipe, work_dir, evaluate=held_out is not None)
     return {**counts, **too_long, **summary}
