@@ -270,7 +270,9 @@ def _read_paths(nodes: list[Node]) -> list[tuple[str, Path]]:
     found = []
     for node in nodes:
         keys = {role: value for role, value in node.inputs().items() if role not in node.refs}
-        keys["data.source"] = node.recipe.data.source
+        keys["data.source"] = node.recipe.data.source if isinstance(node.recipe.data.source, str) else None
+        prep = getattr(node.recipe, "prep", None)
+        keys.update({f"prep.sources[{i}].path": s.path for i, s in enumerate(prep.sources if prep else [])})
         keys["model_options.chat_template"] = node.recipe.model_options.chat_template
         keys.update({f"report.models.{k}": v for k, v in node.recipe.report.models.items() if v not in names})
         for key, value in keys.items():

@@ -174,7 +174,7 @@ def onpolicy(args: argparse.Namespace) -> int:
     if args.reward_model is None and not args.oracle:
         raise DataError("score with --reward-model DIR, or --oracle for the demo world's gold oracle")
     options = PrepOptions(
-        kind="pairs", sources=[PrepSource(path=args.prompts, name="onpolicy")], test_fraction=args.test_fraction,
+        kind="pairs", sources=[PrepSource(path=args.prompts, name="onpolicy", shape="explicit")], test_fraction=args.test_fraction,
         split_seed=args.split_seed, dedup=args.dedup, max_turns=args.max_turns, max_length=args.max_length,
         strict=args.strict, seed=args.seed, min_margin=args.min_margin,
     )

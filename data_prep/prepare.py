@@ -243,13 +243,17 @@ def prepare(options: PrepOptions, tokenizer=None, progress: bool = True, given: 
     for source, name in zip(o.sources, names):
         run.tallies[name] = Tally()
         rows = iter(given[name] if given and name in given else source_rows(source, o.kind, o.seed))
-        head = list(islice(rows, DETECT_ROWS))
+        head = []  # the first DETECT_ROWS rows, and on until one is readable
+        for item in rows:
+            head.append(item)
+            if len(head) >= DETECT_ROWS and any(isinstance(r, dict) for _, r in head):
+                break
         columns = set().union(*(r.keys() for _, r in head if isinstance(r, dict)))
         where = source.path if source.path != "demo" else "demo"
-        if not columns:
-            raise DataError(f"{where}: no readable row among the first {len(head)}")
         shape = source.shape
-        if shape == "auto":
+        if not columns:  # no readable row at all: each is counted under its reason
+            shape = shape if shape != "auto" else KIND_SHAPES[o.kind][0]
+        elif shape == "auto":
             shape = detect_shape(columns, source.columns, KIND_SHAPES[o.kind], where)
         elif shape not in KIND_SHAPES[o.kind]:
             raise DataError(f"{where}: shape '{shape}' does not make {o.kind} (expected {', '.join(KIND_SHAPES[o.kind])})")
