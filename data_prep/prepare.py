@@ -18,7 +18,6 @@ import json
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
-from functools import lru_cache
 from itertools import chain, islice
 from pathlib import Path
 
@@ -65,7 +64,6 @@ class Prepared:
 # --------------------------------------------------------------------------- pure pieces
 
 
-@lru_cache(maxsize=1 << 16)
 def normalise_text(text: str) -> str:
     """Unicode NFKC, case folded, whitespace collapsed: what 'the same text' means for dedup and splits."""
     if not text.isascii():
@@ -74,7 +72,9 @@ def normalise_text(text: str) -> str:
 
 
 def messages_key(messages: list[dict]) -> str:
-    return "\x1e".join([m["role"] + "\x1f" + normalise_text(m["content"]) for m in messages])
+    """Messages as one normalised string. The separators are surrounded by spaces, which the
+    whitespace collapsing makes canonical, so one normalisation covers every message."""
+    return normalise_text(" \x00 ".join([m["role"] + " \x01 " + m["content"] for m in messages]))
 
 
 def prompt_key(row: dict) -> str:
@@ -105,19 +105,22 @@ def exact_key(row: dict) -> bytes:
 def normalised_key(row: dict, prompt: str) -> str:
     """`prompt` (its prompt_key) plus the rest of the row, normalised."""
     if "prompt" in row:
-        return prompt + "\x1d" + messages_key(row["chosen"]) + "\x1d" + messages_key(row["rejected"])
+        return prompt + " \x02 " + messages_key(row["chosen"] + [{"role": "\x03", "content": ""}] + row["rejected"])
     return messages_key(row["messages"]) if "messages" in row else prompt
 
 
 def row_problem(row: dict, max_turns: int | None = None) -> str | None:
     """Empty text, chosen identical to rejected, too many turns: the checks every canonical row gets."""
     if "prompt" in row:
-        if not row["prompt"] or any(not m["content"].strip() for m in row["prompt"] if m["role"] != "system"):
-            return "empty 'prompt'"
-        for side in ("chosen", "rejected"):
-            if not row[side][-1]["content"].strip():
-                return f"empty '{side}'"
-        if [m["content"].strip() for m in row["chosen"]] == [m["content"].strip() for m in row["rejected"]]:
+        for m in row["prompt"]:
+            if m["role"] != "system" and not m["content"].strip():
+                return "empty 'prompt'"
+        chosen, rejected = row["chosen"][-1]["content"].strip(), row["rejected"][-1]["content"].strip()
+        if not chosen:
+            return "empty 'chosen'"
+        if not rejected:
+            return "empty 'rejected'"
+        if chosen == rejected and len(row["chosen"]) == len(row["rejected"]) == 1:
             return "'chosen' identical to 'rejected'"
         turns = row["prompt"]
     elif "messages" in row:
@@ -240,13 +243,17 @@ def prepare(options: PrepOptions, tokenizer=None, progress: bool = True, given: 
     for source, name in zip(o.sources, names):
         run.tallies[name] = Tally()
         rows = iter(given[name] if given and name in given else source_rows(source, o.kind, o.seed))
-        head = list(islice(rows, DETECT_ROWS))
+        head = []  # the first DETECT_ROWS rows, and on until one is readable
+        for item in rows:
+            head.append(item)
+            if len(head) >= DETECT_ROWS and any(isinstance(r, dict) for _, r in head):
+                break
+        columns = set().union(*(r.keys() for _, r in head if isinstance(r, dict)))
         where = source.path if source.path != "demo" else "demo"
         shape = source.shape
-        if shape == "auto":
-            columns = set().union(*(r.keys() for _, r in head if isinstance(r, dict)))
-            if not columns:
-                raise DataError(f"{where}: no readable row among the first {len(head)}")
+        if not columns:  # no readable row at all: each is counted under its reason
+            shape = shape if shape != "auto" else KIND_SHAPES[o.kind][0]
+        elif shape == "auto":
             shape = detect_shape(columns, source.columns, KIND_SHAPES[o.kind], where)
         elif shape not in KIND_SHAPES[o.kind]:
             raise DataError(f"{where}: shape '{shape}' does not make {o.kind} (expected {', '.join(KIND_SHAPES[o.kind])})")

@@ -454,3 +454,9 @@ def test_hub_dataset_id_that_cannot_be_loaded_is_one_line(monkeypatch):
     with pytest.raises(DataError, match=r"^nobody/no-such-set:cfg: cannot load hub dataset \(") as err:
         list(read_source("nobody/no-such-set:cfg"))
     assert "\n" not in str(err.value)
+
+
+def test_a_source_with_no_readable_row_is_all_counted_drops(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "bad.jsonl", ["{oops", "[1]"] * 60)
+    code, _, _ = run_cli(["pairs", src, "--test-fraction", "0", "--out", tmp_path / "out"], capsys)
+    assert code == 0 and summary(tmp_path / "out")["dropped"] == {"not valid JSON": 60, "row is not a JSON object": 60}
