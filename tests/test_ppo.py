@@ -282,11 +282,12 @@ def test_bad_settings_are_one_line_errors_and_leave_nothing(in_tmp, tiny_base, r
     assert not (in_tmp / "out").exists() or not any((in_tmp / "out").iterdir())
 
 
-def test_reward_model_must_be_a_one_label_classifier(in_tmp, tiny_base):
-    proc = _run_cli([f"model={tiny_base}", f"reward_model={tiny_base}", *MICRO_PPO, "output_dir=out/ppo"], in_tmp)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 2
-    assert err.strip().splitlines()[-1].startswith("error: reward_model: ") and "one-label sequence classifier" in err
+def test_reward_model_must_be_a_one_label_classifier(in_tmp, tiny_base, capsys):
+    from alignment.cli import main
+
+    code = main(["run", str(RECIPES / "ppo.yaml"), f"model={tiny_base}", f"reward_model={tiny_base}", *MICRO_PPO, "output_dir=out/ppo"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: reward_model: ") and "one-label sequence classifier" in err[-1]
     assert not (in_tmp / "out" / "ppo").exists() and not (in_tmp / "out" / "ppo.partial").exists()
 
 
