@@ -1,23 +1,31 @@
-"""Generation and scoring: what the end-of-pipeline report and `alignment compare` share.
+"""Generation, scoring and statistics: what `alignment compare`, the compare stage and the
+closing report of every pipeline share (rendering is in `report.py`).
 
 `generate` answers user prompts through the tokenizer's chat template; `gold_scores` grades
-the answers with the demo world's exact oracle and `reward_scores` with a trained reward
-model; `bootstrap_ci` and `paired_bootstrap_diff` put confidence intervals on the means;
-`evaluate` runs all of it for a few model directories and `gold_table` prints the result.
+the answers with the demo world's exact oracle (`gold_parts` part by part) and
+`reward_scores` with a trained reward model; `reply_logprobs` is the forward pass behind
+KL(model || baseline); `bootstrap_ci`, `paired_bootstrap_diff` and `win_rate` put
+confidence intervals on means, differences and win rates. `compare_models` runs all of it
+for a few models on the same prompts under the same seed and returns one `Comparison`
+(a JSON summary and the side-by-side samples).
 """
 
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from . import models as model_layer
+from .config import DEMO_PROMPTS, DataOptions, GenerationOptions, ModelOptions, PromptOptions, RecipeError
+from .data import load_rows, text_problem
 from .demo import world
-from .generation import sample
+from .generation import Samples, response_logits, sample
+from .losses import sequence_logprobs
 
 
 @dataclass
@@ -60,12 +68,33 @@ def generate(
     Batches are left-padded (see `generation.sample`), so under greedy decoding a reply does
     not depend on its batch mates.
     """
+    return generate_with_samples(
+        model, tok, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        batch_size=batch_size, seed=seed, progress=progress,
+    )[0]
+
+
+def generate_with_samples(
+    model,
+    tok,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    batch_size: int = 64,
+    seed: int = 0,
+    progress: bool = True,
+    desc: str = "generate",
+) -> tuple[list[Generation], list[Samples]]:
+    """`generate`, plus the token ids of every batch (on the CPU) for later forward passes."""
     torch.manual_seed(seed)
     was_training = model.training
     model.eval()
     results: list[Generation] = []
+    batches: list[Samples] = []
     try:
-        with tqdm(total=len(prompts), desc="generate", disable=not progress) as bar:
+        with tqdm(total=len(prompts), desc=desc, disable=not progress) as bar:
             for batch in _batches(list(prompts), batch_size):
                 out = sample(
                     model, tok, [render_prompt(tok, p) for p in batch],
@@ -76,10 +105,30 @@ def generate(
                     finished = bool(out.finished[i])
                     text = tok.decode(out.response_ids[i, : lengths[i] - finished].tolist(), skip_special_tokens=True)
                     results.append(Generation(prompt, text, finished, lengths[i]))
+                batches.append(_to(out, "cpu"))
                 bar.update(len(batch))
     finally:
         model.train(was_training)
-    return results
+    return results, batches
+
+
+def _to(samples: Samples, device) -> Samples:
+    return Samples(**{f.name: getattr(samples, f.name).to(device) for f in fields(Samples)})
+
+
+def reply_logprobs(model, samples: Samples, temperature: float) -> torch.Tensor:
+    """(B,) summed log-probability of each sampled reply (its stop token included) under `model`.
+
+    Log-probs are those of softmax(logits / temperature), the distribution the replies were
+    sampled from (top-p truncation aside); temperature 0 (greedy) uses the raw logits.
+    Padding is masked and positions follow the attention mask, so a row's value does not
+    depend on its batch mates.
+    """
+    s = _to(samples, model.device)
+    with torch.no_grad():
+        logits = response_logits(model, s.input_ids, s.attention_mask, s.prompt_ids.shape[1])
+        logp = sequence_logprobs(logits, s.response_ids, s.response_mask, temperature=temperature or 1.0)
+    return logp.sum(-1).cpu()
 
 
 def bootstrap_ci(values, n_resamples: int = 2000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float, float]:
@@ -110,6 +159,15 @@ def gold_scores(generations: list[Generation]) -> list[float]:
     return [world.gold_score(g.prompt, g.text, g.finished) for g in generations]
 
 
+GOLD_PARTS = ("polite", "content", "concise")
+
+
+def gold_parts(generations: list[Generation]) -> dict[str, list[float]]:
+    """Part -> score of each reply (polite / content / concise); the parts sum to `gold_scores`."""
+    rows = [world.score_parts(g.prompt, g.text, g.finished) for g in generations]
+    return {part: [row[part] for row in rows] for part in GOLD_PARTS}
+
+
 def reward_scores(reward_model, tok, generations: list[Generation], batch_size: int = 64) -> list[float]:
     """The reward model's score of each (prompt, reply) exchange, rendered by the chat template.
 
@@ -138,51 +196,313 @@ def reward_scores(reward_model, tok, generations: list[Generation], batch_size: 
     return scores
 
 
-def evaluate(
+# --------------------------------------------------------------------------- comparing models
+
+
+class CompareError(RecipeError):
+    """Bad input to a comparison; `arg` is the argument (recipe key) it is about."""
+
+    def __init__(self, arg: str, message: str):
+        super().__init__(f"{arg}: {message}")
+        self.arg, self.message = arg, message
+
+
+def load_prompts(options: PromptOptions) -> tuple[list[str], str]:
+    """(prompts, what they are) from the prompt options; a bad source is a CompareError('prompts')."""
+    source = options.source
+    if source == "demo":
+        prompts = world.eval_prompts(options.num_prompts or DEMO_PROMPTS, options.seed)
+        return prompts, "held-out demo prompts"
+    if source.endswith(".txt"):
+        path = Path(source)
+        if not path.is_file():
+            raise CompareError("prompts", f"{source}: no such file")
+        lines = path.read_text().rstrip("\n").split("\n")
+        for number, line in enumerate(lines, 1):
+            if not line.strip() and len(lines) > 1:
+                raise CompareError("prompts", f"{source}:{number}: empty line (expected one prompt a line)")
+        prompts = lines
+    else:
+        from data_prep.read import Bad
+
+        try:
+            found = load_rows(DataOptions(source=source, split=options.split), lambda n, seed: [], 0)
+        except RecipeError as exc:
+            raise CompareError("prompts", str(exc).removeprefix("data.source").lstrip(": ")) from None
+        check = text_problem(options.field)
+        prompts = []
+        for row, origin in zip(found.rows, found.origins):
+            if isinstance(row, Bad):  # a line the reader could not make a row of
+                problem = f"{row.reason} ({row.detail})" if row.detail else row.reason
+            else:
+                problem = check(row) if isinstance(row, dict) else "row is not a JSON object"
+            if problem:
+                raise CompareError("prompts", f"{origin}: {problem} (expected a string column '{options.field}')")
+            prompts.append(row[options.field])
+    if not prompts or prompts == [""]:
+        raise CompareError("prompts", f"{source}: no prompts (the file is empty)")
+    return prompts[: options.num_prompts], f"prompts from {source}"
+
+
+def has_gold(prompts: list[str]) -> bool:
+    """True when every prompt is a demo-world task, which the gold oracle can grade."""
+    try:
+        for prompt in prompts:
+            world.parse_prompt(prompt)
+    except ValueError:
+        return False
+    return True
+
+
+def check_reward_model(name_or_path: str) -> None:
+    """A reward model is a sequence classifier with one label (a causal LM would get a random head)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as exc:
+        raise CompareError("reward_model", f"cannot load '{name_or_path}' ({str(exc).splitlines()[0]})") from None
+    kinds = getattr(config, "architectures", None) or []
+    if not any(k.endswith("ForSequenceClassification") for k in kinds) or config.num_labels != 1:
+        raise CompareError(
+            "reward_model",
+            f"'{name_or_path}' is not a one-label sequence classifier (architectures {kinds}, "
+            f"num_labels {config.num_labels}); train one with the reward stage",
+        )
+
+
+def _about(label: str, exc: Exception) -> str:
+    """The error message, naming the model's label unless it already does (a directory's name)."""
+    return str(exc) if label in str(exc) else f"{label}: {exc}"
+
+
+def same_tokenizer(a, b) -> bool:
+    """True when token ids mean the same in both tokenizers, so one model's ids can go to the other."""
+    return a.get_vocab() == b.get_vocab() and (a.pad_token_id, a.eos_token_id) == (b.pad_token_id, b.eos_token_id)
+
+
+def per_prompt(values, samples_per_prompt: int) -> np.ndarray:
+    """Mean over each prompt's samples (values are prompt-major: p0 s0, p0 s1, ..., p1 s0, ...)."""
+    return np.asarray(values, dtype=float).reshape(-1, samples_per_prompt).mean(axis=1)
+
+
+def win_rate(a, b, samples_per_prompt: int = 1, n_resamples: int = 2000, seed: int = 0) -> dict:
+    """How often reply a scores above reply b (the same prompt and sample index); ties count half.
+
+    Returns the win / tie / loss fractions, `win_rate` = win + tie / 2 and its 95% bootstrap
+    interval over prompts (each prompt's samples stay together).
+    """
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape:
+        raise ValueError(f"win_rate needs scores of the same replies, got {len(a)} and {len(b)}")
+    outcome = (a > b) + 0.5 * (a == b)
+    rate, lo, hi = bootstrap_ci(per_prompt(outcome, samples_per_prompt), n_resamples=n_resamples, seed=seed)
+    return {
+        "win": float((a > b).mean()), "tie": float((a == b).mean()), "loss": float((a < b).mean()),
+        "win_rate": rate, "lo": lo, "hi": hi,
+    }
+
+
+@dataclass
+class Comparison:
+    """What a comparison produced: the summary (JSON; every table and plot is drawn from it)
+    and one row per prompt and sample with every model's reply side by side."""
+
+    summary: dict
+    samples: list[dict]
+
+
+def compare_models(
     models: dict[str, str],
     prompts: list[str],
+    generation: GenerationOptions,
     *,
-    max_new_tokens: int = 32,
-    temperature: float = 0.0,
-    seed: int = 0,
-    batch_size: int = 64,
-) -> dict[str, dict]:
-    """Generate with each model directory (name -> path) on the same prompts; grade with the gold oracle."""
-    results = {}
-    for name, path in models.items():
-        tok = model_layer.load_tokenizer(path)
-        model = model_layer.load_causal_lm(path, tok)
-        gens = generate(
-            model, tok, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-            batch_size=batch_size, seed=seed,
-        )
-        scores = gold_scores(gens)
-        mean, lo, hi = bootstrap_ci(scores, seed=seed)
-        results[name] = {
-            "gold_mean": mean,
-            "gold_lo": lo,
-            "gold_hi": hi,
-            "eos_rate": sum(g.finished for g in gens) / len(gens),
-            "scores": scores,
-            "generations": gens,
+    baseline: str,
+    reward_model: str | None = None,
+    prompt_source: str = "prompts",
+    model_options: ModelOptions | None = None,
+    progress: bool = True,
+) -> Comparison:
+    """Every model (label -> path or hub id) answers every prompt under the same seed; replies
+    are scored (gold oracle when the prompts are demo tasks, reward model when given) and
+    KL(model || baseline) is estimated from each model's own samples.
+
+    Models are loaded one at a time, the baseline last: while it is loaded it scores the
+    other models' samples, so no two policies are in memory together.
+    """
+    if baseline not in models:
+        raise CompareError("baseline", f"{baseline!r} is not one of the models ({', '.join(models)})")
+    options = model_options or ModelOptions()
+    if reward_model is not None:
+        check_reward_model(reward_model)
+        try:
+            reward_tok = model_layer.load_tokenizer(reward_model, options)
+        except RecipeError as exc:
+            raise CompareError("reward_model", str(exc)) from None
+    toks = {}
+    for label, path in models.items():
+        try:
+            toks[label] = model_layer.load_tokenizer(path, options)
+        except RecipeError as exc:
+            raise CompareError("models", _about(label, exc)) from None
+
+    gen = generation
+    kl_able = {label: gen.temperature > 0 and same_tokenizer(toks[label], toks[baseline]) for label in models}
+    notes = []
+    if gen.temperature == 0:
+        notes.append("KL not estimated: greedy decoding is a deterministic policy (use temperature > 0)")
+    for label in models:
+        if gen.temperature > 0 and not kl_able[label]:
+            notes.append(f"KL not estimated for '{label}': its tokenizer differs from the baseline's "
+                         "(replies are compared as decoded text)")
+    if gen.temperature > 0 and gen.top_p < 1:
+        notes.append(f"KL uses the temperature-{gen.temperature:g} distributions without the top-p cut")
+
+    asked = [p for p in prompts for _ in range(gen.samples_per_prompt)]
+    generations, logratio = _generate_all(models, toks, asked, gen, baseline, kl_able, options, progress)
+    scores = {}
+    if has_gold(prompts):
+        for label, gens in generations.items():
+            parts = gold_parts(gens)
+            scores.setdefault("gold", {})[label] = [sum(p) for p in zip(*parts.values())]
+            for part, values in parts.items():
+                scores.setdefault(part, {})[label] = values
+    else:
+        notes.append("no gold scores: the prompts are not demo-world tasks")
+    if reward_model is not None:
+        scorer = model_layer.load_classifier(reward_model, reward_tok, options).to(_device())
+        scores["reward"] = {
+            label: reward_scores(scorer, reward_tok, gens, batch_size=gen.batch_size) for label, gens in generations.items()
         }
+        del scorer
+    settings = {**gen.model_dump(), "num_prompts": len(prompts), "prompt_source": prompt_source}
+    summary = summarize(generations, scores, logratio, settings, baseline=baseline, notes=notes)
+    for label in models:
+        summary["models"][label]["model"] = models[label]
+    return Comparison(summary, side_by_side(generations, scores, logratio, gen.samples_per_prompt))
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _generate_all(models, toks, asked, gen: GenerationOptions, baseline, kl_able, options, progress):
+    """Each model's replies (label -> generations, in `models` order) and, where KL is estimated,
+    each reply's summed log-ratio log p_model - log p_baseline (label -> list)."""
+    generations, batches, own, logratio = {}, {}, {}, {}
+    device = _device()
+    for label in [m for m in models if m != baseline] + [baseline]:
+        tok = toks[label]
+        try:
+            model = model_layer.load_causal_lm(models[label], tok, options).to(device)
+        except RecipeError as exc:
+            raise CompareError("models", _about(label, exc)) from None
+        generations[label], batches[label] = generate_with_samples(
+            model, tok, asked, max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
+            batch_size=gen.batch_size, seed=gen.seed, progress=progress, desc=f"generate {label}",
+        )
+        if label != baseline and kl_able[label]:
+            own[label] = torch.cat([reply_logprobs(model, b, gen.temperature) for b in batches[label]])
+        if label == baseline:  # the last one: it scores the others' replies
+            for other in own:
+                ref = torch.cat([reply_logprobs(model, b, gen.temperature) for b in batches[other]])
+                logratio[other] = (own[other] - ref).tolist()
+            if kl_able[baseline]:
+                logratio[baseline] = [0.0] * len(asked)  # KL of a model to itself
         del model
         gc.collect()
-    return results
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {label: generations[label] for label in models}, logratio
 
 
-def gold_table(results: dict, baseline_order: list[str]) -> str:
-    """Rows in `baseline_order`, then each model's paired gain over the one before it."""
-    rows = [("model", "gold [95% CI]", "EOS rate")]
-    for name in baseline_order:
-        r = results[name]
-        rows.append((name, f"{r['gold_mean']:.3f} [{r['gold_lo']:.3f}, {r['gold_hi']:.3f}]", f"{r['eos_rate']:.0%}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+SCORE_KINDS = ("gold", "reward")
 
-    for prev, cur in zip(baseline_order, baseline_order[1:]):
-        if [g.prompt for g in results[cur]["generations"]] != [g.prompt for g in results[prev]["generations"]]:
-            raise ValueError(f"'{cur}' and '{prev}' were evaluated on different prompts; cannot pair them")
-        diff, lo, hi = paired_bootstrap_diff(results[cur]["scores"], results[prev]["scores"])
-        lines.append(f"{cur} - {prev}: {diff:+.3f} [{lo:.3f}, {hi:.3f}]")
-    return "\n".join(lines)
+
+def summarize(
+    generations: dict[str, list[Generation]],
+    scores: dict[str, dict[str, list[float]]],
+    logratio: dict[str, list[float]],
+    settings: dict,
+    *,
+    baseline: str,
+    notes: list[str] = (),
+) -> dict:
+    """The comparison's numbers, from per-reply values (prompt-major, `samples_per_prompt` each).
+
+    scores: kind ('gold', its parts, 'reward') -> label -> one score per reply.
+    logratio: label -> summed log pi_model(y) - log pi_baseline(y) per reply, for the labels
+    where KL is estimated. Means carry 95% bootstrap intervals over prompts.
+    """
+    n, seed = settings.get("samples_per_prompt", 1), settings.get("seed", 0)
+    labels = list(generations)
+    kinds = [k for k in scores if k in SCORE_KINDS]
+    parts = [k for k in scores if k in GOLD_PARTS]
+    primary = kinds[0] if kinds else None
+    per_model = {}
+    for label, gens in generations.items():
+        lengths = np.array([g.num_tokens for g in gens], dtype=float)
+        row = {}
+        for kind in [*kinds, *parts]:
+            mean, lo, hi = bootstrap_ci(per_prompt(scores[kind][label], n), seed=seed)
+            row |= {f"{kind}_mean": mean, f"{kind}_lo": lo, f"{kind}_hi": hi}
+        if label in logratio:
+            mean, lo, hi = bootstrap_ci(per_prompt(logratio[label], n), seed=seed)
+            row |= {"kl_mean": mean, "kl_lo": lo, "kl_hi": hi}
+        else:
+            row |= {"kl_mean": None, "kl_lo": None, "kl_hi": None}
+        row |= {
+            "eos_rate": float(np.mean([g.finished for g in gens])),
+            "length_mean": float(lengths.mean()),
+            "length_median": float(np.median(lengths)),
+            "length_p90": float(np.percentile(lengths, 90)),
+            "length_max": int(lengths.max()),
+            "length_score_corr": _correlation(lengths, scores[primary][label]) if primary else None,
+        }
+        per_model[label] = row
+
+    pairs = [(a, baseline) for a in labels if a != baseline]
+    pairs += [(a, b) for i, b in enumerate(labels) for a in labels[i + 1 :] if baseline not in (a, b)]
+    wins = [
+        {"a": a, "b": b, "score": kind, **win_rate(scores[kind][a], scores[kind][b], n, seed=seed)}
+        for kind in kinds for a, b in pairs
+    ]
+    diffs = []
+    for kind in kinds:
+        for b, a in zip(labels, labels[1:]):
+            mean, lo, hi = paired_bootstrap_diff(per_prompt(scores[kind][a], n), per_prompt(scores[kind][b], n), seed=seed)
+            diffs.append({"a": a, "b": b, "score": kind, "mean": mean, "lo": lo, "hi": hi})
+    return {
+        "settings": settings,
+        "baseline": baseline,
+        "score_kinds": kinds,
+        "parts": parts,
+        "models": per_model,
+        "win_rates": wins,
+        "differences": diffs,
+        "notes": list(notes),
+    }
+
+
+def _correlation(x, y) -> float | None:
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if x.std() == 0 or y.std() == 0:
+        return None
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def side_by_side(generations, scores, logratio, samples_per_prompt: int) -> list[dict]:
+    """One row per prompt and sample index, every model's reply and its scores."""
+    labels = list(generations)
+    rows = []
+    for i, first in enumerate(generations[labels[0]]):
+        replies = {}
+        for label in labels:
+            g = generations[label][i]
+            reply = {"text": g.text, "finished": g.finished, "num_tokens": g.num_tokens}
+            reply |= {kind: values[label][i] for kind, values in scores.items()}
+            if label in logratio:
+                reply["logratio"] = logratio[label][i]
+            replies[label] = reply
+        rows.append({"prompt": first.prompt, "sample": i % samples_per_prompt, "replies": replies})
+    return rows

@@ -1,20 +1,195 @@
-"""The closing report of a run: what each stage changed, measured with the gold oracle.
+"""Reports of a comparison: one summary (compare.Comparison) -> stdout table, report.md,
+summary/report JSON, samples.jsonl and report.html (drawn in `report_html.py`).
 
-After the last stage, the models the recipe's `report.models` names (label -> recipe name in
-the chain, or a model path) answer the same held-out demo prompts; the report prints each
-model's mean gold score with a 95% bootstrap CI, the paired difference between consecutive
-models with its CI, and the last stage's own metrics. It is also written to
-`<output_dir>/report.json` and `report.md`.
+`alignment compare`, the `compare` stage and the closing report of a pipeline all go
+through `write_outputs` and `text_table`. The closing report: after the last stage, the
+models the recipe's `report.models` names (label -> recipe name in the chain, or a model
+directory) answer the same held-out demo prompts; the table shows each model's gold score
+part by part with 95% bootstrap CIs, KL to the baseline (the SFT model, usually), win
+rates against it, the paired difference between consecutive models, and the last stage's
+own metrics. It is written to `<output_dir>/report.json`, `report.md` and `report.html`.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
-from .compare import evaluate, gold_table
-from .config import ReportOptions
+from .compare import CompareError, Comparison, compare_models
+from .config import GenerationOptions, RecipeError, ReportOptions
+from .models import check_model_kind
 from .demo import world
+
+MARKER = "alignment compare"  # summary.json's "generator": an output directory this toolkit wrote
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _ci(row: dict, key: str, digits: int = 3) -> str:
+    if row.get(f"{key}_mean") is None:
+        return "-"
+    return f"{row[f'{key}_mean']:.{digits}f} [{row[f'{key}_lo']:.{digits}f}, {row[f'{key}_hi']:.{digits}f}]"
+
+
+def table_rows(summary: dict, brief: bool = False) -> list[list[str]]:
+    """Header and one row per model: scores with CIs, parts, EOS rate, length, KL and win rate
+    against the baseline (`brief`: scores, parts, EOS rate and length only)."""
+    base, kinds, parts = summary["baseline"], summary["score_kinds"], summary["parts"]
+    primary = kinds[0] if kinds else None
+    header = ["model", *(f"{k} [95% CI]" for k in kinds[:1]), *parts, *(f"{k} [95% CI]" for k in kinds[1:]),
+              "EOS", "tokens"]
+    if not brief:
+        header.append(f"KL to {base} [95% CI]")
+        if primary:
+            header.append(f"{primary} win vs {base} [95% CI]")
+    wins = {w["a"]: w for w in summary["win_rates"] if w["b"] == base and w["score"] == primary}
+    rows = [header]
+    for label, m in summary["models"].items():
+        row = [label, *(_ci(m, k) for k in kinds[:1]), *(f"{m[f'{p}_mean']:.3f}" for p in parts),
+               *(_ci(m, k) for k in kinds[1:]), f"{m['eos_rate']:.0%}", f"{m['length_mean']:.1f}"]
+        if not brief:
+            row.append("baseline" if label == base else _ci(m, "kl", 2))
+            if primary:
+                w = wins.get(label)
+                row.append(f"{w['win_rate']:.2f} [{w['lo']:.2f}, {w['hi']:.2f}]" if w else "-")
+        rows.append(row)
+    return rows
+
+
+def win_rows(summary: dict) -> list[list[str]]:
+    rows = [["a", "b", "score", "a wins", "tie", "b wins", "win rate of a [95% CI]"]]
+    return rows + [[w["a"], w["b"], w["score"], f"{w['win']:.0%}", f"{w['tie']:.0%}", f"{w['loss']:.0%}",
+                    f"{w['win_rate']:.2f} [{w['lo']:.2f}, {w['hi']:.2f}]"] for w in summary["win_rates"]]
+
+
+def difference_lines(summary: dict) -> list[str]:
+    """Each model minus the one before it, paired on the same prompts."""
+    lines = []
+    for d in summary["differences"]:
+        which = "" if d["score"] == summary["score_kinds"][0] else f" ({d['score']})"
+        lines.append(f"{d['a']} - {d['b']}{which}: {d['mean']:+.3f} [{d['lo']:.3f}, {d['hi']:.3f}]")
+    return lines
+
+
+def title(summary: dict) -> str:
+    s = summary["settings"]
+    what = "Gold score" if "gold" in summary["score_kinds"] else "Scores"
+    decoding = "greedy" if s["temperature"] == 0 else f"temperature {s['temperature']:g}"
+    if s["temperature"] and s["top_p"] < 1:
+        decoding += f", top-p {s['top_p']:g}"
+    per = f", {s['samples_per_prompt']} samples per prompt" if s["samples_per_prompt"] > 1 else ""
+    return f"{what} on {s['num_prompts']} {s['prompt_source']} ({decoding}, at most {s['max_new_tokens']} new tokens{per})"
+
+
+def text_table(summary: dict, brief: bool = False) -> str:
+    """The stdout table: fixed-width rows, then each model's paired difference to the one before it."""
+    rows = table_rows(summary, brief)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    if not brief:
+        lines += difference_lines(summary)
+        lines += [f"note: {n}" for n in summary["notes"]]
+    return "\n".join(lines)
+
+
+def _md_table(rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    return "\n".join(out + ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows[1:]])
+
+
+def markdown(summary: dict, samples: list[dict], heading: str = "Comparison", examples: int = 5) -> str:
+    s = summary["settings"]
+    parts = [f"# {heading}", "", title(summary) + f", seed {s['seed']}.", "", _md_table(table_rows(summary))]
+    if summary["differences"]:
+        parts += ["", "Paired differences (each model minus the one before it, same prompts):", ""]
+        parts += [f"- {line}" for line in difference_lines(summary)]
+    if summary["win_rates"]:
+        parts += ["", "## Win rates (ties count half)", "", _md_table(win_rows(summary))]
+    for extra in summary.get("also", []):
+        parts += ["", f"## {title(extra)}", "", _md_table(table_rows(extra, brief=True))]
+    if summary["notes"]:
+        parts += ["", "## Notes", "", *(f"- {n}" for n in summary["notes"])]
+    parts += ["", KL_EXPLAINED, "", "## Examples", ""]
+    for row in samples[:examples]:
+        parts.append(f"- `{row['prompt']}`")
+        for label, reply in row["replies"].items():
+            scores = ", ".join(f"{k} {reply[k]:.2f}" for k in summary["score_kinds"] if k in reply)
+            cut = "" if reply["finished"] else " (no EOS)"
+            parts.append(f"  - **{label}**: `{reply['text']}`{cut} {scores}")
+    return "\n".join(parts) + "\n"
+
+
+KL_EXPLAINED = (
+    "KL(model || baseline) is estimated from the model's own replies: the mean over replies of the summed "
+    "per-token log-ratio log p_model(y_t) - log p_baseline(y_t), EOS included, both under softmax(logits / "
+    "temperature); its interval is a bootstrap over prompts."
+)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _write(path: Path, text: str) -> None:
+    """Write through a temporary file, so that a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_outputs(comparison: Comparison, out_dir: Path, *, prefix: str = "", heading: str = "Comparison",
+                  summary_name: str = "summary.json", extra: dict | None = None) -> list[Path]:
+    """report.html, report.md, samples.jsonl and the summary JSON, in `out_dir` (which exists)."""
+    from .report_html import render_html
+
+    summary = {"generator": MARKER, **comparison.summary, **(extra or {})}
+    files = {
+        summary_name: json.dumps(summary, indent=2),
+        f"{prefix}samples.jsonl": "".join(json.dumps(row) + "\n" for row in comparison.samples),
+        "report.md": markdown(summary, comparison.samples, heading),
+        "report.html": render_html(summary, comparison.samples, heading),
+    }
+    for name, text in files.items():
+        _write(out_dir / name, text)
+    return [out_dir / name for name in files]
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """An existing output directory is replaced only if `alignment compare` wrote it."""
+    if out_dir.exists() and not _ours(out_dir):
+        raise CompareError("out", f"{out_dir} exists and was not written by alignment compare; choose another")
+
+
+def _ours(out_dir: Path) -> bool:
+    try:
+        return json.loads((out_dir / "summary.json").read_text()).get("generator") == MARKER
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def write_report_dir(comparison: Comparison, out_dir: Path, heading: str = "Comparison") -> None:
+    """Write every output into a temporary directory beside `out_dir`, then move it into place."""
+    check_out_dir(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write_outputs(comparison, tmp, heading=heading)
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- the closing report of a run
 
 
 def resolve_models(options: ReportOptions, nodes: list) -> tuple[dict[str, str], list[str]]:
@@ -23,9 +198,12 @@ def resolve_models(options: ReportOptions, nodes: list) -> tuple[dict[str, str],
     by_name = {node.name: node for node in nodes}
     models, notes = {}, []
     for label, target in options.models.items():
+        if target in by_name and by_name[target].recipe.stage == "reward":
+            raise RecipeError(f"report.models.{label}: '{target}' is a reward model; the report compares policies")
         if target in by_name:
             models[label] = str(by_name[target].out_dir)
         elif Path(target).is_dir():
+            check_model_kind(target, "causal-lm", key=f"report.models.{label}")
             models[label] = target
         else:
             names = ", ".join(by_name)
@@ -33,35 +211,42 @@ def resolve_models(options: ReportOptions, nodes: list) -> tuple[dict[str, str],
     return models, notes
 
 
+def report_baseline(options: ReportOptions, models: dict[str, str]) -> str:
+    labels = list(models)
+    if options.baseline in models:
+        return options.baseline
+    return labels[-2] if len(labels) > 1 else labels[0]
+
+
 def build_report(options: ReportOptions, nodes: list, models: dict[str, str]) -> str:
+    """Compare the report's models on held-out demo prompts; write report.json/md/html and
+    report_samples.jsonl beside the last stage's model; return the text to print."""
     prompts = world.eval_prompts(options.num_prompts, options.seed)
-    results = evaluate(
-        models, prompts, max_new_tokens=options.max_new_tokens, temperature=options.temperature,
-        seed=options.seed, batch_size=options.batch_size,
-    )
+    baseline = report_baseline(options, models)
+
+    def run(temperature: float) -> Comparison:
+        generation = GenerationOptions(
+            max_new_tokens=options.max_new_tokens, temperature=temperature, seed=options.seed,
+            batch_size=options.batch_size,
+        )
+        return compare_models(models, prompts, generation, baseline=baseline, prompt_source="held-out demo prompts")
+
+    main = run(options.temperature)
+    also = [run(0.0).summary] if options.also_greedy and options.temperature > 0 else []
     top = nodes[-1]
-    summary = json.loads((top.out_dir / "run_info.json").read_text()).get("summary", {})
-    metrics = "\n".join(
-        f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}" for k, v in summary.items()
-    )
+    stage_summary = json.loads((top.out_dir / "run_info.json").read_text()).get("summary", {})
+    metrics = "\n".join(f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}" for k, v in stage_summary.items())
     examples = []
-    for i, prompt in enumerate(prompts[:3]):
-        examples.append(f"  {prompt}")
-        for label in models:
-            gen, score = results[label]["generations"][i], results[label]["scores"][i]
-            cut = "" if gen.finished else " (no EOS)"
-            examples.append(f"    {label:>8}: {gen.text!r}{cut}  gold {score:.2f}")
-    text = (
-        f"Gold score on {len(prompts)} held-out demo prompts "
-        f"(temperature {options.temperature:g}, at most {options.max_new_tokens} new tokens):\n"
-        f"{gold_table(results, list(models))}\n\n"
-        f"{top.name} ({top.recipe.stage}) metrics:\n{metrics}\n\n"
-        "Examples:\n" + "\n".join(examples) + "\n"
-    )
-    record = {
-        label: {k: r[k] for k in ("gold_mean", "gold_lo", "gold_hi", "eos_rate")} | {"model": models[label]}
-        for label, r in results.items()
-    }
-    (top.out_dir / "report.json").write_text(json.dumps({"models": record, "stage_summary": summary}, indent=2))
-    (top.out_dir / "report.md").write_text("```\n" + text + "```\n")
+    for row in main.samples[:3]:
+        examples.append(f"  {row['prompt']}")
+        for label, reply in row["replies"].items():
+            cut = "" if reply["finished"] else " (no EOS)"
+            examples.append(f"    {label:>8}: {reply['text']!r}{cut}  gold {reply['gold']:.2f}")
+    text = f"{title(main.summary)}:\n{text_table(main.summary)}\n"
+    for extra in also:
+        text += f"\nGreedy replies to the same prompts (at most {options.max_new_tokens} new tokens):\n"
+        text += text_table(extra, brief=True) + "\n"
+    text += f"\n{top.name} ({top.recipe.stage}) metrics:\n{metrics}\n\nExamples:\n" + "\n".join(examples) + "\n"
+    write_outputs(main, top.out_dir, prefix="report_", heading=f"What alignment changed: {top.name}",
+                  summary_name="report.json", extra={"also": also, "stage_summary": stage_summary})
     return text

@@ -170,9 +170,10 @@ def _train_task(rng: random.Random) -> Task:
             return task
 
 
-def pretrain_corpus(n: int, seed: int, p_wrong: float = 0.5, p_rude: float = 0.4,
-                    p_ramble: float = 0.4) -> list[str]:
-    """Noisy "web" documents: each defect is drawn independently at its rate."""
+def pretrain_corpus(n: int, seed: int, p_wrong: float = 0.1, p_rude: float = 0.3,
+                    p_ramble: float = 0.3) -> list[str]:
+    """"Web" documents: mostly right answers, but rude or rambling on at the given rates (the
+    defects SFT and preference optimisation remove); each defect is drawn independently."""
     rng = random.Random(f"corpus-{seed}")
     docs = []
     for _ in range(n):
