@@ -282,9 +282,38 @@ def test_bad_settings_are_one_line_errors_and_leave_nothing(in_tmp, tiny_base, r
     assert not (in_tmp / "out").exists() or not any((in_tmp / "out").iterdir())
 
 
-def test_reward_model_must_be_a_one_label_classifier(in_tmp, tiny_base):
-    proc = _run_cli([f"model={tiny_base}", f"reward_model={tiny_base}", *MICRO_PPO, "output_dir=out/ppo"], in_tmp)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 2
-    assert err.strip().splitlines()[-1].startswith("error: reward_model: ") and "expected a sequence classifier" in err
+def test_reward_model_must_be_a_one_label_classifier(in_tmp, tiny_base, capsys):
+    from alignment.cli import main
+
+    code = main(["run", str(RECIPES / "ppo.yaml"), f"model={tiny_base}", f"reward_model={tiny_base}", *MICRO_PPO, "output_dir=out/ppo"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: reward_model: ") and "expected a sequence classifier" in err[-1]
     assert not (in_tmp / "out" / "ppo").exists() and not (in_tmp / "out" / "ppo.partial").exists()
+
+
+def test_reward_model_with_another_tokenizer_scores_retokenised_text(in_tmp, tiny_base, capsys):
+    """A reward model whose vocabulary differs: replies are decoded and re-tokenised with its own
+    tokenizer (said once), and its scores are those of the re-rendered exchange."""
+    from .conftest import MICRO
+
+    init_overrides = [o.split(":", 1)[1] for o in MICRO if o.startswith("init:")]
+    run(RECIPES / "init.yaml", [*init_overrides, "init.vocab_size=280", "output_dir=other"])
+    other_tok = load_tokenizer("other")
+    torch.manual_seed(1)
+    load_classifier("other", other_tok).save_pretrained("other_rm")
+    other_tok.save_pretrained("other_rm")
+
+    recipe = recipe_for(tiny_base, in_tmp / "other_rm")
+    m = ppo.build_models(recipe, {"model": str(tiny_base), "reward_model": str(in_tmp / "other_rm")}, print)
+    assert m.reward_tok is not None
+    prompts, rendered, _ = ppo.load_prompts(recipe, m.tok)
+    torch.manual_seed(0)
+    r = ppo.rollout(m, Accelerator(cpu=True), rendered[:4], prompts[:4], recipe, {"generation": 0.0, "scoring": 0.0})
+    reply = m.tok.decode(r.response_ids[0, : r.response_mask[0].sum() - r.finished[0].long()], skip_special_tokens=True)
+    enc = other_tok(ppo.render_exchange(other_tok, prompts[0], reply), return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        expected = m.reward.classifier(**enc).logits[0, 0]
+    assert ppo.reward_scores(m, r, prompts[:4])[0].item() == pytest.approx(expected.item(), abs=1e-5)
+
+    run(RECIPES / "ppo.yaml", [f"model={tiny_base}", "reward_model=other_rm", *MICRO_PPO, "output_dir=out/ppo"])
+    assert capsys.readouterr().out.count("tokenizer differs from the policy's") == 2  # once per build

@@ -460,7 +460,8 @@ def run(recipe: PPORecipe, inputs: dict, work_dir: Path) -> dict:
         if t.save_steps and loop.iteration % t.save_steps == 0 and loop.iteration < iterations:
             save_checkpoint(accelerator, work_dir, loop.iteration)
     bar.close()
-    accelerator.end_training()
+    for tracker in accelerator.trackers:  # not end_training(): it also ends the process group the pipeline still uses
+        tracker.finish()
 
     if accelerator.is_main_process:
         save_model(accelerator.unwrap_model(m.policy), m.tok, work_dir, recipe.lora)
