@@ -8,8 +8,11 @@ recipe's first line).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
+from pathlib import Path
 
 from .config import RecipeError
 
@@ -63,6 +66,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def launcher_thread_default(launcher_pid: int | None = None) -> int | None:
+    """The CPU threads this process should use when `accelerate launch` (run with no config and
+    no thread count) set OMP_NUM_THREADS=1 for it; None when the count is the user's choice.
+
+    accelerate sets OMP_NUM_THREADS=1 in its children unless the variable is in its own
+    environment or `--num_cpu_threads_per_process` is given. A child sees only the result, so
+    it looks at the launcher's (its parent's) initial environment and command line to tell
+    "accelerate's default" from "the user asked for 1". Where that cannot be read (no /proc),
+    the count is left alone. The machine's cores are split among the local processes.
+    """
+    if os.environ.get("OMP_NUM_THREADS") != "1" or "ACCELERATE_DYNAMO_BACKEND" not in os.environ:
+        return None  # not under accelerate launch, or a count other than its default
+    launcher = Path(f"/proc/{launcher_pid or os.getppid()}")
+    try:
+        parent_env = (launcher / "environ").read_bytes().split(b"\0")
+        parent_args = (launcher / "cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    if any(v.startswith(b"OMP_NUM_THREADS=") for v in parent_env) or any(
+        a.startswith(b"--num_cpu_threads_per_process") for a in parent_args
+    ):
+        return None  # the user's own setting, passed through by accelerate
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = next(
+        (int(os.environ[k]) for k in ("LOCAL_WORLD_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE") if k in os.environ),
+        1,
+    )
+    return max(1, cores // max(1, local))
+
+
+def use_launcher_cores() -> None:
+    threads = launcher_thread_default()
+    if threads is not None and threads > 1:
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
+def _tell_torchrun(message: str) -> None:
+    """Under a multi-process launch (torchrun, which `accelerate launch --multi_gpu` uses), the
+    launcher's failure summary shows the error file of each failed process: give it our line,
+    so the summary names the error instead of pointing at torch's docs."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        try:
+            Path(error_file).write_text(json.dumps({"message": message, "timestamp": int(time.time())}))
+        except OSError:
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0].endswith((".yaml", ".yml")):
@@ -70,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
+            use_launcher_cores()
             from .pipeline import run
 
             run(args.recipe, args.overrides, dry_run=args.dry_run)
@@ -80,5 +135,6 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as exc:
         if os.environ.get("LOCAL_RANK", "0") == "0":
             print(f"error: {exc}", file=sys.stderr)
+        _tell_torchrun(f"error: {exc}")
         return 2
     return 0

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-STAGES = ("init", "pretrain", "sft", "reward", "dpo", "compare")
+STAGES = ("init", "pretrain", "sft", "reward", "ppo", "dpo", "prep", "compare")
 
 
 class RecipeError(Exception):
@@ -29,6 +29,25 @@ class RecipeError(Exception):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value, info):
+        # pydantic's lax mode reads `true` as 1 for an int or float field; a recipe never means that.
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and annotation in (int, int | None):
+            raise ValueError(f"expected an integer, got {value!r}")
+        if isinstance(value, bool) and annotation in (float, float | None):
+            raise ValueError(f"expected a number, got {value!r}")
+        return value
+
+
+def did_you_mean(value: str, valid) -> str:
+    """'expected one of a, b, c' with the closest valid value first when there is one."""
+    valid = list(valid)
+    close = difflib.get_close_matches(value, valid, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"{hint}expected one of {', '.join(valid)}"
 
 
 # --------------------------------------------------------------------------- sections
@@ -51,6 +70,15 @@ class ModelOptions(Section):
         None, description="Attention kernel ('sdpa', 'eager', 'flash_attention_2'); null: transformers' default."
     )
     trust_remote_code: bool = Field(False, description="Allow checkpoints that ship their own Python code.")
+
+    @field_validator("attn_implementation")
+    @classmethod
+    def _known_and_installed(cls, name):
+        if name is not None:
+            problem = attention_problem(name)
+            if problem:
+                raise ValueError(problem)
+        return name
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
     chat_template: str | None = Field(
         None,
@@ -72,10 +100,11 @@ class LoraOptions(Section):
 
 
 class DataOptions(Section):
-    source: str = Field(
+    source: Union[str, FromRecipe] = Field(
         "demo",
-        description="'demo' (the synthetic demo world), a .jsonl/.json/.csv/.parquet file, a directory saved "
-        "with datasets' save_to_disk, or a hub dataset id.",
+        description="'demo' (the synthetic demo world), a .jsonl/.jsonl.gz/.json/.csv/.parquet file, a directory "
+        "saved with datasets' save_to_disk or written by data_prep, a hub dataset id ('id' or 'id:config'), or "
+        "{from: prep_recipe.yaml}: the output of a `prep` stage (built first).",
     )
     split: str = Field("train", description="Split to read from a hub dataset or a saved DatasetDict.")
     num_examples: int | None = Field(
@@ -98,8 +127,12 @@ class PreferenceDataOptions(DataOptions):
     eval_examples: int = Field(
         200,
         ge=0,
-        description="Rows held out from the end of the data (after checking) for held-out metrics; never trained "
-        "on. 0: no held-out metrics.",
+        description="About this many pairs are held out for held-out metrics and never trained on: whole prompts "
+        "(all pairs sharing a prompt, compared after whitespace and case folding) are taken in the order of a "
+        "fixed hash of the prompt until the next one would exceed the number, so no prompt is on both sides and "
+        "the choice does not depend on row order. The summary's eval_pairs counts what is left after the "
+        "trainer's length filter. 0: no held-out metrics. A `prep` output ({from: prep.yaml} or its directory) "
+        "brings its own held-out split (test.jsonl), which is used instead.",
     )
     margin_field: str = Field(
         "margin",
@@ -116,7 +149,7 @@ class TrainingOptions(Section):
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     num_train_epochs: float = Field(1.0, gt=0, description="Epochs (ignored when max_steps > 0).")
     max_steps: int = Field(-1, description="Optimizer steps; -1: run num_train_epochs.")
-    lr_scheduler_type: str = Field("cosine", description="transformers scheduler name.")
+    lr_scheduler_type: str = Field("cosine", description="transformers scheduler name (transformers.SchedulerType).")
     warmup_steps: float = Field(0.0, ge=0, description="Warm-up steps (a value below 1 is a fraction of training).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
@@ -131,14 +164,59 @@ class TrainingOptions(Section):
     )
 
 
+    @field_validator("max_steps")
+    @classmethod
+    def _positive_or_minus_one(cls, steps):
+        if steps == 0 or steps < -1:
+            raise ValueError(f"expected a positive number of steps, or -1 to run num_train_epochs; got {steps}")
+        return steps
+
+    @field_validator("lr_scheduler_type")
+    @classmethod
+    def _known_scheduler(cls, name):
+        from transformers.trainer_utils import SchedulerType
+
+        valid = [s.value for s in SchedulerType]
+        if name not in valid:
+            raise ValueError(f"unknown scheduler {name!r}; {did_you_mean(name, valid)}")
+        return name
+
+
+def attention_problem(name: str) -> str | None:
+    """Why `model_options.attn_implementation: name` cannot work here, or None.
+
+    Known names are transformers' attention kernels (plus 'org/repo' kernels from the hub, which
+    need the `kernels` package); the flash and flex kernels need their packages installed.
+    """
+    from transformers import utils
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    known = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+    needs = {
+        "flash_attention_2": (utils.is_flash_attn_2_available, "the flash-attn package and a CUDA GPU"),
+        "flash_attention_3": (utils.is_flash_attn_3_available, "the flash-attn 3 package and a Hopper GPU"),
+        "flash_attention_4": (utils.is_flash_attn_4_available, "the flash-attn 4 package and a recent GPU"),
+        "flex_attention": (utils.is_torch_flex_attn_available, "a torch build with flex attention"),
+    }
+    if "/" in name:  # a kernel from the hub, e.g. kernels-community/flash-attn
+        available, what = utils.is_kernels_available, "the kernels package (pip install kernels)"
+    elif name.removeprefix("paged|") in known:
+        available, what = needs.get(name.removeprefix("paged|"), (lambda: True, ""))
+    else:
+        return f"unknown attention implementation {name!r}; {did_you_mean(name, known)}"
+    if not available():
+        return f"{name!r} is not available here: it needs {what}; use 'sdpa' (or null) instead"
+    return None
+
+
 class InitOptions(Section):
     """Shape of the tiny base checkpoint built by the `init` stage."""
 
     vocab_size: int = Field(512, ge=64, description="BPE vocabulary size (special tokens included).")
-    hidden_size: int = Field(128, gt=0, description="Model width.")
-    intermediate_size: int = Field(256, gt=0, description="MLP width.")
+    hidden_size: int = Field(256, gt=0, description="Model width.")
+    intermediate_size: int = Field(512, gt=0, description="MLP width.")
     num_hidden_layers: int = Field(2, gt=0, description="Transformer blocks.")
-    num_attention_heads: int = Field(4, gt=0, description="Attention heads.")
+    num_attention_heads: int = Field(8, gt=0, description="Attention heads.")
     max_position_embeddings: int = Field(256, gt=0, description="Longest sequence the model accepts.")
     tokenizer_examples: int = Field(4000, gt=0, description="Corpus documents the tokenizer is trained on.")
 
@@ -312,6 +390,118 @@ class DPORecipe(BaseRecipe):
         return self
 
 
+# --------------------------------------------------------------------------- prep (data_prep)
+
+SHAPES = ("explicit", "implicit", "rated", "scored", "ranked", "sft", "text")
+
+
+class PrepColumns(Section):
+    """Column names in the source rows; the defaults are the common ones. Which are read depends on the shape."""
+
+    prompt: str = Field("prompt", description="Prompt: text, a transcript, or chat messages (explicit, rated, scored, ranked).")
+    chosen: str = Field("chosen", description="Preferred reply, or whole transcript / conversation (implicit).")
+    rejected: str = Field("rejected", description="Dispreferred reply, or whole transcript / conversation (implicit).")
+    completions: str = Field("completions", description="Rated: list of responses (text, or objects with response_key/rating_key).")
+    ratings: str = Field("ratings", description="Rated: list of numbers, one per completion (when completions are text).")
+    response_key: str = Field("response", description="Rated: key of the response inside a completion object.")
+    rating_key: str = Field("rating", description="Rated: key of the rating inside a completion object.")
+    response_a: str = Field("response_a", description="Scored: first response.")
+    response_b: str = Field("response_b", description="Scored: second response.")
+    score_a: str = Field("score_a", description="Scored: score of the first response (e.g. upvotes).")
+    score_b: str = Field("score_b", description="Scored: score of the second response.")
+    ranked: str = Field("ranked", description="Ranked: list of responses, best first.")
+    messages: str = Field("messages", description="SFT: chat messages (or a Human/Assistant transcript).")
+    text: str = Field("text", description="Raw text (pretrain).")
+    id: str = Field("id", description="Row id kept in the output when present (else a content hash).")
+
+
+class PrepSource(Section):
+    """One input of `prep`: where the rows are, their shape and their weight in the mix."""
+
+    path: str = Field(
+        description="'demo' (the demo world's pairs, conversations or text), a .jsonl/.jsonl.gz/.json/.csv/.parquet "
+        "file, a save_to_disk directory, or a hub dataset id ('id' or 'id:config')."
+    )
+    shape: Literal["auto", "explicit", "implicit", "rated", "scored", "ranked", "sft", "text"] = Field(
+        "auto", description="Row shape; 'auto' detects it from the columns and is an error when several match."
+    )
+    name: str | None = Field(None, description="Label written in the `source` column. Null: the file name.")
+    weight: float = Field(
+        1.0,
+        gt=0.0,
+        description="Sampling rate in the mix: 0.5 keeps a (fixed, hash-chosen) half of this source's rows, 2 "
+        "writes each row twice, 1.5 half of them twice. Rows left out are counted as 'not sampled (weight)'.",
+    )
+    split: str = Field("train", description="Split to read from a hub dataset or a saved DatasetDict.")
+    num_examples: int | None = Field(None, gt=0, description="Read only the first N rows (demo: rows generated). Null: all.")
+    columns: PrepColumns = Field(default_factory=PrepColumns)
+
+
+class PrepOptions(Section):
+    """What `python -m data_prep` and the `prep` stage do (the command-line flags have the same names)."""
+
+    kind: Literal["pairs", "sft", "text"] = Field(
+        "pairs", description="'pairs': preference pairs (reward, dpo); 'sft': conversations; 'text': raw text (pretrain)."
+    )
+    sources: list[PrepSource] = Field(
+        default_factory=lambda: [PrepSource(path="demo")], min_length=1, description="Inputs, mixed in this order."
+    )
+    test_fraction: float = Field(
+        0.05,
+        ge=0.0,
+        lt=1.0,
+        description="Share of prompts held out in test.*: a fixed hash of the normalised prompt decides, so a "
+        "prompt (and every pair that has it) is on one side only, whatever the row order. 0: no test split.",
+    )
+    split_seed: int = Field(0, description="Salt of the split hash: another seed, another (equally fixed) split.")
+    dedup: Literal["none", "exact", "normalised"] = Field(
+        "normalised",
+        description="'exact': drop rows identical to an earlier one; 'normalised': also those equal after Unicode "
+        "NFKC, case folding and whitespace collapsing. The first occurrence is kept.",
+    )
+    max_turns: int | None = Field(None, gt=0, description="Drop rows whose prompt (sft: conversation) has more user turns.")
+    max_prompt_tokens: int | None = Field(None, gt=0, description="Drop pairs whose prompt has more tokens (needs `model`).")
+    max_length: int | None = Field(
+        None,
+        gt=0,
+        description="Drop rows longer than this many tokens: prompt + the longer reply (sft, text: the whole row). "
+        "Counts message contents with the tokenizer of `model`, without the chat template's few tokens per turn.",
+    )
+    rejected_choice: Literal["worst", "random"] = Field(
+        "worst", description="Rated completions: the best is chosen; rejected is the worst or a random lower-rated one."
+    )
+    min_margin: float = Field(
+        0.0, ge=0.0, description="Rated completions / on-policy: the chosen rating must exceed the rejected by at least this (ties are always dropped)."
+    )
+    min_ratio: float = Field(
+        1.0, ge=1.0, description="Scored responses: keep a pair when the higher score is at least this multiple of the lower (2 is usual for upvotes; ties are always dropped)."
+    )
+    ranked_pairs: Literal["best-worst", "adjacent", "all"] = Field(
+        "best-worst", description="Ranked lists: one pair (best vs worst), each neighbour pair, or every ordered pair."
+    )
+    strict: bool = Field(False, description="Any dropped row is an error naming its file and line.")
+    seed: int = Field(0, description="Seed of the random rejected choice, of the weighted sampling and of demo sources.")
+
+
+class PrepRecipe(BaseRecipe):
+    """Stage `prep`: data preparation. Its output directory holds train/test JSONL and Parquet files and
+    summary.json; a reward or dpo recipe reads it with `data.source: {from: prep.yaml}`."""
+
+    stage: Literal["prep"]
+    model: ModelRef | None = Field(
+        None,
+        description="Tokenizer for prep.max_prompt_tokens / prep.max_length: a path, a hub id or {from: recipe.yaml}. "
+        "Null: no token limits.",
+    )
+    prep: PrepOptions = Field(default_factory=PrepOptions)
+
+    @model_validator(mode="after")
+    def _needs_model(self):  # replaces BaseRecipe's check: prep needs a tokenizer only for token limits
+        if (self.prep.max_prompt_tokens or self.prep.max_length) and self.model is None:
+            raise ValueError("prep.max_prompt_tokens / prep.max_length count tokens: set 'model' to a tokenizer")
+        return self
+
+
 # --------------------------------------------------------------------------- compare
 
 
@@ -361,17 +551,130 @@ class CompareRecipe(BaseRecipe):
         return self
 
 
+# --------------------------------------------------------------------------- ppo
+
+
+class PPOOptions(Section):
+    """PPO with a KL penalty (see alignment/stages/ppo.py for one iteration step by step)."""
+
+    total_episodes: int = Field(
+        2048, gt=0, description="Rollouts (prompt + sampled reply) over the whole run; iterations = "
+        "total_episodes // batch_size."
+    )
+    batch_size: int = Field(64, gt=0, description="Rollouts per iteration, over all processes.")
+    num_minibatches: int = Field(
+        1, gt=0, description="Minibatches each iteration's batch is split into; one optimizer step per minibatch "
+        "(training.gradient_accumulation_steps micro-batches inside each)."
+    )
+    ppo_epochs: int = Field(4, gt=0, description="Passes over each iteration's rollouts.")
+    response_length: int = Field(24, gt=0, description="Most new tokens per reply.")
+    temperature: float = Field(
+        0.7, gt=0.0, description="Sampling temperature of the rollouts; log-probs are taken at the same temperature."
+    )
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling of the rollouts (1: off).")
+    clip_range: float = Field(0.2, gt=0.0, description="PPO ratio clip epsilon.")
+    value_clip_range: float = Field(0.2, gt=0.0, description="Clip of the value update around the rollout's values.")
+    vf_coef: float = Field(0.1, ge=0.0, description="Weight of the value loss in the total loss.")
+    gamma: float = Field(1.0, ge=0.0, le=1.0, description="Discount factor of GAE.")
+    lam: float = Field(0.95, ge=0.0, le=1.0, description="GAE lambda.")
+    kl_estimator: Literal["k1", "k3"] = Field(
+        "k1", description="Per-token KL estimator: 'k1' = logp - ref_logp, 'k3' = exp(r) - 1 - r with r = ref_logp - logp."
+    )
+    kl_coef: float = Field(0.05, ge=0.0, description="KL penalty coefficient beta (the starting value when adaptive).")
+    kl_control: Literal["fixed", "adaptive"] = Field(
+        "fixed", description="'adaptive': beta follows Ziegler et al.'s controller toward kl_target."
+    )
+    kl_target: float = Field(6.0, gt=0.0, description="(adaptive) target of the per-reply summed KL.")
+    kl_horizon: int = Field(10000, gt=0, description="(adaptive) controller horizon in episodes.")
+    missing_eos_penalty: float | None = Field(
+        None, ge=0.0, description="Subtracted from the score of replies that end without EOS (null: none)."
+    )
+    whiten_rewards: bool = Field(False, description="Whiten the per-token rewards (mean kept) before GAE.")
+    forward_batch_size: int | None = Field(
+        None, gt=0, description="Rows per no-grad forward pass during rollouts (null: the whole local batch)."
+    )
+
+    @model_validator(mode="after")
+    def _batch_splits(self):
+        if self.batch_size % self.num_minibatches:
+            raise ValueError(
+                f"batch_size {self.batch_size} is not divisible by num_minibatches {self.num_minibatches}"
+            )
+        if self.total_episodes < self.batch_size:
+            raise ValueError(f"total_episodes {self.total_episodes} is smaller than batch_size {self.batch_size}")
+        return self
+
+
+class PromptDataOptions(DataOptions):
+    """Prompts of the PPO stage: rows with a user prompt (`prompt_field`); demo: the demo world's training
+    prompts (never the held-out ones the report uses)."""
+
+    num_examples: int | None = Field(
+        2000, gt=0, description="Prompts to generate (demo) or to keep (first N of a file). Null: all."
+    )
+    max_prompt_length: int = Field(
+        64, gt=0, description="Prompts longer than this many tokens after the chat template are dropped and counted."
+    )
+
+
+class PPORecipe(BaseRecipe):
+    stage: Literal["ppo"]
+    reward_model: ModelRef = Field(
+        description="Reward model (a one-label sequence classifier): a path, a hub id or {from: reward.yaml}. "
+        "The critic starts from it too."
+    )
+    data: PromptDataOptions = Field(default_factory=PromptDataOptions)
+    ppo: PPOOptions = Field(default_factory=PPOOptions)
+
+    @model_validator(mode="after")
+    def _minibatch_splits(self):
+        per_minibatch = self.ppo.batch_size // self.ppo.num_minibatches
+        if per_minibatch % self.training.gradient_accumulation_steps:
+            raise ValueError(
+                f"ppo.batch_size / ppo.num_minibatches = {per_minibatch} rollouts is not divisible by "
+                f"training.gradient_accumulation_steps {self.training.gradient_accumulation_steps}"
+            )
+        return self
+
+
 RECIPE_CLASSES: dict[str, type[BaseRecipe]] = {
     "init": InitRecipe,
     "pretrain": PretrainRecipe,
     "sft": SFTRecipe,
     "reward": RewardRecipe,
     "dpo": DPORecipe,
+    "ppo": PPORecipe,
+    "prep": PrepRecipe,
     "compare": CompareRecipe,
 }
 
 
 # --------------------------------------------------------------------------- loading
+
+
+class DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, line: int, first: int):
+        super().__init__(f"key {key!r} is written twice (first at line {first}); keep one")
+        self.line = line
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that rejects a key written twice in one mapping (plain PyYAML keeps the
+    last one and silently drops the first block)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, (str, int, float, bool)):
+                    continue  # a complex key: nothing a recipe uses
+                if key in first_line:
+                    raise DuplicateKey(key, key_node.start_mark.line + 1, first_line[key])
+                first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
 
 
 def _line_index(text: str) -> dict[tuple, int]:
@@ -483,15 +786,29 @@ def load_recipe(path: str | Path, overrides: list[tuple[list[str], Any, str]] = 
     """Read, override and validate a recipe; every failure is a one-line RecipeError."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as exc:
         raise RecipeError(f"{path}: cannot read recipe ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        line = exc.object[: exc.start].count(b"\n") + 1
+        raise RecipeError(
+            f"{path}:{line}: not a text file (byte {exc.object[exc.start]:#04x} is not UTF-8); a recipe is a YAML text file"
+        ) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=RecipeLoader)
+    except DuplicateKey as exc:
+        raise RecipeError(f"{path}:{exc.line}: {exc}") from None
     except yaml.YAMLError as exc:
+        if isinstance(exc, yaml.reader.ReaderError):  # a control character, as in a binary file
+            line = text[: exc.position].count("\n") + 1
+            code = exc.character if isinstance(exc.character, int) else ord(exc.character)
+            raise RecipeError(
+                f"{path}:{line}: not a text file (control character {code:#04x}); a recipe is a YAML text file"
+            ) from None
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
-        raise RecipeError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        raise RecipeError(f"{path}{where}: not valid YAML ({problem})") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}")
     from_override: dict[tuple, str] = {}
@@ -524,8 +841,9 @@ def load_recipe(path: str | Path, overrides: list[tuple[list[str], Any, str]] = 
 
 
 def model_inputs(recipe: BaseRecipe) -> dict[str, "str | FromRecipe"]:
-    """The recipe's model-valued keys (`model`, `ref_model`, `reward_model`...); a mapping of
-    them (compare's `models`) gives one role per label, e.g. `models.sft`."""
+    """The recipe's inputs that may name another recipe: its model-valued keys (`model`, `ref_model`,
+    `reward_model`...; a mapping of them, compare's `models`, gives one role per label, e.g.
+    `models.sft`) and, under the role `data`, `data.source` when it is {from: prep_recipe.yaml}."""
     found = {}
     for role, info in type(recipe).model_fields.items():
         value = getattr(recipe, role)
@@ -534,7 +852,16 @@ def model_inputs(recipe: BaseRecipe) -> dict[str, "str | FromRecipe"]:
                 found.update({f"{role}.{label}": item for label, item in value.items()})
             else:
                 found[role] = value
+    if isinstance(recipe.data.source, FromRecipe):
+        found["data"] = recipe.data.source
     return found
+
+
+def data_files(recipe: BaseRecipe) -> list[str]:
+    """Local data sources the recipe reads (for its content hash): `data.source`, and prep's sources."""
+    sources = [recipe.data.source] if isinstance(recipe.data.source, str) else []
+    sources += [s.path for s in getattr(getattr(recipe, "prep", None), "sources", [])]
+    return [s for s in sources if s != "demo"]
 
 
 def resolved_dict(recipe: BaseRecipe) -> dict:

@@ -1,20 +1,22 @@
 """Dataset loading, row checking and per-stage preparation.
 
-Rows come from the demo world, a local file (.jsonl, .json, .csv, .parquet), a directory
-written by `datasets.save_to_disk`, or a hub dataset id. Every row keeps its origin
-(`file:line`) so that a malformed one is reported where it is. Depending on the recipe's
+Rows come from the demo world or from data_prep's reader (`data_prep.read`: .jsonl, .jsonl.gz,
+.json, .csv, .parquet files, `save_to_disk` or data_prep directories, hub dataset ids);
+preference rows go through data_prep's shape parser. Every row keeps its origin (`file:line`)
+so that a malformed one is reported where it is. Depending on the recipe's
 `data.on_bad_row`, a malformed row stops the run or is dropped and counted by reason:
 no row disappears without a count.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+from data_prep.read import Bad
 
 from .config import DataOptions, RecipeError
 
@@ -31,53 +33,27 @@ class Rows:
         return len(self.rows)
 
 
-def _read_jsonl(path: Path) -> Rows:
-    rows, origins = [], []
-    with path.open() as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RecipeError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            rows.append(row)
-            origins.append(f"{path}:{number}")
-    return Rows(rows, origins)
+def load_rows(options: DataOptions, demo: DemoFactory, default_examples: int, source: str | None = None,
+              split: str | None = None) -> Rows:
+    """Read the recipe's data source through data_prep's reader (the one reader of data files);
+    `demo(n, seed)` makes rows when the source is 'demo'. `source` replaces `options.source`
+    (a prep stage's output directory when the recipe says {from: prep.yaml}).
 
+    Lines that cannot be rows (malformed JSON, a truncated last line, a ragged CSV row) stay in
+    the rows as `Bad` items, so that `check_rows` stops on them or counts them.
+    """
+    from data_prep.read import read_source
 
-def _read_with_datasets(source: str, split: str) -> Rows:
-    import datasets
-
-    path = Path(source)
-    try:
-        if path.is_dir():
-            ds = datasets.load_from_disk(str(path))
-            if isinstance(ds, datasets.DatasetDict):
-                ds = ds[split]
-        elif path.suffix in (".json", ".csv", ".parquet"):
-            ds = datasets.load_dataset(path.suffix[1:], data_files=str(path), split="train")
-        else:
-            ds = datasets.load_dataset(source, split=split)
-    except Exception as exc:  # datasets raises many kinds; all mean "cannot read this source"
-        raise RecipeError(f"data.source '{source}': cannot load ({str(exc).splitlines()[0]})") from None
-    return Rows(list(ds), [f"{source} row {i + 1}" for i in range(len(ds))])
-
-
-def load_rows(options: DataOptions, demo: DemoFactory, default_examples: int) -> Rows:
-    """Read the recipe's data source; `demo(n, seed)` makes rows when the source is 'demo'."""
-    if options.source == "demo":
+    source = source if source is not None else options.source
+    if source == "demo":
         rows = demo(options.num_examples or default_examples, options.seed)
         return Rows(rows, [f"demo row {i + 1}" for i in range(len(rows))])
-    path = Path(options.source)
-    if path.suffix == ".jsonl":
-        if not path.is_file():
-            raise RecipeError(f"data.source: no such file {path}")
-        found = _read_jsonl(path)
-    else:
-        found = _read_with_datasets(options.source, options.split)
-    if options.num_examples is not None:
-        found = Rows(found.rows[: options.num_examples], found.origins[: options.num_examples])
+    found = Rows([], [])
+    for origin, row in read_source(source, split or options.split):
+        if options.num_examples is not None and len(found) >= options.num_examples:
+            break
+        found.rows.append(row)
+        found.origins.append(origin)
     return found
 
 
@@ -85,7 +61,10 @@ def check_rows(found: Rows, problem: Callable[[dict], str | None], on_bad_row: s
     """Keep the rows for which `problem(row)` is None; stop on, or count, the others."""
     kept = Rows([], [], Counter(found.dropped))
     for row, origin in zip(found.rows, found.origins):
-        reason = problem(row) if isinstance(row, dict) else "row is not a JSON object"
+        if isinstance(row, (Bad, str)):  # a line that is not a row, or a reason found by the parser
+            reason = row if isinstance(row, str) else row.reason
+        else:
+            reason = problem(row) if isinstance(row, dict) else "row is not a JSON object"
         if reason is None:
             kept.rows.append(row)
             kept.origins.append(origin)
@@ -133,30 +112,43 @@ def messages_problem(messages_field: str) -> Callable[[dict], str | None]:
     return problem
 
 
-def preference_problem(
-    prompt_field: str, chosen_field: str, rejected_field: str, margin_field: str | None = None
-) -> Callable[[dict], str | None]:
-    """Check a preference row: three non-empty strings, chosen != rejected, and a numeric margin if asked."""
+def preference_rows(found: Rows, options: DataOptions, margin_field: str | None = None) -> Rows:
+    """Parse preference rows into the canonical form with data_prep's parser (the one parser):
+    explicit rows (prompt/chosen/rejected as text or chat messages) or implicit-prompt rows
+    (two whole transcripts or conversations). Each result is a canonical pair, or the reason
+    the row cannot be one (a string), for `check_rows`; with `margin_field`, the row's margin
+    is kept as `margin` and must be a finite number.
+    """
+    from data_prep.prepare import row_problem
+    from data_prep.shapes import detect_shape, make_parser
 
-    def problem(row: dict) -> str | None:
-        for name in (prompt_field, chosen_field, rejected_field):
-            if name not in row or row[name] is None:
-                return f"missing '{name}'"
-            if not isinstance(row[name], str):
-                return f"'{name}' is not a string"
-            if not row[name].strip():
-                return f"empty '{name}'"
-        if row[chosen_field].strip() == row[rejected_field].strip():
-            return f"'{chosen_field}' identical to '{rejected_field}'"
-        if margin_field is not None:
-            margin = row.get(margin_field)
-            if margin is None:
-                return f"missing '{margin_field}' (other rows have one)"
-            if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
-                return f"'{margin_field}' is not a finite number"
-        return None
+    from .config import PrepColumns, PrepOptions
 
-    return problem
+    columns = PrepColumns(prompt=options.prompt_field, chosen=options.chosen_field, rejected=options.rejected_field)
+    keys = set().union(*(r.keys() for r in found.rows[:100] if isinstance(r, dict)))
+    where = found.origins[0].rsplit(":", 1)[0] if found.origins else str(options.source)
+    shape = detect_shape(keys, columns, ("explicit", "implicit"), f"data.source {where}")
+    parse = make_parser(shape, columns, PrepOptions())
+    out = Rows([], list(found.origins), Counter(found.dropped))
+    for row in found.rows:
+        made = row if isinstance(row, Bad) or not isinstance(row, dict) else parse(row)
+        if isinstance(made, list):
+            pair = made[0]
+            problem = row_problem(pair)
+            if problem is None and margin_field is not None:
+                pair["margin"] = row.get(margin_field)
+                problem = _margin_problem(pair["margin"], margin_field)
+            made = pair if problem is None else problem
+        out.rows.append(made)
+    return out
+
+
+def _margin_problem(margin, name: str) -> str | None:
+    if margin is None:
+        return f"missing '{name}' (other rows have one)"
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+        return f"'{name}' is not a finite number"
+    return None
 
 
 def has_column(found: Rows, name: str) -> bool:
@@ -165,28 +157,27 @@ def has_column(found: Rows, name: str) -> bool:
 
 
 def hold_out(found: Rows, n: int) -> tuple[Rows, Rows]:
-    """Split off the last `n` rows as a held-out set: (train, held_out)."""
+    """Split off about `n` rows as a held-out set by prompt: (train, held_out).
+
+    Whole prompts are held out, in the order of a fixed hash of the normalised prompt
+    (data_prep.prepare.hold_out_by_prompt), so no prompt is on both sides and the choice does
+    not depend on row order.
+    """
+    from data_prep.prepare import hold_out_by_prompt, prompt_key
+
     if n and n >= len(found):
         raise RecipeError(
             f"data.eval_examples: {n} held-out rows leave none to train on ({len(found)} usable rows); "
             "lower it or add rows"
         )
-    cut = len(found) - n
-    train = Rows(found.rows[:cut], found.origins[:cut], Counter(found.dropped))
-    return train, Rows(found.rows[cut:], found.origins[cut:])
-
-
-def preference_conversations(found: Rows, prompt_field: str, chosen_field: str, rejected_field: str) -> dict:
-    """Columns in the conversational preference format TRL's trainers render with the chat template.
-
-    prompt = [user message], chosen / rejected = [assistant message]; the template closes the
-    assistant turn (with EOS for the toolkit's default), so a model learns where replies end.
-    """
-    return {
-        "prompt": [[{"role": "user", "content": r[prompt_field]}] for r in found.rows],
-        "chosen": [[{"role": "assistant", "content": r[chosen_field]}] for r in found.rows],
-        "rejected": [[{"role": "assistant", "content": r[rejected_field]}] for r in found.rows],
-    }
+    held = hold_out_by_prompt([prompt_key(r) for r in found.rows], n) if n else [False] * len(found)
+    train = Rows([], [], Counter(found.dropped))
+    out = Rows([], [])
+    for row, origin, is_held in zip(found.rows, found.origins, held):
+        side = out if is_held else train
+        side.rows.append(row)
+        side.origins.append(origin)
+    return train, out
 
 
 def pack_blocks(docs: list[list[int]], block_size: int, eos_id: int) -> tuple[list[list[int]], int]:

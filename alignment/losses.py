@@ -306,3 +306,33 @@ def adaptive_kl_update(beta: float, kl_mean: Number, target: float, n_steps: int
     kl = float(kl_mean)
     err = min(max(kl / target - 1.0, -0.2), 0.2)
     return float(beta) * (1.0 + err * n_steps / horizon)
+
+
+def kl_shaped_rewards(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    mask: torch.Tensor,
+    scores: torch.Tensor,
+    beta: float,
+    kind: str = "k1",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-token PPO rewards over [B,T] response tokens.
+
+    kl_t = kl_penalty(logp_t, ref_logp_t) on real tokens and 0 on masked ones;
+    r_t = -beta kl_t, plus scores[b] on row b's last real token.
+    Returns (rewards, kl), both [B,T] and 0 at masked positions.
+    """
+    keep = mask.bool()
+    kl = torch.where(keep, kl_penalty(logp, ref_logp, kind), torch.zeros_like(logp))
+    rewards = -beta * kl
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    last = torch.where(keep, positions, torch.full_like(positions, -1)).max(dim=1).values
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    rewards[rows, last] += scores.to(rewards.dtype)
+    return rewards, kl
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - var(R - V) / var(R) over the masked elements: 1 for a perfect critic, 0 for one
+    that predicts the mean, negative for worse."""
+    return 1.0 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp_min(1e-8)

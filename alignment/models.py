@@ -7,10 +7,15 @@ templates, dtypes, LoRA and saving behave the same in every stage.
 
 from __future__ import annotations
 
+import functools
+import os
+import re
+import socket
 from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -37,16 +42,82 @@ DEFAULT_CHAT_TEMPLATE = (
 PAD_TOKEN = "<pad>"
 
 
-def _load(loader, name_or_path: str, what: str, **kwargs):
-    """Call a from_pretrained loader, turning 'not found / offline' into a one-line error."""
-    try:
-        return loader(name_or_path, **kwargs)
-    except (OSError, ValueError) as exc:
-        if Path(name_or_path).exists():
-            raise RecipeError(f"cannot load {what} from {name_or_path}: {str(exc).splitlines()[0]}") from None
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
+
+
+def _check_weights(directory: Path) -> None:
+    """Open every safetensors file's header: a truncated or corrupt one is named here, in one line."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(file, framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise RecipeError(f"{file}: not a readable safetensors file ({_one_line(exc)})") from None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def _check_tokenizer_files(directory: Path) -> None:
+    if not any((directory / f).is_file() for f in TOKENIZER_FILES):
         raise RecipeError(
-            f"cannot load {what} '{name_or_path}': not a local directory, and the hub id could not be "
-            "fetched (offline, or no such repository). Pass a local path or download it first."
+            f"cannot load tokenizer from {directory}: the directory has no tokenizer files "
+            f"(expected one of {', '.join(TOKENIZER_FILES)}); save the tokenizer beside the model"
+        )
+
+
+@functools.lru_cache(maxsize=1)
+def hub_unreachable() -> str | None:
+    """Why the model hub cannot be reached right now, or None if it may be.
+
+    huggingface_hub retries a failed download with back-off (1+2+4+8+8 s per file, and
+    transformers asks for several files), so without a network a hub id takes about a minute
+    to fail. When offline is evident (HF_HUB_OFFLINE, or the hub's host does not resolve or
+    accept a connection within a few seconds), loaders use the local cache only and fail at once.
+    """
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # the proxy decides; do not guess
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
+    except OSError as exc:
+        return f"{url.hostname}: {exc.strerror or exc}"
+    return None
+
+
+def _load(loader, name_or_path: str, what: str, **kwargs):
+    """Call a from_pretrained loader, turning 'not found / offline / corrupt' into a one-line error."""
+    local = Path(name_or_path)
+    if local.exists():
+        if not local.is_dir():
+            raise RecipeError(f"cannot load {what} from {name_or_path}: not a directory")
+        if what == "tokenizer":
+            _check_tokenizer_files(local)
+        else:
+            _check_weights(local)
+        try:
+            return loader(name_or_path, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise RecipeError(f"cannot load {what} from {name_or_path}: {_one_line(exc)}") from None
+    offline = hub_unreachable()
+    try:
+        return loader(name_or_path, **kwargs, **({"local_files_only": True} if offline else {}))
+    except (OSError, ValueError):
+        why = f"the hub cannot be reached ({offline}) and it is not in the local cache" if offline else (
+            "the hub id could not be fetched (offline, or no such repository)"
+        )
+        raise RecipeError(
+            f"cannot load {what} '{name_or_path}': not a local directory, and {why}. "
+            "Pass a local path or download it first."
         ) from None
 
 
@@ -107,8 +178,61 @@ def _finish(model: PreTrainedModel, options: ModelOptions) -> PreTrainedModel:
     return model
 
 
-def load_causal_lm(name_or_path: str, tok: PreTrainedTokenizerBase, options: ModelOptions | None = None):
+MODEL_KINDS = {
+    "causal-lm": ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration"),
+    "classifier": ("ForSequenceClassification",),
+}
+
+
+def check_model_kind(name_or_path: str, kind: str, key: str = "model", options: ModelOptions | None = None) -> None:
+    """Stop with one line when a checkpoint is not the kind of model its recipe key needs.
+
+    `kind` is "causal-lm" (a policy, reference or report model) or "classifier" (a trained reward
+    model). Read from the config's `architectures` before any weights are loaded; a config
+    that lists none is let through (nothing to go by).
+    """
     options = options or ModelOptions()
+    config = _load(AutoConfig.from_pretrained, name_or_path, "model config", trust_remote_code=options.trust_remote_code)
+    architectures = getattr(config, "architectures", None) or []
+    if not architectures or any(a.endswith(MODEL_KINDS[kind]) for a in architectures):
+        return
+    found = architectures[0]
+    if any(found.endswith(suffix) for suffix in MODEL_KINDS["classifier"]):
+        what = "a sequence classifier (a reward model)"
+    elif any(found.endswith(suffix) for suffix in MODEL_KINDS["causal-lm"]):
+        what = "a causal language model"
+    else:
+        what = "a model of another kind"
+    expected = "a causal language model (a policy)" if kind == "causal-lm" else "a sequence classifier (a reward model)"
+    raise RecipeError(f"{key}: {name_or_path} is {what}, its config says {found}; expected {expected}")
+
+
+# The kind of model each model-valued recipe key needs (the reward stage's `model` may be either).
+INPUT_KINDS = {"model": "causal-lm", "ref_model": "causal-lm", "reward_model": "classifier"}
+
+
+def check_local_inputs(stage: str, inputs: dict[str, str]) -> None:
+    """The loaders' checks, done before a run trains anything: each local checkpoint a recipe
+    names directly is of the kind its key needs and has readable weights, and `model` has a
+    tokenizer. Without this a chain would stop only at the stage that reads the bad input,
+    after training the ones before it. Hub ids are left to the loaders."""
+    for key, path in inputs.items():
+        if not Path(path).is_dir():
+            continue
+        if key == "model":
+            _check_tokenizer_files(Path(path))
+        _check_weights(Path(path))
+        kind = None if stage == "reward" and key == "model" else INPUT_KINDS.get(key)
+        if kind:
+            check_model_kind(path, kind, key)
+
+
+def load_causal_lm(
+    name_or_path: str, tok: PreTrainedTokenizerBase, options: ModelOptions | None = None, key: str = "model"
+):
+    """A causal LM (policy, reference); `key` names the recipe key it came from in errors."""
+    options = options or ModelOptions()
+    check_model_kind(name_or_path, "causal-lm", key, options)
     model = _load(AutoModelForCausalLM.from_pretrained, name_or_path, "model", **_model_kwargs(options))
     return _finish(_fit_to_tokenizer(model, tok), options)
 
@@ -145,10 +269,31 @@ def lora_config(lora: LoraOptions, task_type: str = "CAUSAL_LM"):
     )
 
 
+def check_lora_targets(model: PreTrainedModel, lora: LoraOptions) -> None:
+    """Stop with one line when `lora.target_modules` names no module of `model` (peft's own
+    check comes later, deep inside the trainer, as a traceback). peft matches a name when a
+    module's full name equals it or ends with '.name'; a single string is a regular expression."""
+    targets = lora.target_modules
+    if targets == "all-linear":
+        return
+    names = [name for name, _ in model.named_modules() if name]
+    if isinstance(targets, str):
+        missing = [] if any(re.fullmatch(targets, n) for n in names) else [targets]
+    else:
+        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise RecipeError(
+            f"lora.target_modules: {', '.join(map(repr, missing))} names no module of the model; "
+            f"its linear layers are {', '.join(linear)} (or use 'all-linear')"
+        )
+
+
 def apply_lora(model: PreTrainedModel, lora: LoraOptions, task_type: str = "CAUSAL_LM"):
     """Wrap `model` with trainable LoRA adapters; everything else is frozen."""
     from peft import get_peft_model
 
+    check_lora_targets(model, lora)
     return get_peft_model(model, lora_config(lora, task_type))
 
 
@@ -161,3 +306,70 @@ def save_model(model, tok: PreTrainedTokenizerBase, out_dir: str | Path, lora: L
         model = model.merge_and_unload()
     model.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
+
+
+# --------------------------------------------------------------------------- PPO plumbing
+
+
+def check_reward_model(name_or_path: str, key: str = "reward_model") -> None:
+    """A reward model must be a sequence classifier with exactly one label; anything else
+    (a causal LM would get a fresh random head) is a one-line error naming the recipe key."""
+    from transformers import AutoConfig
+
+    config = _load(AutoConfig.from_pretrained, name_or_path, "config")
+    kinds = getattr(config, "architectures", None) or []
+    if not any(k.endswith("ForSequenceClassification") for k in kinds) or config.num_labels != 1:
+        raise RecipeError(
+            f"{key}: {name_or_path} is not a one-label sequence classifier "
+            f"(architectures {kinds}, num_labels {config.num_labels}); train one with the reward stage"
+        )
+
+
+def same_tokenizer(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
+    """True when token ids mean the same in both (same vocabulary, pad and EOS), so one model's
+    ids can be fed to the other."""
+    return a.get_vocab() == b.get_vocab() and a.pad_token_id == b.pad_token_id and a.eos_token_id == b.eos_token_id
+
+
+def frozen(model):
+    """Eval mode (no dropout) and no gradients: a reference or reward model."""
+    return no_dropout(model).requires_grad_(False)
+
+
+def no_dropout(model):
+    """Eval mode and every dropout probability 0: PPO's ratio must be exactly 1 before an update."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for name in ("attention_dropout", "hidden_dropout", "dropout", "classifier_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if isinstance(getattr(model.config, name, None), float):
+            setattr(model.config, name, 0.0)
+    return model.eval()
+
+
+def token_scores(classifier, input_ids, attention_mask, position_ids) -> torch.Tensor:
+    """A one-label sequence classifier's score at every position: (B, T).
+
+    The backbone's hidden states go through the classification head position by position,
+    so a reward model gives its score at any token (read it at the last real one) and a
+    critic initialised from it gives a value for every position.
+    """
+    inner = classifier.get_base_model() if hasattr(classifier, "get_base_model") else classifier
+    backbone = getattr(inner, inner.base_model_prefix)
+    head = inner.score if hasattr(inner, "score") else inner.classifier
+    hidden = backbone(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
+    return head(hidden).squeeze(-1).float()
+
+
+class PerTokenScores(torch.nn.Module):
+    """`token_scores` as a module, so that a critic can be wrapped (DDP) and trained as one."""
+
+    def __init__(self, classifier):
+        super().__init__()
+        self.classifier = classifier
+        self.train(classifier.training)  # a wrapper of a frozen / dropout-free model stays in eval mode
+
+    def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
+        return token_scores(self.classifier, input_ids, attention_mask, position_ids)

@@ -19,35 +19,54 @@ Run directory layout (default `runs/`, one directory per recipe, named after the
 A stage writes into `<name>.partial/` and renames it to `<name>/` only when complete, so
 an interrupted run is never mistaken for a finished one; rerunning resumes from its last
 checkpoint when the hash still matches.
+
+The toolkit never deletes or overwrites what it did not write. Before any stage runs, every
+output location is checked (`check_outputs`): an existing directory without a run_info.json
+of ours, an output inside (or holding) a model or data file the run reads, the working
+directory, a file, or a place that cannot be written is a one-line error. A finished output
+replaces the previous one by two renames (old aside, new in), so a crash at any moment
+leaves at least one of them whole; the next run completes an interrupted swap.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
+import importlib.metadata
+import importlib.util
 import json
+import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from accelerate import PartialState
+from transformers import set_seed
 
-from . import __version__
 from .config import (
+    STAGES,
     BaseRecipe,
     FromRecipe,
     RecipeError,
     content_hash,
+    data_files,
     load_recipe,
     model_inputs,
     parse_override,
     resolved_dict,
 )
-from .stages.common import append_metrics, last_checkpoint, use_cpu, write_card, write_resolved
+from .models import check_local_inputs
+from .stages.common import append_metrics, last_checkpoint, resolved_precision, use_cpu, write_card, write_resolved
 
-# Keys that change where or how a run reports, not what it computes.
-NOT_HASHED = ("output_dir", "report", "training.logging_steps", "training.report_to", "training.save_steps")
+# Keys that change where or how a run reports, not what it computes; and mixed_precision,
+# whose resolved value (auto -> bf16 or no) is hashed instead.
+NOT_HASHED = (
+    "output_dir", "report", "training.logging_steps", "training.report_to", "training.save_steps",
+    "training.mixed_precision",
+)
 
 
 @dataclass
@@ -93,6 +112,50 @@ def _fingerprint(path_or_id: str) -> str:
     return path_or_id
 
 
+# Libraries whose version changes what a stage computes.
+RESULT_LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers")
+
+
+def source_fingerprint(roots: list[Path]) -> str:
+    """Hash of every .py file under `roots` (relative path and bytes), in a fixed order."""
+    digest = hashlib.sha256()
+    for root in roots:
+        for path in sorted(root.rglob("*.py")):
+            digest.update(f"{root.name}/{path.relative_to(root).as_posix()}\0".encode())
+            digest.update(path.read_bytes())
+            digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+@functools.cache
+def toolkit_fingerprint() -> str:
+    """The toolkit's own code (its packages' .py files) and the versions of the libraries that
+    compute with it: any change to them invalidates every cached stage. Computed once per process."""
+    roots = []
+    for package in ("alignment", "data_prep"):
+        spec = importlib.util.find_spec(package)
+        roots += [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
+    versions = {}
+    for name in RESULT_LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return content_hash(source_fingerprint(roots), versions)
+
+
+def _chat_template_fingerprint(template: str | None) -> str | None:
+    """A chat template given as a .jinja file counts by its contents, not its path
+    (models.load_tokenizer reads such a file; any other value is the template text itself)."""
+    if template and template.endswith(".jinja") and Path(template).is_file():
+        return _fingerprint(template)
+    return None
+
+
+def _runs_on_every_process(stage: str) -> bool:
+    return not getattr(importlib.import_module(f"alignment.stages.{stage}"), "MAIN_PROCESS_ONLY", False)
+
+
 def _hashed_view(recipe: BaseRecipe) -> dict:
     data = resolved_dict(recipe)
     for dotted in NOT_HASHED:
@@ -104,9 +167,15 @@ def _hashed_view(recipe: BaseRecipe) -> dict:
     return data
 
 
-def plan(recipe_path: str | Path, overrides: list[str] = ()) -> list[Node]:
-    """Load the recipe and everything it refers to; return them in the order to run."""
+def plan(recipe_path: str | Path, overrides: list[str] = (), num_processes: int | None = None) -> list[Node]:
+    """Load the recipe and everything it refers to; return them in the order to run.
+
+    `num_processes` (default: the launcher's WORLD_SIZE, else 1) enters the hash of every stage
+    that trains on all processes: it sets the global batch and how the data is split.
+    """
     top = Path(recipe_path)
+    if num_processes is None:
+        num_processes = int(os.environ.get("WORLD_SIZE", "1"))
     parsed = [(raw, *parse_override(raw)) for raw in overrides]
     used_targets: set[str] = set()
 
@@ -136,8 +205,13 @@ def plan(recipe_path: str | Path, overrides: list[str] = ()) -> list[Node]:
             _hashed_view(recipe),
             {role: ref.hash for role, ref in node.refs.items()},
             {role: _fingerprint(p) for role, p in node.inputs().items() if role not in node.refs},
-            _fingerprint(recipe.data.source) if recipe.data.source != "demo" else "demo",
-            __version__,
+            [_fingerprint(source) for source in data_files(recipe)],
+            {
+                "chat_template_file": _chat_template_fingerprint(recipe.model_options.chat_template),
+                "num_processes": num_processes if _runs_on_every_process(recipe.stage) else 1,
+                "mixed_precision": resolved_precision(recipe),
+                "toolkit": toolkit_fingerprint(),
+            },
         )
         by_path[key] = node
         order.append(node)
@@ -153,9 +227,20 @@ def plan(recipe_path: str | Path, overrides: list[str] = ()) -> list[Node]:
 
 def _read_info(directory: Path) -> dict:
     try:
-        return json.loads((directory / "run_info.json").read_text())
+        info = json.loads((directory / "run_info.json").read_text())
     except (OSError, ValueError):
         return {}
+    return info if isinstance(info, dict) else {}
+
+
+def is_ours(directory: Path) -> bool:
+    """Whether `directory` holds a (finished or partial) run of this toolkit: its run_info.json."""
+    info = _read_info(directory)
+    return info.get("stage") in STAGES and isinstance(info.get("hash"), str)
+
+
+def partial_dir(out_dir: Path) -> Path:
+    return out_dir.with_name(out_dir.name + ".partial")
 
 
 def is_current(node: Node) -> bool:
@@ -163,12 +248,132 @@ def is_current(node: Node) -> bool:
     return info.get("hash") == node.hash and info.get("status") == "finished"
 
 
+# --------------------------------------------------------------------------- output safety
+
+
+def _inside(path: Path, other: Path) -> bool:
+    """`path` is `other` or lies under it (both absolute and resolved)."""
+    return path == other or other in path.parents
+
+
+def _local(value: str | None) -> Path | None:
+    """`value` resolved, if it names an existing local path (not a hub id or template text)."""
+    try:
+        return Path(value).resolve() if value and "\n" not in value and Path(value).exists() else None
+    except OSError:  # e.g. a long template text is no file name
+        return None
+
+
+def _read_paths(nodes: list[Node]) -> list[tuple[str, Path]]:
+    """(what, resolved path) of every local model, data file, chat template and report model the run reads."""
+    names = {node.name for node in nodes}
+    found = []
+    for node in nodes:
+        keys = {role: value for role, value in node.inputs().items() if role not in node.refs}
+        keys["data.source"] = node.recipe.data.source
+        keys["model_options.chat_template"] = node.recipe.model_options.chat_template
+        keys.update({f"report.models.{k}": v for k, v in node.recipe.report.models.items() if v not in names})
+        for key, value in keys.items():
+            if (path := _local(value)) is not None:
+                found.append((f"{node.path.name}'s {key} '{value}'", path))
+    return found
+
+
+def _writable_parent(out: Path) -> Path:
+    """The nearest existing ancestor of `out`, where its directories will be created."""
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    return parent
+
+
+def check_outputs(nodes: list[Node], to_run: list[Node], probe: bool = True) -> None:
+    """Refuse, before anything is trained, every output location of `to_run` that would
+    destroy or overwrite what the toolkit did not write, or that cannot be written.
+
+    With `probe`, a scratch directory is created and removed where the output will go, so a
+    read-only place is found now rather than after training.
+    """
+    cwd = Path.cwd().resolve()
+    outs = {id(n): n.out_dir.resolve() for n in nodes}
+    reads = _read_paths(nodes)
+    for node in to_run:
+        out = outs[id(node)]
+        where = f"{node.path}: output_dir '{node.out_dir}'"
+        if _inside(cwd, out):
+            raise RecipeError(f"{where}: is the working directory or holds it; name a directory of its own, e.g. runs/{node.name}")
+        for what, path in reads:
+            if _inside(out, path):
+                raise RecipeError(f"{where}: is {what} or inside it; writing there would overwrite an input: choose another output_dir")
+            if _inside(path, out):
+                raise RecipeError(f"{where}: holds {what}; replacing it would delete an input: choose another output_dir")
+        for place in (out, partial_dir(out)):
+            if place.exists() and not place.is_dir():
+                raise RecipeError(f"{where}: '{place}' is a file, expected a directory (or a path that does not exist yet)")
+            if place.is_dir() and any(place.iterdir()) and not is_ours(place):
+                raise RecipeError(
+                    f"{where}: '{place}' holds files the toolkit did not write (no run_info.json of a run); "
+                    "choose another output_dir or move them away"
+                )
+        parent = _writable_parent(out)
+        if not parent.is_dir():
+            raise RecipeError(f"{where}: '{parent}' is a file, not a directory")
+        if probe:
+            try:
+                os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.write-test-", dir=parent))
+            except OSError as exc:
+                raise RecipeError(f"{where}: cannot write in '{parent}' ({exc.strerror})") from None
+    for how, overlaps in (("is the same as", lambda a, b: a == b), ("lies inside", _inside), ("holds", lambda a, b: _inside(b, a))):
+        for node in to_run:
+            for other in nodes:
+                if other is not node and overlaps(outs[id(node)], outs[id(other)]):
+                    raise RecipeError(
+                        f"{node.path}: output_dir '{node.out_dir}': {how} the output of {other.path.name} "
+                        f"('{other.out_dir}'); give each recipe its own output_dir"
+                    )
+
+
+def swap_into_place(work: Path, out: Path) -> None:
+    """Move the finished `work` directory to `out`, replacing a previous output of ours.
+
+    The old output is renamed aside first and removed only after the new one is in place: a
+    crash between the two renames leaves both whole (`complete_interrupted_swap` finishes the
+    job on the next run), never neither.
+    """
+    if out.exists():
+        if not is_ours(out) and any(out.iterdir()):
+            raise RecipeError(f"'{out}' received files the toolkit did not write during the run; the finished output is left in '{work}'")
+        aside = out.with_name(f"{out.name}.old-{os.getpid()}")
+        out.rename(aside)
+        work.rename(out)
+        shutil.rmtree(aside)
+    else:
+        work.rename(out)
+
+
+def complete_interrupted_swap(node: Node) -> None:
+    """Finish what a crash inside `swap_into_place` left: a finished `.partial` of this exact
+    recipe goes into place, and old outputs of ours set aside are removed."""
+    work = partial_dir(node.out_dir)
+    info = _read_info(work)
+    if info.get("status") == "finished" and info.get("hash") == node.hash and is_ours(work):
+        swap_into_place(work, node.out_dir)
+    if node.out_dir.parent.is_dir():
+        for aside in node.out_dir.parent.glob(f"{node.out_dir.name}.old-*"):
+            if aside.is_dir() and is_ours(aside):
+                shutil.rmtree(aside)
+
+
 def run_node(node: Node, state: PartialState) -> dict:
     """Run one stage into `<out>.partial/`, then move it into place."""
-    work = node.out_dir.with_name(node.out_dir.name + ".partial")
+    new_parents = [p for p in node.out_dir.parents if not p.exists()]  # removed again if the input is refused
+    work = partial_dir(node.out_dir)
     if state.is_main_process:
         if work.exists() and _read_info(work).get("hash") != node.hash:
-            shutil.rmtree(work)  # a partial run of an older recipe: nothing to resume
+            if is_ours(work):
+                shutil.rmtree(work)  # a partial run of an older recipe: nothing to resume
+            else:
+                work.rmdir()  # empty (check_outputs refused anything else): a run killed right after mkdir
         work.mkdir(parents=True, exist_ok=True)
         info = {"stage": node.recipe.stage, "hash": node.hash, "status": "running", "inputs": node.inputs()}
         (work / "run_info.json").write_text(json.dumps(info, indent=2))
@@ -179,11 +384,17 @@ def run_node(node: Node, state: PartialState) -> dict:
     summary = {}
     try:
         if state.is_main_process or not getattr(stage, "MAIN_PROCESS_ONLY", False):
+            # Seeded before the stage loads its model: a new head (reward) or new pad-token
+            # embeddings are initialised the same way in every run of the recipe.
+            set_seed(node.recipe.seed)
             summary = stage.run(node.recipe, node.inputs(), work)
     except RecipeError:
         # Bad input found before any training: leave nothing half-written behind.
         if state.is_main_process and last_checkpoint(work) is None:
             shutil.rmtree(work, ignore_errors=True)
+            for parent in new_parents:  # deepest first
+                if parent.is_dir() and not any(parent.iterdir()):
+                    parent.rmdir()
         raise
     state.wait_for_everyone()
 
@@ -196,17 +407,24 @@ def run_node(node: Node, state: PartialState) -> dict:
         shutil.rmtree(work / "checkpoints", ignore_errors=True)
         info = {**_read_info(work), "status": "finished", "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "summary": summary}
         (work / "run_info.json").write_text(json.dumps(info, indent=2))
-        if node.out_dir.exists():
-            shutil.rmtree(node.out_dir)
-        work.rename(node.out_dir)
+        swap_into_place(work, node.out_dir)
     state.wait_for_everyone()
     return summary
 
 
 def run(recipe_path: str | Path, overrides: list[str] = (), dry_run: bool = False) -> list[Node]:
-    nodes = plan(recipe_path, overrides)
     state = PartialState(cpu=use_cpu())
+    nodes = plan(recipe_path, overrides, num_processes=state.num_processes)
+    for node in nodes:  # checkpoints given as paths are checked before any stage trains
+        check_local_inputs(node.recipe.stage, {r: p for r, p in node.inputs().items() if r not in node.refs})
     say = print if state.is_main_process else (lambda *a, **k: None)
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and use_cpu():
+        say("note: accelerate applies FSDP on GPUs only; on this CPU machine the processes train as plain data parallel (DDP over gloo)")
+    check_outputs(nodes, [n for n in nodes if not is_current(n)], probe=not dry_run)
+    if state.is_main_process and not dry_run:
+        for node in nodes:
+            complete_interrupted_swap(node)
+    state.wait_for_everyone()
     reported = {}
     if nodes[-1].recipe.report.models:
         from .report import resolve_models
@@ -233,4 +451,3 @@ def run(recipe_path: str | Path, overrides: list[str] = (), dry_run: bool = Fals
             say("\n" + build_report(report, nodes, reported))
         state.wait_for_everyone()
     return nodes
-

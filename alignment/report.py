@@ -18,7 +18,8 @@ import shutil
 from pathlib import Path
 
 from .compare import CompareError, Comparison, compare_models
-from .config import GenerationOptions, ReportOptions
+from .config import GenerationOptions, RecipeError, ReportOptions
+from .models import check_model_kind
 from .demo import world
 
 MARKER = "alignment compare"  # summary.json's "generator": an output directory this toolkit wrote
@@ -197,9 +198,12 @@ def resolve_models(options: ReportOptions, nodes: list) -> tuple[dict[str, str],
     by_name = {node.name: node for node in nodes}
     models, notes = {}, []
     for label, target in options.models.items():
+        if target in by_name and by_name[target].recipe.stage == "reward":
+            raise RecipeError(f"report.models.{label}: '{target}' is a reward model; the report compares policies")
         if target in by_name:
             models[label] = str(by_name[target].out_dir)
         elif Path(target).is_dir():
+            check_model_kind(target, "causal-lm", key=f"report.models.{label}")
             models[label] = target
         else:
             names = ", ".join(by_name)

@@ -1,7 +1,12 @@
-"""Preference and training data preparation.
+"""Preference and training data preparation: the shapes people have -> one canonical form.
 
-    python -m data_prep demo --out data/demo     # the demo world's datasets as JSONL files
+    python -m data_prep pairs hh.jsonl.gz --out data/hh     # transcripts, explicit, rated, scored, ranked rows
+    python -m data_prep sft chats.jsonl --out data/sft
+    python -m data_prep onpolicy --model runs/sft --prompts demo --k 4 --oracle --out data/onpolicy
+    python -m data_prep demo --out data/demo                # the demo world's datasets
 
-Writes the formats the recipes read (`data.source: path.jsonl`), so a user can look at
-them, edit them, or replace them with their own rows in the same shape.
+Modules: `read` (the one file reader), `shapes` (shape detection and normalisation, the one
+parser, also used by the reward and dpo stages), `prepare` (cleaning, splitting, mixing and
+accounting), `write` (JSONL + Parquet + summary.json), `onpolicy` (sampled pairs).
+The same options drive the `prep` stage of a recipe (alignment/config.py: PrepOptions).
 """

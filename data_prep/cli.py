@@ -1,56 +1,280 @@
-"""`python -m data_prep ...`: write datasets in the shapes the recipes read."""
+"""`python -m data_prep COMMAND ...`: turn the data people have into the canonical form the stages read."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
+import sys
 from pathlib import Path
 
-from alignment.demo import world
+from pydantic import ValidationError
+
+from alignment.config import PrepColumns, PrepOptions, PrepSource
+
+from .read import READ, DataError
+
+SHAPE_EXAMPLES = """\
+row shapes (detected from the columns; --shape when several match; names settable with --column):
+  explicit   {"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}
+             {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+              "chosen": [{"role": "assistant", "content": "Hello!"}], "rejected": [...]}
+  implicit   {"chosen": "\\n\\nHuman: Hi\\n\\nAssistant: Hello!", "rejected": "\\n\\nHuman: Hi\\n\\nAssistant: Go away."}
+             (or two message lists; everything before the last assistant turn must be the same)
+  rated      {"prompt": "Hi", "completions": ["Hello!", "Go away.", "Hm"], "ratings": [9, 2, 5]}
+             {"prompt": "Hi", "completions": [{"response": "Hello!", "rating": 9}, ...]}
+  scored     {"prompt": "Hi", "response_a": "Hello!", "response_b": "Go away.", "score_a": 12, "score_b": 3}
+  ranked     {"prompt": "Hi", "ranked": ["Hello!", "Hm", "Go away."]}          (best first)
+  sft        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
+  text       {"text": "Once upon a time ..."}
+
+output (--out DIR): train.jsonl/.parquet, test.jsonl/.parquet, summary.json. Pairs are
+  {"prompt": [messages], "chosen": [assistant message], "rejected": [assistant message],
+   "score_chosen": float|null, "score_rejected": float|null, "source": str, "id": str}
+Every row read is kept or counted under a named reason (summary.json); --strict makes any drop an error.
+"""
+
+EXAMPLES = {
+    "pairs": """\
+examples:
+  python -m data_prep pairs hh_train.jsonl.gz --out data/hh                 # Human/Assistant transcripts
+  python -m data_prep pairs ratings.parquet --rejected-choice random --min-margin 1 --out data/uf
+  python -m data_prep pairs shp.csv --column prompt=history --column response_a=human_ref_A \\
+      --column response_b=human_ref_B --column score_a=score_A --column score_b=score_B --min-ratio 2 --out data/shp
+  python -m data_prep pairs a.jsonl b.parquet --weights 1 0.5 --max-length 1024 --tokenizer gpt2 --out data/mix
+  alignment run recipes/dpo.yaml data.source=data/mix                          # train on it
+""",
+    "sft": """\
+examples:
+  python -m data_prep sft chats.jsonl --max-turns 4 --out data/sft
+  alignment run recipes/sft.yaml data.source=data/sft/train.jsonl
+""",
+    "text": """\
+examples:
+  python -m data_prep text corpus.jsonl --dedup normalised --out data/corpus
+""",
+}
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    """Write rows atomically: a reader never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
+class Parser(argparse.ArgumentParser):
+    """Errors are one line (no usage block) and exit with status 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message}\n")
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _column(text: str) -> tuple[str, str]:
+    role, eq, name = text.partition("=")
+    if not eq or role not in PrepColumns.model_fields:
+        raise argparse.ArgumentTypeError(f"expected ROLE=COLUMN with ROLE one of {', '.join(PrepColumns.model_fields)}, got {text!r}")
+    return role, name
+
+
+def _add_cleaning(p: argparse.ArgumentParser, kind: str) -> None:
+    d = PrepOptions.model_fields
+    help_of = lambda name: d[name].description + f" (default: {d[name].default})"  # noqa: E731
+    p.add_argument("--out", required=True, help="output directory (created; an earlier data_prep output is replaced)")
+    p.add_argument("--test-fraction", type=float, default=d["test_fraction"].default, help=help_of("test_fraction"))
+    p.add_argument("--split-seed", type=int, default=0, help=help_of("split_seed"))
+    p.add_argument("--dedup", choices=("none", "exact", "normalised"), default="normalised", help=help_of("dedup"))
+    p.add_argument("--max-turns", type=_count, help=d["max_turns"].description)
+    p.add_argument("--max-length", type=_count, help=d["max_length"].description)
+    if kind == "pairs":
+        p.add_argument("--max-prompt-tokens", type=_count, help=d["max_prompt_tokens"].description)
+    p.add_argument("--tokenizer", help="tokenizer (directory or hub id) for the token limits")
+    p.add_argument("--strict", action="store_true", help=d["strict"].description)
+    p.add_argument("--seed", type=int, default=0, help=help_of("seed"))
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_sources(p: argparse.ArgumentParser, kind: str) -> None:
+    p.add_argument("sources", nargs="+", metavar="SOURCE", help=f"input: {READ}, or 'demo'")
+    shapes = {"pairs": ("auto", "explicit", "implicit", "rated", "scored", "ranked"), "sft": ("auto", "sft"), "text": ("auto", "text")}[kind]
+    p.add_argument("--shape", choices=shapes, default="auto", help="row shape of every source (default: detected)")
+    p.add_argument("--column", type=_column, action="append", default=[], metavar="ROLE=COLUMN",
+                   help="column name for a role, e.g. prompt=question (repeatable)")
+    p.add_argument("--weights", type=float, nargs="+", help="one sampling weight per source (see `prep.sources[].weight`)")
+    p.add_argument("--names", nargs="+", help="one label per source for the `source` column (default: file names)")
+    p.add_argument("--num-examples", type=_count, help="read only the first N rows of each source")
+    p.add_argument("--split", default="train", help="split of a hub dataset or saved DatasetDict (default: train)")
+    if kind == "pairs":
+        d = PrepOptions.model_fields
+        p.add_argument("--rejected-choice", choices=("worst", "random"), default="worst", help=d["rejected_choice"].description)
+        p.add_argument("--min-margin", type=float, default=0.0, help=d["min_margin"].description)
+        p.add_argument("--min-ratio", type=float, default=1.0, help=d["min_ratio"].description)
+        p.add_argument("--ranked-pairs", choices=("best-worst", "adjacent", "all"), default="best-worst", help=d["ranked_pairs"].description)
+
+
+def options_from(args: argparse.Namespace, kind: str) -> PrepOptions:
+    """The command line as the schema's PrepOptions (the prep stage's own section)."""
+    n = len(args.sources)
+    for flag, values in (("--weights", args.weights), ("--names", args.names)):
+        if values is not None and len(values) != n:
+            raise DataError(f"{flag}: {len(values)} values for {n} sources")
+    columns = PrepColumns(**dict(args.column))
+    sources = [
+        PrepSource(
+            path=path, shape=args.shape, columns=columns, split=args.split, num_examples=args.num_examples,
+            weight=args.weights[i] if args.weights else 1.0, name=args.names[i] if args.names else None,
+        )
+        for i, path in enumerate(args.sources)
+    ]
+    extra = {}
+    if kind == "pairs":
+        extra = dict(rejected_choice=args.rejected_choice, min_margin=args.min_margin, min_ratio=args.min_ratio,
+                     ranked_pairs=args.ranked_pairs, max_prompt_tokens=args.max_prompt_tokens)
+    return PrepOptions(
+        kind=kind, sources=sources, test_fraction=args.test_fraction, split_seed=args.split_seed, dedup=args.dedup,
+        max_turns=args.max_turns, max_length=args.max_length, strict=args.strict, seed=args.seed, **extra,
+    )
+
+
+def _tokenizer(args):
+    if args.tokenizer is None:
+        return None
+    from alignment.models import load_tokenizer
+
+    return load_tokenizer(args.tokenizer)
+
+
+def _finish(out: Path, prepared) -> int:
+    from .prepare import summary_text
+    from .write import write_atomic
+
+    names = write_atomic(out, prepared.kind, prepared.splits, prepared.summary)
+    print(summary_text(prepared.summary))
+    print(f"wrote {out}/: {', '.join(names)}")
+    return 0
+
+
+def convert(args: argparse.Namespace) -> int:
+    from .prepare import prepare
+    from .write import check_out_dir
+
+    out = Path(args.out)
+    check_out_dir(out)  # before any work
+    options = options_from(args, args.command)
+    if (options.max_length or options.max_prompt_tokens) and not args.tokenizer:
+        raise DataError("--max-length / --max-prompt-tokens count tokens: give --tokenizer")
+    return _finish(out, prepare(options, _tokenizer(args), progress=not args.quiet))
+
+
+def onpolicy(args: argparse.Namespace) -> int:
+    from .onpolicy import onpolicy_rows, read_prompts
+    from .prepare import prepare
+    from .write import check_out_dir
+
+    out = Path(args.out)
+    check_out_dir(out)
+    if args.reward_model is None and not args.oracle:
+        raise DataError("score with --reward-model DIR, or --oracle for the demo world's gold oracle")
+    options = PrepOptions(
+        kind="pairs", sources=[PrepSource(path=args.prompts, name="onpolicy")], test_fraction=args.test_fraction,
+        split_seed=args.split_seed, dedup=args.dedup, max_turns=args.max_turns, max_length=args.max_length,
+        strict=args.strict, seed=args.seed, min_margin=args.min_margin,
+    )
+    prompts = read_prompts(args.prompts, args.prompt_column, args.num_prompts, args.seed)
+    rows = onpolicy_rows(
+        prompts, args.model, k=args.k, reward_model=args.reward_model, min_margin=args.min_margin,
+        temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size, seed=args.seed, progress=not args.quiet,
+    )
+    prepared = prepare(options, _tokenizer(args), progress=not args.quiet, given={"onpolicy": rows})
+    return _finish(out, prepared)
 
 
 def demo(args: argparse.Namespace) -> int:
+    from alignment.demo import world
+
+    from .write import line_bytes, check_out_dir
+
     out = Path(args.out)
+    check_out_dir(out, ours_only=False)
     files = {
         "pretrain.jsonl": [{"text": t} for t in world.pretrain_corpus(args.pretrain, args.seed)],
         "sft.jsonl": world.sft_conversations(args.sft, args.seed),
         "preferences.jsonl": world.preference_pairs(args.pairs, args.seed),
         "eval_prompts.jsonl": [{"prompt": p} for p in world.eval_prompts(args.eval, args.seed)],
     }
+    out.mkdir(parents=True, exist_ok=True)
     for name, rows in files.items():
-        write_jsonl(out / name, rows)
+        tmp = out / f".{name}.tmp"
+        tmp.write_bytes(b"".join(line_bytes(r) for r in rows))
+        tmp.replace(out / name)
         print(f"{out / name}: {len(rows)} rows")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m data_prep", description="Prepare datasets for alignment recipes.")
+    parser = Parser(
+        prog="python -m data_prep",
+        description="Turn preference, SFT and text data into the canonical form the alignment stages read.",
+        epilog=SHAPE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    helps = {
+        "pairs": "preference pairs from explicit, implicit (transcript), rated, scored or ranked rows",
+        "sft": "SFT conversations (messages or transcripts)",
+        "text": "raw text for pretraining",
+    }
+    for kind, text in helps.items():
+        p = sub.add_parser(kind, help=text, description=text[0].upper() + text[1:] + ".",
+                           epilog=SHAPE_EXAMPLES + "\n" + EXAMPLES[kind], formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_sources(p, kind)
+        _add_cleaning(p, kind)
+        p.set_defaults(func=convert)
+
+    p = sub.add_parser(
+        "onpolicy", help="sample k replies per prompt, score them, keep best vs worst (iterative DPO)",
+        description="On-policy pairs: sample --k replies per prompt from --model, score them with --reward-model "
+        "(or --oracle: the demo world's gold oracle), keep best vs worst when the score margin is at least --min-margin.",
+        epilog="examples:\n  python -m data_prep onpolicy --model runs/sft --prompts demo --num-prompts 500 --k 4 --oracle --out data/onpolicy\n"
+        "  python -m data_prep onpolicy --model runs/dpo --prompts prompts.jsonl --k 8 --reward-model runs/reward \\\n"
+        "      --min-margin 0.5 --out data/round2\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="policy to sample from (a model directory or hub id)")
+    p.add_argument("--prompts", required=True, help=f"prompts: {READ} with a prompt column, or 'demo'")
+    p.add_argument("--prompt-column", default="prompt", help="column of the prompts (default: prompt)")
+    p.add_argument("--num-prompts", type=_count, help="use the first N prompts (demo: how many to make, default 200)")
+    p.add_argument("--k", type=_count, default=4, help="samples per prompt (default 4)")
+    p.add_argument("--reward-model", help="reward model directory (a one-label classifier) that scores the samples")
+    p.add_argument("--oracle", action="store_true", help="score with the demo world's gold oracle instead")
+    p.add_argument("--min-margin", type=float, default=0.0, help="least score gap between chosen and rejected (ties always dropped)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0: off)")
+    p.add_argument("--max-new-tokens", type=_count, default=32, help="longest sample (default 32)")
+    p.add_argument("--batch-size", type=_count, default=64, help="prompts generated at once (default 64)")
+    _add_cleaning(p, "onpolicy")
+    p.set_defaults(func=onpolicy)
+
     p = sub.add_parser("demo", help="write the demo world's datasets as JSONL",
                        description="Write the demo world's pretraining corpus, SFT conversations, preference pairs "
                        "and held-out eval prompts as JSONL files.")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
-    p.add_argument("--pretrain", type=int, default=20000, help="pretraining documents (default 20000)")
-    p.add_argument("--sft", type=int, default=4000, help="SFT conversations (default 4000)")
-    p.add_argument("--pairs", type=int, default=4000, help="preference pairs (default 4000)")
-    p.add_argument("--eval", type=int, default=300, help="held-out eval prompts (default 300)")
+    p.add_argument("--pretrain", type=_count, default=20000, help="pretraining documents (default 20000)")
+    p.add_argument("--sft", type=_count, default=4000, help="SFT conversations (default 4000)")
+    p.add_argument("--pairs", type=_count, default=4000, help="preference pairs (default 4000)")
+    p.add_argument("--eval", type=_count, default=300, help="held-out eval prompts (default 300)")
     p.set_defaults(func=demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        print(f"error: {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
+        return 2

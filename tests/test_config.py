@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import pytest
+import yaml
 
 from alignment.config import RecipeError, load_recipe, parse_override
 from alignment.pipeline import plan
@@ -116,5 +118,10 @@ def test_shipped_recipes_are_valid_and_launchable():
         recipe = load_recipe(path)
         first = path.read_text().splitlines()[0]
         assert first.startswith("launcher: str = ") and path.read_text().rstrip().endswith('# """'), path
-        compile(path.read_text(), str(path), "exec")  # the file is also a Python program
-        assert recipe.stage in path.read_text()
+        # The file is also a Python program whose first statement carries the whole recipe in a
+        # string: read that way, it is the same recipe (nothing after the string's end).
+        module = ast.parse(path.read_text(), str(path))
+        assert len(module.body) == 1, path
+        _, embedded = module.body[0].value.values  # launch(__file__) or r"""..."""
+        assert yaml.safe_load(embedded.value) == {k: v for k, v in yaml.safe_load(path.read_text()).items() if k != "launcher"}
+        assert recipe.stage == yaml.safe_load(embedded.value)["stage"]

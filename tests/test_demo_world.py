@@ -163,3 +163,48 @@ def test_corpus_defect_rates(rates):
     assert abs(totals["wrong"] / 2000 - p_wrong) < 0.05
     assert abs(totals["rude"] / 2000 - p_rude) < 0.05
     assert abs(totals["rambles"] / 2000 - p_ramble) < 0.05
+
+
+# --------------------------------------------------------------------------- micro chain
+
+# The smallest chain that reliably shows SFT teaching the task (see docs/demo_world.md):
+# same shape family as the default (2 layers, 8 heads) but narrower and far fewer steps.
+MICRO_CHAIN = [
+    "init:init.hidden_size={width}",
+    "init:init.intermediate_size={mlp}",
+    "init:init.num_attention_heads=8",
+    "init:init.tokenizer_examples=2000",
+    "pretrain:data.num_examples=800",
+    "pretrain:training.max_steps=20",
+    "sft:data.num_examples={sft_examples}",
+    "sft:training.max_steps={sft_steps}",
+    "*:training.logging_steps=10",
+]
+
+
+def _content_rate(path, prompts):
+    from alignment import models as model_layer
+    from alignment.compare import generate
+
+    tok = model_layer.load_tokenizer(str(path))
+    model = model_layer.load_causal_lm(str(path), tok)
+    gens = generate(model, tok, prompts, max_new_tokens=8, progress=False)
+    return sum(score_parts(g.prompt, g.text, g.finished)["content"] > 0 for g in gens) / len(gens)
+
+
+def test_micro_chain_sft_learns_content_the_base_model_lacks(in_tmp):
+    """init -> pretrain -> sft at micro scale, on the default recipes: after a short SFT, the
+    model copies/chooses the right words on held-out prompts far more often than the pretrained
+    base (which sits at chance: it has not formed the copying circuit). What it measures: that
+    the demo world's content is learnable by SFT in this chain at all (demonstrations right,
+    loss on the answer, held-out prompts of the same family), not the default's final figure."""
+    from alignment.pipeline import run
+
+    from .conftest import RECIPES
+
+    settings = {"width": 128, "mlp": 256, "sft_examples": 3000, "sft_steps": 150}
+    run(RECIPES / "sft.yaml", [o.format(**settings) for o in MICRO_CHAIN])
+    prompts = eval_prompts(120, 0)
+    base, sft = _content_rate("runs/pretrain", prompts), _content_rate("runs/sft", prompts)
+    assert base < 0.15, base
+    assert sft > base + 0.2, (base, sft)

@@ -67,6 +67,85 @@ def test_bad_recipe_exits_2_with_one_line_and_writes_nothing(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_bad_recipe_under_accelerate_launch(tmp_path):
+    """What the README says a user sees: our one line, then accelerate's own wrapper reporting
+    the exit status (it does that for every failed script unless given -q); the exit status
+    is non-zero and nothing is written."""
+    shutil.copytree(RECIPES, tmp_path / "recipes")
+    bad = tmp_path / "recipes" / "sft.yaml"
+    bad.write_text(bad.read_text().replace("max_steps:", "max_stepz:"))
+    done = launch(["accelerate", "launch", "--num_processes", "1", "recipes/sft.yaml"], tmp_path)
+    lines = done.stderr.strip().splitlines()
+    [at] = [i for i, line in enumerate(lines) if line.startswith(f"error: {bad}:14: ")]
+    assert lines[at].endswith("training.max_stepz: unknown key (did you mean 'max_steps'?)")
+    assert lines[at + 1] == "Traceback (most recent call last):"  # accelerate's, not ours
+    assert done.returncode == 1 and "returned non-zero exit status 2" in lines[-1], done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_runner_uses_the_cores_accelerate_would_pin_to_one(tmp_path):
+    """`accelerate launch` with no config sets OMP_NUM_THREADS=1; the runner takes the
+    machine's cores back, unless the user chose the count."""
+    (tmp_path / "probe.py").write_text(
+        "from alignment.cli import launcher_thread_default, use_launcher_cores\n"
+        "import torch\n"
+        "chosen = launcher_thread_default()\n"
+        "use_launcher_cores()\n"
+        "print('threads', chosen, torch.get_num_threads())\n"
+    )
+    cores = len(os.sched_getaffinity(0))
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    done = subprocess.run(["accelerate", "launch", "--num_processes", "1", "probe.py"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"threads {cores} {cores}" in done.stdout.splitlines()
+
+
+def test_thread_count_tells_accelerates_default_from_the_users(monkeypatch):
+    """The decision, against stand-in launcher processes whose environment and arguments we set."""
+    from alignment.cli import launcher_thread_default
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what accelerate hands its child either way
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")  # set by every accelerate launcher
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    clean = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+
+    def decided(extra_env: dict, extra_args: list[str] = ()) -> int | None:
+        stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *extra_args],
+                                    env={**clean, **extra_env})
+        try:
+            return launcher_thread_default(stand_in.pid)
+        finally:
+            stand_in.kill()
+            stand_in.wait()
+
+    assert decided({}) == cores  # accelerate's default: take the cores
+    assert decided({"OMP_NUM_THREADS": "1"}) is None  # the user exported it: keep it
+    assert decided({}, ["--num_cpu_threads_per_process", "1"]) is None  # the user passed it: keep it
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert decided({}) == max(1, cores // 2)  # two local processes share the cores
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert decided({}) is None  # not accelerate's default
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("ACCELERATE_DYNAMO_BACKEND")
+    assert decided({}) is None  # not under accelerate launch
+
+
 def test_help_explains_overrides():
     done = launch(["alignment", "run", "--help"], Path.cwd())
     assert done.returncode == 0 and "NAME:KEY=VALUE" in done.stdout and "accelerate launch" in done.stdout
+
+
+def test_fsdp_config_on_cpu_is_said_to_run_as_ddp(in_tmp, monkeypatch, capsys):
+    """accelerate ignores an FSDP launcher config on CPUs (plain DDP): the runner says so."""
+    from alignment import pipeline
+    from alignment.pipeline import run
+
+    monkeypatch.setattr(pipeline, "use_cpu", lambda: True)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `--config_file recipes/accelerate/fsdp.yaml` sets
+    run(RECIPES / "init.yaml", dry_run=True)
+    assert "FSDP on GPUs only" in capsys.readouterr().out
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    run(RECIPES / "init.yaml", dry_run=True)
+    assert "FSDP" not in capsys.readouterr().out

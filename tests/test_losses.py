@@ -180,6 +180,11 @@ def test_masked_stats():
     assert torch.allclose(w[:3], t(-1.0, 0.0, 1.0), atol=1e-6)
     w2 = L.masked_whiten(x, m, shift_mean=False)
     assert torch.allclose(w2[:3], t(1.0, 2.0, 3.0), atol=1e-6)
+    # Variance other than 1: [1, 5, 9] has mean 5 and unbiased variance (16 + 0 + 16) / 2 = 16, std 4.
+    # Whitened: [-1, 0, 1]; shift_mean=False adds the mean back: [4, 5, 6].
+    y = t(1.0, 5.0, 9.0, -7.0)
+    assert torch.allclose(L.masked_whiten(y, m)[:3], t(-1.0, 0.0, 1.0), atol=1e-6)
+    assert torch.allclose(L.masked_whiten(y, m, shift_mean=False)[:3], t(4.0, 5.0, 6.0), atol=1e-6)
     rows = L.masked_mean(torch.stack([x, x]), torch.stack([m, torch.zeros_like(m)]), dim=1)
     assert torch.allclose(rows, t(2.0, 0.0))  # an all-masked row gives 0, not NaN
 

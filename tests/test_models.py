@@ -70,16 +70,23 @@ def test_lora_wraps_trains_only_adapters_and_merges(tiny_base, tmp_path):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_classifier_has_one_label_and_scores_at_last_real_token(tiny_base):
-    tok = load_tokenizer(str(tiny_base))
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_classifier_has_one_label_and_scores_at_last_real_token(tiny_base, side):
+    """The short text is padded (after it, or before it): its score is the one it gets alone."""
+    tok = load_tokenizer(str(tiny_base), padding_side=side)
     clf = load_classifier(str(tiny_base), tok)
+    torch.nn.init.normal_(clf.score.weight, std=1.0)  # a head that reads every hidden unit
     assert clf.config.num_labels == 1 and clf.config.pad_token_id == tok.pad_token_id
     batch = tok(["repeat: cat dog", "first: cat dog sun fish"], padding=True, return_tensors="pt")
+    pads = (batch["input_ids"][0] == tok.pad_token_id).nonzero().flatten().tolist()
+    assert pads and (pads[0] == 0) == (side == "left")  # it really is padded on that side
     with torch.no_grad():
         both = clf(**batch).logits
-        alone = clf(**tok(["repeat: cat dog"], return_tensors="pt")).logits
+        alone = clf(**tok(["repeat: cat dog", "first: cat dog sun fish"][:1], return_tensors="pt")).logits
+        longer = clf(**tok(["first: cat dog sun fish"], return_tensors="pt")).logits
     assert both.shape == (2, 1)
     torch.testing.assert_close(both[0], alone[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(both[1], longer[0], atol=1e-5, rtol=1e-5)
 
 
 def test_unreachable_hub_id_is_a_clear_error():

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
+import weakref
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from alignment.config import RecipeError, load_recipe
+from alignment.demo import world
+from alignment.models import load_causal_lm, load_tokenizer
 from alignment.pipeline import run
 
 from .conftest import RECIPES
@@ -18,7 +22,8 @@ from .conftest import RECIPES
 GOOD = {"prompt": "repeat: cat dog", "chosen": "Sure! cat dog", "rejected": "Ugh. dog cat"}
 BAD = [
     ({"prompt": "first: a b", "chosen": "Sure! a"}, "missing 'rejected'"),
-    ({"prompt": ["first: a b"], "chosen": "Sure! a", "rejected": "Ugh. b"}, "'prompt' is not a string"),
+    ({"prompt": ["first: a b"], "chosen": "Sure! a", "rejected": "Ugh. b"},
+     "'prompt' has a message without a role in ('system', 'user', 'assistant')"),
     ({"prompt": "first: a b", "chosen": "Sure! a", "rejected": "Sure! a"}, "'chosen' identical to 'rejected'"),
     ({"prompt": "first: a b", "chosen": "  ", "rejected": "Ugh. b"}, "empty 'chosen'"),
 ]
@@ -35,11 +40,11 @@ def logged(out: Path) -> list[dict]:
 
 @pytest.fixture
 def pairs_file(in_tmp) -> Path:
-    """24 good rows with the four bad ones at lines 3, 5, 7 and 9."""
+    """24 good rows (each its own prompt) with the four bad ones at lines 3, 5, 7 and 9."""
     lines = []
     bad = iter(BAD)
     for i in range(28):
-        lines.append(next(bad)[0] if i in (2, 4, 6, 8) else GOOD)
+        lines.append(next(bad)[0] if i in (2, 4, 6, 8) else {**GOOD, "prompt": f"{GOOD['prompt']} {i}"})
     path = in_tmp / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in lines))
     return path
@@ -95,14 +100,24 @@ def test_reward_stage_learns_and_loads_as_a_classifier(in_tmp, tiny_base):
     history = [r["loss"] for r in logged(node.out_dir)]
     assert len(history) >= 15 and min(history[-3:]) < history[0], history
     summary = summary_of(node)
-    assert 0.0 <= summary["eval_accuracy"] <= 1.0 and "eval_margin" in summary and summary["eval_pairs"] == 64
+    assert summary["eval_accuracy"] > 0.75 and summary["eval_margin"] > 0  # chance is 0.5
+    assert summary["eval_pairs"] == 64
 
+    # Loaded by transformers alone, the saved classifier ranks fresh pairs about as well as the
+    # held-out accuracy says (so the logged metric is the model's, not an artefact).
     tok = AutoTokenizer.from_pretrained(node.out_dir)
     model = AutoModelForSequenceClassification.from_pretrained(node.out_dir).eval()
     assert model.config.num_labels == 1
-    batch = tok(["<|user|>\nrepeat: cat dog\n<|assistant|>\nSure! cat dog</s>"], return_tensors="pt")
-    with torch.no_grad():
-        assert model(**batch).logits.shape == (1, 1)
+
+    def score(prompt, reply):
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}],
+                                       tokenize=False)
+        with torch.no_grad():
+            return model(**tok(text, return_tensors="pt", add_special_tokens=False)).logits.item()
+
+    fresh = world.preference_pairs(100, 7)
+    accuracy = sum(score(r["prompt"], r["chosen"]) > score(r["prompt"], r["rejected"]) for r in fresh) / len(fresh)
+    assert abs(accuracy - summary["eval_accuracy"]) < 0.15, (accuracy, summary["eval_accuracy"])
 
 
 @pytest.mark.parametrize(
@@ -113,39 +128,114 @@ def test_reward_stage_learns_and_loads_as_a_classifier(in_tmp, tiny_base):
         ("lora", ["lora={r: 4, alpha: 8}"], "copy: adapters disabled"),
     ],
 )
-def test_dpo_reference_modes_start_at_ln2_log_rewards_and_save(in_tmp, tiny_base, mode, extra, reference):
-    overrides = [f"model={tiny_base}", "data.num_examples=112", "data.eval_examples=16", "training.max_steps=3",
-                 "training.per_device_train_batch_size=16", "training.logging_steps=1", f"output_dir=out/{mode}",
-                 "dpo.loss_type=sigmoid", "dpo.beta=0.1", *extra]
+def test_dpo_reference_stays_the_starting_policy_while_the_policy_moves(in_tmp, tiny_base, mode, extra, reference):
+    """16 training pairs in one batch: every step sees the same pairs. The logged means give the
+    reference's log-probs, logps - rewards / beta: they must stay put while the policy's move (a
+    reference that follows the policy, or LoRA adapters left on, would move with it)."""
+    beta = 0.1
+    overrides = [f"model={tiny_base}", "data.num_examples=32", "data.eval_examples=16", "training.max_steps=4",
+                 "training.per_device_train_batch_size=16", "training.learning_rate=1e-2", "training.logging_steps=1",
+                 f"output_dir=out/{mode}", "dpo.loss_type=sigmoid", f"dpo.beta={beta}", *extra]
     [node] = run(RECIPES / "dpo.yaml", overrides)
     records = logged(node.out_dir)
-    # Step 0: policy == reference, so every log-ratio is 0 and -log sigma(0) = ln 2.
+    assert len(records) == 4
+    # Step 1: policy == reference, so every log-ratio is 0 and -log sigma(0) = ln 2.
     assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert records[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
-    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"):
-        assert all(key in r for r in records), key
+    for side in ("chosen", "rejected"):
+        policy = [r[f"logps/{side}"] for r in records]
+        ref = [r[f"logps/{side}"] - r[f"rewards/{side}"] / beta for r in records]
+        assert max(abs(p - policy[0]) for p in policy) > 0.05, policy  # the policy moved (20x the tolerance below)
+        assert ref == pytest.approx([policy[0]] * 4, abs=2e-3), ref  # the reference did not
     summary = summary_of(node)
-    assert summary["reference"].startswith(reference) and summary["steps"] == 3
+    assert summary["reference"].startswith(reference) and summary["steps"] == 4
     assert "eval_rewards/accuracies" in summary and "rewards/margins" in summary
 
     model = AutoModelForCausalLM.from_pretrained(node.out_dir)
     assert not any("lora" in name for name, _ in model.named_parameters())
 
 
-@pytest.mark.parametrize("loss_type, at_start", [("ipo", 1 / (4 * 0.1**2)), ("hinge", 1.0)])
-def test_other_dpo_losses_at_step_0(in_tmp, tiny_base, loss_type, at_start):
-    """h = 0 at the start: IPO gives (0 - 1/(2 beta))^2 = 25 at beta 0.1; hinge gives relu(1 - 0) = 1."""
-    overrides = [f"model={tiny_base}", "data.num_examples=48", "data.eval_examples=16", "training.max_steps=1",
-                 "training.per_device_train_batch_size=16", f"dpo.loss_type={loss_type}", "dpo.beta=0.1",
-                 "dpo.reference=precompute", f"output_dir=out/{loss_type}"]
-    [node] = run(RECIPES / "dpo.yaml", overrides)
-    assert logged(node.out_dir)[0]["loss"] == pytest.approx(at_start, rel=1e-5)
+@pytest.fixture
+def other_policy(tiny_base, tmp_path) -> Path:
+    """tiny_base with every weight nudged: a reference that differs from the policy from step 0."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    model.save_pretrained(tmp_path / "other")
+    AutoTokenizer.from_pretrained(tiny_base).save_pretrained(tmp_path / "other")
+    return tmp_path / "other"
 
 
-def test_simpo_runs_without_a_reference(in_tmp, tiny_base):
-    overrides = [f"model={tiny_base}", "data.num_examples=80", "data.eval_examples=16", "training.max_steps=2",
-                 "training.per_device_train_batch_size=16", "dpo.loss_type=simpo", "dpo.beta=2.0",
-                 "output_dir=out/simpo"]
-    [node] = run(RECIPES / "dpo.yaml", overrides)
-    assert summary_of(node)["reference"] == "none (simpo)"
-    assert AutoModelForCausalLM.from_pretrained(node.out_dir) is not None
+def reply_logp(model, tok, prompt: str, reply: str) -> tuple[float, int]:
+    """Summed log-prob of the reply's tokens (EOS included) after the prompt, and their count."""
+    prompt_ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         return_dict=True)["input_ids"]
+    ids = tok.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}],
+                                  return_dict=True)["input_ids"]
+    assert ids[: len(prompt_ids)] == prompt_ids
+    with torch.no_grad():
+        logps = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1], -1)
+    picked = logps[torch.arange(len(ids) - 1), torch.tensor(ids[1:])][len(prompt_ids) - 1 :]
+    return picked.sum().item(), len(picked)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "simpo"])
+def test_dpo_family_first_loss_computed_by_hand(in_tmp, tiny_base, other_policy, loss_type):
+    """One pair whose replies differ in length, a reference that differs from the policy (none for
+    SimPO): the first logged loss equals the formula on log-probs computed here.
+    h = (Sc - Rc) - (Sr - Rr) on summed log-probs; IPO and SimPO use per-token averages."""
+    beta, ratio = 0.5, 0.5
+    pair = {"prompt": "repeat: cat dog", "chosen": "Sure! cat dog", "rejected": "Ugh. dog cat dog cat fish sun and so on"}
+    data = in_tmp / "pair.jsonl"
+    data.write_text((json.dumps(pair) + "\n") * 2)
+    reference = [] if loss_type == "simpo" else [f"ref_model={other_policy}"]
+    [node] = run(RECIPES / "dpo.yaml", [
+        f"model={tiny_base}", f"data.source={data}", "data.eval_examples=0", "training.max_steps=1",
+        "training.per_device_train_batch_size=2", f"dpo.loss_type={loss_type}", f"dpo.beta={beta}",
+        f"dpo.simpo_gamma_beta_ratio={ratio}", "output_dir=out/d", *reference])
+
+    tok = load_tokenizer(str(tiny_base))
+    policy, ref = load_causal_lm(str(tiny_base), tok).eval(), load_causal_lm(str(other_policy), tok).eval()
+    (sc, nc), (sr, nr) = (reply_logp(policy, tok, pair["prompt"], pair[k]) for k in ("chosen", "rejected"))
+    (rc, _), (rr, _) = (reply_logp(ref, tok, pair["prompt"], pair[k]) for k in ("chosen", "rejected"))
+    assert nc != nr
+    h = (sc - rc) - (sr - rr)
+    h_avg = (sc - rc) / nc - (sr - rr) / nr
+    expected = {
+        "sigmoid": -math.log(1 / (1 + math.exp(-beta * h))),
+        "hinge": max(0.0, 1 - beta * h),
+        "ipo": (h_avg - 1 / (2 * beta)) ** 2,
+        "simpo": -math.log(1 / (1 + math.exp(-(beta * (sc / nc - sr / nr) - ratio * beta)))),
+    }[loss_type]
+    assert logged(node.out_dir)[0]["loss"] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    if loss_type == "ipo":  # the averaging matters for this pair
+        assert abs((h - 1 / (2 * beta)) ** 2 - expected) > 0.1
+
+
+def test_precompute_frees_an_explicit_reference_before_training(in_tmp, tiny_base, other_policy, monkeypatch):
+    """With `dpo.reference: precompute` and a ref_model of its own, the reference model is gone
+    (garbage, not just unreferenced by the trainer) once training starts."""
+    from alignment.stages import common, dpo
+
+    loaded, alive_in_training = {}, []
+    load = dpo.load_causal_lm
+
+    def tracked(path, tok, options=None, key="model"):
+        model = load(path, tok, options, key=key)
+        loaded[key] = weakref.ref(model)
+        return model
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        gc.collect()
+        alive_in_training.append({key: ref() is not None for key, ref in loaded.items()})
+
+    monkeypatch.setattr(dpo, "load_causal_lm", tracked)
+    monkeypatch.setattr(common.MetricsFile, "on_log", on_log)
+    [node] = run(RECIPES / "dpo.yaml", [
+        f"model={tiny_base}", f"ref_model={other_policy}", "dpo.reference=precompute", "data.num_examples=32",
+        "data.eval_examples=8", "training.max_steps=2", "training.per_device_train_batch_size=8",
+        "training.logging_steps=1", "output_dir=out/d"])
+    assert summary_of(node)["reference"] == f"precompute: {other_policy}"
+    assert alive_in_training and all(seen == {"model": True, "ref_model": False} for seen in alive_in_training)

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from transformers import pipeline as hf_pipeline
 
 from alignment.config import RecipeError
 from alignment.data import pack_blocks
+from alignment.models import load_causal_lm, load_tokenizer
 from alignment.pipeline import plan, run
 
 from .conftest import MICRO, RECIPES
@@ -42,9 +48,18 @@ def test_pretrain_then_sft_learn_and_load_in_transformers(in_tmp):
         assert not out.with_name(out.name + ".partial").exists()
         info = json.loads((out / "run_info.json").read_text())
         assert info["status"] == "finished" and info["hash"] == node.hash
-    generate = hf_pipeline("text-generation", model=str(nodes[-1].out_dir))
-    text = generate("<|user|>\nrepeat: cat dog\n<|assistant|>\n", max_new_tokens=5)[0]["generated_text"]
-    assert text.startswith("<|user|>")
+    # transformers alone loads the output and answers a chat through the saved template, picking
+    # the same tokens as the toolkit's model layer does one argmax at a time.
+    out = nodes[-1].out_dir
+    chat = [{"role": "user", "content": "repeat: cat dog"}]
+    reply = hf_pipeline("text-generation", model=str(out))(chat, max_new_tokens=8, do_sample=False)[0]["generated_text"]
+    tok = load_tokenizer(str(out))
+    model = load_causal_lm(str(out), tok).eval()
+    ids, new = tok.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)["input_ids"], []
+    with torch.no_grad():
+        while len(new) < 8 and (not new or new[-1] != tok.eos_token_id):
+            new.append(int(model(torch.tensor([ids + new])).logits[0, -1].argmax()))
+    assert reply == [*chat, {"role": "assistant", "content": tok.decode(new, skip_special_tokens=True)}]
 
     # Same recipe again: every stage is up to date and skipped (no new metrics lines).
     before = (nodes[-1].out_dir / "metrics.jsonl").read_text()
@@ -60,18 +75,6 @@ def test_pretrain_then_sft_learn_and_load_in_transformers(in_tmp):
     # Keys that only change reporting do not invalidate outputs.
     same = plan(RECIPES / "sft.yaml", [*overrides, "*:training.logging_steps=7"])
     assert [n.hash for n in same] == [n.hash for n in nodes]
-
-
-def test_interrupted_stage_is_not_taken_as_finished(in_tmp, tiny_base):
-    overrides = [f"model={tiny_base}", "data.num_examples=64", "training.max_steps=2", "output_dir=out/sft"]
-    (in_tmp / "out" / "sft.partial").mkdir(parents=True)  # what a killed run leaves behind
-    assert not (in_tmp / "out" / "sft").exists()
-    [node] = plan(RECIPES / "sft.yaml", overrides)
-    from alignment.pipeline import is_current
-
-    assert not is_current(node)
-    run(RECIPES / "sft.yaml", overrides)
-    assert is_current(node) and not (in_tmp / "out" / "sft.partial").exists()
 
 
 def test_bad_sft_rows_error_with_line_or_are_counted(in_tmp, tiny_base):
@@ -95,6 +98,27 @@ def test_bad_sft_rows_error_with_line_or_are_counted(in_tmp, tiny_base):
     assert summary["dropped/missing 'messages'"] == 1
 
 
+def test_sft_counts_conversations_cut_or_dropped_by_max_length(in_tmp, tiny_base):
+    """SFTTrainer cuts conversations to max_length tokens and drops those left with no assistant
+    token. max_length is set to the exact length of one conversation, which is neither."""
+    def chat(user, assistant):
+        return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
+
+    exact = chat("repeat: cat dog sun", "Sure! cat dog sun")
+    rows = [exact] * 3 + [chat("first: a b", "Sure! a")] * 4 + [chat("repeat: a b", "Sure! " + "a b " * 30)] * 5 \
+        + [chat("reverse: " + "fish " * 60, "Sure!")] * 2
+    data = in_tmp / "chats.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = load_tokenizer(str(tiny_base))
+    max_length = len(tok.apply_chat_template(exact["messages"], return_dict=True)["input_ids"])
+    [node] = run(RECIPES / "sft.yaml", [f"model={tiny_base}", f"data.source={data}", f"training.max_length={max_length}",
+                                       "training.max_steps=1", "output_dir=out/sft"])
+    summary = json.loads((node.out_dir / "run_info.json").read_text())["summary"]
+    assert summary["conversations"] == 14 and summary["conversations_trained"] == 12
+    assert summary["truncated/longer than max_length"] == 5
+    assert summary["dropped/no assistant token within max_length"] == 2
+
+
 def test_bad_json_line_is_named(in_tmp, tiny_base):
     data = in_tmp / "corpus.jsonl"
     data.write_text('{"text": "fine"}\n{"text": broken}\n')
@@ -102,29 +126,58 @@ def test_bad_json_line_is_named(in_tmp, tiny_base):
         run(RECIPES / "pretrain.yaml", [f"model={tiny_base}", f"data.source={data}", "output_dir=out/p"])
 
 
-def test_killed_stage_resumes_from_its_last_checkpoint(in_tmp, tiny_base, monkeypatch):
-    from alignment.stages import common
+# A run that SIGKILLs itself (no exception, no cleanup) right after logging step 3, one step
+# after its checkpoint at step 2.
+KILLED_AT_STEP_3 = """
+import os, signal, sys
+from alignment.cli import main
+from alignment.stages import common
 
-    overrides = [f"model={tiny_base}", "data.num_examples=64", "training.max_steps=4",
-                 "training.save_steps=2", "training.logging_steps=1", "output_dir=out/sft"]
+log = common.MetricsFile.on_log
 
-    class Killed(Exception):
-        pass
+def on_log(self, args, state, control, logs=None, **kwargs):
+    log(self, args, state, control, logs=logs, **kwargs)
+    if state.global_step == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
 
-    def die_at_step_3(self, args, state, control, logs=None, **kwargs):
-        if state.global_step == 3:
-            raise Killed
+common.MetricsFile.on_log = on_log
+sys.exit(main(sys.argv[1:]))
+"""
 
-    with monkeypatch.context() as patch, pytest.raises(Killed):
-        patch.setattr(common.MetricsFile, "on_log", die_at_step_3)
-        run(RECIPES / "sft.yaml", overrides)
-    partial = in_tmp / "out" / "sft.partial"
-    assert (partial / "checkpoints" / "checkpoint-2").is_dir() and not (in_tmp / "out" / "sft").exists()
+STAGE_DATA = {
+    "pretrain": ["data.num_examples=300", "training.max_length=32"],
+    "sft": ["data.num_examples=64"],
+    "reward": ["data.num_examples=72", "data.eval_examples=8"],
+    "dpo": ["data.num_examples=72", "data.eval_examples=8"],
+}
 
-    [node] = run(RECIPES / "sft.yaml", overrides)
-    summary = json.loads((node.out_dir / "run_info.json").read_text())["summary"]
+
+@pytest.mark.parametrize("stage", list(STAGE_DATA))
+def test_killed_stage_resumes_to_the_same_weights(in_tmp, tiny_base, stage):
+    """SIGKILL mid-run leaves only `<out>.partial/` (never `<out>/`); the rerun resumes from the
+    last checkpoint and ends with exactly the weights of a run that was never interrupted."""
+    recipe = str(RECIPES / f"{stage}.yaml")
+    overrides = [f"model={tiny_base}", *STAGE_DATA[stage], "training.max_steps=4", "training.save_steps=2",
+                 "training.logging_steps=1", "training.per_device_train_batch_size=8"]
+    out = in_tmp / "out" / stage
+    killed = subprocess.run([sys.executable, "-c", KILLED_AT_STEP_3, "run", recipe, *overrides, f"output_dir={out}"],
+                            cwd=in_tmp, capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    partial = out.with_name(stage + ".partial")
+    assert (partial / "checkpoints" / "checkpoint-2").is_dir() and not out.exists()
+
+    [node] = run(recipe, [*overrides, f"output_dir={out}"])
+    summary = json.loads((out / "run_info.json").read_text())["summary"]
     assert summary["resumed_from"] == "checkpoint-2" and summary["steps"] == 4
-    assert not partial.exists() and not (node.out_dir / "checkpoints").exists()
+    assert not partial.exists() and not (out / "checkpoints").exists()
+
+    whole = in_tmp / "out" / f"{stage}-whole"
+    run(recipe, [*overrides, f"output_dir={whole}"])
+    resumed, reference = load_file(out / "model.safetensors"), load_file(whole / "model.safetensors")
+    assert resumed.keys() == reference.keys()
+    for name, tensor in reference.items():
+        assert torch.equal(resumed[name], tensor), name
+    assert not torch.equal(reference["model.embed_tokens.weight"], load_file(tiny_base / "model.safetensors")["model.embed_tokens.weight"])
 
 
 def test_report_leaves_out_models_not_in_the_run_and_says_so(tiny_base):

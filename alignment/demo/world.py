@@ -170,9 +170,10 @@ def _train_task(rng: random.Random) -> Task:
             return task
 
 
-def pretrain_corpus(n: int, seed: int, p_wrong: float = 0.5, p_rude: float = 0.4,
-                    p_ramble: float = 0.4) -> list[str]:
-    """Noisy "web" documents: each defect is drawn independently at its rate."""
+def pretrain_corpus(n: int, seed: int, p_wrong: float = 0.1, p_rude: float = 0.3,
+                    p_ramble: float = 0.3) -> list[str]:
+    """"Web" documents: mostly right answers, but rude or rambling on at the given rates (the
+    defects SFT and preference optimisation remove); each defect is drawn independently."""
     rng = random.Random(f"corpus-{seed}")
     docs = []
     for _ in range(n):
@@ -232,3 +233,10 @@ def eval_prompts(n: int, seed: int) -> list[str]:
             seen.add(prompt)
             prompts.append(prompt)
     return prompts
+
+
+def train_prompts(n: int, seed: int) -> list[dict]:
+    """``n`` training prompts (rows ``{"prompt": ...}``, repeats possible), never held out:
+    what online methods (PPO) answer and learn from."""
+    rng = random.Random(f"prompts-{seed}")
+    return [{"prompt": _train_task(rng).prompt} for _ in range(n)]

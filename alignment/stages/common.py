@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -10,18 +11,28 @@ import torch
 import yaml
 from transformers import TrainerCallback
 
-from ..config import BaseRecipe, resolved_dict
+from ..config import BaseRecipe, RecipeError, resolved_dict
 
 
 def use_cpu() -> bool:
     return not torch.cuda.is_available()
 
 
-def precision_flags(recipe: BaseRecipe) -> dict:
-    """TrainingArguments' bf16/fp16 flags from the recipe's `training.mixed_precision`."""
+def resolved_precision(recipe: BaseRecipe) -> str:
+    """The precision a stage really trains in: the recipe's `training.mixed_precision` with
+    'auto' resolved (bf16 on a GPU that supports it), and where that leaves full precision,
+    the launcher's (`accelerate launch --mixed_precision`), which transformers applies then."""
     mode = recipe.training.mixed_precision
     if mode == "auto":
         mode = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if mode == "no":
+        mode = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    return mode
+
+
+def precision_flags(recipe: BaseRecipe) -> dict:
+    """TrainingArguments' bf16/fp16 flags from the recipe's `training.mixed_precision`."""
+    mode = resolved_precision(recipe)
     return {"bf16": mode == "bf16", "fp16": mode == "fp16"}
 
 
@@ -83,7 +94,11 @@ def last_checkpoint(work_dir: Path) -> str | None:
 
 
 def write_card(out_dir: Path, recipe: BaseRecipe, base: str | None, summary: dict) -> None:
-    """Model card (README.md with Hub metadata), so the directory explains itself."""
+    """Model card (README.md with Hub metadata), so the directory explains itself; a dataset
+    card for the `prep` stage."""
+    if recipe.stage == "prep":
+        _write_data_card(out_dir, summary)
+        return
     task = "text-classification" if recipe.stage == "reward" else "text-generation"
     final_dir = out_dir.with_name(out_dir.name.removesuffix(".partial"))  # written before the rename
     meta = {"library_name": "transformers", "tags": ["alignment", recipe.stage], "pipeline_tag": task}
@@ -114,17 +129,31 @@ def write_card(out_dir: Path, recipe: BaseRecipe, base: str | None, summary: dic
     (out_dir / "README.md").write_text("\n".join(lines))
 
 
+def _write_data_card(out_dir: Path, summary: dict) -> None:
+    final_dir = out_dir.with_name(out_dir.name.removesuffix(".partial"))
+    lines = [
+        "---", "tags: [alignment, prep]", "---", "", f"# {final_dir.name}", "",
+        "Data prepared by the `prep` stage of the alignment toolkit (data_prep): train/test JSONL and Parquet "
+        "in the canonical conversational form; `summary.json` accounts for every row read.", "",
+        "| count | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in summary.items()), "",
+        "```python", "from datasets import load_dataset",
+        f'ds = load_dataset("json", data_files={{"train": "{final_dir}/train.jsonl"}})', "```", "",
+    ]
+    (out_dir / "README.md").write_text("\n".join(lines))
+
+
 def write_resolved(out_dir: Path, recipe: BaseRecipe, upstream: dict) -> None:
     data = resolved_dict(recipe)
     data["resolved_inputs"] = upstream
     (out_dir / "recipe.resolved.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
 
 
-def train_causal_lm(recipe: BaseRecipe, inputs: dict, work_dir: Path, dataset, **sft_options) -> dict:
+def train_causal_lm(recipe: BaseRecipe, inputs: dict, work_dir: Path, dataset, count=None, **sft_options) -> dict:
     """Fine-tune a causal LM on `dataset` with TRL's SFTTrainer and save it to `work_dir`.
 
     Shared by `pretrain` (pre-tokenised blocks) and `sft` (conversations); returns the
-    final training metrics.
+    final training metrics, after `count(trainer, tok)`'s counts of what the trainer's data
+    preparation did (it runs before training).
     """
     from trl import SFTConfig, SFTTrainer
 
@@ -142,7 +171,8 @@ def train_causal_lm(recipe: BaseRecipe, inputs: dict, work_dir: Path, dataset, *
         processing_class=tok,
         callbacks=[MetricsFile(work_dir / "metrics.jsonl")],
     )
-    return fit_and_save(trainer, tok, recipe, work_dir)
+    counts = count(trainer, tok) if count else {}
+    return {**counts, **fit_and_save(trainer, tok, recipe, work_dir)}
 
 
 def fit_and_save(trainer, tok, recipe: BaseRecipe, work_dir: Path, evaluate: bool = False) -> dict:
@@ -167,6 +197,15 @@ def fit_and_save(trainer, tok, recipe: BaseRecipe, work_dir: Path, evaluate: boo
     }
 
 
+def require_rows(before: int, dataset, what: str, max_length: int) -> None:
+    """Stop before training when the trainer's length filter left none of `before` rows."""
+    if before and dataset is not None and len(dataset) == 0:
+        raise RecipeError(
+            f"training.max_length: {max_length} tokens is too short for every one of the {before} {what} "
+            "(the trainer drops those that do not fit); raise training.max_length"
+        )
+
+
 def last_logged(trainer, keys: tuple[str, ...]) -> dict:
     """The last logged training value of each key (e.g. the final rewards/margins)."""
     found = {}
@@ -178,34 +217,62 @@ def last_logged(trainer, keys: tuple[str, ...]) -> dict:
 # --------------------------------------------------------------------------- preference data
 
 
-def preference_datasets(recipe, demo, default_examples: int, with_margin: bool = False):
-    """Load, check and split the recipe's preference rows (reward and dpo stages).
+def preference_datasets(recipe, inputs: dict, demo, default_examples: int, with_margin: bool = False):
+    """Load, parse, check and split the recipe's preference rows (reward and dpo stages).
+
+    Rows are read by data_prep's reader and parsed by its shape parser: explicit pairs (text or
+    chat messages), implicit-prompt transcripts, or data_prep's canonical output. A prep
+    stage's output (`data.source: {from: prep.yaml}`, or its directory) brings its own held-out
+    split; otherwise about `data.eval_examples` pairs are held out by prompt hash.
 
     Returns (train, held_out or None, counts): datasets in TRL's conversational preference
-    format (the trainers render them with the chat template), and the row counts, dropped
-    rows by reason included, for the summary. With `with_margin`, a margin column the data
-    carries (`data.margin_field`) is checked and kept as `margin`.
+    format, and the row counts (dropped rows by reason included). With `with_margin`, a margin
+    column the data carries (`data.margin_field`) is checked and kept as `margin`.
     """
     from datasets import Dataset
 
-    from ..data import check_rows, has_column, hold_out, load_rows, preference_conversations, preference_problem
+    from data_prep.read import looks_like_path
+
+    from ..data import check_rows, has_column, hold_out, load_rows, preference_rows
 
     d = recipe.data
-    found = load_rows(d, demo, default_examples)
+    source = inputs.get("data", d.source)
+    found = load_rows(d, demo, default_examples, source=source)
     margin = d.margin_field if with_margin and has_column(found, d.margin_field) else None
-    problem = preference_problem(d.prompt_field, d.chosen_field, d.rejected_field, margin)
-    train, held = hold_out(check_rows(found, problem, d.on_bad_row), d.eval_examples)
+    rows = check_rows(preference_rows(found, d, margin), lambda row: None, d.on_bad_row)
+    prep_dir = source != "demo" and looks_like_path(source) and (Path(source) / "summary.json").is_file()
+    if prep_dir and (Path(source) / "test.jsonl").is_file():
+        train = rows
+        held = check_rows(preference_rows(load_rows(d, demo, 0, source=source, split="test"), d, margin),
+                          lambda row: None, d.on_bad_row) if (Path(source) / "test.jsonl").stat().st_size else None
+    else:
+        train, held = hold_out(rows, d.eval_examples)
 
-    def to_dataset(rows):
-        columns = preference_conversations(rows, d.prompt_field, d.chosen_field, d.rejected_field)
+    def to_dataset(found):
+        columns = {k: [r[k] for r in found.rows] for k in ("prompt", "chosen", "rejected")}
         if margin:
-            columns["margin"] = [float(r[margin]) for r in rows.rows]
+            columns["margin"] = [float(r["margin"]) for r in found.rows]
         return Dataset.from_dict(columns)
 
     counts = {
         "train_pairs": len(train),
-        "eval_pairs": len(held),
         **({"margin_column": margin} if margin else {}),
         **{f"dropped/{k}": v for k, v in train.dropped.items()},
     }
-    return to_dataset(train), (to_dataset(held) if len(held) else None), counts
+    return to_dataset(train), (to_dataset(held) if held is not None and len(held) else None), counts
+
+
+def pairs_after_filter(trainer, train, held_out, reason: str) -> dict:
+    """Pairs the trainer kept after its own length filter, train and held-out, and the drops by reason.
+
+    Counted from the trainer's datasets, so `eval_pairs` is what is really scored (call
+    `require_rows` first: no pair left is a one-line error rather than a sampler traceback).
+    """
+    kept = len(trainer.train_dataset)
+    held = len(trainer.eval_dataset) if held_out is not None else 0
+    return {
+        "train_pairs": kept,
+        "eval_pairs": held,
+        f"dropped/{reason}": len(train) - kept,
+        f"dropped/held-out, {reason}": (len(held_out) - held) if held_out is not None else 0,
+    }

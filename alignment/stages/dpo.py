@@ -30,8 +30,16 @@ from trl import DPOConfig, DPOTrainer
 from ..config import DPOOptions, DPORecipe, FromRecipe
 from ..demo import world
 from ..losses import dpo_loss, simpo_loss
-from ..models import load_causal_lm, load_tokenizer, lora_config
-from .common import MetricsFile, fit_and_save, last_logged, preference_datasets, trainer_args
+from ..models import check_lora_targets, load_causal_lm, load_tokenizer, lora_config
+from .common import (
+    MetricsFile,
+    fit_and_save,
+    last_logged,
+    pairs_after_filter,
+    preference_datasets,
+    require_rows,
+    trainer_args,
+)
 
 DEFAULT_EXAMPLES = 4000
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
@@ -116,6 +124,16 @@ class PreferenceTrainer(DPOTrainer):
             self._metrics[mode][name].extend(self.accelerator.gather_for_metrics(value.float()).tolist())
 
 
+def free_reference(trainer: DPOTrainer) -> None:
+    """After the precompute pass the reference's log-probs are in the datasets: free the model.
+
+    Accelerate keeps every model it prepared (the reference, here) in its list of models;
+    `free_memory` empties that list. It runs before training, when nothing else is prepared yet.
+    """
+    trainer.ref_model = None
+    trainer.accelerator.free_memory()
+
+
 def reference_path(recipe: DPORecipe, inputs: dict) -> str:
     """The reference policy's path: `ref_model` if set (a path, or a recipe's output), else `model`."""
     if isinstance(recipe.ref_model, FromRecipe):
@@ -131,10 +149,12 @@ def truncated_pairs(dataset, max_length: int) -> int:
 
 def run(recipe: DPORecipe, inputs: dict, work_dir: Path) -> dict:
     o = recipe.dpo
-    train, held_out, counts = preference_datasets(recipe, world.preference_pairs, DEFAULT_EXAMPLES)
+    train, held_out, counts = preference_datasets(recipe, inputs, world.preference_pairs, DEFAULT_EXAMPLES)
 
     tok = load_tokenizer(inputs["model"], recipe.model_options)
     policy = load_causal_lm(inputs["model"], tok, recipe.model_options)
+    if recipe.lora is not None:
+        check_lora_targets(policy, recipe.lora)  # DPOTrainer adds the adapters itself
 
     # The reference: nothing (SimPO), the policy minus its adapters (LoRA), the starting policy
     # itself before training (precompute), or a separately loaded frozen model.
@@ -149,7 +169,7 @@ def run(recipe: DPORecipe, inputs: dict, work_dir: Path) -> dict:
         reference = "precompute: starting model"
     else:
         reference = f"{o.reference}: {ref_path}"
-        ref_model = load_causal_lm(ref_path, tok, recipe.model_options).eval().requires_grad_(False)
+        ref_model = load_causal_lm(ref_path, tok, recipe.model_options, key="ref_model").eval().requires_grad_(False)
 
     args = trainer_args(
         recipe,
@@ -170,10 +190,14 @@ def run(recipe: DPORecipe, inputs: dict, work_dir: Path) -> dict:
         callbacks=[MetricsFile(work_dir / "metrics.jsonl")],
         options=o,
     )
+    ref_model = None  # the trainer holds it now (copy), or its log-probs only (precompute)
     if trainer.precompute_ref_logps:
-        trainer.ref_model = None  # its log-probs are in the dataset now
+        free_reference(trainer)
+    max_length = recipe.training.max_length
+    require_rows(len(train), trainer.train_dataset, "training pairs", max_length)
+    require_rows(len(held_out or ()), trainer.eval_dataset, "held-out pairs", max_length)
     too_long = {
-        "dropped/prompt fills max_length": len(train) - len(trainer.train_dataset),
+        **pairs_after_filter(trainer, train, held_out, "prompt fills max_length"),
         "truncated_pairs": truncated_pairs(trainer.train_dataset, recipe.training.max_length),
     }
     summary = fit_and_save(trainer, tok, recipe, work_dir, evaluate=held_out is not None)

@@ -25,7 +25,8 @@ def demo_corpus(n: int, seed: int) -> list[dict]:
 
 def run(recipe: PretrainRecipe, inputs: dict, work_dir: Path) -> dict:
     field = recipe.data.text_field
-    rows = check_rows(load_rows(recipe.data, demo_corpus, DEFAULT_EXAMPLES), text_problem(field), recipe.data.on_bad_row)
+    found = load_rows(recipe.data, demo_corpus, DEFAULT_EXAMPLES, source=inputs.get("data"))
+    rows = check_rows(found, text_problem(field), recipe.data.on_bad_row)
     tok = load_tokenizer(inputs["model"], recipe.model_options)
     docs = tok([r[field] for r in rows.rows], add_special_tokens=False)["input_ids"]
     blocks, leftover = pack_blocks(docs, recipe.training.max_length, tok.eos_token_id)

@@ -4,8 +4,9 @@ A one-label sequence classifier, initialised from `model` (usually the SFT outpu
 conversation (user prompt + assistant reply, rendered with the chat template) at its last
 non-pad token, the EOS that closes the reply. It learns s(chosen) > s(rejected) with
 `losses.bradley_terry_loss`; a per-pair margin column in the data and `reward.center_coef`
-enter that loss. The last `data.eval_examples` pairs are held out: their accuracy (how often
-s(chosen) > s(rejected)) and mean margin s(chosen) - s(rejected) end the run.
+enter that loss. About `data.eval_examples` pairs (whole prompts, chosen by a fixed hash) are
+held out: their accuracy (how often s(chosen) > s(rejected)) and mean margin
+s(chosen) - s(rejected) end the run.
 
 TRL's RewardTrainer does the data work (chat template, padding chosen and rejected into one
 batch, margins), the loop, checkpoints and logging; we subclass it at its loss hook,
@@ -23,7 +24,7 @@ from ..config import RewardRecipe
 from ..demo import world
 from ..losses import bradley_terry_loss
 from ..models import apply_lora, load_classifier, load_tokenizer
-from .common import MetricsFile, fit_and_save, preference_datasets, trainer_args
+from .common import MetricsFile, fit_and_save, pairs_after_filter, preference_datasets, require_rows, trainer_args
 
 DEFAULT_EXAMPLES = 4000
 
@@ -56,7 +57,7 @@ class BradleyTerryTrainer(RewardTrainer):
 
 
 def run(recipe: RewardRecipe, inputs: dict, work_dir: Path) -> dict:
-    train, held_out, counts = preference_datasets(recipe, world.preference_pairs, DEFAULT_EXAMPLES, with_margin=True)
+    train, held_out, counts = preference_datasets(recipe, inputs, world.preference_pairs, DEFAULT_EXAMPLES, with_margin=True)
 
     tok = load_tokenizer(inputs["model"], recipe.model_options)
     model = load_classifier(inputs["model"], tok, recipe.model_options)
@@ -77,6 +78,9 @@ def run(recipe: RewardRecipe, inputs: dict, work_dir: Path) -> dict:
         callbacks=[MetricsFile(work_dir / "metrics.jsonl")],
         center_coef=recipe.reward.center_coef,
     )
-    too_long = {"dropped/longer than max_length": len(train) - len(trainer.train_dataset)}
+    max_length = recipe.training.max_length
+    require_rows(len(train), trainer.train_dataset, "training pairs", max_length)
+    require_rows(len(held_out or ()), trainer.eval_dataset, "held-out pairs", max_length)
+    too_long = pairs_after_filter(trainer, train, held_out, "longer than max_length")
     summary = fit_and_save(trainer, tok, recipe, work_dir, evaluate=held_out is not None)
     return {**counts, **too_long, **summary}

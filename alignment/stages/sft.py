@@ -13,7 +13,7 @@ from datasets import Dataset
 from ..config import SFTRecipe
 from ..data import check_rows, load_rows, messages_problem
 from ..demo import world
-from .common import train_causal_lm
+from .common import require_rows, train_causal_lm
 
 DEFAULT_EXAMPLES = 4000
 
@@ -21,10 +21,35 @@ DEFAULT_EXAMPLES = 4000
 def run(recipe: SFTRecipe, inputs: dict, work_dir: Path) -> dict:
     field = recipe.data.messages_field
     rows = check_rows(
-        load_rows(recipe.data, world.sft_conversations, DEFAULT_EXAMPLES),
+        load_rows(recipe.data, world.sft_conversations, DEFAULT_EXAMPLES, source=inputs.get("data")),
         messages_problem(field),
         recipe.data.on_bad_row,
     )
     dataset = Dataset.from_dict({"messages": [r[field] for r in rows.rows]})
-    summary = train_causal_lm(recipe, inputs, work_dir, dataset, assistant_only_loss=True)
+    max_length = recipe.training.max_length
+
+    def count(trainer, tok) -> dict:
+        require_rows(len(dataset), trainer.train_dataset, "conversations", max_length)
+        return length_counts(trainer.train_dataset, tok, len(dataset), max_length)
+
+    summary = train_causal_lm(recipe, inputs, work_dir, dataset, count=count, assistant_only_loss=True)
     return {"conversations": len(rows), **{f"dropped/{k}": v for k, v in rows.dropped.items()}, **summary}
+
+
+def length_counts(prepared, tok, conversations: int, max_length: int) -> dict:
+    """What SFTTrainer's preparation did with max_length, counted from its prepared dataset.
+
+    It cuts every conversation to its first max_length tokens, then drops those left with no
+    assistant token to learn from. A kept row of exactly max_length tokens was cut unless the
+    conversation fits exactly, which re-rendering only those rows tells.
+    """
+    at_limit = [i for i, ids in enumerate(prepared["input_ids"]) if len(ids) >= max_length]
+    full_lengths = (
+        len(tok.apply_chat_template(m, tokenize=True, return_dict=True)["input_ids"])
+        for m in prepared.select(at_limit)["messages"]
+    )
+    return {
+        "conversations_trained": len(prepared),
+        "truncated/longer than max_length": sum(n > max_length for n in full_lengths),
+        "dropped/no assistant token within max_length": conversations - len(prepared),
+    }

@@ -1,0 +1,25 @@
+# Two commands on a fresh machine (CPU is enough):
+#   make demo    set up .venv if needed, then run the main job: accelerate launch recipes/dpo.yaml
+#   make test    set up .venv if needed, then run the tests:    python -m pytest -q
+# The virtual environment is created once and reused; it is set up again when pyproject.toml changes.
+# torch is pinned to the CPU build so that pip does not pull a CUDA build onto a CPU machine.
+
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+RUN := PATH="$(CURDIR)/$(VENV)/bin:$$PATH"
+
+.PHONY: demo test venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet "torch==2.13.0" -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(RUN) accelerate launch recipes/dpo.yaml
+
+test: $(STAMP)
+	$(RUN) TOKENIZERS_PARALLELISM=false python -m pytest -q

@@ -1,0 +1,39 @@
+"""Stage `prep`: prepare a recipe's own data with data_prep.
+
+Reads `prep.sources` (files, hub ids or the demo world, in any shape data_prep knows), cleans,
+deduplicates, mixes and splits them by prompt, and writes the canonical form into the output
+directory: train/test JSONL and Parquet, and summary.json (every row read, kept or dropped by
+reason). A reward or dpo recipe reads it with `data.source: {from: prep.yaml}` and uses its
+test split as the held-out set. Like every stage it is skipped when its content hash (the
+recipe, the source files' contents, the tokenizer's hash) matches a finished output.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import PrepRecipe
+
+MAIN_PROCESS_ONLY = True  # writing files is one process's job
+
+
+def run(recipe: PrepRecipe, inputs: dict, work_dir: Path) -> dict:
+    from data_prep.prepare import prepare, summary_text
+    from data_prep.write import write_files
+
+    tokenizer = None
+    if "model" in inputs:
+        from ..models import load_tokenizer
+
+        tokenizer = load_tokenizer(inputs["model"], recipe.model_options)
+    prepared = prepare(recipe.prep, tokenizer)
+    write_files(work_dir, prepared.kind, prepared.splits, prepared.summary)
+    print(summary_text(prepared.summary))
+    s = prepared.summary
+    return {
+        "rows_read": s["rows_read"],
+        "kept": s["kept"],
+        **{f"{split}_rows": n for split, n in s["splits"].items()},
+        **{f"dropped/{k}": v for k, v in s["dropped"].items()},
+        **{f"extra/{k}": v for k, v in s["extra"].items()},
+    }

@@ -1,0 +1,89 @@
+"""On-policy preference pairs (iterative DPO): sample k replies per prompt from a model, score them
+with a reward model or the demo world's gold oracle, keep best vs worst when the margin clears
+a threshold.
+
+Generation and scoring are the toolkit's (`alignment.compare.generate`, `reward_scores`,
+`gold_scores`): batched, left-padded, seeded, with a progress bar. The pairs come out as rows
+of the explicit shape with scores, and go through the same cleaning and accounting as any
+other source (a prompt whose samples do not clear the margin is a counted drop).
+"""
+
+from __future__ import annotations
+
+from .read import Bad, read_source
+from .shapes import _prompt
+
+
+def read_prompts(source: str, column: str, limit: int | None, seed: int) -> list[tuple[str, str | Bad]]:
+    """(origin, user prompt or Bad) from a file of prompts, or 'demo' (the demo world's training prompts)."""
+    if source == "demo":
+        from alignment.demo import world
+
+        convs = world.sft_conversations(limit or 200, seed)
+        return [(f"demo prompt {i + 1}", c["messages"][0]["content"]) for i, c in enumerate(convs)]
+    found = []
+    for origin, row in read_source(source):
+        if limit is not None and len(found) >= limit:
+            break
+        if isinstance(row, Bad):
+            found.append((origin, row))
+            continue
+        prompt = _prompt(row, column)
+        if isinstance(prompt, str):
+            found.append((origin, Bad(prompt)))
+        elif len(prompt) != 1:
+            found.append((origin, Bad("multi-turn prompt (on-policy sampling takes one user turn)")))
+        else:
+            found.append((origin, prompt[0]["content"]))
+    return found
+
+
+def onpolicy_rows(
+    prompts: list[tuple[str, str | Bad]],
+    model_path: str,
+    *,
+    k: int,
+    reward_model: str | None,
+    min_margin: float,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 32,
+    batch_size: int = 64,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[tuple[str, dict | Bad]]:
+    """Rows of the explicit shape (prompt, chosen, rejected, score_chosen, score_rejected), one per prompt,
+    or a Bad with the reason the prompt gave no pair. No reward model: the demo gold oracle scores."""
+    from alignment import compare, models
+
+    tok = models.load_tokenizer(model_path)
+    policy = models.load_causal_lm(model_path, tok)
+    good = [(o, p) for o, p in prompts if not isinstance(p, Bad)]
+    asked = [p for _, p in good for _ in range(k)]
+    gens = compare.generate(
+        policy, tok, asked, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        batch_size=batch_size, seed=seed, progress=progress,
+    )
+    del policy
+    if reward_model is None:
+        scores = compare.gold_scores(gens)
+    else:
+        rm_tok = models.load_tokenizer(reward_model)
+        scores = compare.reward_scores(models.load_classifier(reward_model, rm_tok), rm_tok, gens, batch_size=batch_size)
+
+    made: dict[str, dict | Bad] = {}
+    for i, (origin, prompt) in enumerate(good):
+        group = list(zip(scores[i * k : (i + 1) * k], (g.text for g in gens[i * k : (i + 1) * k])))
+        best = max(group, key=lambda s: s[0])
+        worst = min(group, key=lambda s: s[0])
+        if best[0] == worst[0]:
+            made[origin] = Bad("all samples scored the same")
+        elif best[0] - worst[0] < min_margin:
+            made[origin] = Bad("score margin below min_margin")
+        else:
+            made[origin] = {
+                "prompt": prompt, "chosen": best[1], "rejected": worst[1],
+                "score_chosen": best[0], "score_rejected": worst[0],
+            }
+    return [(o, p if isinstance(p, Bad) else made[o]) for o, p in prompts]
+

@@ -1,0 +1,396 @@
+"""Read, normalise, clean, mix and split sources into the canonical form; account for every row.
+
+`prepare(options)` runs the whole chain and returns the splits and a summary:
+
+    read (read.py) -> parse the shape (shapes.py) -> row checks -> deduplicate -> token lengths
+    -> weighted sampling -> split by prompt hash
+
+Every row read is either kept (in train or test) or dropped under a named reason, so for each
+source and in total:  kept + sum(dropped) = rows read + sum(extra), where `extra` counts rows
+made beyond one per input row (several pairs from one ranked list, copies from a weight > 1).
+With `strict`, the first drop is an error naming the row's file and line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import lru_cache
+from itertools import chain, islice
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from alignment.config import PrepOptions, PrepSource
+
+from .read import Bad, DataError, read_source
+from .shapes import KIND_SHAPES, detect_shape, make_parser
+
+try:  # orjson serialises about 5x faster; the standard library is the fallback
+    from orjson import dumps as _dumps
+except ImportError:  # pragma: no cover - depends on the environment
+
+    def _dumps(value) -> bytes:
+        return json.dumps(value, ensure_ascii=False).encode()
+
+
+DEMO_ROWS = 4000
+DETECT_ROWS = 100  # shape detection looks at the columns of the first rows
+
+
+@dataclass
+class Tally:
+    read: int = 0
+    kept: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    extra: Counter = field(default_factory=Counter)
+
+    def balanced(self) -> bool:
+        return self.kept + sum(self.dropped.values()) == self.read + sum(self.extra.values())
+
+    def as_dict(self) -> dict:
+        return {"read": self.read, "kept": self.kept, "dropped": dict(self.dropped), "extra": dict(self.extra)}
+
+
+@dataclass
+class Prepared:
+    kind: str
+    splits: dict[str, list[dict]]
+    summary: dict
+
+
+# --------------------------------------------------------------------------- pure pieces
+
+
+@lru_cache(maxsize=1 << 16)
+def normalise_text(text: str) -> str:
+    """Unicode NFKC, case folded, whitespace collapsed: what 'the same text' means for dedup and splits."""
+    if not text.isascii():
+        text = unicodedata.normalize("NFKC", text)
+    return " ".join(text.casefold().split())
+
+
+def messages_key(messages: list[dict]) -> str:
+    return "\x1e".join([m["role"] + "\x1f" + normalise_text(m["content"]) for m in messages])
+
+
+def prompt_key(row: dict) -> str:
+    """The normalised prompt a row belongs to: pairs' prompt, a conversation up to its first
+    assistant turn, or the text itself. Rows with the same key go to the same split."""
+    if "prompt" in row:
+        return messages_key(row["prompt"])
+    if "messages" in row:
+        msgs = row["messages"]
+        first = next((i for i, m in enumerate(msgs) if m["role"] == "assistant"), len(msgs))
+        return messages_key(msgs[:first])
+    return normalise_text(row["text"])
+
+
+def unit_hash(key: str, salt: int | str = 0) -> float:
+    """A fixed number in [0, 1) for a key: the same on every machine and Python run."""
+    digest = hashlib.blake2b(f"{salt}\x00{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def exact_key(row: dict) -> bytes:
+    """The row's content (not its id or scores) as bytes: equal bytes, exact duplicates."""
+    if "prompt" in row:
+        return _dumps((row["prompt"], row["chosen"], row["rejected"]))
+    return _dumps(row["messages"] if "messages" in row else row["text"])
+
+
+def normalised_key(row: dict, prompt: str) -> str:
+    """`prompt` (its prompt_key) plus the rest of the row, normalised."""
+    if "prompt" in row:
+        return prompt + "\x1d" + messages_key(row["chosen"]) + "\x1d" + messages_key(row["rejected"])
+    return messages_key(row["messages"]) if "messages" in row else prompt
+
+
+def row_problem(row: dict, max_turns: int | None = None) -> str | None:
+    """Empty text, chosen identical to rejected, too many turns: the checks every canonical row gets."""
+    if "prompt" in row:
+        if not row["prompt"] or any(not m["content"].strip() for m in row["prompt"] if m["role"] != "system"):
+            return "empty 'prompt'"
+        for side in ("chosen", "rejected"):
+            if not row[side][-1]["content"].strip():
+                return f"empty '{side}'"
+        if [m["content"].strip() for m in row["chosen"]] == [m["content"].strip() for m in row["rejected"]]:
+            return "'chosen' identical to 'rejected'"
+        turns = row["prompt"]
+    elif "messages" in row:
+        if any(m["role"] == "assistant" and not m["content"].strip() for m in row["messages"]):
+            return "empty assistant turn"
+        turns = row["messages"]
+    else:
+        return "empty 'text'" if not row["text"].strip() else None
+    if max_turns is not None and sum(m["role"] == "user" for m in turns) > max_turns:
+        return f"more than {max_turns} turns"
+    return None
+
+
+def hold_out_by_prompt(keys: list[str], n: int, salt: int | str = "eval") -> list[bool]:
+    """Which rows to hold out: whole prompts in the order of their hash until the next would pass `n` rows.
+
+    Independent of row order; a prompt's rows are all on one side.
+    """
+    sizes = Counter(keys)
+    held: set[str] = set()
+    total = 0
+    for key in sorted(sizes, key=lambda k: unit_hash(k, salt)):
+        if total + sizes[key] <= n:
+            held.add(key)
+            total += sizes[key]
+        if total == n:
+            break
+    return [k in held for k in keys]
+
+
+def token_lengths(tokenizer, texts: list[str], batch_size: int = 8192) -> list[int]:
+    """Token count of each text (no special tokens). Each distinct text is encoded once, by the
+    Rust tokenizer directly when there is one (in parallel, without building Python id lists)."""
+    unique = list(dict.fromkeys(texts))
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    counts: list[int] = []
+    for start in range(0, len(unique), batch_size):
+        batch = unique[start : start + batch_size]
+        if backend is not None:
+            counts.extend(len(e) for e in backend.encode_batch(batch, add_special_tokens=False))
+        else:
+            counts.extend(len(ids) for ids in tokenizer(batch, add_special_tokens=False)["input_ids"])
+    found = dict(zip(unique, counts))
+    return [found[t] for t in texts]
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def source_name(source: PrepSource) -> str:
+    if source.name:
+        return source.name
+    if source.path == "demo":
+        return "demo"
+    name = Path(source.path).name or source.path
+    for ext in (".jsonl.gz", ".jsonl", ".json", ".csv", ".parquet"):
+        name = name.removesuffix(ext)
+    return name
+
+
+def source_rows(source: PrepSource, kind: str, seed: int):
+    """(origin, row or Bad) of a source; 'demo' generates the demo world's rows of the kind."""
+    if source.path != "demo":
+        rows = read_source(source.path, source.split)
+        return islice(rows, source.num_examples) if source.num_examples else rows
+    from alignment.demo import world
+
+    n = source.num_examples or DEMO_ROWS
+    made = {
+        "pairs": lambda: world.preference_pairs(n, seed),
+        "sft": lambda: world.sft_conversations(n, seed),
+        "text": lambda: [{"text": t} for t in world.pretrain_corpus(n, seed)],
+    }[kind]()
+    return ((f"demo row {i + 1}", row) for i, row in enumerate(made))
+
+
+# --------------------------------------------------------------------------- the chain
+
+
+class _Run:
+    """State of one prepare() call: rows so far, where they came from, and the tallies."""
+
+    def __init__(self, options: PrepOptions):
+        self.o = options
+        self.rows: list[dict] = []
+        self.origins: list[str] = []
+        self.owner: list[str] = []  # source name of each row
+        self.keys: list[str] = []  # prompt_key of each row, for the split
+        self.tallies: dict[str, Tally] = {}
+
+    def drop(self, name: str, origin: str, reason: str, detail: str = "") -> None:
+        if self.o.strict:
+            raise DataError(f"{origin}: {reason}{f' ({detail})' if detail else ''} (strict: no row may be dropped)")
+        self.tallies[name].dropped[reason] += 1
+
+    def keep_only(self, keep: list[bool], reason_of) -> None:
+        """Remove the rows whose `keep` is False, each counted under `reason_of(i)`."""
+        for i, ok in enumerate(keep):
+            if not ok:
+                self.drop(self.owner[i], self.origins[i], reason_of(i))
+        self.rows = [r for r, ok in zip(self.rows, keep) if ok]
+        self.origins = [r for r, ok in zip(self.origins, keep) if ok]
+        self.owner = [r for r, ok in zip(self.owner, keep) if ok]
+        self.keys = [r for r, ok in zip(self.keys, keep) if ok]
+
+
+def prepare(options: PrepOptions, tokenizer=None, progress: bool = True, given: dict | None = None) -> Prepared:
+    """Run the chain; `tokenizer` (a transformers tokenizer) is needed for the token limits.
+    `given` maps a source name to rows already made, (origin, row or Bad) (on-policy pairs)."""
+    o = options
+    if (o.max_prompt_tokens or o.max_length) and tokenizer is None:
+        raise DataError("max_prompt_tokens / max_length count tokens: give a tokenizer (--tokenizer PATH)")
+    run = _Run(o)
+    seen_exact: dict[str, str] = {}
+    seen_norm: dict[str, str] = {}
+    names = [source_name(s) for s in o.sources]
+    if len(set(names)) != len(names):
+        raise DataError(f"two sources are named the same ({', '.join(names)}); give them names")
+
+    for source, name in zip(o.sources, names):
+        run.tallies[name] = Tally()
+        rows = iter(given[name] if given and name in given else source_rows(source, o.kind, o.seed))
+        head = list(islice(rows, DETECT_ROWS))
+        columns = set().union(*(r.keys() for _, r in head if isinstance(r, dict)))
+        where = source.path if source.path != "demo" else "demo"
+        if not columns:
+            raise DataError(f"{where}: no readable row among the first {len(head)}")
+        shape = source.shape
+        if shape == "auto":
+            shape = detect_shape(columns, source.columns, KIND_SHAPES[o.kind], where)
+        elif shape not in KIND_SHAPES[o.kind]:
+            raise DataError(f"{where}: shape '{shape}' does not make {o.kind} (expected {', '.join(KIND_SHAPES[o.kind])})")
+        with tqdm(chain(head, rows), desc=f"read {name}", unit=" rows", disable=not progress, mininterval=0.5) as bar:
+            _parse_source(run, name, bar, make_parser(shape, source.columns, o), seen_exact, seen_norm)
+
+    if o.max_prompt_tokens or o.max_length:
+        _token_limits(run, tokenizer)
+    weights = {name: s.weight for s, name in zip(o.sources, names)}
+    if any(w != 1.0 for w in weights.values()):
+        _sample_by_weight(run, weights)
+
+    splits: dict[str, list[dict]] = {"train": [], "test": []}
+    for row, owner, key in zip(run.rows, run.owner, run.keys):
+        side = "test" if o.test_fraction and unit_hash(key, o.split_seed) < o.test_fraction else "train"
+        splits[side].append(row)
+        run.tallies[owner].kept += 1
+    if not o.test_fraction:
+        del splits["test"]
+    return Prepared(o.kind, splits, _summary(o, run, names, splits))
+
+
+def _parse_source(run: _Run, name: str, rows, parse, seen_exact: dict, seen_norm: dict) -> None:
+    """Parse, check and deduplicate one source's rows into `run`."""
+    o = run.o
+    tally = run.tallies[name]
+    for origin, row in rows:
+        tally.read += 1
+        if isinstance(row, Bad):
+            run.drop(name, origin, row.reason, row.detail)
+            continue
+        made = parse(row)
+        if isinstance(made, str):
+            run.drop(name, origin, made)
+            continue
+        if len(made) > 1:
+            tally.extra["more pairs from one ranked list"] += len(made) - 1
+        for item in made:
+            problem = row_problem(item, o.max_turns)
+            if problem:
+                run.drop(name, origin, problem)
+                continue
+            key = prompt_key(item)
+            if o.dedup != "none":
+                exact = exact_key(item)
+                if exact in seen_exact:
+                    run.drop(name, origin, "exact duplicate", f"of {seen_exact[exact]}")
+                    continue
+                seen_exact[exact] = origin
+            if o.dedup == "normalised":
+                norm = normalised_key(item, key)
+                if norm in seen_norm:
+                    run.drop(name, origin, "duplicate after normalisation", f"of {seen_norm[norm]}")
+                    continue
+                seen_norm[norm] = origin
+            item["source"] = name
+            if item["id"] is None:
+                item["id"] = hashlib.blake2b(exact_key(item), digest_size=8).hexdigest()
+            run.keys.append(key)
+            run.rows.append(item)
+            run.origins.append(origin)
+            run.owner.append(name)
+
+
+def _token_limits(run: _Run, tokenizer) -> None:
+    o = run.o
+    texts, spans = [], []
+    for row in run.rows:
+        start = len(texts)
+        if "prompt" in row:
+            texts.extend(m["content"] for m in row["prompt"])
+            spans.append((start, len(texts), len(texts) + 2))
+            texts += [row["chosen"][-1]["content"], row["rejected"][-1]["content"]]
+        else:
+            texts.extend([m["content"] for m in row["messages"]] if "messages" in row else [row["text"]])
+            spans.append((start, len(texts), len(texts)))
+    lengths = token_lengths(tokenizer, texts)
+    reasons = []
+    for a, b, c in spans:
+        prompt = sum(lengths[a:b])
+        total = prompt + max(lengths[b:c], default=0)
+        if o.max_prompt_tokens and b < c and prompt > o.max_prompt_tokens:
+            reasons.append(f"prompt longer than {o.max_prompt_tokens} tokens")
+        elif o.max_length and total > o.max_length:
+            reasons.append(f"longer than {o.max_length} tokens")
+        else:
+            reasons.append(None)
+    run.keep_only([r is None for r in reasons], lambda i: reasons[i])
+
+
+def _sample_by_weight(run: _Run, weights: dict[str, float]) -> None:
+    """Weight w: each row is written floor(w) times, plus once more with probability w - floor(w),
+    decided by a fixed hash of its id, so that reruns give the same mix."""
+    rows, origins, owner, keys = [], [], [], []
+    for row, origin, name, key in zip(run.rows, run.origins, run.owner, run.keys):
+        w = weights[name]
+        copies = int(w) + (unit_hash(row["id"], f"weight-{run.o.seed}") < w - int(w))
+        if copies == 0:
+            run.drop(name, origin, f"not sampled (weight {w:g})")
+        elif copies > 1:
+            run.tallies[name].extra[f"repeated (weight {w:g})"] += copies - 1
+        for k in range(copies):
+            rows.append(row if k == 0 else {**row, "id": f"{row['id']}#{k + 1}"})
+            origins.append(origin)
+            owner.append(name)
+            keys.append(key)
+    run.rows, run.origins, run.owner, run.keys = rows, origins, owner, keys
+
+
+def _summary(o: PrepOptions, run: _Run, names: list[str], splits: dict) -> dict:
+    total = Tally()
+    for t in run.tallies.values():
+        total.read += t.read
+        total.kept += t.kept
+        total.dropped.update(t.dropped)
+        total.extra.update(t.extra)
+    for name, t in [*run.tallies.items(), ("total", total)]:
+        if not t.balanced():  # a bug, never the data's fault
+            raise AssertionError(f"accounting of {name} does not balance: {t.as_dict()}")
+    return {
+        "written_by": "data_prep",
+        "kind": o.kind,
+        "rows_read": total.read,
+        "kept": total.kept,
+        "dropped": dict(total.dropped.most_common()),
+        "extra": dict(total.extra),
+        "splits": {k: len(v) for k, v in splits.items()},
+        "sources": {name: run.tallies[name].as_dict() for name in names},
+        "options": o.model_dump(mode="json"),
+    }
+
+
+def summary_text(summary: dict) -> str:
+    """The summary as a few readable lines (what the command prints)."""
+    lines = [
+        f"rows read {summary['rows_read']}, kept {summary['kept']} "
+        + "(" + ", ".join(f"{k} {v}" for k, v in summary["splits"].items()) + ")"
+    ]
+    lines += [f"  dropped  {v:>7}  {k}" for k, v in summary["dropped"].items()]
+    lines += [f"  extra   +{v:>7}  {k}" for k, v in summary["extra"].items()]
+    if len(summary["sources"]) > 1:
+        for name, t in summary["sources"].items():
+            lines.append(f"  source {name}: read {t['read']}, kept {t['kept']}, dropped {sum(t['dropped'].values())}")
+    dropped = sum(summary["dropped"].values())
+    extra = sum(summary["extra"].values())
+    lines.append(f"  check: kept {summary['kept']} + dropped {dropped} = read {summary['rows_read']} + extra {extra}")
+    return "\n".join(lines)

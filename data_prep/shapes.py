@@ -1,0 +1,384 @@
+"""Shape detection and normalisation: the one parser of preference, SFT and text rows.
+
+Every shape becomes the canonical conversational form:
+
+    pairs: {"prompt": [messages...], "chosen": [assistant message], "rejected": [assistant message],
+            "score_chosen": float | None, "score_rejected": float | None, "source": str, "id": str}
+    sft:   {"messages": [messages...], "source": str, "id": str}
+    text:  {"text": str, "source": str, "id": str}
+
+where a message is {"role": "system" | "user" | "assistant", "content": str}. A prompt ends
+with a user turn and keeps every earlier turn (system messages included).
+
+Shapes (column names from `PrepColumns`):
+
+* explicit  `prompt`, `chosen`, `rejected`: text or chat messages. A prompt given as text is one
+            user message (or, if it is a Human/Assistant transcript, its turns); replies given as
+            whole conversations that start with the prompt have that prefix removed.
+* implicit  `chosen`, `rejected` only: two whole transcripts (`"\\n\\nHuman: ... \\n\\nAssistant: ..."`)
+            or two message lists sharing everything up to the last assistant turn.
+* rated     `prompt`, `completions` (text with a parallel `ratings` list, or objects with
+            `response`/`rating`): the best against the worst or a random lower-rated one.
+* scored    `prompt`, `response_a`, `response_b`, `score_a`, `score_b`: the higher-scored one wins
+            when the ratio of the scores clears `min_ratio`.
+* ranked    `prompt`, `ranked` (best first): best vs worst, neighbours, or all ordered pairs.
+* sft       `messages` (messages or a transcript);  text: `text`.
+
+`make_parser(shape, columns, options)` returns a function row -> list of canonical rows, or a
+string: the reason the row is dropped. Reasons are short and fixed, so they can be counted.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from typing import Callable
+
+from alignment.config import SHAPES, PrepColumns, PrepOptions
+
+from .read import DataError
+
+PREFERENCE_SHAPES = ("explicit", "implicit", "rated", "scored", "ranked")
+KIND_SHAPES = {"pairs": PREFERENCE_SHAPES, "sft": ("sft",), "text": ("text",)}
+ROLES = ("system", "user", "assistant")
+_ROLE = {"Human": "user", "Assistant": "assistant"}
+
+Parsed = "list[dict] | str"
+
+
+# --------------------------------------------------------------------------- detection
+
+
+def _needs(shape: str, c: PrepColumns) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(columns the shape needs, columns it must not have) for detection."""
+    return {
+        "explicit": ((c.prompt, c.chosen, c.rejected), ()),
+        "implicit": ((c.chosen, c.rejected), (c.prompt,)),
+        "rated": ((c.prompt, c.completions), (c.chosen,)),
+        "scored": ((c.prompt, c.response_a, c.response_b, c.score_a, c.score_b), ()),
+        "ranked": ((c.prompt, c.ranked), ()),
+        "sft": ((c.messages,), (c.chosen,)),
+        "text": ((c.text,), (c.chosen, c.messages)),
+    }[shape]
+
+
+def detect_shape(columns, c: PrepColumns, allowed: tuple[str, ...], where: str) -> str:
+    """The one shape in `allowed` whose columns the rows have; a DataError listing matches otherwise."""
+    columns = set(columns)
+    matches = []
+    for shape in allowed:
+        needs, excludes = _needs(shape, c)
+        if all(n in columns for n in needs) and not any(x in columns for x in excludes):
+            matches.append(shape)
+    if len(matches) == 1:
+        return matches[0]
+    have = ", ".join(sorted(map(str, columns))) or "none"
+    if not matches:
+        expected = "; ".join(f"{s}: {', '.join(_needs(s, c)[0])}" for s in allowed)
+        raise DataError(f"{where}: no row shape matches the columns ({have}); expected {expected} (column names are settable)")
+    raise DataError(f"{where}: the columns ({have}) match several shapes: {', '.join(matches)}; state the shape (--shape)")
+
+
+# --------------------------------------------------------------------------- messages
+
+
+def is_transcript(text: str) -> bool:
+    return "Assistant:" in text and ("\n\nHuman:" in text or text.startswith("Human:"))
+
+
+def parse_transcript(text: str) -> list[dict]:
+    """`"\\n\\nHuman: a\\n\\nAssistant: b"` -> user/assistant messages; text before the first turn is a system message.
+
+    A turn starts at "Human:" or "Assistant:" at the start of the text or after a blank line
+    ("\\n\\n"); the text up to the next turn, stripped, is its content. (Splitting on blank
+    lines is several times faster than a regular expression, which matters at 100k rows.)
+    """
+    lead: list[str] = []
+    turns: list[list[str]] = []
+    for chunk in text.split("\n\n"):
+        marker = chunk.lstrip("\n")
+        if marker.startswith("Human:"):
+            turns.append(["user", marker[6:]])
+        elif marker.startswith("Assistant:"):
+            turns.append(["assistant", marker[10:]])
+        elif turns:
+            turns[-1][1] += "\n\n" + chunk
+        else:
+            lead.append(chunk)
+    system = "\n\n".join(lead).strip()
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.extend({"role": role, "content": content.strip()} for role, content in turns)
+    return messages
+
+
+def as_messages(value, role: str, name: str) -> list[dict] | str:
+    """Text (one `role` message, or a transcript's turns), one message, or a message list -> messages."""
+    if isinstance(value, str):
+        return parse_transcript(value) if is_transcript(value) else [{"role": role, "content": value}]
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        return f"'{name}' is not text or a list of chat messages" if value is not None else f"missing '{name}'"
+    out = []
+    for m in value:
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            return f"'{name}' has a message without a role in {ROLES}"
+        if not isinstance(m.get("content"), str):
+            return f"'{name}' has a message whose content is not text"
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def _prompt(row: dict, name: str) -> list[dict] | str:
+    if row.get(name) is None:
+        return f"missing '{name}'"
+    prompt = as_messages(row[name], "user", name)
+    if isinstance(prompt, str):
+        return prompt
+    if len(prompt) > 1 and prompt[-1]["role"] == "assistant" and not prompt[-1]["content"].strip():
+        prompt = prompt[:-1]  # a transcript prompt ending in an open "Assistant:" turn
+    if prompt[-1]["role"] != "user":
+        return f"'{name}' does not end with a user turn"
+    return prompt
+
+
+def _reply(value, name: str, prompt: list[dict]) -> list[dict] | str:
+    if value is None:
+        return f"missing '{name}'"
+    reply = as_messages(value, "assistant", name)
+    if isinstance(reply, str):
+        return reply
+    if len(reply) > len(prompt) and reply[: len(prompt)] == prompt:
+        reply = reply[len(prompt) :]  # a whole conversation that repeats the prompt
+    if len(reply) != 1 or reply[0]["role"] != "assistant":
+        return f"'{name}' is not one assistant reply"
+    return reply
+
+
+def _number(value) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value) if value == value and abs(value) != float("inf") else None
+    if isinstance(value, str):
+        try:
+            return _number(float(value))
+        except ValueError:
+            return None
+    return None
+
+
+def _pair(prompt, chosen, rejected, score_chosen=None, score_rejected=None, row_id=None) -> dict:
+    return {
+        "prompt": prompt,
+        "chosen": chosen,
+        "rejected": rejected,
+        "score_chosen": score_chosen,
+        "score_rejected": score_rejected,
+        "id": None if row_id is None else str(row_id),
+    }
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+def make_parser(shape: str, c: PrepColumns, o: PrepOptions) -> Callable[[dict], list[dict] | str]:
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}")
+    return {
+        "explicit": _explicit,
+        "implicit": _implicit,
+        "rated": _rated,
+        "scored": _scored,
+        "ranked": _ranked,
+        "sft": _sft,
+        "text": _text,
+    }[shape](c, o)
+
+
+def _explicit(c: PrepColumns, o: PrepOptions):
+    def parse(row: dict):
+        prompt = _prompt(row, c.prompt)
+        if isinstance(prompt, str):
+            return prompt
+        chosen = _reply(row.get(c.chosen), c.chosen, prompt)
+        if isinstance(chosen, str):
+            return chosen
+        rejected = _reply(row.get(c.rejected), c.rejected, prompt)
+        if isinstance(rejected, str):
+            return rejected
+        scores = _number(row.get("score_chosen")), _number(row.get("score_rejected"))
+        return [_pair(prompt, chosen, rejected, *scores, row.get(c.id))]
+
+    return parse
+
+
+def _split_conversation(value, name: str) -> tuple[list[dict], dict] | str:
+    if value is None:
+        return f"missing '{name}'"
+    messages = as_messages(value, "assistant", name)
+    if isinstance(messages, str):
+        return messages
+    if isinstance(value, str) and not is_transcript(value):
+        return f"'{name}' is not a Human/Assistant transcript"
+    if messages[-1]["role"] != "assistant":
+        return "transcript does not end with an assistant turn"
+    if len(messages) < 2 or messages[-2]["role"] != "user":
+        return "no user turn before the last assistant turn"
+    return messages[:-1], messages[-1]
+
+
+_LAST = "\n\nAssistant:"
+
+
+def _shared_transcript(chosen, rejected) -> tuple[list[dict], dict, dict] | None:
+    """Fast path for two transcripts whose text is identical up to the last assistant turn:
+    parse the shared part once. None when it does not apply (the general path decides)."""
+    if not (isinstance(chosen, str) and isinstance(rejected, str)):
+        return None
+    i, j = chosen.rfind(_LAST), rejected.rfind(_LAST)
+    if i < 0 or j < 0 or chosen[:i] != rejected[:j] or "\n\nHuman:" in chosen[i:] or "\n\nHuman:" in rejected[j:]:
+        return None
+    prompt = parse_transcript(chosen[:i])
+    if not prompt or prompt[-1]["role"] != "user":
+        return None
+    reply = lambda text, k: {"role": "assistant", "content": text[k + len(_LAST) :].strip()}  # noqa: E731
+    return prompt, reply(chosen, i), reply(rejected, j)
+
+
+def _implicit(c: PrepColumns, o: PrepOptions):
+    def parse(row: dict):
+        shared = _shared_transcript(row.get(c.chosen), row.get(c.rejected))
+        if shared is not None:
+            return [_pair(shared[0], [shared[1]], [shared[2]], row_id=row.get(c.id))]
+        chosen = _split_conversation(row.get(c.chosen), c.chosen)
+        if isinstance(chosen, str):
+            return chosen
+        rejected = _split_conversation(row.get(c.rejected), c.rejected)
+        if isinstance(rejected, str):
+            return rejected
+        if chosen[0] != rejected[0]:
+            return "transcripts differ before the last assistant turn"
+        return [_pair(chosen[0], [chosen[1]], [rejected[1]], row_id=row.get(c.id))]
+
+    return parse
+
+
+def _rng(prompt: list[dict], seed: int) -> random.Random:
+    """A generator fixed by the prompt and the seed, so that reruns pick the same rows."""
+    return random.Random(zlib.crc32(repr((seed, prompt)).encode()))
+
+
+def _rated(c: PrepColumns, o: PrepOptions):
+    def parse(row: dict):
+        prompt = _prompt(row, c.prompt)
+        if isinstance(prompt, str):
+            return prompt
+        completions = row.get(c.completions)
+        if not isinstance(completions, list):
+            return f"'{c.completions}' is not a list"
+        if completions and all(isinstance(x, dict) for x in completions):
+            texts = [x.get(c.response_key) for x in completions]
+            ratings = [x.get(c.rating_key) for x in completions]
+        else:
+            texts, ratings = completions, row.get(c.ratings)
+            if not isinstance(ratings, list) or len(ratings) != len(texts):
+                return f"'{c.ratings}' is not a list as long as '{c.completions}'"
+        ratings = [_number(r) for r in ratings]
+        if any(r is None for r in ratings):
+            return "a rating is not a number"
+        if len(texts) < 2:
+            return "fewer than two rated completions"
+        best = max(range(len(texts)), key=lambda i: ratings[i])
+        lower = [i for i in range(len(texts)) if ratings[i] < ratings[best]]
+        if not lower:
+            return "all ratings tied"
+        lower = [i for i in lower if ratings[best] - ratings[i] >= o.min_margin]
+        if not lower:
+            return "rating margin below min_margin"
+        worse = min(lower, key=lambda i: ratings[i]) if o.rejected_choice == "worst" else _rng(prompt, o.seed).choice(lower)
+        chosen = _reply(texts[best], c.completions, prompt)
+        rejected = _reply(texts[worse], c.completions, prompt)
+        for reply in (chosen, rejected):
+            if isinstance(reply, str):
+                return reply
+        return [_pair(prompt, chosen, rejected, ratings[best], ratings[worse], row.get(c.id))]
+
+    return parse
+
+
+def _scored(c: PrepColumns, o: PrepOptions):
+    def parse(row: dict):
+        prompt = _prompt(row, c.prompt)
+        if isinstance(prompt, str):
+            return prompt
+        a, b = _number(row.get(c.score_a)), _number(row.get(c.score_b))
+        if a is None or b is None:
+            return f"'{c.score_a}' or '{c.score_b}' is not a number"
+        if a == b:
+            return "scores tied"
+        (hi, win), (lo, lose) = sorted([(a, c.response_a), (b, c.response_b)], reverse=True)
+        if lo > 0 and hi / lo < o.min_ratio:  # a lower score <= 0 makes any ratio infinite
+            return "score ratio below min_ratio"
+        chosen = _reply(row.get(win), win, prompt)
+        rejected = _reply(row.get(lose), lose, prompt)
+        for reply in (chosen, rejected):
+            if isinstance(reply, str):
+                return reply
+        return [_pair(prompt, chosen, rejected, hi, lo, row.get(c.id))]
+
+    return parse
+
+
+def _ranked(c: PrepColumns, o: PrepOptions):
+    def parse(row: dict):
+        prompt = _prompt(row, c.prompt)
+        if isinstance(prompt, str):
+            return prompt
+        ranked = row.get(c.ranked)
+        if not isinstance(ranked, list):
+            return f"'{c.ranked}' is not a list"
+        if len(ranked) < 2:
+            return "fewer than two ranked responses"
+        replies = [_reply(r, c.ranked, prompt) for r in ranked]
+        bad = next((r for r in replies if isinstance(r, str)), None)
+        if bad:
+            return bad
+        n = len(replies)
+        if o.ranked_pairs == "best-worst":
+            pairs = [(0, n - 1)]
+        elif o.ranked_pairs == "adjacent":
+            pairs = [(i, i + 1) for i in range(n - 1)]
+        else:
+            pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+        row_id = row.get(c.id)
+        return [
+            _pair(prompt, replies[i], replies[j], row_id=None if row_id is None else f"{row_id}-{i}-{j}")
+            for i, j in pairs
+        ]
+
+    return parse
+
+
+def _sft(c: PrepColumns, o: PrepOptions):
+    def parse(row: dict):
+        messages = as_messages(row.get(c.messages), "user", c.messages)
+        if isinstance(messages, str):
+            return messages
+        if not any(m["role"] == "assistant" for m in messages):
+            return "no assistant turn"
+        return [{"messages": messages, "id": None if row.get(c.id) is None else str(row[c.id])}]
+
+    return parse
+
+
+def _text(c: PrepColumns, o: PrepOptions):
+    def parse(row: dict):
+        text = row.get(c.text)
+        if text is None:
+            return f"missing '{c.text}'"
+        if not isinstance(text, str):
+            return f"'{c.text}' is not text"
+        return [{"text": text, "id": None if row.get(c.id) is None else str(row[c.id])}]
+
+    return parse

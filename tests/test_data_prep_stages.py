@@ -1,0 +1,196 @@
+"""data_prep's output and shapes in the toolkit's stages and in TRL's trainers, on micro settings."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from alignment.config import load_recipe
+from alignment.demo import world
+from alignment.pipeline import plan, run
+from alignment.stages.common import preference_datasets
+from data_prep.cli import main
+from data_prep.prepare import prompt_key
+
+from .conftest import RECIPES
+
+H, A = "\n\nHuman: ", "\n\nAssistant: "
+STEPS = ["training.max_steps=2", "training.per_device_train_batch_size=8", "training.logging_steps=1"]
+
+
+def transcripts(n: int, long_every: int = 0) -> list[dict]:
+    """Demo pairs as two-turn Human/Assistant transcripts; every `long_every`-th chosen reply is long."""
+    rows = []
+    for i, p in enumerate(world.preference_pairs(n, seed=3)):
+        history = f"{H}hello {i}{A}Sure! hello{H}{p['prompt']}{A}"
+        chosen = p["chosen"] + (" word" * 80 if long_every and i % long_every == 0 else "")
+        rows.append({"chosen": history + chosen, "rejected": history + p["rejected"]})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def summary_of(node) -> dict:
+    return json.loads((node.out_dir / "run_info.json").read_text())["summary"]
+
+
+def test_demo_held_out_pairs_share_no_prompt_with_training():
+    """Before: the last 200 rows were held out and 19 of their prompts were also trained on."""
+    recipe = load_recipe(RECIPES / "dpo.yaml")
+    train, held, counts = preference_datasets(recipe, {}, world.preference_pairs, 4000)
+    keys = lambda ds: {prompt_key({"prompt": p}) for p in ds["prompt"]}  # noqa: E731
+    assert not keys(train) & keys(held)
+    assert 190 <= len(held) <= recipe.data.eval_examples and len(train) + len(held) == recipe.data.num_examples
+    assert train[0]["prompt"][0]["role"] == "user" and train[0]["chosen"][0]["role"] == "assistant"
+
+
+def test_prep_stage_feeds_dpo_by_reference_and_is_cached(in_tmp, tiny_base):
+    write_jsonl(in_tmp / "hh.jsonl", transcripts(120) + [{"chosen": f"{H}a{A}b", "rejected": f"{H}c{A}d"}])
+    (in_tmp / "prep.yaml").write_text(
+        "stage: prep\nprep:\n  sources: [{path: hh.jsonl}]\n  test_fraction: 0.2\noutput_dir: out/prep\n")
+    (in_tmp / "dpo.yaml").write_text(
+        f"stage: dpo\nmodel: {tiny_base}\ndata: {{source: {{from: prep.yaml}}}}\noutput_dir: out/dpo\n"
+        "dpo: {loss_type: sigmoid}\ntraining: {max_length: 64}\n")
+    prep_node, dpo_node = run(in_tmp / "dpo.yaml", STEPS)
+    assert (prep_node.recipe.stage, dpo_node.recipe.stage) == ("prep", "dpo")
+    prepared = json.loads((prep_node.out_dir / "summary.json").read_text())
+    assert prepared["dropped"] == {"transcripts differ before the last assistant turn": 1}
+    assert prepared["kept"] + 1 == prepared["rows_read"] == 121
+    s = summary_of(dpo_node)
+    assert s["train_pairs"] == prepared["splits"]["train"] and s["steps"] == 2
+    assert s["eval_pairs"] + s["dropped/held-out, prompt fills max_length"] == prepared["splits"]["test"] > 0
+    assert "eval_rewards/accuracies" in s
+    assert json.loads((dpo_node.out_dir / "run_info.json").read_text())["inputs"]["data"] == str(prep_node.out_dir)
+
+    # Unchanged: both skipped. A changed source file reruns prep and dpo.
+    assert all(n.hash == m.hash for n, m in zip(plan(in_tmp / "dpo.yaml", STEPS), (prep_node, dpo_node)))
+    with (in_tmp / "hh.jsonl").open("a") as fh:
+        fh.write(json.dumps({"chosen": f"{H}new{A}yes", "rejected": f"{H}new{A}no"}) + "\n")
+    again = plan(in_tmp / "dpo.yaml", STEPS)
+    assert [n.hash != m.hash for n, m in zip(again, (prep_node, dpo_node))] == [True, True]
+
+
+def test_reward_reads_transcripts_directly_and_counts_held_out_after_filtering(in_tmp, tiny_base):
+    """Long pairs are dropped by the trainer's length filter on both sides; eval_pairs counts what is scored."""
+    src = write_jsonl(in_tmp / "hh.jsonl", transcripts(160, long_every=4))
+    [node] = run(RECIPES / "reward.yaml", [f"model={tiny_base}", f"data.source={src}", "data.eval_examples=40",
+                                           "training.max_length=48", "output_dir=out/r", *STEPS])
+    s = summary_of(node)
+    assert s["eval_pairs"] + s["dropped/held-out, longer than max_length"] == 40
+    assert 0 < s["dropped/held-out, longer than max_length"] < 40 and s["dropped/longer than max_length"] > 0
+    assert s["train_pairs"] + s["dropped/longer than max_length"] == 120
+
+
+def test_dpo_reads_conversational_pairs_and_every_pair_too_long_is_one_line(in_tmp, tiny_base):
+    system = {"role": "system", "content": "Be polite."}
+    rows = [{"prompt": [system, {"role": "user", "content": p["prompt"]}],
+             "chosen": [{"role": "assistant", "content": p["chosen"]}],
+             "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in world.preference_pairs(48, seed=5)]
+    src = write_jsonl(in_tmp / "conv.jsonl", rows)
+    base = [f"model={tiny_base}", f"data.source={src}", "data.eval_examples=8", *STEPS]
+    [node] = run(RECIPES / "dpo.yaml", [*base, "output_dir=out/d"])
+    assert summary_of(node)["train_pairs"] == 40 and summary_of(node)["steps"] == 2
+    from alignment.config import RecipeError
+
+    with pytest.raises(RecipeError, match=r"training.max_length: 4: all 40 training pairs were dropped"):
+        run(RECIPES / "dpo.yaml", [*base, "training.max_length=4", "output_dir=out/short"])
+    assert not (in_tmp / "out" / "short").exists()
+
+
+def test_trl_trainers_read_the_output_unchanged(tmp_path, tiny_base):
+    """TRL's DPOTrainer and RewardTrainer take `load_dataset("json", ...)` of our files as they are."""
+    import torch
+    from datasets import load_dataset
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+    from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
+
+    src = write_jsonl(tmp_path / "hh.jsonl", transcripts(40))
+    assert main(["pairs", str(src), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    ds = load_dataset("json", data_files=str(tmp_path / "out" / "train.jsonl"), split="train")
+    assert {"score_chosen", "source", "id"} <= set(ds.column_names)
+
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=128, pad_token_id=tok.pad_token_id)
+    common = dict(max_steps=2, per_device_train_batch_size=4, report_to="none", use_cpu=True, max_length=96,
+                  logging_steps=1, save_strategy="no", disable_tqdm=True)
+    policy = LlamaForCausalLM(config)
+    dpo = DPOTrainer(model=policy, ref_model=copy.deepcopy(policy), args=DPOConfig(output_dir=str(tmp_path / "dpo"), **common),
+                     train_dataset=ds, processing_class=tok)
+    assert dpo.train().global_step == 2
+    rm = LlamaForSequenceClassification(LlamaConfig(**{**config.to_dict(), "num_labels": 1}))
+    reward = RewardTrainer(model=rm, args=RewardConfig(output_dir=str(tmp_path / "rm"), **common),
+                           train_dataset=ds, processing_class=tok)
+    assert reward.train().global_step == 2
+
+
+def test_onpolicy_command_end_to_end(tmp_path, tiny_base):
+    out = tmp_path / "onpolicy"
+    code = main(["onpolicy", "--model", str(tiny_base), "--prompts", "demo", "--num-prompts", "12", "--k", "3",
+                 "--oracle", "--max-new-tokens", "6", "--test-fraction", "0", "--quiet", "--out", str(out)])
+    assert code == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["rows_read"] == 12 and s["kept"] + sum(s["dropped"].values()) == 12
+    for line in (out / "train.jsonl").read_text().splitlines():
+        pair = json.loads(line)
+        assert pair["score_chosen"] > pair["score_rejected"]
+
+
+def test_onpolicy_keeps_best_against_worst_when_the_margin_clears(monkeypatch):
+    """k=3 samples per prompt with scores set by hand: p1 keeps 0.9 vs 0.2; p2 ties; p3's gap 0.05 < 0.1."""
+    from alignment import compare, models
+    from data_prep.onpolicy import onpolicy_rows
+    from data_prep.read import Bad
+
+    texts = {"p1": ["ok", "best", "mid"], "p2": ["a", "b", "c"], "p3": ["x", "y", "z"]}
+    scores = {"ok": 0.2, "best": 0.9, "mid": 0.5, "a": 0.5, "b": 0.5, "c": 0.5, "x": 0.5, "y": 0.55, "z": 0.5}
+    asked = []
+
+    def fake_generate(model, tok, prompts, **kw):
+        asked.extend(prompts)
+        seen = {}
+        gens = []
+        for p in prompts:
+            i = seen[p] = seen.get(p, -1) + 1
+            gens.append(compare.Generation(p, texts[p][i], True, 1))
+        return gens
+
+    monkeypatch.setattr(models, "load_tokenizer", lambda path, *a: None)
+    monkeypatch.setattr(models, "load_causal_lm", lambda path, tok, *a: None)
+    monkeypatch.setattr(compare, "generate", fake_generate)
+    monkeypatch.setattr(compare, "gold_scores", lambda gens: [scores[g.text] for g in gens])
+    prompts = [("f:1", "p1"), ("f:2", Bad("not valid JSON")), ("f:3", "p2"), ("f:4", "p3")]
+    rows = onpolicy_rows(prompts, "model", k=3, reward_model=None, min_margin=0.1)
+    assert asked == ["p1"] * 3 + ["p2"] * 3 + ["p3"] * 3
+    assert [o for o, _ in rows] == ["f:1", "f:2", "f:3", "f:4"]
+    assert rows[0][1] == {"prompt": "p1", "chosen": "best", "rejected": "ok", "score_chosen": 0.9, "score_rejected": 0.2}
+    assert [r.reason for _, r in rows[1:]] == ["not valid JSON", "all samples scored the same", "score margin below min_margin"]
+
+
+def test_token_limits_count_with_the_given_tokenizer(tmp_path, tiny_base):
+    """Counts from the Rust backend (each distinct text once) equal the tokenizer's own, and the
+    command's --tokenizer/--max-length drop exactly the rows over the limit."""
+    from transformers import AutoTokenizer
+
+    from data_prep.prepare import token_lengths
+
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    texts = ["repeat: cat dog", "Sure! cat dog", "Ça va ? 🙂", "repeat: cat dog", ""]
+    assert token_lengths(tok, texts) == [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
+
+    rows = [{"prompt": "repeat: cat dog", "chosen": "Sure! cat dog" + " dog" * n, "rejected": "Ugh."} for n in range(0, 40, 4)]
+    src = write_jsonl(tmp_path / "p.jsonl", rows)
+    limit = 20
+    lengths = [sum(token_lengths(tok, [r["prompt"]])) + max(token_lengths(tok, [r["chosen"], r["rejected"]])) for r in rows]
+    assert main(["pairs", str(src), "--tokenizer", str(tiny_base), "--max-length", str(limit), "--test-fraction", "0",
+                 "--quiet", "--out", str(tmp_path / "out")]) == 0
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert s["kept"] == sum(n <= limit for n in lengths) and s["dropped"] == {f"longer than {limit} tokens": sum(n > limit for n in lengths)}
+    assert 0 < s["kept"] < len(rows)

@@ -1,0 +1,290 @@
+"""The ppo stage: the pitfalls of PPO.md pinned one by one on micro models built in code,
+then whole micro runs (reward rises, kill and resume, two processes, bad input)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file
+
+from alignment import losses
+from alignment.config import RecipeError, load_recipe
+from alignment.models import load_classifier, load_tokenizer
+from alignment.pipeline import run
+from alignment.stages import ppo
+
+from .conftest import RECIPES
+
+REPO = Path(__file__).resolve().parents[1]
+MICRO_PPO = ["ppo.total_episodes=32", "ppo.batch_size=8", "ppo.response_length=6", "data.num_examples=64",
+             "ppo.ppo_epochs=2", "report.models={}", "training.learning_rate=1e-3"]
+
+
+@pytest.fixture(scope="module")
+def reward_dir(tiny_base, tmp_path_factory) -> Path:
+    """A one-label classifier on the tiny base with a random head, scaled so that replies' scores
+    differ by a few units: a reward model a short run can climb."""
+    torch.manual_seed(0)
+    tok = load_tokenizer(str(tiny_base))
+    out = tmp_path_factory.mktemp("rm") / "rm"
+    model = load_classifier(str(tiny_base), tok)
+    with torch.no_grad():
+        model.score.weight.mul_(30)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def recipe_for(tiny_base, reward_dir, *extra):
+    overrides = [f"model={tiny_base}", f"reward_model={reward_dir}", *MICRO_PPO, *extra]
+    from alignment.config import parse_override
+
+    return load_recipe(RECIPES / "ppo.yaml", [(p, v, raw) for raw in overrides for _, p, v in [parse_override(raw)]])
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_base, reward_dir):
+    recipe = recipe_for(tiny_base, reward_dir)
+    inputs = {"model": str(tiny_base), "reward_model": str(reward_dir)}
+    m = ppo.build_models(recipe, inputs, print)
+    accelerator = Accelerator(cpu=True)
+    prompts, rendered, _ = ppo.load_prompts(recipe, m.tok)
+    return recipe, inputs, m, accelerator, prompts[:8], rendered[:8]
+
+
+def fresh_rollout(setup, seed=0):
+    recipe, _, m, accelerator, prompts, rendered = setup
+    torch.manual_seed(seed)
+    timer = {"generation": 0.0, "scoring": 0.0}
+    return ppo.rollout(m, accelerator, rendered, prompts, recipe, timer)
+
+
+def test_kl_shaped_rewards_by_hand():
+    """logp [-1, -2, -3], ref [-1.5, -2, -1], mask [1, 1, 0], score 2, beta 0.1:
+    k1 = logp - ref = [0.5, 0, 0 (masked)]; r = [-0.05, 0 + 2, 0]."""
+    rewards, kl = losses.kl_shaped_rewards(
+        torch.tensor([[-1.0, -2.0, -3.0]]), torch.tensor([[-1.5, -2.0, -1.0]]), torch.tensor([[1, 1, 0]]),
+        torch.tensor([2.0]), beta=0.1,
+    )
+    assert kl.tolist() == [[0.5, 0.0, 0.0]]
+    assert torch.allclose(rewards, torch.tensor([[-0.05, 2.0, 0.0]]))
+
+
+def test_explained_variance_by_hand():
+    """R [1, 2, 3, 4]: var (unbiased) 5/3. V = R: 1. V = mean 2.5: var(R - V) = var(R): 0."""
+    returns, mask = torch.tensor([[1.0, 2.0, 3.0, 4.0]]), torch.ones(1, 4)
+    assert losses.explained_variance(returns, returns, mask).item() == pytest.approx(1.0)
+    assert losses.explained_variance(torch.full((1, 4), 2.5), returns, mask).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_batch_indices_walk_through_the_data_then_reshuffle():
+    first = [i for it in range(3) for i in ppo.batch_indices(6, 2, it, seed=1)]
+    assert sorted(first) == list(range(6))  # one pass: every row once
+    assert ppo.batch_indices(6, 2, 4, seed=1) == ppo.batch_indices(6, 2, 4, seed=1)  # position = iteration
+
+
+def test_policy_equal_to_reference_gives_exactly_zero_kl(setup):
+    r = fresh_rollout(setup)
+    assert torch.equal(r.logp, r.ref_logp)
+    rewards, kl = losses.kl_shaped_rewards(r.logp, r.ref_logp, r.response_mask, r.scores, 0.5)
+    assert kl.abs().sum().item() == 0.0
+    assert (rewards.sum(-1) == r.scores).all()  # non-score reward exactly 0
+
+
+def test_sampling_temperature_is_the_log_prob_temperature(setup, monkeypatch):
+    recipe, _, m, accelerator, prompts, rendered = setup
+    seen = {}
+    real_sample = ppo.sample
+
+    def spy(*args, **kwargs):
+        seen["temperature"] = kwargs["temperature"]
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(ppo, "sample", spy)
+    hot = recipe.model_copy(update={"ppo": recipe.ppo.model_copy(update={"temperature": 0.5})})
+    torch.manual_seed(0)
+    r = ppo.rollout(m, accelerator, rendered, prompts, hot, {"generation": 0.0, "scoring": 0.0})
+    assert seen["temperature"] == 0.5
+    with torch.no_grad():
+        logits = m.policy(input_ids=r.input_ids, attention_mask=r.attention_mask,
+                          position_ids=ppo.position_ids(r.attention_mask)).logits
+    width = r.response_ids.shape[1]
+    expected = torch.log_softmax(logits[:, -width - 1 : -1] / 0.5, -1).gather(-1, r.response_ids[..., None])[..., 0]
+    assert torch.allclose(r.logp, expected * r.response_mask, atol=1e-5)
+    assert not torch.allclose(r.logp, ppo.reply_logprobs(m.policy, r, 1.0), atol=1e-3)
+
+
+def test_log_probs_values_and_scores_ignore_left_padding_and_batch_mates(setup):
+    recipe, _, m, accelerator, prompts, rendered = setup
+    r = fresh_rollout(setup)
+    alone = r.rows(slice(0, 1))
+    # Row 0 alone, with 3 extra left pads (prompt width grows, positions must not).
+    pad = torch.full((1, 3), m.tok.pad_token_id)
+    padded = ppo.Rollout(
+        torch.cat([pad, alone.input_ids], 1), torch.cat([torch.zeros_like(pad), alone.attention_mask], 1),
+        alone.context_length + 3, alone.response_ids, alone.response_mask, alone.finished,
+    )
+    with torch.no_grad():
+        batch_scores = ppo.reward_scores(m, r, prompts)  # before the missing-EOS penalty
+        for other in (alone, padded):
+            assert torch.allclose(ppo.reply_logprobs(m.policy, other, recipe.ppo.temperature), r.logp[:1], atol=1e-5)
+            assert torch.allclose(ppo.reply_values(m.critic, other), r.values[:1], atol=1e-5)
+            assert torch.allclose(ppo.reward_scores(m, other, prompts[:1]), batch_scores[:1], atol=1e-5)
+
+
+def test_nothing_after_the_first_eos_adds_kl_or_trains_the_value():
+    mask = torch.tensor([[1, 1, 0, 0]])  # EOS at position 1
+    logp, ref = torch.tensor([[-1.0, -2.0, -3.0, -4.0]]), torch.tensor([[-1.5, -2.5, -9.0, -9.0]])
+    values = torch.tensor([[0.1, 0.2, 0.3, 0.4]], requires_grad=True)
+    rewards, kl = losses.kl_shaped_rewards(logp, ref, mask, torch.tensor([1.0]), 0.1)
+    changed, _ = losses.kl_shaped_rewards(logp, ref - 5 * (1 - mask), mask, torch.tensor([1.0]), 0.1)
+    assert torch.equal(rewards, changed) and kl[0, 2:].abs().sum() == 0
+    adv, returns = losses.gae(rewards, values, mask, 1.0, 0.95)
+    loss, _ = losses.ppo_value_loss(values, values.detach(), returns, mask, 0.2)
+    (loss + 1.0).backward()
+    assert values.grad[0, 2:].abs().sum() == 0 and values.grad[0, :2].abs().sum() > 0
+
+
+def test_first_minibatch_ratio_is_one_and_only_policy_and_critic_learn(tiny_base, reward_dir):
+    recipe = recipe_for(tiny_base, reward_dir, "ppo.num_minibatches=2", "training.gradient_accumulation_steps=2")
+    inputs = {"model": str(tiny_base), "reward_model": str(reward_dir)}
+    m = ppo.build_models(recipe, inputs, print)
+    accelerator = Accelerator(cpu=True)
+    optimizer, scheduler = ppo.prepare_training(m, accelerator, recipe)
+    prompts, rendered, _ = ppo.load_prompts(recipe, m.tok)
+    frozen = {n: p.clone() for model in (m.reference, m.reward) for n, p in model.named_parameters()}
+    policy_before = {n: p.clone() for n, p in m.policy.named_parameters()}
+    torch.manual_seed(0)
+    r = ppo.rollout(m, accelerator, rendered[:8], prompts[:8], recipe, {"generation": 0.0, "scoring": 0.0})
+    stats, _, _ = ppo.learn(m, accelerator, optimizer, scheduler, r, 0.05, recipe, 0)
+    assert stats["policy/ratio_first_minibatch"] == 1.0 and stats["policy/clipfrac_first_minibatch"] == 0.0
+    for model in (m.reference, m.reward):
+        assert not model.training
+        for n, p in model.named_parameters():
+            assert p.grad is None and not p.requires_grad and torch.equal(p, frozen[n])
+    assert any(not torch.equal(p, policy_before[n]) for n, p in m.policy.named_parameters())
+    assert not m.policy.training and not m.critic.training  # dropout off throughout
+
+
+def test_short_run_raises_the_reward(in_tmp, tiny_base, reward_dir):
+    """Replies of two tokens: the policy must learn which tokens the reward model likes."""
+    [node] = run(RECIPES / "ppo.yaml", [f"model={tiny_base}", f"reward_model={reward_dir}", *MICRO_PPO,
+                                        "ppo.total_episodes=256", "ppo.batch_size=16", "ppo.response_length=2",
+                                        "ppo.ppo_epochs=4", "ppo.missing_eos_penalty=null",
+                                        "training.learning_rate=1e-2", "output_dir=out/ppo"])
+    rows = [json.loads(line) for line in (node.out_dir / "metrics.jsonl").read_text().splitlines()]
+    scores = [r["objective/scores"] for r in rows if "objective/scores" in r]
+    assert len(scores) == 16 and sum(scores[-4:]) / 4 > sum(scores[:4]) / 4 + 1.0, scores
+    for key in ("objective/kl", "objective/entropy", "policy/approxkl", "value/explained_variance", "beta",
+                "time/generation", "time/scoring", "time/optimisation", "eos_fraction", "val/ratio_var"):
+        assert key in rows[-2], key
+    summary = json.loads((node.out_dir / "run_info.json").read_text())["summary"]
+    assert summary["score_gain"] == pytest.approx(scores[-1] - scores[0])
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(node.out_dir) is not None  # transformers alone
+
+
+def _run_cli(args, cwd, **kwargs):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.Popen([sys.executable, "-m", "alignment", "run", str(RECIPES / "ppo.yaml"), *args],
+                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def test_killed_run_resumes_to_bit_identical_weights(in_tmp, tiny_base, reward_dir):
+    common = [f"model={tiny_base}", f"reward_model={reward_dir}", *MICRO_PPO, "ppo.total_episodes=64",
+              "training.save_steps=2"]
+    [straight] = run(RECIPES / "ppo.yaml", [*common, "output_dir=straight"])
+
+    proc = _run_cli([*common, "output_dir=killed"], in_tmp)
+    checkpoint = in_tmp / "killed.partial" / "checkpoints" / "checkpoint-4"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.exists() and not (in_tmp / "killed").exists()
+
+    [resumed] = run(RECIPES / "ppo.yaml", [*common, "output_dir=killed"])
+    summary = json.loads((resumed.out_dir / "run_info.json").read_text())["summary"]
+    assert summary["resumed_from"].startswith("checkpoint-") and summary["iterations"] == 8
+    a, b = load_file(straight.out_dir / "model.safetensors"), load_file(resumed.out_dir / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+TWO_PROCESS_SCRIPT = """
+import sys, torch
+from accelerate import Accelerator
+from alignment.config import load_recipe, parse_override
+from alignment.stages import ppo
+overrides = sys.argv[2:]
+recipe = load_recipe(sys.argv[1], [(p, v, raw) for raw in overrides for _, p, v in [parse_override(raw)]])
+accelerator = Accelerator(cpu=True)
+inputs = {"model": str(recipe.model), "reward_model": str(recipe.reward_model)}
+m = ppo.build_models(recipe, inputs, print)
+ppo.prepare_training(m, accelerator, recipe)
+# Plain SGD: Adam's first steps are about lr * sign(gradient), which turns float noise in
+# gradients near 0 into whole steps; SGD keeps the comparison about the gradients themselves.
+params = [p for model in (m.policy, m.critic) for p in model.parameters() if p.requires_grad]
+optimizer = accelerator.prepare(torch.optim.SGD(params, lr=0.5))
+scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+prompts, rendered, _ = ppo.load_prompts(recipe, m.tok)
+torch.manual_seed(0)  # the same global batch in every process; each then keeps its share
+r = ppo.rollout(m, accelerator, rendered[:8], prompts[:8], recipe, {"generation": 0.0, "scoring": 0.0})
+n = 8 // accelerator.num_processes
+r = r.rows(slice(accelerator.process_index * n, (accelerator.process_index + 1) * n))
+ppo.learn(m, accelerator, optimizer, scheduler, r, 0.05, recipe, 0)
+if accelerator.is_main_process:
+    torch.save(accelerator.unwrap_model(m.policy).state_dict(), sys.argv[-1].split("=", 1)[1])
+"""
+
+
+def test_two_processes_update_like_one(tmp_path, tiny_base, reward_dir, monkeypatch):
+    script = tmp_path / "update.py"
+    script.write_text(TWO_PROCESS_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    args = [str(RECIPES / "ppo.yaml"), f"model={tiny_base}", f"reward_model={reward_dir}", *MICRO_PPO,
+            "ppo.batch_size=8", "ppo.num_minibatches=1", "training.gradient_accumulation_steps=2"]
+    outs = {procs: tmp_path / f"w{procs}.pt" for procs in (1, 2)}
+    launch = ["accelerate", "launch", "--num_processes", "2", "--multi_gpu", str(script)]
+    done = subprocess.run([*launch, *args, f"output_dir={outs[2]}"], env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    monkeypatch.setattr(sys, "argv", [str(script), *args, f"output_dir={outs[1]}"])
+    exec(compile(TWO_PROCESS_SCRIPT, str(script), "exec"), {})  # one process: this one
+    one, two = torch.load(outs[1]), torch.load(outs[2])
+    start = load_file(Path(tiny_base) / "model.safetensors")
+    moved = max((one[k] - start[k]).abs().max().item() for k in start if k in one)
+    assert moved > 1e-4  # the update did something
+    for k in one:
+        assert torch.allclose(one[k], two[k], atol=1e-5, rtol=1e-4), k
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("ppo.response_length=0", "ppo.response_length: "),
+        ("ppo.num_minibatches=3", "ppo: batch_size 8 is not divisible by num_minibatches 3"),
+        ("data.max_prompt_length=2", "no usable prompts"),
+    ],
+)
+def test_bad_settings_are_one_line_errors_and_leave_nothing(in_tmp, tiny_base, reward_dir, override, message):
+    with pytest.raises(RecipeError, match=message.replace("(", r"\(")):
+        run(RECIPES / "ppo.yaml", [f"model={tiny_base}", f"reward_model={reward_dir}", *MICRO_PPO, override, "output_dir=out/ppo"])
+    assert not (in_tmp / "out").exists() or not any((in_tmp / "out").iterdir())
+
+
+def test_reward_model_must_be_a_one_label_classifier(in_tmp, tiny_base):
+    proc = _run_cli([f"model={tiny_base}", f"reward_model={tiny_base}", *MICRO_PPO, "output_dir=out/ppo"], in_tmp)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert err.strip().splitlines()[-1].startswith("error: reward_model: ") and "one-label sequence classifier" in err
+    assert not (in_tmp / "out" / "ppo").exists() and not (in_tmp / "out" / "ppo.partial").exists()
