@@ -224,7 +224,7 @@ def test_prompt_files(tmp_path):
     ("gap.txt", "one\n\nthree\n", "gap.txt:2: empty line"),
     ("bad.jsonl", '{"prompt": "ok"}\n{"prompt": \n', "bad.jsonl:2: not valid JSON"),
     ("field.jsonl", '{"prompt": "ok"}\n{"question": "x"}\n', "field.jsonl:2: missing 'prompt'"),
-    ("empty.jsonl", "", "no prompts"),
+    ("empty.jsonl", "", "empty file"),
 ])
 def test_bad_prompt_files_name_the_line(tmp_path, name, text, expected):
     (tmp_path / name).write_text(text)
@@ -243,7 +243,8 @@ def run_cli(args, capsys):
 
 @pytest.mark.parametrize("args, expected", [
     (["{a}"], "MODEL: need at least two models to compare, got 1"),
-    (["{a}", "{tmp}/nope"], "MODEL: cannot load tokenizer"),
+    (["{a}", "{tmp}/nope"], "MODEL: cannot load"),
+    (["{a}", "{rm2}"], "MODEL: rm2: "),
     (["{a}", "{b}", "--reward-model", "{a}"], "--reward-model: "),
     (["{a}", "{b}", "--reward-model", "{rm2}"], "--reward-model: "),
     (["{a}", "{b}", "--baseline", "c"], "--baseline: 'c' is not a model label"),
@@ -262,6 +263,8 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(dirs, tmp_path, capsys
     assert len(lines) == 1 and lines[0].startswith("error: " + expected.split(":")[0]) and expected in lines[0], lines
     if "reward" in expected:
         assert "not a one-label sequence classifier" in lines[0]
+    if "rm2" in expected:
+        assert "is a sequence classifier (a reward model)" in lines[0] and "expected a causal language model" in lines[0]
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["empty.txt"]  # no temporary directory left either
 
