@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import models as model_layer
 from .config import DEMO_PROMPTS, DataOptions, GenerationOptions, ModelOptions, PromptOptions, RecipeError
-from .data import load_rows, text_problem
+from .data import check_rows, load_rows, text_problem
 from .demo import world
 from .generation import Samples, response_logits, sample
 from .losses import sequence_logprobs
@@ -223,22 +223,13 @@ def load_prompts(options: PromptOptions) -> tuple[list[str], str]:
                 raise CompareError("prompts", f"{source}:{number}: empty line (expected one prompt a line)")
         prompts = lines
     else:
-        from data_prep.read import Bad
-
         try:
             found = load_rows(DataOptions(source=source, split=options.split), lambda n, seed: [], 0)
+            rows = check_rows(found, text_problem(options.field), "error").rows
         except RecipeError as exc:
-            raise CompareError("prompts", str(exc).removeprefix("data.source").lstrip(": ")) from None
-        check = text_problem(options.field)
-        prompts = []
-        for row, origin in zip(found.rows, found.origins):
-            if isinstance(row, Bad):  # a line the reader could not make a row of
-                problem = f"{row.reason} ({row.detail})" if row.detail else row.reason
-            else:
-                problem = check(row) if isinstance(row, dict) else "row is not a JSON object"
-            if problem:
-                raise CompareError("prompts", f"{origin}: {problem} (expected a string column '{options.field}')")
-            prompts.append(row[options.field])
+            message = str(exc).removeprefix("data.source").lstrip(": ")
+            raise CompareError("prompts", message.replace(" (set data.on_bad_row: drop to skip such rows)", "")) from None
+        prompts = [row[options.field] for row in rows]
     if not prompts or prompts == [""]:
         raise CompareError("prompts", f"{source}: no prompts (the file is empty)")
     return prompts[: options.num_prompts], f"prompts from {source}"
@@ -254,31 +245,9 @@ def has_gold(prompts: list[str]) -> bool:
     return True
 
 
-def check_reward_model(name_or_path: str) -> None:
-    """A reward model is a sequence classifier with one label (a causal LM would get a random head)."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(name_or_path)
-    except (OSError, ValueError) as exc:
-        raise CompareError("reward_model", f"cannot load '{name_or_path}' ({str(exc).splitlines()[0]})") from None
-    kinds = getattr(config, "architectures", None) or []
-    if not any(k.endswith("ForSequenceClassification") for k in kinds) or config.num_labels != 1:
-        raise CompareError(
-            "reward_model",
-            f"'{name_or_path}' is not a one-label sequence classifier (architectures {kinds}, "
-            f"num_labels {config.num_labels}); train one with the reward stage",
-        )
-
-
 def _about(label: str, exc: Exception) -> str:
     """The error message, naming the model's label unless it already does (a directory's name)."""
     return str(exc) if label in str(exc) else f"{label}: {exc}"
-
-
-def same_tokenizer(a, b) -> bool:
-    """True when token ids mean the same in both tokenizers, so one model's ids can go to the other."""
-    return a.get_vocab() == b.get_vocab() and (a.pad_token_id, a.eos_token_id) == (b.pad_token_id, b.eos_token_id)
 
 
 def per_prompt(values, samples_per_prompt: int) -> np.ndarray:
@@ -334,20 +303,21 @@ def compare_models(
         raise CompareError("baseline", f"{baseline!r} is not one of the models ({', '.join(models)})")
     options = model_options or ModelOptions()
     if reward_model is not None:
-        check_reward_model(reward_model)
         try:
+            model_layer.check_reward_model(reward_model)
             reward_tok = model_layer.load_tokenizer(reward_model, options)
         except RecipeError as exc:
-            raise CompareError("reward_model", str(exc)) from None
+            raise CompareError("reward_model", str(exc).removeprefix("reward_model: ")) from None
     toks = {}
     for label, path in models.items():
-        try:
+        try:  # config first: a reward model given as a policy would load with a random LM head
+            model_layer.check_model_kind(path, "causal-lm", key=label, options=options)
             toks[label] = model_layer.load_tokenizer(path, options)
         except RecipeError as exc:
             raise CompareError("models", _about(label, exc)) from None
 
     gen = generation
-    kl_able = {label: gen.temperature > 0 and same_tokenizer(toks[label], toks[baseline]) for label in models}
+    kl_able = {label: gen.temperature > 0 and model_layer.same_tokenizer(toks[label], toks[baseline]) for label in models}
     notes = []
     if gen.temperature == 0:
         notes.append("KL not estimated: greedy decoding is a deterministic policy (use temperature > 0)")

@@ -10,10 +10,11 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
-from alignment import cli, compare
+from alignment import cli, compare, report
 from alignment.compare import CompareError, Generation, win_rate
 from alignment.config import GenerationOptions, PromptOptions
 from alignment.demo import world
+from alignment.report_html import render_html
 from alignment.stages.init import train_tokenizer
 
 from .test_compare import forced_lm, one_thread, tiny_config  # noqa: F401  (one_thread: autouse fixture)
@@ -192,9 +193,16 @@ def test_no_gold_for_prompts_outside_the_demo_world(dirs, tmp_path):
     (tmp_path / "p.txt").write_text("Tell me a story\nWhat is 2+2?\n")
     prompts, source = compare.load_prompts(PromptOptions(source=str(tmp_path / "p.txt")))
     assert prompts == ["Tell me a story", "What is 2+2?"] and source.endswith("p.txt")
-    result = compare.compare_models({"a": dirs["a"], "b": dirs["b"]}, prompts, SAMPLED, baseline="a", progress=False)
+    result = compare.compare_models({"a": dirs["a"], "b": dirs["b"]}, prompts, SAMPLED, baseline="a",
+                                    prompt_source=source, progress=False)
     assert result.summary["score_kinds"] == [] and result.summary["win_rates"] == []
     assert result.summary["models"]["b"]["kl_mean"] > 0
+    table = report.text_table(result.summary)
+    assert table.splitlines()[0].split() == ["model", "EOS", "tokens", "KL", "to", "a", "[95%", "CI]"]
+    assert "note: no gold scores" in table
+    assert report.title(result.summary).startswith("Scores on 2 prompts from ")
+    assert "Tell me a story" in report.markdown(result.summary, result.samples)
+    assert "Tell me a story" in render_html(result.summary, result.samples)
 
 
 # ---------------------------------------------------------------- prompts
@@ -235,7 +243,8 @@ def run_cli(args, capsys):
 
 @pytest.mark.parametrize("args, expected", [
     (["{a}"], "MODEL: need at least two models to compare, got 1"),
-    (["{a}", "{tmp}/nope"], "MODEL: cannot load tokenizer"),
+    (["{a}", "{tmp}/nope"], "MODEL: cannot load"),
+    (["{a}", "{rm2}"], "MODEL: rm2: "),
     (["{a}", "{b}", "--reward-model", "{a}"], "--reward-model: "),
     (["{a}", "{b}", "--reward-model", "{rm2}"], "--reward-model: "),
     (["{a}", "{b}", "--baseline", "c"], "--baseline: 'c' is not a model label"),
@@ -254,6 +263,8 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(dirs, tmp_path, capsys
     assert len(lines) == 1 and lines[0].startswith("error: " + expected.split(":")[0]) and expected in lines[0], lines
     if "reward" in expected:
         assert "not a one-label sequence classifier" in lines[0]
+    if "rm2" in expected:
+        assert "is a sequence classifier (a reward model)" in lines[0] and "expected a causal language model" in lines[0]
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["empty.txt"]  # no temporary directory left either
 
