@@ -262,7 +262,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(dirs, tmp_path, capsys
     assert code == 2
     assert len(lines) == 1 and lines[0].startswith("error: " + expected.split(":")[0]) and expected in lines[0], lines
     if "reward" in expected:
-        assert "not a one-label sequence classifier" in lines[0]
+        assert "expected a one-label sequence classifier" in lines[0]
     if "rm2" in expected:
         assert "is a sequence classifier (a reward model)" in lines[0] and "expected a causal language model" in lines[0]
     assert not (tmp_path / "out").exists()

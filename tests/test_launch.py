@@ -113,9 +113,10 @@ def test_thread_count_tells_accelerates_default_from_the_users(monkeypatch):
     clean = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
 
     def decided(extra_env: dict, extra_args: list[str] = ()) -> int | None:
-        stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *extra_args],
-                                    env={**clean, **extra_env})
+        stand_in = subprocess.Popen([sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)",
+                                     *extra_args], env={**clean, **extra_env}, stdout=subprocess.PIPE, text=True)
         try:
+            stand_in.stdout.readline()  # exec'd: /proc shows its own environment now, not the forked parent's
             return launcher_thread_default(stand_in.pid)
         finally:
             stand_in.kill()

@@ -287,7 +287,7 @@ def test_reward_model_must_be_a_one_label_classifier(in_tmp, tiny_base, capsys):
 
     code = main(["run", str(RECIPES / "ppo.yaml"), f"model={tiny_base}", f"reward_model={tiny_base}", *MICRO_PPO, "output_dir=out/ppo"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err[-1].startswith("error: reward_model: ") and "expected a sequence classifier" in err[-1]
+    assert code == 2 and err[-1].startswith("error: reward_model: ") and "expected a one-label sequence classifier" in err[-1]
     assert not (in_tmp / "out" / "ppo").exists() and not (in_tmp / "out" / "ppo.partial").exists()
 
 
