@@ -230,7 +230,7 @@ def load_prompts(options: PromptOptions) -> tuple[list[str], str]:
         check = text_problem(options.field)
         prompts = []
         for row, origin in zip(found.rows, found.origins):
-            problem = check(row) if isinstance(row, dict) else "row is not a JSON object"
+            problem = check(row) if isinstance(row, dict) else getattr(row, "reason", "row is not a JSON object")
             if problem:
                 raise CompareError("prompts", f"{origin}: {problem} (expected a string column '{options.field}')")
             prompts.append(row[options.field])
