@@ -224,7 +224,7 @@ def test_prompt_files(tmp_path):
     ("gap.txt", "one\n\nthree\n", "gap.txt:2: empty line"),
     ("bad.jsonl", '{"prompt": "ok"}\n{"prompt": \n', "bad.jsonl:2: not valid JSON"),
     ("field.jsonl", '{"prompt": "ok"}\n{"question": "x"}\n', "field.jsonl:2: missing 'prompt'"),
-    ("empty.jsonl", "", "empty file"),
+    ("empty.jsonl", "", "empty.jsonl: empty file"),
 ])
 def test_bad_prompt_files_name_the_line(tmp_path, name, text, expected):
     (tmp_path / name).write_text(text)
