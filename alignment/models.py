@@ -224,7 +224,7 @@ def check_local_inputs(stage: str, inputs: dict[str, str]) -> None:
     tokenizer. Without this a chain would stop only at the stage that reads the bad input,
     after training the ones before it. Hub ids are left to the loaders."""
     for key, path in inputs.items():
-        if not Path(path).is_dir():
+        if not isinstance(path, str) or not Path(path).is_dir():
             continue
         if key == "model":
             _check_tokenizer_files(Path(path))

@@ -201,8 +201,8 @@ def require_rows(before: int, dataset, what: str, max_length: int) -> None:
     """Stop before training when the trainer's length filter left none of `before` rows."""
     if before and dataset is not None and len(dataset) == 0:
         raise RecipeError(
-            f"training.max_length: {max_length} tokens is too short for every one of the {before} {what} "
-            "(the trainer drops those that do not fit); raise training.max_length"
+            f"training.max_length: {max_length}: all {before} {what} were dropped (the trainer drops those that "
+            "do not fit in max_length tokens); raise training.max_length"
         )
 
 
