@@ -9,7 +9,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 RUN := PATH="$(CURDIR)/$(VENV)/bin:$$PATH"
 
-.PHONY: demo test venv
+.PHONY: demo test venv chromium
 
 venv: $(STAMP)
 
@@ -21,5 +21,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(RUN) accelerate launch recipes/dpo.yaml
 
-test: $(STAMP)
+# The report.html test renders the page in headless Chromium (Debian's package).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { echo "installing Debian's chromium for the report.html test"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+test: $(STAMP) chromium
 	$(RUN) TOKENIZERS_PARALLELISM=false python -m pytest -q

@@ -98,7 +98,7 @@ def test_dpo_reads_conversational_pairs_and_every_pair_too_long_is_one_line(in_t
     assert summary_of(node)["train_pairs"] == 40 and summary_of(node)["steps"] == 2
     from alignment.config import RecipeError
 
-    with pytest.raises(RecipeError, match=r"training.max_length: 4 tokens is too short for every one of the 40 training pairs"):
+    with pytest.raises(RecipeError, match=r"training.max_length: 4: all 40 training pairs were dropped"):
         run(RECIPES / "dpo.yaml", [*base, "training.max_length=4", "output_dir=out/short"])
     assert not (in_tmp / "out" / "short").exists()
 

@@ -145,7 +145,7 @@ def test_dpo_reference_stays_the_starting_policy_while_the_policy_moves(in_tmp, 
     for side in ("chosen", "rejected"):
         policy = [r[f"logps/{side}"] for r in records]
         ref = [r[f"logps/{side}"] - r[f"rewards/{side}"] / beta for r in records]
-        assert max(abs(p - policy[0]) for p in policy) > 0.01, policy  # the policy moved (5x the tolerance below)
+        assert max(abs(p - policy[0]) for p in policy) > 0.05, policy  # the policy moved (25x the tolerance below)
         assert ref == pytest.approx([policy[0]] * 4, abs=2e-3), ref  # the reference did not
     summary = summary_of(node)
     assert summary["reference"].startswith(reference) and summary["steps"] == 4
