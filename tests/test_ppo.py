@@ -260,7 +260,7 @@ def test_two_processes_update_like_one(tmp_path, tiny_base, reward_dir, monkeypa
     assert done.returncode == 0, done.stderr[-3000:]
     monkeypatch.setattr(sys, "argv", [str(script), *args, f"output_dir={outs[1]}"])
     exec(compile(TWO_PROCESS_SCRIPT, str(script), "exec"), {})  # one process: this one
-    one, two = torch.load(outs[1]), torch.load(outs[2])
+    one, two = torch.load(outs[1], weights_only=True), torch.load(outs[2], weights_only=True)
     start = load_file(Path(tiny_base) / "model.safetensors")
     moved = max((one[k] - start[k]).abs().max().item() for k in start if k in one)
     assert moved > 1e-4  # the update did something
