@@ -59,7 +59,15 @@ from .config import (
     resolved_dict,
 )
 from .models import check_local_inputs
-from .stages.common import append_metrics, last_checkpoint, resolved_precision, use_cpu, write_card, write_resolved
+from .stages.common import (
+    append_metrics,
+    last_checkpoint,
+    replace_dir,
+    resolved_precision,
+    use_cpu,
+    write_card,
+    write_resolved,
+)
 
 # Keys that change where or how a run reports, not what it computes; and mixed_precision,
 # whose resolved value (auto -> bf16 or no) is hashed instead.
@@ -343,12 +351,7 @@ def swap_into_place(work: Path, out: Path) -> None:
     if out.exists():
         if not is_ours(out) and any(out.iterdir()):
             raise RecipeError(f"'{out}' received files the toolkit did not write during the run; the finished output is left in '{work}'")
-        aside = out.with_name(f"{out.name}.old-{os.getpid()}")
-        out.rename(aside)
-        work.rename(out)
-        shutil.rmtree(aside)
-    else:
-        work.rename(out)
+    replace_dir(work, out)
 
 
 def complete_interrupted_swap(node: Node) -> None:

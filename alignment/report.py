@@ -21,6 +21,7 @@ from .compare import CompareError, Comparison, compare_models
 from .config import GenerationOptions, RecipeError, ReportOptions
 from .models import check_model_kind
 from .demo import world
+from .stages.common import replace_dir
 
 MARKER = "alignment compare"  # summary.json's "generator": an output directory this toolkit wrote
 
@@ -178,13 +179,7 @@ def write_report_dir(comparison: Comparison, out_dir: Path, heading: str = "Comp
     tmp.mkdir()
     try:
         write_outputs(comparison, tmp, heading=heading)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
+        replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

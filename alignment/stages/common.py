@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -85,6 +86,19 @@ class MetricsFile(TrainerCallback):
 def append_metrics(path: Path, record: dict) -> None:
     with open(path, "a") as fh:
         fh.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+
+
+def replace_dir(new: Path, out: Path) -> None:
+    """Move the finished directory `new` to `out`, replacing what is there by two renames (old
+    aside as `<out>.old-<pid>`, new in), then remove the old: a crash at any moment leaves at
+    least one of them whole. Callers check first that an existing `out` is theirs to replace."""
+    if out.exists():
+        aside = out.with_name(f"{out.name}.old-{os.getpid()}")
+        out.rename(aside)
+        new.rename(out)
+        shutil.rmtree(aside)
+    else:
+        new.rename(out)
 
 
 def last_checkpoint(work_dir: Path) -> str | None:
