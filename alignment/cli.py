@@ -117,6 +117,17 @@ def _tell_torchrun(message: str) -> None:
             pass
 
 
+def _end_process_group() -> None:
+    """Close the gloo/nccl group before exit: a process that leaves with the group open can
+    abort in the group's C++ threads ("terminate called without an active exception") and turn
+    a finished multi-process run into a failed one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0].endswith((".yaml", ".yml")):
@@ -128,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             from .pipeline import run
 
             run(args.recipe, args.overrides, dry_run=args.dry_run)
+            _end_process_group()
         elif args.command == "compare":
             from .stages import compare
 

@@ -245,6 +245,9 @@ r = r.rows(slice(accelerator.process_index * n, (accelerator.process_index + 1) 
 ppo.learn(m, accelerator, optimizer, scheduler, r, 0.05, recipe, 0)
 if accelerator.is_main_process:
     torch.save(accelerator.unwrap_model(m.policy).state_dict(), sys.argv[-1].split("=", 1)[1])
+if torch.distributed.is_initialized():  # leaving with the group open can abort the process at exit
+    accelerator.wait_for_everyone()
+    torch.distributed.destroy_process_group()
 """
 
 
