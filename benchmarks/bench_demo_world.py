@@ -10,9 +10,10 @@ greedy and at temperature 1, and prints the share of replies earning each part o
 score (polite / content / concise), the mean gold score, and content per task.
 
 `curves`: greedy content accuracy against SFT steps, started from `init` and from the
-pretrained checkpoint, with the default SFT recipe (constant learning rate after warm-up, so
-the checkpoint after N steps is what an N-step run gives). The sft stage is called directly
-so that its intermediate checkpoints survive.
+pretrained checkpoint, with the default SFT recipe, once per seed: the checkpoints of one
+default-length SFT run (with a decaying learning rate the checkpoint after N steps is not
+exactly what an N-step run gives). The sft stage is called directly so that its
+intermediate checkpoints survive.
 
 These are the figures in docs/demo_world.md. Numbers vary a little with the machine.
 """
@@ -39,6 +40,7 @@ from alignment.config import load_recipe, parse_override  # noqa: E402
 from alignment.demo import world  # noqa: E402
 from alignment.pipeline import run  # noqa: E402
 from alignment.stages import sft as sft_stage  # noqa: E402
+from transformers import set_seed  # noqa: E402
 
 PARTS = ("polite", "content", "concise")
 
@@ -95,38 +97,43 @@ def table(seeds: list[int], num_prompts: int) -> None:
         print("| " + " | ".join(cells) + " |")
 
 
-def curves(num_prompts: int, every: int) -> None:
+def curves(seeds: list[int], num_prompts: int, every: int) -> None:
     prompts = world.eval_prompts(num_prompts, 0)
-    work = Path(tempfile.mkdtemp(prefix="demo_curves_"))
-    shutil.copytree(REPO / "recipes", work / "recipes")
-    cwd = os.getcwd()
-    os.chdir(work)
-    try:
-        run("recipes/pretrain.yaml")
-        recipe = load_recipe("recipes/sft.yaml", [(p, v, raw) for raw in [f"training.save_steps={every}"]
-                                                  for _, p, v in [parse_override(raw)]])
-        results = {}
-        for start in ("init", "pretrain"):
-            out = work / f"sft_from_{start}"
-            out.mkdir()
-            sft_stage.run(recipe, {"model": f"runs/{start}"}, out)
-            checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-            results[start] = {}
-            for c in checkpoints:
-                results[start][int(c.name.split("-")[1])] = measure(str(c), prompts, 0.0)
-                print("point", start, c.name, results[start][int(c.name.split("-")[1])], flush=True)
-        steps = sorted(results["init"])
-        tasks = [k for k in results["init"][steps[0]] if k.startswith("content/")]
-        print(f"\nGreedy content accuracy on {num_prompts} held-out prompts after N SFT steps (default sft recipe):")
+    results = {}  # (seed, start) -> {step: measure}
+    for seed in seeds:
+        work = Path(tempfile.mkdtemp(prefix=f"demo_curves_{seed}_"))
+        shutil.copytree(REPO / "recipes", work / "recipes")
+        cwd = os.getcwd()
+        os.chdir(work)
+        try:
+            seeded = [f"*:seed={seed}", f"*:data.seed={seed}"]
+            run("recipes/pretrain.yaml", seeded)
+            raws = [o.split(":", 1)[1] for o in seeded] + [f"training.save_steps={every}"]
+            recipe = load_recipe("recipes/sft.yaml", [(p, v, raw) for raw in raws for _, p, v in [parse_override(raw)]])
+            for start in ("init", "pretrain"):
+                out = work / f"sft_from_{start}"
+                out.mkdir()
+                set_seed(seed)  # as the pipeline does before each stage
+                sft_stage.run(recipe, {"model": f"runs/{start}"}, out)
+                checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+                results[seed, start] = {}
+                for c in checkpoints:
+                    results[seed, start][int(c.name.split("-")[1])] = measure(str(c), prompts, 0.0)
+                    print("point", seed, start, c.name, results[seed, start][int(c.name.split("-")[1])], flush=True)
+        finally:
+            os.chdir(cwd)
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"\nGreedy content accuracy on {num_prompts} held-out prompts after N steps of the default SFT run:")
+    for seed in seeds:
+        a_run, b_run = results[seed, "init"], results[seed, "pretrain"]
+        tasks = [k for k in a_run[min(a_run)] if k.startswith("content/")]
+        print(f"\nseed {seed}")
         print("| SFT steps | from init | from pretrain | " + " | ".join(f"{t.split('/')[1]} (init / pretrain)" for t in tasks) + " |")
         print("|" + "---|" * (3 + len(tasks)))
-        for s in steps:
-            a, b = results["init"][s], results["pretrain"][s]
+        for s in sorted(a_run):
+            a, b = a_run[s], b_run[s]
             cells = [str(s), f"{a['content']:.0%}", f"{b['content']:.0%}"] + [f"{a[t]:.0%} / {b[t]:.0%}" for t in tasks]
             print("| " + " | ".join(cells) + " |")
-    finally:
-        os.chdir(cwd)
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def main() -> None:
@@ -139,7 +146,7 @@ def main() -> None:
     if args.part in ("table", "both"):
         table(args.seeds, args.num_prompts)
     if args.part in ("curves", "both"):
-        curves(args.num_prompts, args.every)
+        curves(args.seeds, args.num_prompts, args.every)
 
 
 if __name__ == "__main__":

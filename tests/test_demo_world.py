@@ -69,7 +69,7 @@ def test_parse_prompt_round_trip_every_kind():
     "", "hello", "repeat:", "repeat: ", "repeat: cat", "repeat:cat dog", "Repeat: cat dog",
     "sort: cat dog", "repeat: cat cat", "repeat: cat  dog", "repeat: cat dog ",
     " repeat: cat dog", "repeat: cat zebra", "first: cat dog", "reverse: a b c d",
-    "repeat: cat dog sun pig owl",
+    "repeat: cat dog sun pig owl", "repeat: cat dog sun pig", "last: cat dog sun pig owl",
 ])
 def test_parse_prompt_rejects_junk(junk):
     with pytest.raises(ValueError):
