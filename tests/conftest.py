@@ -39,3 +39,16 @@ def tiny_base(tmp_path_factory) -> Path:
 def in_tmp(tmp_path, monkeypatch) -> Path:
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def tensorboard_scalars(directory: Path) -> dict[str, list[float]]:
+    """Every scalar in the TensorBoard event files under `directory`, by tag, in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    found: dict[str, list[tuple[int, float]]] = {}
+    for events in sorted(Path(directory).rglob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            found.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
+    return {tag: [v for _, v in sorted(points)] for tag, points in found.items()}

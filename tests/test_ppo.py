@@ -22,7 +22,7 @@ from alignment.models import load_classifier, load_tokenizer
 from alignment.pipeline import run
 from alignment.stages import ppo
 
-from .conftest import RECIPES
+from .conftest import RECIPES, tensorboard_scalars
 
 REPO = Path(__file__).resolve().parents[1]
 MICRO_PPO = ["ppo.total_episodes=32", "ppo.batch_size=8", "ppo.response_length=6", "data.num_examples=64",
@@ -180,7 +180,8 @@ def test_short_run_raises_the_reward(in_tmp, tiny_base, reward_dir):
     [node] = run(RECIPES / "ppo.yaml", [f"model={tiny_base}", f"reward_model={reward_dir}", *MICRO_PPO,
                                         "ppo.total_episodes=256", "ppo.batch_size=16", "ppo.response_length=2",
                                         "ppo.ppo_epochs=4", "ppo.missing_eos_penalty=null",
-                                        "training.learning_rate=1e-2", "output_dir=out/ppo"])
+                                        "training.learning_rate=1e-2", "training.report_to=[tensorboard]",
+                                        "output_dir=out/ppo"])
     rows = [json.loads(line) for line in (node.out_dir / "metrics.jsonl").read_text().splitlines()]
     scores = [r["objective/scores"] for r in rows if "objective/scores" in r]
     assert len(scores) == 16 and sum(scores[-4:]) / 4 > sum(scores[:4]) / 4 + 1.0, scores
@@ -189,6 +190,9 @@ def test_short_run_raises_the_reward(in_tmp, tiny_base, reward_dir):
         assert key in rows[-2], key
     summary = json.loads((node.out_dir / "run_info.json").read_text())["summary"]
     assert summary["score_gain"] == pytest.approx(scores[-1] - scores[0])
+    tracked = tensorboard_scalars(node.out_dir / "logs")  # the tracker the recipe names: every metric, every iteration
+    for key in ("objective/scores", "objective/kl", "policy/approxkl", "beta"):
+        assert tracked[key] == pytest.approx([r[key] for r in rows if key in r], rel=1e-5), key
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(node.out_dir) is not None  # transformers alone
@@ -277,6 +281,7 @@ def test_two_processes_update_like_one(tmp_path, tiny_base, reward_dir, monkeypa
         ("ppo.response_length=0", "ppo.response_length: "),
         ("ppo.num_minibatches=3", "ppo: batch_size 8 is not divisible by num_minibatches 3"),
         ("data.max_prompt_length=2", "no usable prompts"),
+        ("training.report_to=[tensorbord]", "unknown tracker 'tensorbord'; did you mean 'tensorboard'"),
     ],
 )
 def test_bad_settings_are_one_line_errors_and_leave_nothing(in_tmp, tiny_base, reward_dir, override, message):
