@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from alignment import losses
 from alignment.config import RecipeError, load_recipe
-from alignment.models import load_classifier, load_tokenizer
+from alignment.models import load_classifier, load_tokenizer, save_model
 from alignment.pipeline import run
 from alignment.stages import ppo
 
@@ -173,6 +173,40 @@ def test_first_minibatch_ratio_is_one_and_only_policy_and_critic_learn(tiny_base
             assert p.grad is None and not p.requires_grad and torch.equal(p, frozen[n])
     assert any(not torch.equal(p, policy_before[n]) for n, p in m.policy.named_parameters())
     assert not m.policy.training and not m.critic.training  # dropout off throughout
+
+
+def test_lora_policy_is_its_own_reference_and_only_adapters_learn(tiny_base, reward_dir, tmp_path):
+    """With `lora`, the reference is the policy with its adapters disabled (no second copy): its
+    log-probs stay those of the starting model while the policy moves; only the adapters (and the
+    critic's value head) train; the saved model is merged and loads in transformers alone."""
+    from transformers import AutoModelForCausalLM
+
+    from alignment.models import load_causal_lm
+
+    recipe = recipe_for(tiny_base, reward_dir, "lora={}", "training.learning_rate=1e-2")
+    m = ppo.build_models(recipe, {"model": str(tiny_base), "reward_model": str(reward_dir)}, print)
+    assert m.reference is None
+    start = load_causal_lm(str(tiny_base), m.tok).eval()
+    accelerator = Accelerator(cpu=True)
+    optimizer, scheduler = ppo.prepare_training(m, accelerator, recipe)
+    prompts, rendered, _ = ppo.load_prompts(recipe, m.tok)
+    before = {name: {n: p.clone() for n, p in model.named_parameters()} for name, model in (("policy", m.policy), ("critic", m.critic))}
+    for iteration in range(2):
+        torch.manual_seed(iteration)
+        r = ppo.rollout(m, accelerator, rendered[:8], prompts[:8], recipe, {"generation": 0.0, "scoring": 0.0})
+        with torch.no_grad():
+            assert torch.allclose(r.ref_logp, ppo.reply_logprobs(start, r, recipe.ppo.temperature), atol=1e-5)
+        ppo.learn(m, accelerator, optimizer, scheduler, r, 0.05, recipe, iteration)
+    assert not torch.allclose(r.logp, r.ref_logp, atol=1e-3)  # the policy moved, its reference did not
+    for name, model in (("policy", m.policy), ("critic", m.critic)):
+        changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[name][n])}
+        assert changed and all("lora_" in n or (name == "critic" and ".score." in n) for n in changed), (name, changed)
+        assert any("lora_" in n for n in changed)
+
+    save_model(accelerator.unwrap_model(m.policy), m.tok, tmp_path, recipe.lora)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # transformers alone, no peft
+    with torch.no_grad():
+        assert torch.allclose(ppo.reply_logprobs(merged, r, recipe.ppo.temperature), ppo.reply_logprobs(m.policy, r, recipe.ppo.temperature), atol=1e-4)
 
 
 def test_short_run_raises_the_reward(in_tmp, tiny_base, reward_dir):
