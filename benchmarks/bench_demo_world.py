@@ -34,13 +34,14 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from transformers import set_seed  # noqa: E402
+
 from alignment import models as model_layer  # noqa: E402
 from alignment.compare import generate  # noqa: E402
 from alignment.config import load_recipe, parse_override  # noqa: E402
 from alignment.demo import world  # noqa: E402
 from alignment.pipeline import run  # noqa: E402
 from alignment.stages import sft as sft_stage  # noqa: E402
-from transformers import set_seed  # noqa: E402
 
 PARTS = ("polite", "content", "concise")
 

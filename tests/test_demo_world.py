@@ -172,17 +172,6 @@ def test_corpus_defect_rates(rates):
 
 # --------------------------------------------------------------------------- micro chain
 
-# The default chain's model and recipes with far fewer steps: the smallest setting we found
-# where SFT reliably teaches the task (a 128-wide model needs several times more steps).
-MICRO_CHAIN = [
-    "init:init.tokenizer_examples=2000",
-    "pretrain:data.num_examples=800",
-    "pretrain:training.max_steps=20",
-    "sft:data.num_examples={sft_examples}",
-    "sft:training.max_steps={sft_steps}",
-    "*:training.logging_steps=10",
-]
-
 
 def _content_rate(path, prompts):
     from alignment import models as model_layer
@@ -194,20 +183,16 @@ def _content_rate(path, prompts):
     return sum(score_parts(g.prompt, g.text, g.finished)["content"] > 0 for g in gens) / len(gens)
 
 
-def test_micro_chain_sft_learns_content_the_base_model_lacks(in_tmp):
-    """init -> pretrain -> sft at micro scale, on the default recipes: after a short SFT, the
-    model copies/chooses the right words on held-out prompts far more often than the pretrained
-    base (which sits near chance: it has not learnt to pick words from the prompt). What it measures: that
-    the demo world's content is learnable by SFT in this chain at all (demonstrations right,
-    loss on the answer, held-out prompts of the same family), not the default's final figure."""
-    from alignment.pipeline import run
-
-    from .conftest import RECIPES
-
-    settings = {"sft_examples": 6400, "sft_steps": 200}
-    run(RECIPES / "sft.yaml", [o.format(**settings) for o in MICRO_CHAIN])
+def test_micro_chain_sft_learns_content_the_base_model_lacks(micro_demo_chain):
+    """init -> pretrain -> sft at micro scale (conftest's MICRO_DEMO_CHAIN: the default recipes
+    with far fewer steps): after a short SFT, the model copies/chooses the right words on
+    held-out prompts far more often than the pretrained base (which sits near chance: it has
+    not learnt to pick words from the prompt). What it measures: that the demo world's content
+    is learnable by SFT in this chain at all (demonstrations right, loss on the answer,
+    held-out prompts of the same family), not the default's final figure."""
+    runs = micro_demo_chain / "runs"
     # The single-word tasks (first, last): the skills SFT teaches first (docs/demo_world.md).
     prompts = [p for p in eval_prompts(300, 0) if parse_prompt(p).kind in ("first", "last")][:100]
-    base, sft = _content_rate("runs/pretrain", prompts), _content_rate("runs/sft", prompts)
+    base, sft = _content_rate(runs / "pretrain", prompts), _content_rate(runs / "sft", prompts)
     assert base < 0.15, base
     assert sft > base + 0.15, (base, sft)
