@@ -108,10 +108,13 @@ def exact_key(row: dict) -> bytes:
     return _dumps(row["messages"] if "messages" in row else row["text"])
 
 
+_BETWEEN = [{"role": "\x03", "content": ""}]  # between chosen and rejected in normalised_key
+
+
 def normalised_key(row: dict, prompt: str) -> str:
     """`prompt` (its prompt_key) plus the rest of the row, normalised."""
     if "prompt" in row:
-        return prompt + " \x02 " + messages_key(row["chosen"] + [{"role": "\x03", "content": ""}] + row["rejected"])
+        return prompt + " \x02 " + messages_key(row["chosen"] + _BETWEEN + row["rejected"])
     return messages_key(row["messages"]) if "messages" in row else prompt
 
 
