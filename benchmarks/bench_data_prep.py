@@ -6,8 +6,8 @@ Times read -> normalise (split each Human/Assistant transcript into prompt messa
 final reply) -> clean (empty text, chosen == rejected, exact and normalised dedup, split by
 prompt hash) -> write (JSONL + Parquet + summary.json), four ways in one process:
 
-* data_prep, token-length filter off
-* data_prep, token-length filter off, rows parsed by 2 worker processes (--num-proc 2)
+* data_prep, token-length filter off (by default rows are parsed by 2 worker processes)
+* data_prep, token-length filter off, in one process (--num-proc 1)
 * data_prep, token-length filter on (a BPE tokenizer trained here, max_length 256)
 * peer: the same conversion written plainly with `datasets` (load_dataset("json"), map, filter,
   to_json, to_parquet), without dedup, hash split or accounting, so it does less work.
@@ -56,7 +56,7 @@ def train_tokenizer(path: Path):
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
 
 
-def run_data_prep(src: Path, out: Path, tokenizer=None, num_proc: int = 1) -> dict:
+def run_data_prep(src: Path, out: Path, tokenizer=None, num_proc: int | None = None) -> dict:
     from alignment.config import PrepOptions, PrepSource
     from data_prep.prepare import prepare
     from data_prep.write import write_atomic
@@ -112,14 +112,14 @@ def main() -> None:
         import data_prep.prepare  # noqa: F401
 
         t_off, s_off = timed(run_data_prep, src, work / "off")
-        t_procs, s_procs = timed(run_data_prep, src, work / "procs", None, 2)
-        same = all(f.read_bytes() == (work / "procs" / f.name).read_bytes() for f in (work / "off").iterdir())
+        t_one, _ = timed(run_data_prep, src, work / "one", None, 1)
+        same = all(f.read_bytes() == (work / "one" / f.name).read_bytes() for f in (work / "off").iterdir())
         t_on, s_on = timed(run_data_prep, src, work / "on", tok)
         t_peer, peer_rows = timed(run_datasets_peer, src, work / "peer", work / "cache")
         n = args.rows
         print(f"{n} transcript pairs ({src.stat().st_size / 1e6:.1f} MB JSONL) -> canonical JSONL + Parquet")
         print(f"  data_prep, length filter off: {t_off:6.2f} s  {n / t_off:9,.0f} rows/s  kept {s_off['kept']}, dropped {s_off['dropped']}")
-        print(f"  data_prep, filter off, --num-proc 2: {t_procs:6.2f} s  {n / t_procs:9,.0f} rows/s  output {'identical' if same else 'DIFFERENT'}")
+        print(f"  data_prep, filter off, --num-proc 1: {t_one:6.2f} s  {n / t_one:9,.0f} rows/s  output {'identical' if same else 'DIFFERENT'}")
         print(f"  data_prep, length filter on:  {t_on:6.2f} s  {n / t_on:9,.0f} rows/s  kept {s_on['kept']}")
         print(f"  peer: plain datasets map/filter/write: {t_peer:6.2f} s  {n / t_peer:9,.0f} rows/s  kept {peer_rows} (no dedup/split/accounting)")
         print(f"ratio data_prep (filter off) / datasets peer: {t_peer / t_off:.2f}x")

@@ -89,9 +89,11 @@ def _add_cleaning(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--tokenizer", help="tokenizer (directory or hub id) for the token limits")
     p.add_argument("--strict", action="store_true", help=d["strict"].description)
     p.add_argument("--seed", type=int, default=0, help=help_of("seed"))
-    p.add_argument("--num-proc", type=_count, default=1,
-                   help="processes that parse the rows (default 1; the output is the same for any number. On 2 cores "
-                   "more is no faster: sending parsed rows between processes costs about what parsing them does)")
+    from .prepare import AUTO_PROCS, PARALLEL_ROWS
+
+    p.add_argument("--num-proc", type=_count,
+                   help=f"processes that parse the rows; the output is the same for any number (default: {AUTO_PROCS} "
+                   f"workers for a source of {PARALLEL_ROWS} rows or more when there are as many CPUs, else 1: this process)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

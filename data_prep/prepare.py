@@ -44,6 +44,8 @@ except ImportError:  # pragma: no cover - depends on the environment
 DEMO_ROWS = 4000
 DETECT_ROWS = 100  # shape detection looks at the columns of the first rows
 CHUNK_ROWS = 2_000  # rows sent to a worker process at a time (num_proc > 1)
+PARALLEL_ROWS = 20_000  # num_proc None: a source this long is parsed by worker processes
+AUTO_PROCS = 2  # num_proc None: at most this many workers (the main process is then the bottleneck)
 
 
 @dataclass
@@ -243,20 +245,20 @@ def prepare(
     tokenizer=None,
     progress: bool = True,
     given: dict | None = None,
-    num_proc: int = 1,
+    num_proc: int | None = None,
     chunk_rows: int = CHUNK_ROWS,
 ) -> Prepared:
     """Run the chain; `tokenizer` (a transformers tokenizer) is needed for the token limits.
     `given` maps a source name to rows already made, (origin, row or Bad) (on-policy pairs).
     With `num_proc` > 1, that many worker processes parse and check the rows, `chunk_rows` at a
     time; deduplication, accounting and the split stay here, in input order, so the output is the
-    same byte for byte. (On 2 cores this is no faster: sending the parsed rows back costs about
-    what parsing them does; see the README.)"""
+    same byte for byte. None: AUTO_PROCS workers (fewer on fewer CPUs) for a source of at least
+    PARALLEL_ROWS rows, this process alone for a shorter one (starting workers would cost more)."""
     with _gc_paused():
         return _prepare(options, tokenizer, progress, given, num_proc, chunk_rows)
 
 
-def _prepare(o: PrepOptions, tokenizer, progress: bool, given: dict | None, num_proc: int, chunk_rows: int) -> Prepared:
+def _prepare(o: PrepOptions, tokenizer, progress: bool, given: dict | None, num_proc: int | None, chunk_rows: int) -> Prepared:
     if (o.max_prompt_tokens or o.max_length) and tokenizer is None:
         raise DataError("max_prompt_tokens / max_length count tokens: give a tokenizer (--tokenizer PATH)")
     run = _Run(o)
@@ -283,7 +285,11 @@ def _prepare(o: PrepOptions, tokenizer, progress: bool, given: dict | None, num_
             shape = detect_shape(columns, source.columns, KIND_SHAPES[o.kind], where)
         elif shape not in KIND_SHAPES[o.kind]:
             raise DataError(f"{where}: shape '{shape}' does not make {o.kind} (expected {', '.join(KIND_SHAPES[o.kind])})")
-        with _normaliser(num_proc, chunk_rows, shape, source.columns, name, o) as normalise:
+        procs = num_proc
+        if procs is None:  # enough rows to pay for starting processes?
+            head.extend(islice(rows, max(0, PARALLEL_ROWS - len(head))))
+            procs = min(AUTO_PROCS, usable_cpus()) if len(head) >= PARALLEL_ROWS else 1
+        with _normaliser(procs, chunk_rows, shape, source.columns, name, o) as normalise:
             results = normalise(chain(head, rows))
             with tqdm(results, desc=f"read {name}", unit=" rows", disable=not progress, mininterval=0.5) as bar:
                 _keep_or_drop(run, name, bar, seen_exact, seen_norm)
@@ -302,6 +308,10 @@ def _prepare(o: PrepOptions, tokenizer, progress: bool, given: dict | None, num_
     if not o.test_fraction:
         del splits["test"]
     return Prepared(o.kind, splits, _summary(o, run, names, splits))
+
+
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @contextmanager

@@ -327,6 +327,8 @@ def test_worker_processes_give_the_same_bytes_and_accounting_as_one_process(tmp_
     monkeypatch.setattr(prepare_module, "_worker_pool", lambda *a: pools.append(a) or worker_pool(*a))
     many = pairs_of(options, num_proc=2, chunk_rows=3)
     assert len(pools) == 2  # one pool of workers per source
+    monkeypatch.setattr(prepare_module, "PARALLEL_ROWS", 10)  # by default, workers only for long sources
+    assert pairs_of(options, chunk_rows=3).splits == one.splits and len(pools) == 3  # hh (29 rows) yes, ranked (9) no
     assert many.splits == one.splits and many.summary == one.summary
     assert one.summary["dropped"]["exact duplicate"] == 2 and one.summary["dropped"]["duplicate after normalisation"] == 1
     assert one.summary["extra"]["more pairs from one ranked list"] == 3 and len(one.splits["test"]) > 0
