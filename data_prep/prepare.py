@@ -9,6 +9,9 @@ Every row read is either kept (in train or test) or dropped under a named reason
 source and in total:  kept + sum(dropped) = rows read + sum(extra), where `extra` counts rows
 made beyond one per input row (several pairs from one ranked list, copies from a weight > 1).
 With `strict`, the first drop is an error naming the row's file and line.
+
+Parsing, the row checks and the keys need no other row, so for a long source worker processes
+do them (`num_proc`); deduplication and the accounting stay in this process, in input order.
 """
 
 from __future__ import annotations
@@ -398,18 +401,11 @@ def _normaliser(num_proc: int, chunk_rows: int, *work_args):
 
 
 def _worker_pool(num_proc: int, work_args: tuple):
-    """Worker processes, forked where the platform can (nothing is imported again). The tokenizers
-    library warns in a forked child when its threads ran before the fork; the workers never
-    tokenize, so they are forked with TOKENIZERS_PARALLELISM set, unless the user set it."""
+    """Worker processes, forked where the platform can (nothing is imported again). They never
+    tokenize, so a tokenizer's thread pool in this process is no concern (tokenizers 0.23 neither
+    warns nor disables its parallelism here after a fork; checked)."""
     fork = "fork" in multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork" if fork else None)
-    ours = "TOKENIZERS_PARALLELISM" not in os.environ
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        return context.Pool(num_proc, _start_worker, work_args)
-    finally:
-        if ours:
-            del os.environ["TOKENIZERS_PARALLELISM"]
+    return multiprocessing.get_context("fork" if fork else None).Pool(num_proc, _start_worker, work_args)
 
 
 def _keep_or_drop(run: _Run, name: str, results, seen_exact: dict, seen_norm: dict) -> None:
