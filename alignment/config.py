@@ -160,9 +160,30 @@ class TrainingOptions(Section):
     logging_steps: int = Field(10, gt=0, description="Log metrics every N steps.")
     save_steps: int = Field(0, ge=0, description="Checkpoint every N steps for resuming (0: never).")
     report_to: list[str] = Field(
-        default_factory=list, description="Trackers ('tensorboard', 'wandb', ...); metrics.jsonl is always written."
+        default_factory=list,
+        description="Trackers ('tensorboard', 'wandb', 'mlflow', ...; installed separately); metrics.jsonl is always "
+        "written. TensorBoard files go to <output>/logs/.",
     )
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value):
+        return "no" if value is False else value  # YAML reads a bare `no` as false
+
+    @field_validator("report_to")
+    @classmethod
+    def _installed_trackers(cls, names):
+        from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+        from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+
+        known = [n for n in LOGGER_TYPE_TO_CLASS if n in INTEGRATION_TO_CALLBACK]  # both trainers and ppo write to these
+        installed = get_available_reporting_integrations()
+        for name in names:
+            if name not in known:
+                raise ValueError(f"unknown tracker {name!r}; {did_you_mean(name, known)}")
+            if name not in installed:
+                raise ValueError(f"tracker {name!r} is not installed here (pip install {name})")
+        return names
 
     @field_validator("max_steps")
     @classmethod

@@ -407,6 +407,9 @@ def run_node(node: Node, state: PartialState) -> dict:
         write_resolved(work, node.recipe, node.inputs())
         if getattr(stage, "WRITES_MODEL", True):
             write_card(work, node.recipe, node.inputs().get("model"), summary)
+        tensorboard = work / "checkpoints" / "runs"  # transformers' TensorBoard logs (training.report_to)
+        if tensorboard.is_dir():
+            shutil.move(str(tensorboard), str(work / "logs"))
         shutil.rmtree(work / "checkpoints", ignore_errors=True)
         info = {**_read_info(work), "status": "finished", "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "summary": summary}
         (work / "run_info.json").write_text(json.dumps(info, indent=2))

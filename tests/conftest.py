@@ -35,7 +35,49 @@ def tiny_base(tmp_path_factory) -> Path:
     return work / "init"
 
 
+# The default demo chain (init -> pretrain -> sft, default model shape) with far fewer steps:
+# small enough for CI, large enough that SFT learns some of the task.
+MICRO_DEMO_CHAIN = [
+    "init:init.tokenizer_examples=2000",
+    "pretrain:data.num_examples=800",
+    "pretrain:training.max_steps=20",
+    "sft:data.num_examples=6400",
+    "sft:training.max_steps=200",
+    "*:training.logging_steps=10",
+]
+
+
+@pytest.fixture(scope="session")
+def micro_demo_chain(tmp_path_factory) -> Path:
+    """The directory whose runs/ holds the micro demo chain (init, pretrain, sft), built once per
+    session. A test that runs a longer recipe from it passes MICRO_DEMO_CHAIN too, so the three
+    stages are up to date and only the new ones run."""
+    from alignment.pipeline import run
+
+    work = tmp_path_factory.mktemp("demo_chain")
+    here = Path.cwd()
+    os.chdir(work)
+    try:
+        run(RECIPES / "sft.yaml", MICRO_DEMO_CHAIN)
+    finally:
+        os.chdir(here)
+    return work
+
+
 @pytest.fixture
 def in_tmp(tmp_path, monkeypatch) -> Path:
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def tensorboard_scalars(directory: Path) -> dict[str, list[float]]:
+    """Every scalar in the TensorBoard event files under `directory`, by tag, in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    found: dict[str, list[tuple[int, float]]] = {}
+    for events in sorted(Path(directory).rglob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            found.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
+    return {tag: [v for _, v in sorted(points)] for tag, points in found.items()}

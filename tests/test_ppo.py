@@ -18,11 +18,11 @@ from safetensors.torch import load_file
 
 from alignment import losses
 from alignment.config import RecipeError, load_recipe
-from alignment.models import load_classifier, load_tokenizer
+from alignment.models import load_classifier, load_tokenizer, save_model
 from alignment.pipeline import run
 from alignment.stages import ppo
 
-from .conftest import RECIPES
+from .conftest import MICRO_DEMO_CHAIN, RECIPES, tensorboard_scalars
 
 REPO = Path(__file__).resolve().parents[1]
 MICRO_PPO = ["ppo.total_episodes=32", "ppo.batch_size=8", "ppo.response_length=6", "data.num_examples=64",
@@ -175,12 +175,47 @@ def test_first_minibatch_ratio_is_one_and_only_policy_and_critic_learn(tiny_base
     assert not m.policy.training and not m.critic.training  # dropout off throughout
 
 
+def test_lora_policy_is_its_own_reference_and_only_adapters_learn(tiny_base, reward_dir, tmp_path):
+    """With `lora`, the reference is the policy with its adapters disabled (no second copy): its
+    log-probs stay those of the starting model while the policy moves; only the adapters (and the
+    critic's value head) train; the saved model is merged and loads in transformers alone."""
+    from transformers import AutoModelForCausalLM
+
+    from alignment.models import load_causal_lm
+
+    recipe = recipe_for(tiny_base, reward_dir, "lora={}", "training.learning_rate=1e-2")
+    m = ppo.build_models(recipe, {"model": str(tiny_base), "reward_model": str(reward_dir)}, print)
+    assert m.reference is None
+    start = load_causal_lm(str(tiny_base), m.tok).eval()
+    accelerator = Accelerator(cpu=True)
+    optimizer, scheduler = ppo.prepare_training(m, accelerator, recipe)
+    prompts, rendered, _ = ppo.load_prompts(recipe, m.tok)
+    before = {name: {n: p.clone() for n, p in model.named_parameters()} for name, model in (("policy", m.policy), ("critic", m.critic))}
+    for iteration in range(2):
+        torch.manual_seed(iteration)
+        r = ppo.rollout(m, accelerator, rendered[:8], prompts[:8], recipe, {"generation": 0.0, "scoring": 0.0})
+        with torch.no_grad():
+            assert torch.allclose(r.ref_logp, ppo.reply_logprobs(start, r, recipe.ppo.temperature), atol=1e-5)
+        ppo.learn(m, accelerator, optimizer, scheduler, r, 0.05, recipe, iteration)
+    assert not torch.allclose(r.logp, r.ref_logp, atol=1e-3)  # the policy moved, its reference did not
+    for name, model in (("policy", m.policy), ("critic", m.critic)):
+        changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[name][n])}
+        assert changed and all("lora_" in n or (name == "critic" and ".score." in n) for n in changed), (name, changed)
+        assert any("lora_" in n for n in changed)
+
+    save_model(accelerator.unwrap_model(m.policy), m.tok, tmp_path, recipe.lora)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # transformers alone, no peft
+    with torch.no_grad():
+        assert torch.allclose(ppo.reply_logprobs(merged, r, recipe.ppo.temperature), ppo.reply_logprobs(m.policy, r, recipe.ppo.temperature), atol=1e-4)
+
+
 def test_short_run_raises_the_reward(in_tmp, tiny_base, reward_dir):
     """Replies of two tokens: the policy must learn which tokens the reward model likes."""
     [node] = run(RECIPES / "ppo.yaml", [f"model={tiny_base}", f"reward_model={reward_dir}", *MICRO_PPO,
                                         "ppo.total_episodes=256", "ppo.batch_size=16", "ppo.response_length=2",
                                         "ppo.ppo_epochs=4", "ppo.missing_eos_penalty=null",
-                                        "training.learning_rate=1e-2", "output_dir=out/ppo"])
+                                        "training.learning_rate=1e-2", "training.report_to=[tensorboard]",
+                                        "output_dir=out/ppo"])
     rows = [json.loads(line) for line in (node.out_dir / "metrics.jsonl").read_text().splitlines()]
     scores = [r["objective/scores"] for r in rows if "objective/scores" in r]
     assert len(scores) == 16 and sum(scores[-4:]) / 4 > sum(scores[:4]) / 4 + 1.0, scores
@@ -189,9 +224,28 @@ def test_short_run_raises_the_reward(in_tmp, tiny_base, reward_dir):
         assert key in rows[-2], key
     summary = json.loads((node.out_dir / "run_info.json").read_text())["summary"]
     assert summary["score_gain"] == pytest.approx(scores[-1] - scores[0])
+    tracked = tensorboard_scalars(node.out_dir / "logs")  # the tracker the recipe names: every metric, every iteration
+    for key in ("objective/scores", "objective/kl", "policy/approxkl", "beta"):
+        assert tracked[key] == pytest.approx([r[key] for r in rows if key in r], rel=1e-5), key
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(node.out_dir) is not None  # transformers alone
+
+
+def test_short_run_on_the_demo_world_raises_reward_and_gold_score(micro_demo_chain, monkeypatch):
+    """The micro demo chain's SFT model, a reward model trained on the demo preference pairs, then
+    PPO: the reward rises over the run, and on held-out prompts the gold oracle (which PPO never
+    sees) scores the PPO model above its SFT start, the paired difference's 95% CI above 0."""
+    monkeypatch.chdir(micro_demo_chain)
+    [*_, node] = run(RECIPES / "ppo.yaml", [
+        *MICRO_DEMO_CHAIN, "reward:data.num_examples=1200", "reward:training.max_steps=40",
+        "ppo:data.num_examples=256", "ppo.total_episodes=512", "ppo.batch_size=32", "ppo.response_length=12",
+        "ppo:training.learning_rate=5e-5", "ppo.kl_coef=0.05",
+        "report.models={sft: sft, ppo: ppo}", "report.num_prompts=300", "report.also_greedy=false"])
+    report = json.loads((node.out_dir / "report.json").read_text())
+    assert report["stage_summary"]["score_gain"] > 0.3, report["stage_summary"]
+    [gold] = [d for d in report["differences"] if (d["a"], d["b"], d["score"]) == ("ppo", "sft", "gold")]
+    assert gold["lo"] > 0, gold
 
 
 def _run_cli(args, cwd, **kwargs):
@@ -277,6 +331,7 @@ def test_two_processes_update_like_one(tmp_path, tiny_base, reward_dir, monkeypa
         ("ppo.response_length=0", "ppo.response_length: "),
         ("ppo.num_minibatches=3", "ppo: batch_size 8 is not divisible by num_minibatches 3"),
         ("data.max_prompt_length=2", "no usable prompts"),
+        ("training.report_to=[tensorbord]", "unknown tracker 'tensorbord'; did you mean 'tensorboard'"),
     ],
 )
 def test_bad_settings_are_one_line_errors_and_leave_nothing(in_tmp, tiny_base, reward_dir, override, message):

@@ -18,7 +18,7 @@ from alignment.data import pack_blocks
 from alignment.models import load_causal_lm, load_tokenizer
 from alignment.pipeline import plan, run
 
-from .conftest import MICRO, RECIPES
+from .conftest import MICRO, RECIPES, tensorboard_scalars
 
 
 def test_pack_blocks_by_hand():
@@ -36,8 +36,12 @@ def losses(out: Path) -> list[float]:
 
 def test_pretrain_then_sft_learn_and_load_in_transformers(in_tmp):
     overrides = [*MICRO, "pretrain:data.num_examples=600", "pretrain:training.max_steps=30",
-                 "pretrain:training.learning_rate=3e-3", "data.num_examples=300", "training.max_steps=15"]
+                 "pretrain:training.learning_rate=3e-3", "data.num_examples=300", "training.max_steps=15",
+                 "sft:training.report_to=[tensorboard]"]
     nodes = run(RECIPES / "sft.yaml", overrides)
+    # The tracker the recipe names got every logged loss (TensorBoard files kept in <output>/logs).
+    assert tensorboard_scalars(nodes[-1].out_dir / "logs")["train/loss"] == pytest.approx(losses(nodes[-1].out_dir), rel=1e-5)
+    assert not list(nodes[1].out_dir.rglob("events.out.tfevents.*"))  # pretrain named no tracker
     assert [n.recipe.stage for n in nodes] == ["init", "pretrain", "sft"]
     for node in nodes[1:]:
         out = node.out_dir

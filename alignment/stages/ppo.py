@@ -380,7 +380,7 @@ def run(recipe: PPORecipe, inputs: dict, work_dir: Path) -> dict:
         cpu=use_cpu(),
         mixed_precision="bf16" if precision["bf16"] else "fp16" if precision["fp16"] else "no",
         log_with=t.report_to or None,
-        project_dir=str(work_dir),
+        project_dir=str(work_dir / "logs"),  # trackers' files (TensorBoard: logs/ppo/), as the trainer stages
     )
     say = accelerator.print
     world_size = accelerator.num_processes
