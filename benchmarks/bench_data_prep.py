@@ -4,9 +4,10 @@
 
 Times read -> normalise (split each Human/Assistant transcript into prompt messages and the
 final reply) -> clean (empty text, chosen == rejected, exact and normalised dedup, split by
-prompt hash) -> write (JSONL + Parquet + summary.json), three ways in one process:
+prompt hash) -> write (JSONL + Parquet + summary.json), four ways in one process:
 
-* data_prep, token-length filter off
+* data_prep, token-length filter off (by default rows are parsed by 2 worker processes)
+* data_prep, token-length filter off, in one process (--num-proc 1)
 * data_prep, token-length filter on (a BPE tokenizer trained here, max_length 256)
 * peer: the same conversion written plainly with `datasets` (load_dataset("json"), map, filter,
   to_json, to_parquet), without dedup, hash split or accounting, so it does less work.
@@ -55,13 +56,13 @@ def train_tokenizer(path: Path):
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
 
 
-def run_data_prep(src: Path, out: Path, tokenizer=None) -> dict:
+def run_data_prep(src: Path, out: Path, tokenizer=None, num_proc: int | None = None) -> dict:
     from alignment.config import PrepOptions, PrepSource
     from data_prep.prepare import prepare
     from data_prep.write import write_atomic
 
     options = PrepOptions(sources=[PrepSource(path=str(src))], test_fraction=0.05, max_length=256 if tokenizer else None)
-    prepared = prepare(options, tokenizer, progress=False)
+    prepared = prepare(options, tokenizer, progress=False, num_proc=num_proc)
     write_atomic(out, prepared.kind, prepared.splits, prepared.summary)
     return prepared.summary
 
@@ -83,6 +84,7 @@ def run_datasets_peer(src: Path, out: Path, cache: Path) -> int:
     import datasets
 
     datasets.disable_caching()
+    datasets.disable_progress_bars()
     ds = datasets.load_dataset("json", data_files=str(src), split="train", cache_dir=str(cache))
     ds = ds.map(_plain_convert, remove_columns=["chosen", "rejected"]).filter(lambda r: r["ok"]).remove_columns("ok")
     out.mkdir(parents=True, exist_ok=True)
@@ -110,14 +112,18 @@ def main() -> None:
         import data_prep.prepare  # noqa: F401
 
         t_off, s_off = timed(run_data_prep, src, work / "off")
+        t_one, _ = timed(run_data_prep, src, work / "one", None, 1)
+        same = all(f.read_bytes() == (work / "one" / f.name).read_bytes() for f in (work / "off").iterdir())
         t_on, s_on = timed(run_data_prep, src, work / "on", tok)
         t_peer, peer_rows = timed(run_datasets_peer, src, work / "peer", work / "cache")
         n = args.rows
         print(f"{n} transcript pairs ({src.stat().st_size / 1e6:.1f} MB JSONL) -> canonical JSONL + Parquet")
         print(f"  data_prep, length filter off: {t_off:6.2f} s  {n / t_off:9,.0f} rows/s  kept {s_off['kept']}, dropped {s_off['dropped']}")
+        print(f"  data_prep, filter off, --num-proc 1: {t_one:6.2f} s  {n / t_one:9,.0f} rows/s  output {'identical' if same else 'DIFFERENT'}")
         print(f"  data_prep, length filter on:  {t_on:6.2f} s  {n / t_on:9,.0f} rows/s  kept {s_on['kept']}")
         print(f"  peer: plain datasets map/filter/write: {t_peer:6.2f} s  {n / t_peer:9,.0f} rows/s  kept {peer_rows} (no dedup/split/accounting)")
         print(f"ratio data_prep (filter off) / datasets peer: {t_peer / t_off:.2f}x")
+        print(f"ratio data_prep (filter on) / datasets peer: {t_peer / t_on:.2f}x")
         print(f"ratio filter on / filter off (speed): {t_off / t_on:.2f}x")
         print(f"target >= 20,000 rows/s with the filter off: {'met' if n / t_off >= 20_000 else 'NOT met'}")
     finally:

@@ -89,6 +89,11 @@ def _add_cleaning(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--tokenizer", help="tokenizer (directory or hub id) for the token limits")
     p.add_argument("--strict", action="store_true", help=d["strict"].description)
     p.add_argument("--seed", type=int, default=0, help=help_of("seed"))
+    from .prepare import AUTO_PROCS, PARALLEL_ROWS
+
+    p.add_argument("--num-proc", type=_count,
+                   help=f"processes that parse the rows; the output is the same for any number (default: {AUTO_PROCS} "
+                   f"workers for a source of {PARALLEL_ROWS} rows or more when there are as many CPUs, else 1: this process)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -161,7 +166,7 @@ def convert(args: argparse.Namespace) -> int:
     options = options_from(args, args.command)
     if (options.max_length or options.max_prompt_tokens) and not args.tokenizer:
         raise DataError("--max-length / --max-prompt-tokens count tokens: give --tokenizer")
-    return _finish(out, prepare(options, _tokenizer(args), progress=not args.quiet))
+    return _finish(out, prepare(options, _tokenizer(args), progress=not args.quiet, num_proc=args.num_proc))
 
 
 def onpolicy(args: argparse.Namespace) -> int:
@@ -184,7 +189,7 @@ def onpolicy(args: argparse.Namespace) -> int:
         temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, seed=args.seed, progress=not args.quiet,
     )
-    prepared = prepare(options, _tokenizer(args), progress=not args.quiet, given={"onpolicy": rows})
+    prepared = prepare(options, _tokenizer(args), progress=not args.quiet, given={"onpolicy": rows}, num_proc=args.num_proc)
     return _finish(out, prepared)
 
 

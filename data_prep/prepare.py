@@ -9,21 +9,29 @@ Every row read is either kept (in train or test) or dropped under a named reason
 source and in total:  kept + sum(dropped) = rows read + sum(extra), where `extra` counts rows
 made beyond one per input row (several pairs from one ranked list, copies from a weight > 1).
 With `strict`, the first drop is an error naming the row's file and line.
+
+Parsing, the row checks and the keys need no other row, so for a long source worker processes
+do them (`num_proc`); deduplication and the accounting stay in this process, in input order.
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
+import multiprocessing
+import os
 import unicodedata
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import chain, islice
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from alignment.config import PrepOptions, PrepSource
+from alignment.config import PrepColumns, PrepOptions, PrepSource
 
 from .read import Bad, DataError, read_source
 from .shapes import KIND_SHAPES, detect_shape, make_parser
@@ -38,6 +46,9 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 DEMO_ROWS = 4000
 DETECT_ROWS = 100  # shape detection looks at the columns of the first rows
+CHUNK_ROWS = 2_000  # rows sent to a worker process at a time (num_proc > 1)
+PARALLEL_ROWS = 20_000  # num_proc None: a source this long is parsed by worker processes
+AUTO_PROCS = 2  # num_proc None: at most this many workers (the main process is then the bottleneck)
 
 
 @dataclass
@@ -102,10 +113,13 @@ def exact_key(row: dict) -> bytes:
     return _dumps(row["messages"] if "messages" in row else row["text"])
 
 
+_BETWEEN = [{"role": "\x03", "content": ""}]  # between chosen and rejected in normalised_key
+
+
 def normalised_key(row: dict, prompt: str) -> str:
     """`prompt` (its prompt_key) plus the rest of the row, normalised."""
     if "prompt" in row:
-        return prompt + " \x02 " + messages_key(row["chosen"] + [{"role": "\x03", "content": ""}] + row["rejected"])
+        return prompt + " \x02 " + messages_key(row["chosen"] + _BETWEEN + row["rejected"])
     return messages_key(row["messages"]) if "messages" in row else prompt
 
 
@@ -156,11 +170,13 @@ def token_lengths(tokenizer, texts: list[str], batch_size: int = 8192) -> list[i
     Rust tokenizer directly when there is one (in parallel, without building Python id lists)."""
     unique = list(dict.fromkeys(texts))
     backend = getattr(tokenizer, "backend_tokenizer", None)
+    # encode_batch_fast (tokenizers >= 0.20) skips the character offsets: half the time
+    encode = getattr(backend, "encode_batch_fast", None) or getattr(backend, "encode_batch", None)
     counts: list[int] = []
     for start in range(0, len(unique), batch_size):
         batch = unique[start : start + batch_size]
         if backend is not None:
-            counts.extend(len(e) for e in backend.encode_batch(batch, add_special_tokens=False))
+            counts.extend(len(e) for e in encode(batch, add_special_tokens=False))
         else:
             counts.extend(len(ids) for ids in tokenizer(batch, add_special_tokens=False)["input_ids"])
     found = dict(zip(unique, counts))
@@ -208,7 +224,7 @@ class _Run:
         self.rows: list[dict] = []
         self.origins: list[str] = []
         self.owner: list[str] = []  # source name of each row
-        self.keys: list[str] = []  # prompt_key of each row, for the split
+        self.places: list[float] = []  # unit_hash of each row's prompt_key: the split (test below test_fraction)
         self.tallies: dict[str, Tally] = {}
 
     def drop(self, name: str, origin: str, reason: str, detail: str = "") -> None:
@@ -224,18 +240,33 @@ class _Run:
         self.rows = [r for r, ok in zip(self.rows, keep) if ok]
         self.origins = [r for r, ok in zip(self.origins, keep) if ok]
         self.owner = [r for r, ok in zip(self.owner, keep) if ok]
-        self.keys = [r for r, ok in zip(self.keys, keep) if ok]
+        self.places = [r for r, ok in zip(self.places, keep) if ok]
 
 
-def prepare(options: PrepOptions, tokenizer=None, progress: bool = True, given: dict | None = None) -> Prepared:
+def prepare(
+    options: PrepOptions,
+    tokenizer=None,
+    progress: bool = True,
+    given: dict | None = None,
+    num_proc: int | None = None,
+    chunk_rows: int = CHUNK_ROWS,
+) -> Prepared:
     """Run the chain; `tokenizer` (a transformers tokenizer) is needed for the token limits.
-    `given` maps a source name to rows already made, (origin, row or Bad) (on-policy pairs)."""
-    o = options
+    `given` maps a source name to rows already made, (origin, row or Bad) (on-policy pairs).
+    With `num_proc` > 1, that many worker processes parse and check the rows, `chunk_rows` at a
+    time; deduplication, accounting and the split stay here, in input order, so the output is the
+    same byte for byte. None: AUTO_PROCS workers (fewer on fewer CPUs) for a source of at least
+    PARALLEL_ROWS rows, this process alone for a shorter one (starting workers would cost more)."""
+    with _gc_paused():
+        return _prepare(options, tokenizer, progress, given, num_proc, chunk_rows)
+
+
+def _prepare(o: PrepOptions, tokenizer, progress: bool, given: dict | None, num_proc: int | None, chunk_rows: int) -> Prepared:
     if (o.max_prompt_tokens or o.max_length) and tokenizer is None:
         raise DataError("max_prompt_tokens / max_length count tokens: give a tokenizer (--tokenizer PATH)")
     run = _Run(o)
-    seen_exact: dict[str, str] = {}
-    seen_norm: dict[str, str] = {}
+    seen_exact: dict[bytes, str] = {}  # digest of a kept row's key -> its origin
+    seen_norm: dict[bytes, str] = {}
     names = [source_name(s) for s in o.sources]
     if len(set(names)) != len(names):
         raise DataError(f"two sources are named the same ({', '.join(names)}); give them names")
@@ -257,8 +288,14 @@ def prepare(options: PrepOptions, tokenizer=None, progress: bool = True, given: 
             shape = detect_shape(columns, source.columns, KIND_SHAPES[o.kind], where)
         elif shape not in KIND_SHAPES[o.kind]:
             raise DataError(f"{where}: shape '{shape}' does not make {o.kind} (expected {', '.join(KIND_SHAPES[o.kind])})")
-        with tqdm(chain(head, rows), desc=f"read {name}", unit=" rows", disable=not progress, mininterval=0.5) as bar:
-            _parse_source(run, name, bar, make_parser(shape, source.columns, o), seen_exact, seen_norm)
+        procs = num_proc
+        if procs is None:  # enough rows to pay for starting processes?
+            head.extend(islice(rows, max(0, PARALLEL_ROWS - len(head))))
+            procs = min(AUTO_PROCS, usable_cpus()) if len(head) >= PARALLEL_ROWS else 1
+        with _normaliser(procs, chunk_rows, shape, source.columns, name, o) as normalise:
+            results = normalise(chain(head, rows))
+            with tqdm(results, desc=f"read {name}", unit=" rows", disable=not progress, mininterval=0.5) as bar:
+                _keep_or_drop(run, name, bar, seen_exact, seen_norm)
 
     if o.max_prompt_tokens or o.max_length:
         _token_limits(run, tokenizer)
@@ -267,8 +304,8 @@ def prepare(options: PrepOptions, tokenizer=None, progress: bool = True, given: 
         _sample_by_weight(run, weights)
 
     splits: dict[str, list[dict]] = {"train": [], "test": []}
-    for row, owner, key in zip(run.rows, run.owner, run.keys):
-        side = "test" if o.test_fraction and unit_hash(key, o.split_seed) < o.test_fraction else "train"
+    for row, owner, place in zip(run.rows, run.owner, run.places):
+        side = "test" if place < o.test_fraction else "train"
         splits[side].append(row)
         run.tallies[owner].kept += 1
     if not o.test_fraction:
@@ -276,43 +313,131 @@ def prepare(options: PrepOptions, tokenizer=None, progress: bool = True, given: 
     return Prepared(o.kind, splits, _summary(o, run, names, splits))
 
 
-def _parse_source(run: _Run, name: str, rows, parse, seen_exact: dict, seen_norm: dict) -> None:
-    """Parse, check and deduplicate one source's rows into `run`."""
-    o = run.o
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@contextmanager
+def _gc_paused():
+    """Python's cyclic garbage collector paused: a run makes millions of small objects without
+    cycles (reference counting frees them), and the collector's passes over the growing heap
+    took a quarter to a third of the time."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+# --------------------------------------------------------------------------- per-row work, in one or several processes
+
+
+def _row_results(parse, name: str, o: PrepOptions, row: dict | Bad) -> Bad | str | list:
+    """What one input row becomes before deduplication (which is the only step that needs the
+    other rows): the Bad or the parser's drop reason, or for each canonical row made from it
+    either its problem or (row, unit_hash of its prompt key for the split, digest of its exact key,
+    digest of its normalised key or None). Digests (128-bit) keep what crosses between processes,
+    and the memory of what was seen, small."""
+    if isinstance(row, Bad):
+        return row
+    made = parse(row)
+    if isinstance(made, str):
+        return made
+    results = []
+    for item in made:
+        problem = row_problem(item, o.max_turns)
+        if problem:
+            results.append(problem)
+            continue
+        key = prompt_key(item)
+        exact = exact_key(item)
+        item["source"] = name
+        if item["id"] is None:
+            item["id"] = hashlib.blake2b(exact, digest_size=8).hexdigest()
+        norm = _digest(normalised_key(item, key).encode()) if o.dedup == "normalised" else None
+        results.append((item, unit_hash(key, o.split_seed), _digest(exact), norm))
+    return results
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def _row_work(shape: str, columns: PrepColumns, name: str, o: PrepOptions):
+    """_row_results for one source: a function row -> results."""
+    return partial(_row_results, make_parser(shape, columns, o), name, o)
+
+
+_work = None  # a worker process's _row_work, set by _start_worker
+
+
+def _start_worker(*args) -> None:
+    global _work
+    gc.disable()  # as in the parent (see _gc_paused); the process ends with the pool
+    _work = _row_work(*args)
+
+
+def _work_chunk(chunk: list) -> list:
+    return [(origin, _work(row)) for origin, row in chunk]
+
+
+def _chunks(rows, size: int):
+    while chunk := list(islice(rows, size)):
+        yield chunk
+
+
+@contextmanager
+def _normaliser(num_proc: int, chunk_rows: int, *work_args):
+    """A function (origin, row) pairs -> (origin, _row_results) pairs in input order: worked out
+    here when num_proc is 1, else by `num_proc` worker processes, `chunk_rows` rows at a time."""
+    if num_proc <= 1:
+        work = _row_work(*work_args)
+        yield lambda rows: ((origin, work(row)) for origin, row in rows)
+        return
+    with _worker_pool(num_proc, work_args) as pool:
+        yield lambda rows: chain.from_iterable(pool.imap(_work_chunk, _chunks(rows, chunk_rows)))
+
+
+def _worker_pool(num_proc: int, work_args: tuple):
+    """Worker processes, forked where the platform can (nothing is imported again). They never
+    tokenize, so a tokenizer's thread pool in this process is no concern (tokenizers 0.23 neither
+    warns nor disables its parallelism here after a fork; checked)."""
+    fork = "fork" in multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if fork else None).Pool(num_proc, _start_worker, work_args)
+
+
+def _keep_or_drop(run: _Run, name: str, results, seen_exact: dict, seen_norm: dict) -> None:
+    """Count one source's rows, deduplicate, and keep the rest in `run`, in input order."""
+    dedup = run.o.dedup
     tally = run.tallies[name]
-    for origin, row in rows:
+    for origin, result in results:
         tally.read += 1
-        if isinstance(row, Bad):
-            run.drop(name, origin, row.reason, row.detail)
+        if isinstance(result, Bad):
+            run.drop(name, origin, result.reason, result.detail)
             continue
-        made = parse(row)
-        if isinstance(made, str):
-            run.drop(name, origin, made)
+        if isinstance(result, str):
+            run.drop(name, origin, result)
             continue
-        if len(made) > 1:
-            tally.extra["more pairs from one ranked list"] += len(made) - 1
-        for item in made:
-            problem = row_problem(item, o.max_turns)
-            if problem:
-                run.drop(name, origin, problem)
+        if len(result) > 1:
+            tally.extra["more pairs from one ranked list"] += len(result) - 1
+        for entry in result:
+            if isinstance(entry, str):
+                run.drop(name, origin, entry)
                 continue
-            key = prompt_key(item)
-            if o.dedup != "none":
-                exact = exact_key(item)
+            item, place, exact, norm = entry
+            if dedup != "none":
                 if exact in seen_exact:
                     run.drop(name, origin, "exact duplicate", f"of {seen_exact[exact]}")
                     continue
                 seen_exact[exact] = origin
-            if o.dedup == "normalised":
-                norm = normalised_key(item, key)
+            if norm is not None:
                 if norm in seen_norm:
                     run.drop(name, origin, "duplicate after normalisation", f"of {seen_norm[norm]}")
                     continue
                 seen_norm[norm] = origin
-            item["source"] = name
-            if item["id"] is None:
-                item["id"] = hashlib.blake2b(exact_key(item), digest_size=8).hexdigest()
-            run.keys.append(key)
+            run.places.append(place)
             run.rows.append(item)
             run.origins.append(origin)
             run.owner.append(name)
@@ -347,8 +472,8 @@ def _token_limits(run: _Run, tokenizer) -> None:
 def _sample_by_weight(run: _Run, weights: dict[str, float]) -> None:
     """Weight w: each row is written floor(w) times, plus once more with probability w - floor(w),
     decided by a fixed hash of its id, so that reruns give the same mix."""
-    rows, origins, owner, keys = [], [], [], []
-    for row, origin, name, key in zip(run.rows, run.origins, run.owner, run.keys):
+    rows, origins, owner, places = [], [], [], []
+    for row, origin, name, place in zip(run.rows, run.origins, run.owner, run.places):
         w = weights[name]
         copies = int(w) + (unit_hash(row["id"], f"weight-{run.o.seed}") < w - int(w))
         if copies == 0:
@@ -359,8 +484,8 @@ def _sample_by_weight(run: _Run, weights: dict[str, float]) -> None:
             rows.append(row if k == 0 else {**row, "id": f"{row['id']}#{k + 1}"})
             origins.append(origin)
             owner.append(name)
-            keys.append(key)
-    run.rows, run.origins, run.owner, run.keys = rows, origins, owner, keys
+            places.append(place)
+    run.rows, run.origins, run.owner, run.places = rows, origins, owner, places
 
 
 def _summary(o: PrepOptions, run: _Run, names: list[str], splits: dict) -> dict:

@@ -114,10 +114,11 @@ def _text(path: Path, gz: bool) -> str:
 def _read_jsonl_text(path: Path, text: str) -> Iterator[tuple[str, dict | Bad]]:
     lines = text.split("\n")
     last = len(lines) - 1  # the text after the final newline ("" when the file ends with one)
+    name = str(path)
     for i, line in enumerate(lines):
-        if not line.strip():
+        if not line or line.isspace():
             continue
-        where = f"{path}:{i + 1}"
+        where = f"{name}:{i + 1}"
         try:
             row = _loads(line)
         except _JSONError as exc:

@@ -228,7 +228,7 @@ def _split_conversation(value, name: str) -> tuple[list[dict], dict] | str:
     return messages[:-1], messages[-1]
 
 
-_LAST = "\n\nAssistant:"
+_LAST, _HUMAN = "\n\nAssistant:", "\n\nHuman:"
 
 
 def _shared_transcript(chosen, rejected) -> tuple[list[dict], dict, dict] | None:
@@ -236,14 +236,17 @@ def _shared_transcript(chosen, rejected) -> tuple[list[dict], dict, dict] | None
     parse the shared part once. None when it does not apply (the general path decides)."""
     if not (isinstance(chosen, str) and isinstance(rejected, str)):
         return None
-    i, j = chosen.rfind(_LAST), rejected.rfind(_LAST)
-    if i < 0 or j < 0 or chosen[:i] != rejected[:j] or "\n\nHuman:" in chosen[i:] or "\n\nHuman:" in rejected[j:]:
+    i = chosen.rfind(_LAST)
+    if i < 0 or i != rejected.rfind(_LAST) or chosen.find(_HUMAN, i) >= 0 or rejected.find(_HUMAN, i) >= 0:
         return None
-    prompt = parse_transcript(chosen[:i])
+    shared = chosen[:i]
+    if not rejected.startswith(shared):
+        return None
+    prompt = parse_transcript(shared)
     if not prompt or prompt[-1]["role"] != "user":
         return None
-    reply = lambda text, k: {"role": "assistant", "content": text[k + len(_LAST) :].strip()}  # noqa: E731
-    return prompt, reply(chosen, i), reply(rejected, j)
+    k = i + len(_LAST)
+    return prompt, {"role": "assistant", "content": chosen[k:].strip()}, {"role": "assistant", "content": rejected[k:].strip()}
 
 
 def _implicit(c: PrepColumns, o: PrepOptions):

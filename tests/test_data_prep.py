@@ -301,6 +301,52 @@ def test_token_limits_with_a_given_tokenizer(tmp_path):
         prepare(PrepOptions(sources=[PrepSource(path=str(src))], max_length=5), progress=False)
 
 
+def test_worker_processes_give_the_same_bytes_and_accounting_as_one_process(tmp_path, capsys, monkeypatch):
+    """Rows parsed in worker processes, 3 per chunk, so duplicates and drops fall in other chunks
+    than their first occurrence: the same files, byte for byte, and the same summary."""
+    import data_prep.prepare as prepare_module
+
+    worker_pool = prepare_module._worker_pool
+    hh = [
+        {"chosen": f"{H}Hi{A}Hello!{H}How are you?{A}Fine.", "rejected": f"{H}Hi{A}Hello!{H}How are you?{A}Go away."},
+        {"chosen": f"{H}Hi{A}Hello!", "rejected": f"{H}Hey{A}Go away."},  # differ before the last turn
+        {"chosen": f"{H}Ça va ? 🙂{A}Oui.", "rejected": f"{H}Ça va ? 🙂{A}"},  # empty reply
+        "{not json",
+        {"chosen": f"{H}Hi{A}Hello!{H}How are you?{A}Fine.", "rejected": f"{H}Hi{A}Hello!{H}How are you?{A}Go away."},
+        {"chosen": f"{H}hi{A}hello!{H}HOW are  you?{A}fine.", "rejected": f"{H}hi{A}hello!{H}HOW are  you?{A}go away."},
+        "",
+        *[{"chosen": f"{H}q{i}{A}yes {i}", "rejected": f"{H}q{i}{A}no"} for i in range(20)],
+        {"chosen": f"{H}q3{A}yes 3", "rejected": f"{H}q3{A}no"},  # a duplicate six chunks later
+    ]
+    ranked = [{"prompt": f"p{i}", "ranked": ["best", "mid", "worst"][: 1 + i % 3]} for i in range(9)]
+    sources = [PrepSource(path=str(write_jsonl(tmp_path / "hh.jsonl", hh, tail='{"chosen": "cut'))),
+               PrepSource(path=str(write_jsonl(tmp_path / "ranked.jsonl", ranked)), weight=1.5)]
+    options = PrepOptions(sources=sources, test_fraction=0.3, ranked_pairs="adjacent")
+    one = pairs_of(options)
+    pools = []
+    monkeypatch.setattr(prepare_module, "_worker_pool", lambda *a: pools.append(a) or worker_pool(*a))
+    many = pairs_of(options, num_proc=2, chunk_rows=3)
+    assert len(pools) == 2  # one pool of workers per source
+    monkeypatch.setattr(prepare_module, "PARALLEL_ROWS", 10)  # by default, workers only for long sources
+    assert pairs_of(options, chunk_rows=3).splits == one.splits and len(pools) == 3  # hh (29 rows) yes, ranked (9) no
+    assert many.splits == one.splits and many.summary == one.summary
+    assert one.summary["dropped"]["exact duplicate"] == 2 and one.summary["dropped"]["duplicate after normalisation"] == 1
+    assert one.summary["extra"]["more pairs from one ranked list"] == 3 and len(one.splits["test"]) > 0
+
+    # the command writes the same files with --num-proc (the default chunk holds all the rows)
+    outs = {}
+    for n in ("1", "2"):
+        code, _, _ = run_cli(["pairs", tmp_path / "hh.jsonl", "--num-proc", n, "--out", tmp_path / n], capsys)
+        assert code == 0
+        outs[n] = {f.name: f.read_bytes() for f in sorted((tmp_path / n).iterdir())}
+    assert outs["1"] == outs["2"] and len(outs["1"]) == 5
+
+    # --strict stops at the same first drop, however the rows are shared out
+    strict = options.model_copy(update={"strict": True})
+    with pytest.raises(DataError, match=r"hh\.jsonl:2: transcripts differ before the last assistant turn"):
+        prepare(strict, progress=False, num_proc=2, chunk_rows=3)
+
+
 # --------------------------------------------------------------------------- reading and errors
 
 
