@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import os
 import shutil
 import sys
@@ -67,15 +68,25 @@ def measure(path: str, prompts: list[str], temperature: float, seed: int = 0) ->
     }
 
 
+@contextlib.contextmanager
+def scratch(prefix: str):
+    """A temporary directory holding a copy of recipes/, as the working directory."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    shutil.copytree(REPO / "recipes", work / "recipes")
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        yield work
+    finally:
+        os.chdir(cwd)
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def table(seeds: list[int], num_prompts: int) -> None:
     prompts = world.eval_prompts(num_prompts, 0)
     rows = []
     for seed in seeds:
-        work = Path(tempfile.mkdtemp(prefix=f"demo_world_{seed}_"))
-        shutil.copytree(REPO / "recipes", work / "recipes")
-        cwd = os.getcwd()
-        os.chdir(work)
-        try:
+        with scratch(f"demo_world_{seed}_"):
             started = time.time()
             run("recipes/dpo.yaml", [f"*:seed={seed}", f"*:data.seed={seed}", "report.models={}"])
             print(f"seed {seed}: chain built in {time.time() - started:.0f} s (1 process)", flush=True)
@@ -83,9 +94,6 @@ def table(seeds: list[int], num_prompts: int) -> None:
                 for temperature in (0.0, 1.0):
                     rows.append((seed, label, temperature, measure(f"runs/{name}", prompts, temperature, seed)))
                     print("row", rows[-1], flush=True)
-        finally:
-            os.chdir(cwd)
-            shutil.rmtree(work, ignore_errors=True)
 
     tasks = [k for k in rows[0][3] if k.startswith("content/")]
     head = ["seed", "model", "T", *PARTS, "gold", *(t.split("/")[1] for t in tasks)]
@@ -102,11 +110,7 @@ def curves(seeds: list[int], num_prompts: int, every: int) -> None:
     prompts = world.eval_prompts(num_prompts, 0)
     results = {}  # (seed, start) -> {step: measure}
     for seed in seeds:
-        work = Path(tempfile.mkdtemp(prefix=f"demo_curves_{seed}_"))
-        shutil.copytree(REPO / "recipes", work / "recipes")
-        cwd = os.getcwd()
-        os.chdir(work)
-        try:
+        with scratch(f"demo_curves_{seed}_") as work:
             seeded = [f"*:seed={seed}", f"*:data.seed={seed}"]
             run("recipes/pretrain.yaml", seeded)
             raws = [o.split(":", 1)[1] for o in seeded] + [f"training.save_steps={every}"]
@@ -121,9 +125,6 @@ def curves(seeds: list[int], num_prompts: int, every: int) -> None:
                 for c in checkpoints:
                     results[seed, start][int(c.name.split("-")[1])] = measure(str(c), prompts, 0.0)
                     print("point", seed, start, c.name, results[seed, start][int(c.name.split("-")[1])], flush=True)
-        finally:
-            os.chdir(cwd)
-            shutil.rmtree(work, ignore_errors=True)
     print(f"\nGreedy content accuracy on {num_prompts} held-out prompts after N steps of the default SFT run:")
     for seed in seeds:
         a_run, b_run = results[seed, "init"], results[seed, "pretrain"]
