@@ -21,7 +21,7 @@ def launch(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_accelerate_launch_as_typed_then_main_job_reuses_the_chain(tmp_path):
+def test_accelerate_launch_as_typed_then_main_job_reuses_the_chain(tmp_path, monkeypatch, capsys):
     """`accelerate launch recipes/sft.yaml` builds init -> pretrain -> sft; the module form of
     the main job (`-m alignment recipes/dpo.yaml`) reuses them, adds dpo and ends with the gold table."""
     shutil.copytree(RECIPES, tmp_path / "recipes")
@@ -41,8 +41,11 @@ def test_accelerate_launch_as_typed_then_main_job_reuses_the_chain(tmp_path):
     assert set(report["models"]) == {"base", "sft", "dpo"}
     assert all(0 <= m["gold_lo"] <= m["gold_mean"] <= m["gold_hi"] <= 1 for m in report["models"].values())
 
-    done = launch(["alignment", "run", "recipes/dpo.yaml", *MAIN_JOB, "--dry-run"], tmp_path)
-    assert done.returncode == 0 and done.stdout.count("up to date") == 4, done.stdout
+    from alignment.cli import main  # the same command in-process (the console script is run in the tests below)
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "recipes/dpo.yaml", *MAIN_JOB, "--dry-run"]) == 0
+    assert capsys.readouterr().out.count("up to date") == 4
 
 
 def test_multi_process_launch_falls_back_to_cpu_gloo(tmp_path):
