@@ -495,6 +495,33 @@ def test_parquet_equals_jsonl_even_with_a_row_longer_than_a_read_block(tmp_path,
     assert pq.read_table(tmp_path / "out" / "train.parquet").to_pylist() == read_out(tmp_path / "out")
 
 
+def test_hub_dataset_id_with_config_and_split(tmp_path, monkeypatch, capsys):
+    """`id:config` with --split: the hub loader is asked for exactly that dataset, config and split
+    (stood in for by one serving a JSONL file this test writes; no network), and its rows go
+    through the same shape parsing, cleaning and accounting as a local file's."""
+    import datasets
+
+    rows = [{"prompt": f"question {i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(5)]
+    served = write_jsonl(tmp_path / "served.jsonl", [*rows, {**rows[0]}])  # one exact duplicate
+    asked = []
+
+    def hub(name, config=None, split=None, **kwargs):
+        asked.append((name, config, split))
+        if (name, config, split) != ("someone/prefs", "cleaned", "test"):
+            raise FileNotFoundError(f"no {name} {config} {split}")
+        return datasets.Dataset.from_json(str(served))
+
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+    code, _, err = run_cli(["pairs", "someone/prefs:cleaned", "--split", "test", "--test-fraction", "0",
+                            "--out", tmp_path / "out"], capsys)
+    assert code == 0, err
+    assert asked == [("someone/prefs", "cleaned", "test")]
+    got = read_out(tmp_path / "out")
+    assert [(r["prompt"][0]["content"], r["chosen"][0]["content"]) for r in got] == [(r["prompt"], r["chosen"]) for r in rows]
+    counts = summary(tmp_path / "out")
+    assert counts["rows_read"] == 6 and counts["kept"] == 5 and sum(counts["dropped"].values()) == 1
+
+
 def test_hub_dataset_id_that_cannot_be_loaded_is_one_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DataError, match=r"^nobody/no-such-set:cfg: cannot load hub dataset \(") as err:
