@@ -134,7 +134,9 @@ def row_problem(row: dict, max_turns: int | None = None) -> str | None:
             return "empty 'chosen'"
         if not rejected:
             return "empty 'rejected'"
-        if chosen == rejected and len(row["chosen"]) == len(row["rejected"]) == 1:
+        if chosen == rejected and [m["content"].strip() for m in row["chosen"][:-1]] == [
+            m["content"].strip() for m in row["rejected"][:-1]
+        ]:
             return "'chosen' identical to 'rejected'"
         turns = row["prompt"]
     elif "messages" in row:

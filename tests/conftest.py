@@ -55,12 +55,9 @@ def micro_demo_chain(tmp_path_factory) -> Path:
     from alignment.pipeline import run
 
     work = tmp_path_factory.mktemp("demo_chain")
-    here = Path.cwd()
-    os.chdir(work)
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(work)
         run(RECIPES / "sft.yaml", MICRO_DEMO_CHAIN)
-    finally:
-        os.chdir(here)
     return work
 
 

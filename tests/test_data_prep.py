@@ -19,7 +19,7 @@ from alignment.config import DataOptions, PrepOptions, PrepSource, RecipeError
 from alignment.data import check_rows, load_rows, messages_problem, text_problem
 from alignment.demo import world
 from data_prep.cli import main
-from data_prep.prepare import hold_out_by_prompt, prepare, prompt_key, unit_hash
+from data_prep.prepare import hold_out_by_prompt, prepare, prompt_key, row_problem, unit_hash
 from data_prep.read import DataError, read_source
 
 H, A = "\n\nHuman: ", "\n\nAssistant: "
@@ -493,6 +493,16 @@ def test_parquet_equals_jsonl_even_with_a_row_longer_than_a_read_block(tmp_path,
     src = write_jsonl(tmp_path / "big.jsonl", rows)
     assert run_cli(["pairs", src, "--test-fraction", "0", "--out", tmp_path / "out"], capsys)[0] == 0
     assert pq.read_table(tmp_path / "out" / "train.parquet").to_pylist() == read_out(tmp_path / "out")
+
+
+def test_chosen_identical_to_rejected_compares_every_message():
+    """Replies of several messages are identical only when every message is (whitespace aside)."""
+    prompt = [{"role": "user", "content": "q"}]
+    two = [{"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}]
+    same = [{"role": "assistant", "content": "a "}, {"role": "assistant", "content": " b"}]
+    other_first = [{"role": "assistant", "content": "x"}, {"role": "assistant", "content": "b"}]
+    assert row_problem({"prompt": prompt, "chosen": two, "rejected": same}) == "'chosen' identical to 'rejected'"
+    assert row_problem({"prompt": prompt, "chosen": two, "rejected": other_first}) is None
 
 
 def test_hub_dataset_id_with_config_and_split(tmp_path, monkeypatch, capsys):
