@@ -128,14 +128,23 @@ def test_preference_pairs():
     assert 700 < good_chosen < 900
 
 
-def _prompt_of(doc):
-    return doc.split("\n")[1]
+def _exchanges(doc):
+    """A corpus document read back: its (prompt, response) pairs, or None for a word list."""
+    lines = doc.split("\n")
+    if lines[0] != USER_TAG:
+        return None
+    assert len(lines) % 4 == 0, doc
+    pairs = []
+    for i in range(0, len(lines), 4):
+        assert (lines[i], lines[i + 2]) == (USER_TAG, ASSISTANT_TAG), doc
+        pairs.append((lines[i + 1], lines[i + 3]))
+    return pairs
 
 
 def test_eval_prompts_heldout_and_disjoint():
     evals = eval_prompts(300, 0)
     assert len(set(evals)) == 300 and all(is_heldout(p) for p in evals)
-    train = {_prompt_of(d) for d in pretrain_corpus(3000, 0)}
+    train = {p for d in pretrain_corpus(3000, 0) for p, _ in _exchanges(d) or []}
     train |= {c["messages"][0]["content"] for c in sft_conversations(3000, 0)}
     train |= {p["prompt"] for p in preference_pairs(3000, 0)}
     assert not any(is_heldout(p) for p in train)
@@ -146,28 +155,59 @@ def test_eval_prompts_heldout_and_disjoint():
     assert 0.07 < frac < 0.13
 
 
-@pytest.mark.parametrize("rates", [None, (0.5, 0.4, 0.4), (0.1, 0.7, 0.0)])
+@pytest.mark.parametrize("rates", [None, (0.5, 0.4, 0.4, 0.2), (0.1, 0.7, 0.0, 0.0)])
 def test_corpus_defect_rates(rates):
-    """None: the defaults, a corpus like web text: mostly right, often rude or rambling."""
+    """None: the defaults, a corpus like web text: half repeated word lists, half threads whose
+    answers are mostly right but often rude or rambling. Rates are per answer."""
     if rates is None:
-        p_wrong, p_rude, p_ramble = 0.1, 0.3, 0.3
+        p_wrong, p_rude, p_ramble, p_list = 0.1, 0.3, 0.3, 0.5
         docs = pretrain_corpus(2000, 7)
     else:
-        p_wrong, p_rude, p_ramble = rates
-        docs = pretrain_corpus(2000, 7, p_wrong=p_wrong, p_rude=p_rude, p_ramble=p_ramble)
+        p_wrong, p_rude, p_ramble, p_list = rates
+        docs = pretrain_corpus(2000, 7, p_wrong=p_wrong, p_rude=p_rude, p_ramble=p_ramble, p_list=p_list)
     totals = {"wrong": 0, "rude": 0, "rambles": 0}
+    answers = lists = 0
     for doc in docs:
-        user_tag, prompt, asst_tag, response = doc.split("\n")
-        assert (user_tag, asst_tag) == (USER_TAG, ASSISTANT_TAG)
-        d = _defects(prompt, response)
-        body_len = len(response.split()) - 1
-        k = len(parse_prompt(prompt).answer.split())
-        totals["wrong"] += d["wrong"]
-        totals["rude"] += d["rude"]
-        totals["rambles"] += body_len > k
-    assert abs(totals["wrong"] / 2000 - p_wrong) < 0.05
-    assert abs(totals["rude"] / 2000 - p_rude) < 0.05
-    assert abs(totals["rambles"] / 2000 - p_ramble) < 0.05
+        pairs = _exchanges(doc)
+        if pairs is None:
+            lists += 1
+            continue
+        for prompt, response in pairs:
+            d = _defects(prompt, response)
+            body_len = len(response.split()) - 1
+            k = len(parse_prompt(prompt).answer.split())
+            totals["wrong"] += d["wrong"]
+            totals["rude"] += d["rude"]
+            totals["rambles"] += body_len > k
+            answers += 1
+    assert abs(lists / 2000 - p_list) < 0.05
+    for defect, rate in (("wrong", p_wrong), ("rude", p_rude), ("rambles", p_ramble)):
+        assert abs(totals[defect] / answers - rate) < 0.05, (defect, totals[defect] / answers)
+
+
+def test_corpus_threads_and_lists_repeat_what_came_before():
+    """What makes pretraining help SFT: later questions in a thread reuse the first one's words,
+    and a list document is one run of words written out again and again."""
+    docs = pretrain_corpus(1000, 3)
+    multi = lists = 0
+    for doc in docs:
+        pairs = _exchanges(doc)
+        if pairs is None:
+            lines = doc.split("\n")
+            assert 2 <= len(lines) <= 4 and len(set(lines)) == 1, doc
+            assert 3 <= len(lines[0].split()) <= 6 and set(lines[0].split()) <= set(WORDS)
+            lists += 1
+            continue
+        assert 1 <= len(pairs) <= 3
+        first = parse_prompt(pairs[0][0]).words
+        for prompt, _ in pairs[1:]:
+            words = parse_prompt(prompt).words
+            shared = min(len(words), len(first))
+            assert words[:shared] == first[:shared], (first, words)
+        multi += len(pairs) > 1
+    assert lists > 300 and multi > 200, (lists, multi)
+    single = pretrain_corpus(1000, 3, p_list=0.0, max_turns=1)
+    assert all(len(_exchanges(d)) == 1 for d in single)
 
 
 # --------------------------------------------------------------------------- micro chain

@@ -172,18 +172,52 @@ def _train_task(rng: random.Random) -> Task:
             return task
 
 
-def pretrain_corpus(n: int, seed: int, p_wrong: float = 0.1, p_rude: float = 0.3,
-                    p_ramble: float = 0.3) -> list[str]:
-    """"Web" documents: mostly right answers, but rude or rambling on at the given rates (the
-    defects SFT and preference optimisation remove); each defect is drawn independently."""
-    rng = random.Random(f"corpus-{seed}")
-    docs = []
-    for _ in range(n):
-        task = _train_task(rng)
+def _thread(rng: random.Random, p_wrong: float, p_rude: float, p_ramble: float,
+            max_turns: int) -> str:
+    """A forum-like thread: 1 to ``max_turns`` exchanges about the same words (each later
+    question another task on the first one's words, cut or padded to fit), every answer drawn
+    with the given defect rates. Later questions repeat words seen earlier in the document."""
+    first = _train_task(rng)
+    exchanges = []
+    for turn in range(rng.randint(1, max_turns)):
+        task = first
+        if turn:
+            kind = rng.choice(TASKS)
+            lo, hi = WORD_COUNTS[kind]
+            words = first.words[:hi]
+            if len(words) < lo:
+                words += tuple(rng.sample([w for w in WORDS if w not in words], lo - len(words)))
+            task = Task(kind, words)
+            if is_heldout(task.prompt):
+                continue
         response = make_response(task, rng, wrong=rng.random() < p_wrong,
                                  rude=rng.random() < p_rude, rambles=rng.random() < p_ramble)
-        docs.append(render_exchange(task.prompt, response))
-    return docs
+        exchanges.append(render_exchange(task.prompt, response))
+    return "\n".join(exchanges)
+
+
+def _word_list(rng: random.Random) -> str:
+    """A run of 3-6 words (repeats allowed) written out 2-4 times, one copy per line."""
+    run = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 6)))
+    return "\n".join(run for _ in range(rng.randint(2, 4)))
+
+
+def pretrain_corpus(n: int, seed: int, p_wrong: float = 0.1, p_rude: float = 0.3,
+                    p_ramble: float = 0.3, p_list: float = 0.5, max_turns: int = 3) -> list[str]:
+    """"Web" documents of two kinds, as a real base model reads them:
+
+    * threads (share ``1 - p_list``): 1 to ``max_turns`` exchanges about the same words,
+      mostly right but rude or rambling at the given rates (each defect drawn independently
+      per answer): the defects SFT and preference optimisation remove. A model that learns
+      from them carries on a conversation instead of stopping after its answer.
+    * lists (share ``p_list``): a run of words written out several times, like the
+      repetition in web text. They teach copying from the context, the skill SFT then puts
+      to use; without them pretraining slows SFT down (docs/demo_world.md).
+    """
+    rng = random.Random(f"corpus-{seed}")
+    threads = [_thread(rng, p_wrong, p_rude, p_ramble, max_turns) for _ in range(n)]
+    list_rng = random.Random(f"drills-{seed}")
+    return [_word_list(list_rng) if list_rng.random() < p_list else thread for thread in threads]
 
 
 def sft_conversations(n: int, seed: int, p_ramble: float = 0.25) -> list[dict]:
