@@ -214,6 +214,8 @@ def pretrain_corpus(n: int, seed: int, p_wrong: float = 0.1, p_rude: float = 0.3
       repetition in web text. They teach copying from the context, the skill SFT then puts
       to use; without them pretraining slows SFT down (docs/demo_world.md).
     """
+    # Two streams: `p_list` then only chooses which documents are lists, and the threads (drawn
+    # for every slot, the unused ones discarded: cheap) stay the same whatever the share.
     rng = random.Random(f"corpus-{seed}")
     threads = [_thread(rng, p_wrong, p_rude, p_ramble, max_turns) for _ in range(n)]
     list_rng = random.Random(f"drills-{seed}")
