@@ -43,6 +43,7 @@ MICRO_DEMO_CHAIN = [
     "pretrain:training.max_steps=20",
     "sft:data.num_examples=6400",
     "sft:training.max_steps=200",
+    "sft:training.per_device_train_batch_size=32",  # the default 48 costs CI time, not needed here
     "*:training.logging_steps=10",
 ]
 
