@@ -18,6 +18,6 @@ cd "$work"
 start=$(python -c 'import time; print(time.time())')
 accelerate launch "recipes/$recipe" "$@" > main_job.log 2>&1 || { tail -20 main_job.log; exit 1; }
 end=$(python -c 'import time; print(time.time())')
-sed -n '/^Gold score/,/^$/p' main_job.log
+sed -n '/^Gold score/,/^$/p; /^Greedy replies/,/^$/p' main_job.log
 grep -E '^\[[a-z]+\] done' main_job.log | sed -E 's/^\[([a-z]+)\] done: .*wall_seconds=([0-9.]+).*/\1 seconds \2/'
 python -c "w = $end - $start; print(f'recipes/$recipe wall time: {w:.1f} s; {w / $budget:.2f} of the {$budget // 60}-minute budget')"
