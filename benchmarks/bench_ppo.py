@@ -8,9 +8,10 @@ measured the same way for both: from the first to the last iteration's end (so s
 model loading are left out).
 
 TRL 1.9 is installed, if missing, into its own virtual environment (--venv) with the torch
-and transformers versions of this environment. Run with the whole machine:
+and transformers versions of this environment. Run it on an otherwise idle machine, with all
+its cores:
 
-    /work/bin/cpujob --all python benchmarks/bench_ppo.py          # or plain python elsewhere
+    python benchmarks/bench_ppo.py
 """
 
 from __future__ import annotations
