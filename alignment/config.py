@@ -70,6 +70,13 @@ class ModelOptions(Section):
         None, description="Attention kernel ('sdpa', 'eager', 'flash_attention_2'); null: transformers' default."
     )
     trust_remote_code: bool = Field(False, description="Allow checkpoints that ship their own Python code.")
+    revision: str | None = Field(
+        None,
+        description="Hub revision (branch, tag or commit hash) at which every model and tokenizer named by a hub "
+        "id is loaded; local directories ignore it. It enters the content hash with the id: pin a commit hash so "
+        "that a cached stage is reused only for the same upstream weights (a branch name is hashed as a name, "
+        "so an upstream update behind it is not seen). Null: the hub's default branch.",
+    )
 
     @field_validator("attn_implementation")
     @classmethod

@@ -94,8 +94,9 @@ def hub_unreachable() -> str | None:
     return None
 
 
-def _load(loader, name_or_path: str, what: str, **kwargs):
-    """Call a from_pretrained loader, turning 'not found / offline / corrupt' into a one-line error."""
+def _load(loader, name_or_path: str, what: str, revision: str | None = None, **kwargs):
+    """Call a from_pretrained loader, turning 'not found / offline / corrupt' into a one-line error.
+    A hub id is loaded at `revision` (model_options.revision); a local directory has none."""
     local = Path(name_or_path)
     if local.exists():
         if not local.is_dir():
@@ -109,14 +110,17 @@ def _load(loader, name_or_path: str, what: str, **kwargs):
         except (OSError, ValueError) as exc:
             raise RecipeError(f"cannot load {what} from {name_or_path}: {_one_line(exc)}") from None
     offline = hub_unreachable()
+    if revision:
+        kwargs["revision"] = revision
     try:
         return loader(name_or_path, **kwargs, **({"local_files_only": True} if offline else {}))
     except (OSError, ValueError):
         why = f"the hub cannot be reached ({offline}) and it is not in the local cache" if offline else (
-            "the hub id could not be fetched (offline, or no such repository)"
+            "the hub id could not be fetched (offline, or no such repository or revision)"
         )
+        at = f" at revision '{revision}'" if revision else ""
         raise RecipeError(
-            f"cannot load {what} '{name_or_path}': not a local directory, and {why}. "
+            f"cannot load {what} '{name_or_path}'{at}: not a local directory, and {why}. "
             "Pass a local path or download it first."
         ) from None
 
@@ -135,7 +139,8 @@ def load_tokenizer(
     the wrong position. Models loaded through this layer resize their embeddings to match.
     """
     options = options or ModelOptions()
-    tok = _load(AutoTokenizer.from_pretrained, name_or_path, "tokenizer", trust_remote_code=options.trust_remote_code)
+    tok = _load(AutoTokenizer.from_pretrained, name_or_path, "tokenizer", revision=options.revision,
+                trust_remote_code=options.trust_remote_code)
     if tok.eos_token is None:
         raise RecipeError(f"tokenizer '{name_or_path}' has no EOS token; set one before training")
     if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
@@ -163,7 +168,8 @@ def _fit_to_tokenizer(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> P
 
 
 def _model_kwargs(options: ModelOptions) -> dict:
-    kwargs = {"dtype": torch_dtype(options.dtype), "trust_remote_code": options.trust_remote_code}
+    kwargs = {"dtype": torch_dtype(options.dtype), "trust_remote_code": options.trust_remote_code,
+              "revision": options.revision}
     if options.attn_implementation:
         kwargs["attn_implementation"] = options.attn_implementation
     return kwargs
@@ -193,7 +199,8 @@ def check_model_kind(name_or_path: str, kind: str, key: str = "model", options: 
     causal LM (nothing to go by), never as a reward model.
     """
     options = options or ModelOptions()
-    config = _load(AutoConfig.from_pretrained, name_or_path, "model config", trust_remote_code=options.trust_remote_code)
+    config = _load(AutoConfig.from_pretrained, name_or_path, "model config", revision=options.revision,
+                   trust_remote_code=options.trust_remote_code)
     architectures = getattr(config, "architectures", None) or []
     if kind == "causal-lm" and (not architectures or any(a.endswith(MODEL_KINDS[kind]) for a in architectures)):
         return

@@ -61,6 +61,8 @@ from .config import (
 from .models import check_local_inputs
 from .stages.common import (
     append_metrics,
+    device_kind,
+    distributed_type,
     last_checkpoint,
     replace_dir,
     resolved_precision,
@@ -69,11 +71,12 @@ from .stages.common import (
     write_resolved,
 )
 
-# Keys that change where or how a run reports, not what it computes; and mixed_precision,
-# whose resolved value (auto -> bf16 or no) is hashed instead.
+# Keys that change where or how a run reports, not what it computes; mixed_precision, whose
+# resolved value (auto -> bf16 or no) is hashed instead; and model_options.revision, hashed with
+# each hub id it applies to (a local directory ignores it).
 NOT_HASHED = (
     "output_dir", "report", "training.logging_steps", "training.report_to", "training.save_steps",
-    "training.mixed_precision",
+    "training.mixed_precision", "model_options.revision",
 )
 
 
@@ -106,18 +109,36 @@ def _resolve_ref(ref: str, from_recipe: Path) -> Path:
     raise RecipeError(f"{from_recipe}: from: {ref!r}: no such recipe (looked beside the recipe and in the working directory)")
 
 
-def _fingerprint(path_or_id: str) -> str:
-    """What a local input's content is, cheaply: file hashes, or name/size/mtime of a directory's files."""
-    path = Path(path_or_id)
+# A directory's files up to this size are hashed by their bytes (configs, tokenizers, small
+# weights and data files); larger ones by name, size and modification time, read without
+# opening them (a multi-gigabyte weight shard would cost seconds per run).
+CONTENT_HASH_MAX_BYTES = 64 << 20
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fingerprint(path_or_id: str, revision: str | None = None) -> str:
+    """What an input's content is: a local file's bytes; a local directory's files (bytes up to
+    CONTENT_HASH_MAX_BYTES, name/size/mtime above); a hub id with the revision it is loaded at.
+    A leading `~` is expanded, as the loaders do."""
+    path = Path(path_or_id).expanduser()
     if path.is_file():
-        digest = hashlib.sha256()
-        with path.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-        return digest.hexdigest()
+        return _file_digest(path)
     if path.is_dir():
-        return content_hash(sorted((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*") if p.is_file()))
-    return path_or_id
+        files = []
+        for p in sorted(path.rglob("*")):
+            if p.is_file():
+                stat = p.stat()
+                small = stat.st_size <= CONTENT_HASH_MAX_BYTES
+                files.append((p.relative_to(path).as_posix(), _file_digest(p) if small else (stat.st_size, stat.st_mtime_ns)))
+        return content_hash(files)
+    return f"{path_or_id}@{revision}" if revision else path_or_id
 
 
 # Libraries whose version changes what a stage computes.
@@ -155,13 +176,18 @@ def toolkit_fingerprint() -> str:
 def _chat_template_fingerprint(template: str | None) -> str | None:
     """A chat template given as a .jinja file counts by its contents, not its path
     (models.load_tokenizer reads such a file; any other value is the template text itself)."""
-    if template and template.endswith(".jinja") and Path(template).is_file():
+    if template and template.endswith(".jinja") and Path(template).expanduser().is_file():
         return _fingerprint(template)
     return None
 
 
+def _stage_flag(stage: str, name: str, default: bool) -> bool:
+    """A stage module's declaration (MAIN_PROCESS_ONLY, USES_DEVICE, WRITES_MODEL)."""
+    return getattr(importlib.import_module(f"alignment.stages.{stage}"), name, default)
+
+
 def _runs_on_every_process(stage: str) -> bool:
-    return not getattr(importlib.import_module(f"alignment.stages.{stage}"), "MAIN_PROCESS_ONLY", False)
+    return not _stage_flag(stage, "MAIN_PROCESS_ONLY", False)
 
 
 def _hashed_view(recipe: BaseRecipe) -> dict:
@@ -179,7 +205,9 @@ def plan(recipe_path: str | Path, overrides: list[str] = (), num_processes: int 
     """Load the recipe and everything it refers to; return them in the order to run.
 
     `num_processes` (default: the launcher's WORLD_SIZE, else 1) enters the hash of every stage
-    that trains on all processes: it sets the global batch and how the data is split.
+    that trains on all processes: it sets the global batch and how the data is split; so does
+    how they share the work (DDP, DeepSpeed, FSDP). The device (GPU model or CPU kernel family)
+    enters the hash of every stage that computes on it.
     """
     top = Path(recipe_path)
     if num_processes is None:
@@ -209,14 +237,17 @@ def plan(recipe_path: str | Path, overrides: list[str] = (), num_processes: int 
         for role, value in model_inputs(recipe).items():
             if isinstance(value, FromRecipe):
                 node.refs[role] = visit(_resolve_ref(value.from_, path), False, (*stack, key))
+        every_process = _runs_on_every_process(recipe.stage)
         node.hash = content_hash(
             _hashed_view(recipe),
             {role: ref.hash for role, ref in node.refs.items()},
-            {role: _fingerprint(p) for role, p in node.inputs().items() if role not in node.refs},
+            {role: _fingerprint(p, recipe.model_options.revision) for role, p in node.inputs().items() if role not in node.refs},
             [_fingerprint(source) for source in data_files(recipe)],
             {
                 "chat_template_file": _chat_template_fingerprint(recipe.model_options.chat_template),
-                "num_processes": num_processes if _runs_on_every_process(recipe.stage) else 1,
+                "num_processes": num_processes if every_process else 1,
+                "distributed": distributed_type(num_processes) if every_process else "single",
+                "device": device_kind() if _stage_flag(recipe.stage, "USES_DEVICE", True) else None,
                 "mixed_precision": resolved_precision(recipe),
                 "toolkit": toolkit_fingerprint(),
             },
@@ -251,9 +282,31 @@ def partial_dir(out_dir: Path) -> Path:
     return out_dir.with_name(out_dir.name + ".partial")
 
 
+def written_files(directory: Path) -> dict[str, int]:
+    """Relative path -> size of every file in a finished output but run_info.json (which lists them)."""
+    return {
+        p.relative_to(directory).as_posix(): p.stat().st_size
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p != directory / "run_info.json"
+    }
+
+
+def _files_intact(directory: Path, files) -> bool:
+    """Every file a finished output listed is still there, with its size."""
+    if not isinstance(files, dict):
+        return False
+    for name, size in files.items():
+        path = directory / name
+        if not path.is_file() or path.stat().st_size != size:
+            return False
+    return True
+
+
 def is_current(node: Node) -> bool:
+    """A finished output of this exact hash, with every file it wrote still there (an output whose
+    weights were deleted is built again)."""
     info = _read_info(node.out_dir)
-    return info.get("hash") == node.hash and info.get("status") == "finished"
+    return info.get("hash") == node.hash and info.get("status") == "finished" and _files_intact(node.out_dir, info.get("files"))
 
 
 # --------------------------------------------------------------------------- output safety
@@ -411,7 +464,8 @@ def run_node(node: Node, state: PartialState) -> dict:
         if tensorboard.is_dir():
             shutil.move(str(tensorboard), str(work / "logs"))
         shutil.rmtree(work / "checkpoints", ignore_errors=True)
-        info = {**_read_info(work), "status": "finished", "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "summary": summary}
+        info = {**_read_info(work), "status": "finished", "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "summary": summary,
+                "files": written_files(work)}
         (work / "run_info.json").write_text(json.dumps(info, indent=2))
         swap_into_place(work, node.out_dir)
     state.wait_for_everyone()

@@ -31,6 +31,26 @@ def resolved_precision(recipe: BaseRecipe) -> str:
     return mode
 
 
+def device_kind() -> str:
+    """The hardware a stage computes on, as far as it changes the arithmetic: the GPU model, or
+    on a CPU the kernel family torch dispatches to (AVX-512 and AVX2 kernels round differently;
+    ATEN_CPU_CAPABILITY chooses one)."""
+    if use_cpu():
+        return f"cpu/{torch.backends.cpu.get_cpu_capability()}"
+    return f"cuda/{torch.cuda.get_device_name()}"
+
+
+def distributed_type(num_processes: int) -> str:
+    """How the processes of a training stage share the work, as `accelerate launch` set it up
+    (its environment): 'deepspeed', 'fsdp' (GPUs only: on a CPU accelerate trains as DDP),
+    'ddp' for several processes, else 'single'."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        return "deepspeed"
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not use_cpu():
+        return "fsdp"
+    return "ddp" if num_processes > 1 else "single"
+
+
 def precision_flags(recipe: BaseRecipe) -> dict:
     """TrainingArguments' bf16/fp16 flags from the recipe's `training.mixed_precision`."""
     mode = resolved_precision(recipe)
@@ -101,10 +121,34 @@ def replace_dir(new: Path, out: Path) -> None:
         new.rename(out)
 
 
+def checkpoint_step(checkpoint: str | Path) -> int:
+    """N of `checkpoint-N`: the step (PPO: the iteration) it was saved at."""
+    return int(Path(checkpoint).name.split("-")[-1])
+
+
 def last_checkpoint(work_dir: Path) -> str | None:
     """Newest `checkpoint-N` of an interrupted run in `work_dir`, to resume from."""
-    found = sorted((work_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    found = sorted((work_dir / "checkpoints").glob("checkpoint-*"), key=checkpoint_step)
     return str(found[-1]) if found else None
+
+
+def drop_metrics_after(path: Path, step: int) -> None:
+    """Before a resumed run logs again: remove the rows of `metrics.jsonl` past the checkpoint's
+    `step` (the killed run logged them, the resumed one logs them anew) and a line cut off by the
+    kill, so each step is there once. Main process only."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if line.endswith("\n") and isinstance(row, dict) and row.get("step", 0) <= step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 def write_card(out_dir: Path, recipe: BaseRecipe, base: str | None, summary: dict) -> None:
@@ -195,6 +239,8 @@ def fit_and_save(trainer, tok, recipe: BaseRecipe, work_dir: Path, evaluate: boo
     from ..models import save_model
 
     resume = last_checkpoint(work_dir)
+    if resume and trainer.is_world_process_zero():
+        drop_metrics_after(work_dir / "metrics.jsonl", checkpoint_step(resume))
     result = trainer.train(resume_from_checkpoint=resume)
     held_out = trainer.evaluate() if evaluate else {}
     if trainer.is_world_process_zero():

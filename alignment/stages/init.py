@@ -21,6 +21,7 @@ from .pretrain import demo_corpus
 
 SPECIAL_TOKENS = [PAD_TOKEN, "<s>", "</s>", world.USER_TAG, world.ASSISTANT_TAG, "<|system|>"]
 MAIN_PROCESS_ONLY = True
+USES_DEVICE = False  # the weights are drawn and saved on the CPU: the device does not enter the hash
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:

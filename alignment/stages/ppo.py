@@ -55,7 +55,7 @@ from ..models import (
     same_tokenizer,
     save_model,
 )
-from .common import append_metrics, last_checkpoint, precision_flags, use_cpu
+from .common import append_metrics, drop_metrics_after, last_checkpoint, precision_flags, use_cpu
 
 DEFAULT_PROMPTS = 2000
 
@@ -403,6 +403,8 @@ def run(recipe: PPORecipe, inputs: dict, work_dir: Path) -> dict:
     resume = last_checkpoint(work_dir)
     if resume:
         accelerator.load_state(resume)
+        if accelerator.is_main_process:
+            drop_metrics_after(work_dir / "metrics.jsonl", loop.iteration)
         say(f"ppo: resumed from {Path(resume).name} (iteration {loop.iteration} of {iterations})")
     accelerator.init_trackers("ppo", config={k: v for k, v in o.model_dump().items() if isinstance(v, (int, float, str, bool))})
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from ..config import PrepRecipe
 
 MAIN_PROCESS_ONLY = True  # writing files is one process's job
+USES_DEVICE = False  # no model computes here: the device does not enter the hash
 
 
 def run(recipe: PrepRecipe, inputs: dict, work_dir: Path) -> dict:
