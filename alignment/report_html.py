@@ -84,19 +84,46 @@ def win_rates(summary: dict) -> list[go.Figure]:
     return [_layout(fig, "Win rate (ties count half), 95% CI", "win rate of a over b", "", xaxis_range=[0, 1])]
 
 
+def kl_floor(rows: list[dict]) -> float:
+    """Where a KL at or below zero is drawn on the log axis: 0.01 nats, or half the smallest
+    positive mean or interval end when one is smaller (so that no real point lies below it)."""
+    positive = [m[k] for m in rows for k in ("kl_mean", "kl_lo") if m[k] is not None and m[k] > 0]
+    return min([0.01, *(v / 2 for v in positive)])
+
+
 def score_vs_kl(summary: dict) -> list[go.Figure]:
+    """Mean score against KL to the baseline, on a log KL axis: an over-trained or unaligned model
+    (the base model's KL to SFT is ~60 nats) would otherwise squeeze the others into one pixel.
+    The baseline itself (KL 0) and any estimate at or below 0 (the estimate is unbiased, so a
+    model close to the baseline can come out negative) are drawn at a floor, with an open marker,
+    and say so on hover and in the axis title."""
     kinds = summary["score_kinds"]
     rows = {label: m for label, m in summary["models"].items() if m["kl_mean"] is not None}
     if not kinds or not rows:
         return []
     kind = kinds[0]
+    floor = kl_floor(list(rows.values()))
     fig = go.Figure()
     for i, (label, m) in enumerate(rows.items()):
-        fig.add_trace(go.Scatter(x=[m["kl_mean"]], y=[m[f"{kind}_mean"]], mode="markers+text", name=label,
-                                 text=[label], textposition="top center", marker={"size": 12, "color": _color(i)},
-                                 error_x=_err([m], "kl"), error_y=_err([m], kind)))
-    return [_layout(fig, f"{kind} score against KL to {summary['baseline']}", f"KL(model || {summary['baseline']}) (nats)",
-                    f"mean {kind}")]
+        x, lo, hi = (max(m[k], floor) for k in ("kl_mean", "kl_lo", "kl_hi"))
+        clipped = m["kl_mean"] <= floor
+        where = f"KL {m['kl_mean']:.3g} nats [{m['kl_lo']:.3g}, {m['kl_hi']:.3g}]"
+        if label == summary["baseline"]:
+            where += " (the baseline itself)"
+        if clipped:
+            where += f"; drawn at {floor:g} (log axis)"
+        fig.add_trace(go.Scatter(
+            x=[x], y=[m[f"{kind}_mean"]], mode="markers+text", name=label, text=[label], textposition="top center",
+            marker={"size": 12, "color": _color(i), "symbol": "circle-open" if clipped else "circle",
+                    "line": {"width": 2}},
+            error_x={"type": "data", "symmetric": False, "array": [hi - x], "arrayminus": [x - lo]},
+            error_y=_err([m], kind),
+            hovertemplate=f"{html.escape(label)}: {where}<br>mean {kind} %{{y:.3f}}<extra></extra>",
+        ))
+    x_title = f"KL(model || {summary['baseline']}) (nats, log scale"
+    x_title += f"; KL ≤ 0 drawn at {floor:g})" if any(m["kl_mean"] <= floor for m in rows.values()) else ")"
+    return [_layout(fig, f"{kind} score against KL to {summary['baseline']}", x_title, f"mean {kind}",
+                    xaxis_type="log")]
 
 
 def lengths(summary: dict, samples: list[dict]) -> list[go.Figure]:
