@@ -156,14 +156,20 @@ def source_fingerprint(roots: list[Path]) -> str:
     return digest.hexdigest()[:16]
 
 
-@functools.cache
-def toolkit_fingerprint() -> str:
-    """The toolkit's own code (its packages' .py files) and the versions of the libraries that
-    compute with it: any change to them invalidates every cached stage. Computed once per process."""
+def toolkit_roots() -> list[Path]:
+    """The directories of the toolkit's packages, alignment/ and data_prep/."""
     roots = []
     for package in ("alignment", "data_prep"):
         spec = importlib.util.find_spec(package)
         roots += [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
+    return roots
+
+
+@functools.cache
+def toolkit_fingerprint() -> str:
+    """The toolkit's own code (its packages' .py files) and the versions of the libraries that
+    compute with it: any change to them invalidates every cached stage. Computed once per process."""
+    roots = toolkit_roots()
     versions = {}
     for name in RESULT_LIBRARIES:
         try:
