@@ -24,8 +24,7 @@ from . import models as model_layer
 from .config import DEMO_PROMPTS, DataOptions, GenerationOptions, ModelOptions, PromptOptions, RecipeError
 from .data import check_rows, load_rows, text_problem
 from .demo import world
-from .generation import Samples, response_logits, sample
-from .losses import sequence_logprobs
+from .generation import Samples, checkpoint_overrides, decoding, sample, token_logprobs
 
 
 @dataclass
@@ -126,8 +125,9 @@ def reply_logprobs(model, samples: Samples, temperature: float) -> torch.Tensor:
     """
     s = _to(samples, model.device)
     with torch.no_grad():
-        logits = response_logits(model, s.input_ids, s.attention_mask, s.prompt_ids.shape[1])
-        logp = sequence_logprobs(logits, s.response_ids, s.response_mask, temperature=temperature or 1.0)
+        logp = token_logprobs(
+            model, s.input_ids, s.attention_mask, s.prompt_ids.shape[1], s.response_mask, temperature or 1.0
+        )
     return logp.sum(-1).cpu()
 
 
@@ -214,10 +214,15 @@ def load_prompts(options: PromptOptions) -> tuple[list[str], str]:
         prompts = world.eval_prompts(options.num_prompts or DEMO_PROMPTS, options.seed)
         return prompts, "held-out demo prompts"
     if source.endswith(".txt"):
+        from data_prep.read import read_text
+
         path = Path(source)
         if not path.is_file():
             raise CompareError("prompts", f"{source}: no such file")
-        lines = path.read_text().rstrip("\n").split("\n")
+        try:
+            lines = read_text(path).rstrip("\n").split("\n")
+        except RecipeError as exc:  # not UTF-8, binary, empty: one line naming the file
+            raise CompareError("prompts", str(exc)) from None
         for number, line in enumerate(lines, 1):
             if not line.strip() and len(lines) > 1:
                 raise CompareError("prompts", f"{source}:{number}: empty line (expected one prompt a line)")
@@ -329,7 +334,13 @@ def compare_models(
         notes.append(f"KL uses the temperature-{gen.temperature:g} distributions without the top-p cut")
 
     asked = [p for p in prompts for _ in range(gen.samples_per_prompt)]
-    generations, logratio = _generate_all(models, toks, asked, gen, baseline, kl_able, options, progress)
+    generations, logratio, overridden = _generate_all(models, toks, asked, gen, baseline, kl_able, options, progress)
+    rule = "greedy decoding" if gen.temperature == 0 else f"replies drawn from softmax(logits / {gen.temperature:g})"
+    if gen.temperature > 0 and gen.top_p < 1:
+        rule += f" cut at top-p {gen.top_p:g}"
+    for label, settings in overridden.items():
+        listed = ", ".join(f"{k}={v!r}" for k, v in settings.items())
+        notes.append(f"'{label}': its generation_config's {listed} not applied ({rule}, as for every model)")
     scores = {}
     if has_gold(prompts):
         for label, gens in generations.items():
@@ -345,7 +356,10 @@ def compare_models(
             label: reward_scores(scorer, reward_tok, gens, batch_size=gen.batch_size) for label, gens in generations.items()
         }
         del scorer
-    settings = {**gen.model_dump(), "num_prompts": len(prompts), "prompt_source": prompt_source}
+    settings = {
+        **gen.model_dump(), "num_prompts": len(prompts), "prompt_source": prompt_source,
+        "decoding": decoding(gen.temperature, gen.top_p), "checkpoint_settings_not_applied": overridden,
+    }
     summary = summarize(generations, scores, logratio, settings, baseline=baseline, notes=notes)
     for label in models:
         summary["models"][label]["model"] = models[label]
@@ -357,9 +371,10 @@ def _device() -> torch.device:
 
 
 def _generate_all(models, toks, asked, gen: GenerationOptions, baseline, kl_able, options, progress):
-    """Each model's replies (label -> generations, in `models` order) and, where KL is estimated,
-    each reply's summed log-ratio log p_model - log p_baseline (label -> list)."""
-    generations, batches, own, logratio = {}, {}, {}, {}
+    """Each model's replies (label -> generations, in `models` order), where KL is estimated
+    each reply's summed log-ratio log p_model - log p_baseline (label -> list), and the sampling
+    settings of each model's generation_config that were not applied (label -> field -> value)."""
+    generations, batches, own, logratio, overridden = {}, {}, {}, {}, {}
     device = _device()
     for label in [m for m in models if m != baseline] + [baseline]:
         tok = toks[label]
@@ -367,6 +382,8 @@ def _generate_all(models, toks, asked, gen: GenerationOptions, baseline, kl_able
             model = model_layer.load_causal_lm(models[label], tok, options).to(device)
         except RecipeError as exc:
             raise CompareError("models", _about(label, exc)) from None
+        if settings := checkpoint_overrides(model, gen.temperature, gen.top_p):
+            overridden[label] = settings
         generations[label], batches[label] = generate_with_samples(
             model, tok, asked, max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
             batch_size=gen.batch_size, seed=gen.seed, progress=progress, desc=f"generate {label}",
@@ -383,7 +400,7 @@ def _generate_all(models, toks, asked, gen: GenerationOptions, baseline, kl_able
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return {label: generations[label] for label in models}, logratio
+    return {label: generations[label] for label in models}, logratio, {m: overridden[m] for m in models if m in overridden}
 
 
 SCORE_KINDS = ("gold", "reward")

@@ -4,14 +4,29 @@ compare`, the closing report and on-policy preference pairs share.
 `sample` answers a batch of already-rendered prompts (left-padded, KV cache) and returns the
 token ids and masks, so that callers can score or train on exactly what was sampled.
 `position_ids` gives the positions a left-padded row must use in any later forward pass, so
-that padding never changes a row's logits.
+that padding never changes a row's logits. `token_logprobs` is the one forward pass behind
+every per-token log-prob (PPO's old, new and reference log-probs, compare's KL): it applies
+the LM head in chunks, so the (batch, length, vocab) logits never exist at once.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
+from transformers import GenerationConfig
+
+from . import losses
+
+logger = logging.getLogger(__name__)
+
+# Reply tokens whose logits `token_logprobs` holds at once: peak memory is about
+# LOGPROB_CHUNK_TOKENS x vocab x 4 bytes per float32 copy (0.6 GB at a 152k vocabulary).
+LOGPROB_CHUNK_TOKENS = 1024
 
 
 @dataclass
@@ -63,6 +78,52 @@ def truncate_after_stop(response_ids: torch.Tensor, stops: list[int], pad_id: in
     return response_ids.masked_fill(mask == 0, pad_id), mask, is_stop.any(-1)
 
 
+# Generation-config fields that say nothing about which token is drawn: a checkpoint keeps these.
+NOT_DECODING = (
+    "bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "max_length", "max_new_tokens",
+    "max_time", "use_cache", "cache_implementation", "cache_config", "max_cache_len", "compile_config",
+    "disable_compile", "prefill_chunk_size", "return_dict_in_generate", "output_attentions",
+    "output_hidden_states", "output_scores", "output_logits",
+)
+_told: set = set()  # overrides already logged, so that each is said once
+
+
+def decoding(temperature: float, top_p: float = 1.0) -> dict:
+    """The decoding rule `sample` uses: greedy at temperature 0, otherwise plain sampling from
+    softmax(logits / temperature), no top-k, nucleus only when top_p < 1."""
+    if temperature > 0:
+        return {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": top_p}
+    return {"do_sample": False}
+
+
+def base_lm(model):
+    """The transformers model inside DDP and peft wrappers: the one whose `generate` runs."""
+    if isinstance(model, DistributedDataParallel):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def checkpoint_overrides(model, temperature: float, top_p: float = 1.0) -> dict:
+    """The settings of the checkpoint's own generation config that `sample` does not apply
+    (field -> the checkpoint's value): everything about decoding that differs from `decoding`,
+    e.g. repetition_penalty, no_repeat_ngram_size, top_k, min_p, suppress_tokens."""
+    config = getattr(base_lm(model), "generation_config", None)
+    if config is None:
+        return {}
+    used = decoding(temperature, top_p)
+    own = json.loads(config.to_json_string(use_diff=True))  # as saved: JSON values only
+    return {
+        k: v for k, v in sorted(own.items())
+        if k not in NOT_DECODING and k not in ("transformers_version", "_from_model_config") and used.get(k) != v
+    }
+
+
+def _clean_generation_config(config: GenerationConfig | None) -> GenerationConfig:
+    """A generation config holding only the checkpoint's token ids and cache settings."""
+    kept = {k: getattr(config, k, None) for k in NOT_DECODING} if config is not None else {}
+    return GenerationConfig(**{k: v for k, v in kept.items() if v is not None})
+
+
 def sample(
     model,
     tok,
@@ -76,31 +137,41 @@ def sample(
     sampling at `temperature` (no top-k; nucleus if top_p < 1). Seed torch before calling for
     reproducible samples.
 
-    Decoding settings are passed explicitly, so that two models are sampled under the same
-    rule whatever their own generation configs say (e.g. a repetition penalty). No position
-    ids are passed to `generate`: it derives them from the attention mask.
+    Replies are drawn exactly from softmax(logits / temperature), the distribution the log-probs
+    assume: the checkpoint's own generation config is set aside during `generate` (transformers
+    would otherwise fill every unset field from it, e.g. a repetition penalty or
+    no_repeat_ngram_size), and what it would have changed is logged once (`checkpoint_overrides`).
+    No position ids are passed to `generate`: it derives them from the attention mask.
     """
     stops = stop_ids(model, tok)
-    decoding = {"do_sample": False}
-    if temperature > 0:
-        decoding = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": top_p}
+    overridden = checkpoint_overrides(model, temperature, top_p)
+    told = (getattr(base_lm(model).config, "name_or_path", ""), repr(overridden))
+    if overridden and told not in _told:
+        _told.add(told)
+        settings = ", ".join(f"{k}={v!r}" for k, v in overridden.items())
+        logger.warning("sampling from softmax(logits / T) only: the checkpoint's generation config settings %s "
+                       "are not applied", settings)
     old_side = tok.padding_side
     tok.padding_side = "left"
     try:
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     finally:
         tok.padding_side = old_side
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=enc["input_ids"],
-            attention_mask=enc["attention_mask"],
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=0,
-            repetition_penalty=1.0,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=stops,
-            **decoding,
-        )
+    lm = base_lm(model)
+    own_config = lm.generation_config
+    lm.generation_config = _clean_generation_config(own_config)
+    try:
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=enc["input_ids"],
+                attention_mask=enc["attention_mask"],
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=stops,
+                **decoding(temperature, top_p),
+            )
+    finally:
+        lm.generation_config = own_config
     response = out[:, enc["input_ids"].shape[1] :]
     if response.shape[1] < max_new_tokens:  # every row stopped early: pad to a fixed width
         fill = response.new_full((response.shape[0], max_new_tokens - response.shape[1]), tok.pad_token_id)
@@ -125,3 +196,111 @@ def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         use_cache=False,
     )
     return out.logits[:, :-1]
+
+
+def token_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    context_length: int,
+    response_mask: torch.Tensor,
+    temperature: float = 1.0,
+    *,
+    with_entropy: bool = False,
+    chunk_tokens: int = LOGPROB_CHUNK_TOKENS,
+):
+    """(B, R) log-probs of the reply tokens input_ids[:, context_length:] under
+    softmax(logits / temperature), 0 where `response_mask` is 0; with `with_entropy`, also the
+    (B, R) entropy of that distribution at each reply position. Gradients flow to the model.
+
+    The model's trunk runs once, through the model's own forward (DDP, peft and accelerate's
+    autocast wrappers included); the LM head, log-softmax and gather then run on
+    `chunk_tokens` reply tokens at a time, under the autocast state the forward ran in, and
+    when gradients are on each chunk is recomputed in the backward pass. So at most one
+    chunk's logits exist at once, forward or backward. Models whose head cannot be applied
+    apart from their forward (no `get_output_embeddings`/`get_decoder`, scaled or soft-capped
+    logits, sharded weights) take the unchunked `response_logits` path, same values.
+    """
+    labels = input_ids[:, context_length:]
+    parts = _trunk_and_head(model)
+    if parts is None:
+        logits = response_logits(model, input_ids, attention_mask, context_length)
+        return _chunk_scores(logits, labels, response_mask, temperature, with_entropy)
+    trunk, head = parts
+    hidden, amp = _trunk_output(model, trunk, input_ids, attention_mask)
+    width = labels.shape[1]
+    hidden = hidden[:, hidden.shape[1] - width - 1 : -1]  # the positions that predict the reply tokens
+    flat = (hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1), response_mask.reshape(-1))
+
+    def scores(h, y, m):
+        with torch.autocast(**amp):
+            return _chunk_scores(head(h), y, m, temperature, with_entropy)
+
+    outs = []
+    for start in range(0, flat[0].shape[0], chunk_tokens):
+        chunk = [x[start : start + chunk_tokens] for x in flat]
+        if torch.is_grad_enabled():
+            outs.append(checkpoint(scores, *chunk, use_reentrant=False))
+        else:
+            outs.append(scores(*chunk))
+    if not with_entropy:
+        return torch.cat(outs).view_as(labels)
+    logp, entropy = zip(*outs)
+    return torch.cat(logp).view_as(labels), torch.cat(entropy).view_as(labels)
+
+
+def _chunk_scores(logits, labels, mask, temperature: float, with_entropy: bool):
+    logp = losses.sequence_logprobs(logits, labels, mask, temperature)
+    if not with_entropy:
+        return logp
+    return logp, losses.entropy_from_logits(logits.float() / temperature)
+
+
+# Config attributes of models that scale or cap their logits after the LM head (Gemma 2,
+# Cohere, Granite, Falcon-H1, ...): `token_logprobs` leaves those to the model's own forward.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier")
+
+
+def _trunk_and_head(model):
+    """(trunk, head): the decoder whose output the LM head reads, and the head itself, or None
+    when the head cannot be applied apart from the model's forward."""
+    lm = base_lm(model)
+    get_head, get_trunk = getattr(lm, "get_output_embeddings", None), getattr(lm, "get_decoder", None)
+    if get_head is None or get_trunk is None:
+        return None
+    head, trunk = get_head(), get_trunk()
+    config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    if not isinstance(head, torch.nn.Module) or trunk is None or trunk is lm:
+        return None
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in LOGIT_TRANSFORMS):
+        return None
+    weight = getattr(head, "weight", None)
+    if weight is None or type(weight) is not torch.nn.Parameter or hasattr(weight, "ds_id"):
+        return None  # FSDP / DeepSpeed ZeRO-3 shards: only the model's forward gathers them
+    return trunk, head
+
+
+def _trunk_output(model, trunk, input_ids, attention_mask):
+    """The trunk's last hidden state, captured from one pass of the model's own forward (which
+    computes the logits of the last position only), and the autocast state it ran under."""
+    seen = {}
+
+    def keep(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        device = hidden.device.type
+        seen["hidden"] = hidden
+        seen["amp"] = {"device_type": device, "dtype": torch.get_autocast_dtype(device),
+                       "enabled": torch.is_autocast_enabled(device)}
+
+    handle = trunk.register_forward_hook(keep)
+    try:
+        model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids(attention_mask),
+            logits_to_keep=1,
+            use_cache=False,
+        )
+    finally:
+        handle.remove()
+    return seen["hidden"], seen["amp"]

@@ -42,7 +42,7 @@ from ..compare import render_exchange, render_prompt
 from ..config import PPORecipe, RecipeError
 from ..data import Rows, check_rows, load_rows
 from ..demo import world
-from ..generation import position_ids, response_logits, sample
+from ..generation import position_ids, response_logits, sample, token_logprobs
 from ..models import (
     PerTokenScores,
     apply_lora,
@@ -179,12 +179,11 @@ class Rollout:
 
 
 def reply_logprobs(model, r: Rollout, temperature: float, with_entropy: bool = False):
-    """Log-probs of the reply tokens (and the per-token entropy), at `temperature`."""
-    logits = response_logits(model, r.input_ids, r.attention_mask, r.context_length)
-    logp = losses.sequence_logprobs(logits, r.response_ids, r.response_mask, temperature)
-    if not with_entropy:
-        return logp
-    return logp, losses.entropy_from_logits(logits.float() / temperature)
+    """Log-probs of the reply tokens (and the per-token entropy), at `temperature`; the LM head
+    runs in chunks (`generation.token_logprobs`)."""
+    return token_logprobs(
+        model, r.input_ids, r.attention_mask, r.context_length, r.response_mask, temperature, with_entropy=with_entropy
+    )
 
 
 def reply_values(critic, r: Rollout) -> torch.Tensor:

@@ -1,0 +1,198 @@
+"""`generation.token_logprobs`, the chunked per-token log-probs every stage uses: the same
+values and gradients as log_softmax over the full logits, for plain, peft- and DDP-wrapped
+models, under autocast, and without ever holding the (batch, reply, vocab) logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from alignment.generation import position_ids, token_logprobs
+
+VOCAB = 97
+PROMPT = 5
+
+
+def tiny_llama(vocab: int = VOCAB, hidden: int = 16, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
+    return LlamaForCausalLM(config).eval()
+
+
+def batch(reply: int = 7, vocab: int = VOCAB, rows: int = 3):
+    """Left-padded prompts of PROMPT columns, replies of `reply` columns, the last row's reply cut short."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, vocab, (rows, PROMPT + reply), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding
+    response_mask = torch.ones(rows, reply, dtype=torch.long)
+    response_mask[-1, reply // 2 :] = 0
+    return ids, mask, response_mask
+
+
+def full_logprobs(model, ids, mask, response_mask, temperature):
+    """The unchunked reference: log_softmax over every reply position's full logits."""
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+    z = logits[:, PROMPT - 1 : -1].float() / temperature
+    logp = torch.log_softmax(z, -1).gather(-1, ids[:, PROMPT:, None])[..., 0] * response_mask
+    entropy = -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1)
+    return logp, entropy
+
+
+def grads(model, loss) -> dict[str, torch.Tensor]:
+    model.zero_grad()
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same(chunked, full, atol=1e-5):
+    assert chunked.keys() == full.keys() and chunked
+    for name in full:
+        assert torch.allclose(chunked[name], full[name], atol=atol), name
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_chunked_log_probs_and_entropy_equal_unchunked_with_gradients(temperature):
+    model = tiny_llama()
+    ids, mask, response_mask = batch()
+    weights = torch.rand(response_mask.shape, generator=torch.Generator().manual_seed(2))
+
+    logp, entropy = token_logprobs(model, ids, mask, PROMPT, response_mask, temperature, with_entropy=True, chunk_tokens=4)
+    want_logp, want_entropy = full_logprobs(model, ids, mask, response_mask, temperature)
+    assert torch.allclose(logp, want_logp, atol=1e-5) and torch.allclose(entropy, want_entropy, atol=1e-5)
+    assert (logp[-1, 3:] == 0).all()  # masked reply tokens are 0
+
+    chunked = grads(model, (logp * weights).sum() + (entropy * weights).sum())
+    full = grads(model, (want_logp * weights).sum() + (want_entropy * weights).sum())
+    assert_same(chunked, full)
+
+
+def test_temperature_changes_the_values():
+    model = tiny_llama()
+    ids, mask, response_mask = batch()
+    with torch.no_grad():
+        hot = token_logprobs(model, ids, mask, PROMPT, response_mask, 0.5, chunk_tokens=4)
+        assert torch.allclose(hot, full_logprobs(model, ids, mask, response_mask, 0.5)[0], atol=1e-5)
+        assert not torch.allclose(hot, token_logprobs(model, ids, mask, PROMPT, response_mask, 1.0), atol=1e-3)
+
+
+def test_peft_model_chunked_equals_unchunked_with_adapter_gradients():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "lm_head"], init_lora_weights=False))
+    ids, mask, response_mask = batch()
+    logp = token_logprobs(model, ids, mask, PROMPT, response_mask, 0.8, chunk_tokens=5)
+    want, _ = full_logprobs(model, ids, mask, response_mask, 0.8)
+    assert torch.allclose(logp, want, atol=1e-5)
+    chunked, full = grads(model, logp.sum()), grads(model, want.sum())
+    assert any("lm_head.lora" in name for name in full)  # the head's adapter learns through the chunks
+    assert_same(chunked, full)
+    with model.disable_adapter(), torch.no_grad():
+        off = token_logprobs(model, ids, mask, PROMPT, response_mask, 0.8, chunk_tokens=5)
+        assert torch.allclose(off, full_logprobs(model, ids, mask, response_mask, 0.8)[0], atol=1e-5)
+        assert not torch.allclose(off, logp, atol=1e-3)
+
+
+def test_ddp_model_chunked_equals_unchunked_with_gradients(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = tiny_llama()
+        wrapped = DistributedDataParallel(model)
+        ids, mask, response_mask = batch()
+        logp = token_logprobs(wrapped, ids, mask, PROMPT, response_mask, 0.9, chunk_tokens=3)
+        chunked = grads(wrapped, logp.sum())
+        want, _ = full_logprobs(wrapped, ids, mask, response_mask, 0.9)
+        assert torch.allclose(logp, want, atol=1e-5)
+        assert_same(chunked, grads(wrapped, want.sum()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_head_runs_under_the_autocast_the_forward_ran_in():
+    """accelerate wraps a model's forward in autocast; the chunked head must run in it too, so
+    that a bf16 policy's log-probs are those of its own (bf16) logits."""
+    model = tiny_llama()
+    model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)
+    ids, mask, response_mask = batch()
+    with torch.no_grad():
+        logp = token_logprobs(model, ids, mask, PROMPT, response_mask, 1.0, chunk_tokens=4)
+        want, _ = full_logprobs(model, ids, mask, response_mask, 1.0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the same trunk, the head in float32
+            hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
+        z = model.lm_head(hidden.float())[:, PROMPT - 1 : -1].float()
+        float32_head = torch.log_softmax(z, -1).gather(-1, ids[:, PROMPT:, None])[..., 0] * response_mask
+    assert (float32_head - want).abs().max() > 1e-4
+    assert torch.allclose(logp, want, atol=5e-6)
+
+
+def test_models_that_cap_their_logits_take_the_unchunked_path():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=8, final_logit_softcapping=0.5)
+    model = Gemma2ForCausalLM(config).eval()
+    ids, mask, response_mask = batch()
+    with torch.no_grad():
+        logp = token_logprobs(model, ids, mask, PROMPT, response_mask, 1.0, chunk_tokens=4)
+        assert torch.allclose(logp, full_logprobs(model, ids, mask, response_mask, 1.0)[0], atol=1e-5)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the element count of the largest tensor any operation produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        sizes = [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        self.largest = max([self.largest, *sizes])
+        return out
+
+
+def test_no_operation_builds_the_full_reply_logits_forward_or_backward():
+    vocab, reply, rows, chunk = 4000, 64, 2, 8
+    model = tiny_llama(vocab=vocab, hidden=8)
+    ids, mask, response_mask = batch(reply=reply, vocab=vocab, rows=rows)
+    full_size = rows * reply * vocab
+
+    def largest(chunk_tokens):
+        with LargestTensor() as seen:
+            logp, entropy = token_logprobs(model, ids, mask, PROMPT, response_mask, 0.7, with_entropy=True,
+                                           chunk_tokens=chunk_tokens)
+            (logp.sum() + entropy.sum()).backward()
+        return seen.largest
+
+    assert largest(rows * reply) >= full_size  # one chunk: the full logits, as before
+    assert largest(chunk) <= max(chunk * vocab, vocab * 8) < full_size / 8
+
+
+def test_logits_are_not_kept_for_the_backward_pass():
+    vocab, reply, rows = 4000, 64, 2
+    model = tiny_llama(vocab=vocab, hidden=8)
+    ids, mask, response_mask = batch(reply=reply, vocab=vocab, rows=rows)
+
+    def saved(compute):
+        count = [0]
+
+        def pack(t):
+            count[0] += t.numel()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            compute()
+        return count[0]
+
+    unchunked = saved(lambda: full_logprobs(model, ids, mask, response_mask, 0.7))
+    chunked = saved(lambda: token_logprobs(model, ids, mask, PROMPT, response_mask, 0.7, with_entropy=True, chunk_tokens=8))
+    assert unchunked > 3 * rows * reply * vocab  # several float32 copies of the logits
+    assert chunked < rows * reply * vocab / 2  # the trunk's activations and each chunk's hidden states only
