@@ -31,8 +31,15 @@ examples:
 """
 
 
+class Parser(argparse.ArgumentParser):
+    """Errors are one line (no usage block) and exit with status 2; its subcommands' parsers too."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="alignment",
         description="Alignment pipeline toolkit: YAML recipes for pretraining, SFT, reward modelling and DPO.",
         epilog="examples:\n  accelerate launch recipes/dpo.yaml      # the main job, on the demo world\n"
@@ -132,7 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0].endswith((".yaml", ".yml")):
         argv = ["run", *argv]  # `python -m alignment recipe.yaml` (what `accelerate launch -m alignment` runs)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "run" and not any(a.startswith("-") for a in rest):
+        args.overrides += rest  # overrides written after an option, e.g. `run r.yaml --dry-run key=value`
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.command == "run":
             use_launcher_cores()

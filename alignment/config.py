@@ -15,10 +15,12 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from .paths import user_path
 
 STAGES = ("init", "pretrain", "sft", "reward", "ppo", "dpo", "prep", "compare")
 
@@ -28,7 +30,18 @@ class RecipeError(Exception):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # allow_inf_nan=False: .inf or .nan in any number (a learning rate, a beta) is an error, not a NaN model
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
+    PATHS: ClassVar[tuple[str, ...]] = ()  # fields holding a local path (or a mapping of them): `~` is expanded
+
+    @field_validator("*")
+    @classmethod
+    def _expand_home(cls, value, info):
+        if info.field_name not in cls.PATHS:
+            return value
+        if isinstance(value, dict):
+            return {k: user_path(v) if isinstance(v, str) else v for k, v in value.items()}
+        return user_path(value) if isinstance(value, str) else value
 
     @field_validator("*", mode="before")
     @classmethod
@@ -56,6 +69,7 @@ def did_you_mean(value: str, valid) -> str:
 class FromRecipe(Section):
     """Reference to another recipe: its output (built first if needed) is used here."""
 
+    PATHS = ("from_",)
     from_: str = Field(alias="from", description="Path of the recipe whose output to use.")
 
 
@@ -77,6 +91,15 @@ class ModelOptions(Section):
         "that a cached stage is reused only for the same upstream weights (a branch name is hashed as a name, "
         "so an upstream update behind it is not seen). Null: the hub's default branch.",
     )
+
+    PATHS = ("chat_template",)
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_file_exists(cls, template):
+        if template and "\n" not in template and template.endswith(".jinja") and not Path(user_path(template)).is_file():
+            raise ValueError(f"'{template}': no such file (a value ending in .jinja is a template file to read)")
+        return template
 
     @field_validator("attn_implementation")
     @classmethod
@@ -107,6 +130,7 @@ class LoraOptions(Section):
 
 
 class DataOptions(Section):
+    PATHS = ("source",)
     source: Union[str, FromRecipe] = Field(
         "demo",
         description="'demo' (the synthetic demo world), a .jsonl/.jsonl.gz/.json/.csv/.parquet file, a directory "
@@ -279,6 +303,8 @@ class ReportOptions(Section):
 
     It is `alignment compare` on the demo prompts: the same summary, table, report.md/json/html."""
 
+    PATHS = ("models",)
+
     models: dict[str, str] = Field(
         default_factory=dict,
         description="Label -> recipe name in this run (or a model directory), in table order; each model is "
@@ -313,6 +339,7 @@ class ReportOptions(Section):
 
 
 class BaseRecipe(Section):
+    PATHS = ("output_dir", "model", "ref_model", "reward_model", "models")
     launcher: str | None = Field(
         None, description="The line that lets `accelerate launch RECIPE.yaml` run the file; ignored here."
     )
@@ -329,6 +356,13 @@ class BaseRecipe(Section):
     data: DataOptions = Field(default_factory=DataOptions)
     training: TrainingOptions = Field(default_factory=TrainingOptions)
     report: ReportOptions = Field(default_factory=ReportOptions)
+
+    @field_validator("output_dir")
+    @classmethod
+    def _a_directory(cls, value):
+        if value is not None and not value.strip():
+            raise ValueError(f"expected a directory path, got {value!r} (null, or no key: runs/<recipe name>)")
+        return value
 
     @model_validator(mode="after")
     def _needs_model(self):
@@ -446,6 +480,8 @@ class PrepColumns(Section):
 class PrepSource(Section):
     """One input of `prep`: where the rows are, their shape and their weight in the mix."""
 
+    PATHS = ("path",)
+
     path: str = Field(
         description="'demo' (the demo world's pairs, conversations or text), a .jsonl/.jsonl.gz/.json/.csv/.parquet "
         "file, a save_to_disk directory, or a hub dataset id ('id' or 'id:config')."
@@ -510,6 +546,14 @@ class PrepOptions(Section):
     strict: bool = Field(False, description="Any dropped row is an error naming its file and line.")
     seed: int = Field(0, description="Seed of the random rejected choice, of the weighted sampling and of demo sources.")
 
+    @model_validator(mode="after")
+    def _strict_drops_nothing(self):
+        low = next((s for s in self.sources if s.weight < 1), None)
+        if self.strict and low is not None:
+            raise ValueError(f"strict (--strict) and a source weight below 1 ({low.weight:g}, --weights) conflict: "
+                             "sampling by weight leaves rows out, and strict allows no dropped row")
+        return self
+
 
 class PrepRecipe(BaseRecipe):
     """Stage `prep`: data preparation. Its output directory holds train/test JSONL and Parquet files and
@@ -538,6 +582,8 @@ DEMO_PROMPTS = 300  # held-out demo prompts a comparison answers when it names n
 
 class PromptOptions(Section):
     """The prompts compared models answer."""
+
+    PATHS = ("source",)
 
     source: str = Field(
         "demo",
@@ -730,6 +776,8 @@ def _line_index(text: str) -> dict[tuple, int]:
 def _fields_at(cls: type[BaseModel], path: tuple) -> list[str]:
     """Valid keys of the section reached by following `path` from `cls`."""
     for part in path:
+        if isinstance(part, int):  # an item of a list: the same section as the list's items
+            continue
         field = cls.model_fields.get(part) or next(
             (f for f in cls.model_fields.values() if f.alias == part), None
         )
@@ -771,6 +819,8 @@ def _describe(err: dict, cls: type[BaseModel]) -> tuple[tuple, str]:
         return loc, f"unknown key ({hint})"
     if kind == "missing":
         return loc, "missing required key"
+    if kind == "finite_number":
+        return loc, f"expected a finite number, got {got!r}"
     if kind == "literal_error":
         return loc, f"expected {err['ctx']['expected']}, got {got!r}"
     if kind == "value_error":

@@ -59,6 +59,7 @@ from .config import (
     resolved_dict,
 )
 from .models import check_local_inputs
+from .paths import keep_foreign
 from .stages.common import (
     append_metrics,
     device_kind,
@@ -243,6 +244,10 @@ def plan(recipe_path: str | Path, overrides: list[str] = (), num_processes: int 
         for role, value in model_inputs(recipe).items():
             if isinstance(value, FromRecipe):
                 node.refs[role] = visit(_resolve_ref(value.from_, path), False, (*stack, key))
+        if "data" in node.refs and node.refs["data"].recipe.stage != "prep":
+            ref = node.refs["data"]
+            raise RecipeError(f"{path}: data.source: from: {ref.path.name} is a '{ref.recipe.stage}' recipe; "
+                              "data.source takes the output of a 'prep' recipe (or a data file)")
         every_process = _runs_on_every_process(recipe.stage)
         node.hash = content_hash(
             _hashed_view(recipe),
@@ -410,6 +415,9 @@ def swap_into_place(work: Path, out: Path) -> None:
     if out.exists():
         if not is_ours(out) and any(out.iterdir()):
             raise RecipeError(f"'{out}' received files the toolkit did not write during the run; the finished output is left in '{work}'")
+        files = _read_info(out).get("files")
+        if isinstance(files, dict):  # files someone put in the old output are kept (an output listing none: all ours)
+            keep_foreign(out, work, {*files, "run_info.json"})
     replace_dir(work, out)
 
 

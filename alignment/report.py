@@ -21,7 +21,7 @@ from .compare import CompareError, Comparison, compare_models
 from .config import GenerationOptions, RecipeError, ReportOptions
 from .models import check_model_kind
 from .demo import world
-from .stages.common import replace_dir
+from .paths import keep_foreign, output_problem, replace_dir
 
 MARKER = "alignment compare"  # summary.json's "generator": an output directory this toolkit wrote
 
@@ -158,9 +158,13 @@ def write_outputs(comparison: Comparison, out_dir: Path, *, prefix: str = "", he
 
 
 def check_out_dir(out_dir: Path) -> None:
-    """An existing output directory is replaced only if `alignment compare` wrote it."""
-    if out_dir.exists() and not _ours(out_dir):
+    """Before any generation: an existing output directory is replaced only if `alignment compare`
+    wrote it, and the place can be written."""
+    if out_dir.exists() and out_dir.is_dir() and not _ours(out_dir):
         raise CompareError("out", f"{out_dir} exists and was not written by alignment compare; choose another")
+    problem = output_problem(out_dir)
+    if problem:
+        raise CompareError("out", f"{out_dir}: {problem}")
 
 
 def _ours(out_dir: Path) -> bool:
@@ -178,7 +182,8 @@ def write_report_dir(comparison: Comparison, out_dir: Path, heading: str = "Comp
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        write_outputs(comparison, tmp, heading=heading)
+        written = write_outputs(comparison, tmp, heading=heading)
+        keep_foreign(out_dir, tmp, {p.name for p in written})  # files someone put in an earlier report stay
         replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 from pathlib import Path
 
 from pydantic import ValidationError
 
-from alignment.config import PrepColumns, PrepOptions, PrepSource
+from alignment.cli import Parser
+from alignment.config import PrepColumns, PrepOptions, PrepSource, RecipeError
+from alignment.paths import user_path
 
 from .read import READ, DataError
 
@@ -54,17 +58,21 @@ examples:
 }
 
 
-class Parser(argparse.ArgumentParser):
-    """Errors are one line (no usage block) and exit with status 2."""
-
-    def error(self, message):
-        self.exit(2, f"error: {self.prog}: {message}\n")
-
-
 def _count(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _finite(text: str) -> float:
+    """A number that is finite (inf or nan would train or sample nothing sensible)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
     return value
 
 
@@ -79,7 +87,7 @@ def _add_cleaning(p: argparse.ArgumentParser, kind: str) -> None:
     d = PrepOptions.model_fields
     help_of = lambda name: d[name].description + f" (default: {d[name].default})"  # noqa: E731
     p.add_argument("--out", required=True, help="output directory (created; an earlier data_prep output is replaced)")
-    p.add_argument("--test-fraction", type=float, default=d["test_fraction"].default, help=help_of("test_fraction"))
+    p.add_argument("--test-fraction", type=_finite, default=d["test_fraction"].default, help=help_of("test_fraction"))
     p.add_argument("--split-seed", type=int, default=0, help=help_of("split_seed"))
     p.add_argument("--dedup", choices=("none", "exact", "normalised"), default="normalised", help=help_of("dedup"))
     p.add_argument("--max-turns", type=_count, help=d["max_turns"].description)
@@ -103,15 +111,15 @@ def _add_sources(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--shape", choices=shapes, default="auto", help="row shape of every source (default: detected)")
     p.add_argument("--column", type=_column, action="append", default=[], metavar="ROLE=COLUMN",
                    help="column name for a role, e.g. prompt=question (repeatable)")
-    p.add_argument("--weights", type=float, nargs="+", help="one sampling weight per source (see `prep.sources[].weight`)")
+    p.add_argument("--weights", type=_finite, nargs="+", help="one sampling weight per source (see `prep.sources[].weight`)")
     p.add_argument("--names", nargs="+", help="one label per source for the `source` column (default: file names)")
     p.add_argument("--num-examples", type=_count, help="read only the first N rows of each source")
     p.add_argument("--split", default="train", help="split of a hub dataset or saved DatasetDict (default: train)")
     if kind == "pairs":
         d = PrepOptions.model_fields
         p.add_argument("--rejected-choice", choices=("worst", "random"), default="worst", help=d["rejected_choice"].description)
-        p.add_argument("--min-margin", type=float, default=0.0, help=d["min_margin"].description)
-        p.add_argument("--min-ratio", type=float, default=1.0, help=d["min_ratio"].description)
+        p.add_argument("--min-margin", type=_finite, default=0.0, help=d["min_margin"].description)
+        p.add_argument("--min-ratio", type=_finite, default=1.0, help=d["min_ratio"].description)
         p.add_argument("--ranked-pairs", choices=("best-worst", "adjacent", "all"), default="best-worst", help=d["ranked_pairs"].description)
 
 
@@ -144,7 +152,7 @@ def _tokenizer(args):
         return None
     from alignment.models import load_tokenizer
 
-    return load_tokenizer(args.tokenizer)
+    return load_tokenizer(user_path(args.tokenizer))
 
 
 def _finish(out: Path, prepared) -> int:
@@ -161,8 +169,8 @@ def convert(args: argparse.Namespace) -> int:
     from .prepare import prepare
     from .write import check_out_dir
 
-    out = Path(args.out)
-    check_out_dir(out)  # before any work
+    out = Path(user_path(args.out))
+    check_out_dir(out, inputs=tuple(("SOURCE", s) for s in args.sources))  # before any work
     options = options_from(args, args.command)
     if (options.max_length or options.max_prompt_tokens) and not args.tokenizer:
         raise DataError("--max-length / --max-prompt-tokens count tokens: give --tokenizer")
@@ -170,22 +178,30 @@ def convert(args: argparse.Namespace) -> int:
 
 
 def onpolicy(args: argparse.Namespace) -> int:
+    from alignment.config import GenerationOptions
+    from alignment.models import check_model_kind
+
     from .onpolicy import onpolicy_rows, read_prompts
     from .prepare import prepare
     from .write import check_out_dir
 
-    out = Path(args.out)
-    check_out_dir(out)
+    out = Path(user_path(args.out))
+    check_out_dir(out, inputs=(("--prompts", args.prompts),))
     if args.reward_model is None and not args.oracle:
         raise DataError("score with --reward-model DIR, or --oracle for the demo world's gold oracle")
+    GenerationOptions(temperature=args.temperature, top_p=args.top_p, samples_per_prompt=args.k)  # their ranges
+    model, reward_model = user_path(args.model), args.reward_model and user_path(args.reward_model)
+    check_model_kind(model, "causal-lm", key="--model")  # before any sampling
+    if reward_model:
+        check_model_kind(reward_model, "classifier", key="--reward-model")
     options = PrepOptions(
         kind="pairs", sources=[PrepSource(path=args.prompts, name="onpolicy", shape="explicit")], test_fraction=args.test_fraction,
         split_seed=args.split_seed, dedup=args.dedup, max_turns=args.max_turns, max_length=args.max_length,
         strict=args.strict, seed=args.seed, min_margin=args.min_margin,
     )
-    prompts = read_prompts(args.prompts, args.prompt_column, args.num_prompts, args.seed)
+    prompts = read_prompts(options.sources[0].path, args.prompt_column, args.num_prompts, args.seed)
     rows = onpolicy_rows(
-        prompts, args.model, k=args.k, reward_model=args.reward_model, min_margin=args.min_margin,
+        prompts, model, k=args.k, reward_model=reward_model, min_margin=args.min_margin,
         temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, seed=args.seed, progress=not args.quiet,
     )
@@ -193,13 +209,33 @@ def onpolicy(args: argparse.Namespace) -> int:
     return _finish(out, prepared)
 
 
+DEMO_MANIFEST = "demo.json"  # names the files `demo` wrote, so that a rerun replaces only those
+
+
+def _demo_written(out: Path) -> list[str]:
+    """The files an earlier `demo` wrote in `out` (listed in its demo.json), or []."""
+    try:
+        manifest = json.loads((out / DEMO_MANIFEST).read_text())
+    except (OSError, ValueError):
+        return []
+    ours = isinstance(manifest, dict) and manifest.get("written_by") == "data_prep demo"
+    return list(manifest.get("files", [])) if ours else []
+
+
 def demo(args: argparse.Namespace) -> int:
     from alignment.demo import world
 
-    from .write import line_bytes, check_out_dir
+    from .write import check_out_dir, line_bytes
 
-    out = Path(args.out)
+    out = Path(user_path(args.out))
     check_out_dir(out, ours_only=False)
+    names = ["pretrain.jsonl", "sft.jsonl", "preferences.jsonl", "eval_prompts.jsonl"]
+    written = _demo_written(out)
+    for name in [*names, DEMO_MANIFEST]:
+        ours = name in written or (name == DEMO_MANIFEST and written)
+        if (out / name).exists() and not ours:
+            raise DataError(f"--out {out}: '{name}' is there and was not written by data_prep demo; "
+                            "choose another --out or move it away")
     files = {
         "pretrain.jsonl": [{"text": t} for t in world.pretrain_corpus(args.pretrain, args.seed)],
         "sft.jsonl": world.sft_conversations(args.sft, args.seed),
@@ -207,11 +243,15 @@ def demo(args: argparse.Namespace) -> int:
         "eval_prompts.jsonl": [{"prompt": p} for p in world.eval_prompts(args.eval, args.seed)],
     }
     out.mkdir(parents=True, exist_ok=True)
-    for name, rows in files.items():
+    manifest = {"written_by": "data_prep demo", "files": sorted({*written, *names})}
+    contents = {DEMO_MANIFEST: json.dumps(manifest, indent=2).encode() + b"\n"}  # first: a crash leaves them ours
+    contents.update({name: b"".join(line_bytes(r) for r in rows) for name, rows in files.items()})
+    for name, data in contents.items():
         tmp = out / f".{name}.tmp"
-        tmp.write_bytes(b"".join(line_bytes(r) for r in rows))
+        tmp.write_bytes(data)
         tmp.replace(out / name)
-        print(f"{out / name}: {len(rows)} rows")
+        if name in files:
+            print(f"{out / name}: {len(files[name])} rows")
     return 0
 
 
@@ -251,9 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=_count, default=4, help="samples per prompt (default 4)")
     p.add_argument("--reward-model", help="reward model directory (a one-label classifier) that scores the samples")
     p.add_argument("--oracle", action="store_true", help="score with the demo world's gold oracle instead")
-    p.add_argument("--min-margin", type=float, default=0.0, help="least score gap between chosen and rejected (ties always dropped)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0: off)")
+    p.add_argument("--min-margin", type=_finite, default=0.0, help="least score gap between chosen and rejected (ties always dropped)")
+    p.add_argument("--temperature", type=_finite, default=1.0, help="sampling temperature (default 1.0)")
+    p.add_argument("--top-p", type=_finite, default=1.0, help="nucleus sampling (default 1.0: off)")
     p.add_argument("--max-new-tokens", type=_count, default=32, help="longest sample (default 32)")
     p.add_argument("--batch-size", type=_count, default=64, help="prompts generated at once (default 64)")
     _add_cleaning(p, "onpolicy")
@@ -272,14 +312,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+FLAG_OF = {"weight": "--weights", "name": "--names", "path": "SOURCE", "samples_per_prompt": "--k"}
+
+
+def _validation_line(exc: ValidationError) -> str:
+    """A schema error as one line naming the flag (a check across flags names none)."""
+    err = exc.errors()[0]
+    message = err["msg"].removeprefix("Value error, ")
+    name = next((p for p in reversed(err["loc"]) if isinstance(p, str)), None)
+    return f"{FLAG_OF.get(name, '--' + name.replace('_', '-'))}: {message}" if name else message
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except DataError as exc:
+    except RecipeError as exc:  # DataError, and the model layer's errors (--model, --tokenizer, ...)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except ValidationError as exc:
-        err = exc.errors()[0]
-        print(f"error: {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
+        print(f"error: {_validation_line(exc)}", file=sys.stderr)
         return 2

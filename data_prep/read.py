@@ -80,7 +80,7 @@ def read_source(source: str, split: str = "train") -> Iterator[tuple[str, dict |
     if suffix == ".parquet":
         yield from _read_parquet(path)
         return
-    text = _text(path, gz=suffix == ".jsonl.gz")
+    text = read_text(path, gz=suffix == ".jsonl.gz")
     if suffix in (".jsonl", ".jsonl.gz"):
         yield from _read_jsonl_text(path, text)
     elif suffix == ".json":
@@ -89,7 +89,7 @@ def read_source(source: str, split: str = "train") -> Iterator[tuple[str, dict |
         yield from _read_csv_text(path, text)
 
 
-def _text(path: Path, gz: bool) -> str:
+def read_text(path: Path, gz: bool = False) -> str:
     """The file's text, with one-line errors for empty, binary, undecompressible or non-UTF-8 files."""
     try:
         raw = path.read_bytes()
@@ -202,7 +202,7 @@ def _read_directory(path: Path, split: str) -> Iterator[tuple[str, dict | Bad]]:
         target = path / f"{split}.jsonl"
         if not target.is_file():
             raise DataError(f"{path}: data_prep output has no '{split}' split ({target.name} missing)")
-        yield from _read_jsonl_text(target, _text(target, gz=False))
+        yield from _read_jsonl_text(target, read_text(target))
         return
     import datasets
 

@@ -21,6 +21,8 @@ import pyarrow as pa
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
+from alignment.paths import keep_foreign, output_problem, replace_dir, user_path
+
 from .read import DataError
 
 try:
@@ -53,23 +55,29 @@ SCHEMAS = {
 OUR_FILES = ("train.jsonl", "train.parquet", "test.jsonl", "test.parquet", "summary.json")
 
 
-def check_out_dir(out: Path, ours_only: bool = True) -> None:
+def check_out_dir(out: Path, ours_only: bool = True, inputs: tuple[tuple[str, str], ...] = ()) -> None:
     """Fail before any work if `out` cannot be (re)written: a file, a directory of someone else's
-    files (with `ours_only`), or a place we may not write."""
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--out {out}: is a file; expected a directory to write into")
-    if ours_only and out.is_dir() and any(out.iterdir()):
-        try:
-            ours = json.loads((out / "summary.json").read_text()).get("written_by") == "data_prep"
-        except (OSError, ValueError, AttributeError):
-            ours = False
-        if not ours:
-            raise DataError(f"--out {out}: directory is not empty and was not written by data_prep; choose another")
-    parent = out if out.is_dir() else out.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise DataError(f"--out {out}: cannot write in {parent} (permission denied)")
+    files (with `ours_only`), a place we may not write, or where an input is: `inputs` are
+    (flag, path) of what the command reads; an output holding one, or inside one, would replace it."""
+    if ours_only and out.is_dir() and any(out.iterdir()) and not is_ours(out):
+        raise DataError(f"--out {out}: directory is not empty and was not written by data_prep; choose another")
+    problem = output_problem(out)
+    if problem:
+        raise DataError(f"--out {out}: {problem}")
+    where = out.resolve()
+    for flag, value in inputs:
+        path = Path(user_path(value)).resolve() if value and Path(user_path(value)).exists() else None
+        if path is not None and (path == where or where in path.parents or path in where.parents):
+            raise DataError(f"--out {out}: {'holds' if where in path.parents or path == where else 'lies inside'} "
+                            f"the input {flag} {value}; writing there would replace it: choose another --out")
+
+
+def is_ours(out: Path) -> bool:
+    """Whether `out` holds an output of data_prep (its summary.json says so)."""
+    try:
+        return json.loads((out / "summary.json").read_text()).get("written_by") == "data_prep"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def write_files(directory: Path, kind: str, splits: dict[str, list[dict]], summary: dict) -> list[str]:
@@ -98,8 +106,9 @@ def _table(jsonl: Path, longest: int, schema: pa.Schema) -> pa.Table:
 
 
 def write_atomic(out: Path, kind: str, splits: dict[str, list[dict]], summary: dict) -> list[str]:
-    """Write into a hidden sibling directory, then move the files into `out`: a reader never
-    sees a half-written output, and files data_prep did not write are never touched."""
+    """Write into a hidden sibling directory, then swap it with `out` by two renames (old aside,
+    new in): a reader, or a crash at any moment, sees the old output whole or the new one whole,
+    never a mix. Files in `out` that data_prep did not write are carried into the new one."""
     check_out_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -107,13 +116,8 @@ def write_atomic(out: Path, kind: str, splits: dict[str, list[dict]], summary: d
     staging.mkdir()
     try:
         names = write_files(staging, kind, splits, summary)
-        if not out.exists():
-            staging.rename(out)
-            return names
-        for stale in set(OUR_FILES) - set(names):
-            (out / stale).unlink(missing_ok=True)
-        for name in names:
-            os.replace(staging / name, out / name)
+        keep_foreign(out, staging, OUR_FILES)
+        replace_dir(staging, out)
         return names
     finally:
         shutil.rmtree(staging, ignore_errors=True)

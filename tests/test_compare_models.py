@@ -220,7 +220,7 @@ def test_prompt_files(tmp_path):
 
 
 @pytest.mark.parametrize("name, text, expected", [
-    ("empty.txt", "", "no prompts"),
+    ("empty.txt", "", "empty.txt: empty file"),
     ("gap.txt", "one\n\nthree\n", "gap.txt:2: empty line"),
     ("bad.jsonl", '{"prompt": "ok"}\n{"prompt": \n', "bad.jsonl:2: not valid JSON"),
     ("field.jsonl", '{"prompt": "ok"}\n{"question": "x"}\n', "field.jsonl:2: missing 'prompt'"),

@@ -13,6 +13,7 @@ import yaml
 from transformers import TrainerCallback
 
 from ..config import BaseRecipe, RecipeError, resolved_dict
+from ..paths import replace_dir  # noqa: F401  (re-exported: the pipeline and the report use it)
 
 
 def use_cpu() -> bool:
@@ -106,19 +107,6 @@ class MetricsFile(TrainerCallback):
 def append_metrics(path: Path, record: dict) -> None:
     with open(path, "a") as fh:
         fh.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
-
-
-def replace_dir(new: Path, out: Path) -> None:
-    """Move the finished directory `new` to `out`, replacing what is there by two renames (old
-    aside as `<out>.old-<pid>`, new in), then remove the old: a crash at any moment leaves at
-    least one of them whole. Callers check first that an existing `out` is theirs to replace."""
-    if out.exists():
-        aside = out.with_name(f"{out.name}.old-{os.getpid()}")
-        out.rename(aside)
-        new.rename(out)
-        shutil.rmtree(aside)
-    else:
-        new.rename(out)
 
 
 def checkpoint_step(checkpoint: str | Path) -> int:

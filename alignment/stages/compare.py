@@ -16,6 +16,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from ..config import CompareRecipe, GenerationOptions, PromptOptions, RecipeError
+from ..paths import user_path
 
 MAIN_PROCESS_ONLY = True  # generation runs once, on the main process
 WRITES_MODEL = False  # the output is a report, not a model: no model card
@@ -101,6 +102,7 @@ def _parse_model(arg: str) -> tuple[str | None, str]:
 
 def _resolve(spec: str) -> tuple[str, str]:
     """(default label, model path or hub id) of a MODEL argument."""
+    spec = user_path(spec)
     if spec.endswith((".yaml", ".yml")):
         from ..compare import CompareError
         from ..pipeline import is_current, plan
@@ -145,8 +147,8 @@ def _command(args: argparse.Namespace):
     baseline = args.baseline or next(iter(models))
     if baseline not in models:
         raise CompareError("baseline", f"{baseline!r} is not a model label ({', '.join(models)})")
-    out = Path(args.out)
-    check_out_dir(out)
+    out = Path(user_path(args.out))
+    check_out_dir(out)  # before any generation: a bad place found after hours of it would waste them
     try:
         generation = GenerationOptions(
             temperature=0.0 if args.greedy else args.temperature, top_p=args.top_p,
@@ -167,7 +169,7 @@ def _command(args: argparse.Namespace):
 
         logging.disable_progress_bar()  # "Loading weights" bars too
     prompt_list, source = load_prompts(prompts)
-    comparison = compare_models(models, prompt_list, generation, baseline=baseline, reward_model=args.reward_model,
+    comparison = compare_models(models, prompt_list, generation, baseline=baseline, reward_model=args.reward_model and user_path(args.reward_model),
                                 prompt_source=source, progress=not args.no_progress)
     write_report_dir(comparison, out, heading=f"Comparison: {', '.join(models)}")
     return comparison, out
