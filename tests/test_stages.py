@@ -17,6 +17,7 @@ from alignment.config import RecipeError
 from alignment.data import pack_blocks
 from alignment.models import load_causal_lm, load_tokenizer
 from alignment.pipeline import plan, run
+from alignment.stages.common import drop_metrics_after
 
 from .conftest import MICRO, RECIPES, tensorboard_scalars
 
@@ -173,6 +174,9 @@ def test_killed_stage_resumes_to_the_same_weights(in_tmp, tiny_base, stage):
     [node] = run(recipe, [*overrides, f"output_dir={out}"])
     summary = json.loads((out / "run_info.json").read_text())["summary"]
     assert summary["resumed_from"] == "checkpoint-2" and summary["steps"] == 4
+    # Step 3 was logged by the killed run and again by the resumed one: metrics.jsonl has it once.
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logged if "loss" in row] == [1, 2, 3, 4]
     assert not partial.exists() and not (out / "checkpoints").exists()
 
     whole = in_tmp / "out" / f"{stage}-whole"
@@ -182,6 +186,16 @@ def test_killed_stage_resumes_to_the_same_weights(in_tmp, tiny_base, stage):
     for name, tensor in reference.items():
         assert torch.equal(resumed[name], tensor), name
     assert not torch.equal(reference["model.embed_tokens.weight"], load_file(tiny_base / "model.safetensors")["model.embed_tokens.weight"])
+
+
+def test_resuming_drops_the_metrics_logged_after_the_checkpoint(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}, {"step": 3, "loss": 2.0}]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "lo')  # killed mid-line
+    drop_metrics_after(metrics, 2)
+    assert metrics.read_text() == "".join(json.dumps(r) + "\n" for r in rows[:2])
+    drop_metrics_after(tmp_path / "absent.jsonl", 2)  # a run killed before it logged anything
+    assert not (tmp_path / "absent.jsonl").exists()
 
 
 def test_report_leaves_out_models_not_in_the_run_and_says_so(tiny_base):
