@@ -103,7 +103,11 @@ def _md_table(rows: list[list[str]]) -> str:
 
 def markdown(summary: dict, samples: list[dict], heading: str = "Comparison", examples: int = 5) -> str:
     s = summary["settings"]
-    parts = [f"# {heading}", "", title(summary) + f", seed {s['seed']}.", "", _md_table(table_rows(summary))]
+    parts = [f"# {heading}", "", title(summary) + f", seed {s['seed']}.", ""]
+    if "decoding" in s:
+        used = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in s["decoding"].items())
+        parts += [f"Decoding, the same for every model: {used}; nothing else from the models' generation_config.", ""]
+    parts.append(_md_table(table_rows(summary)))
     if summary["differences"]:
         parts += ["", "Paired differences (each model minus the one before it, same prompts):", ""]
         parts += [f"- {line}" for line in difference_lines(summary)]

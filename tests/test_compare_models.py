@@ -156,6 +156,26 @@ def test_generation_stops_at_every_eos_id_of_the_generation_config(tok):
         assert (g.finished, g.num_tokens) == (True, 1)
 
 
+def test_checkpoint_generation_settings_are_not_applied_and_the_report_says_so(tok, dirs, tmp_path):
+    """A copy of `a` whose generation_config asks for no repeats and a min-p cut samples
+    exactly what `a` samples (KL 0), and the report lists what was set aside."""
+    path = save_lm(tok, tmp_path / "a_settings", 0)
+    config = LlamaForCausalLM.from_pretrained(path).generation_config
+    config.do_sample, config.no_repeat_ngram_size, config.min_p = True, 1, 0.5
+    config.save_pretrained(path)
+    result = compare.compare_models({"a": dirs["a"], "set": path}, PROMPTS, SAMPLED, baseline="a", progress=False)
+    assert all(row["replies"]["set"]["text"] == row["replies"]["a"]["text"] for row in result.samples)
+    assert result.summary["models"]["set"]["kl_mean"] == 0.0
+    settings = result.summary["settings"]
+    assert settings["decoding"] == {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    assert settings["checkpoint_settings_not_applied"] == {"set": {"min_p": 0.5, "no_repeat_ngram_size": 1}}
+    report.write_outputs(result, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "'set': its generation_config's min_p=0.5, no_repeat_ngram_size=1 not applied" in md
+    assert "top_k=0" in md
+    assert json.loads((tmp_path / "summary.json").read_text())["settings"]["checkpoint_settings_not_applied"]
+
+
 def test_same_seed_same_samples_other_seed_other_samples(dirs):
     def texts(seed):
         gen = SAMPLED.model_copy(update={"seed": seed, "samples_per_prompt": 2})
