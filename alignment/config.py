@@ -340,6 +340,8 @@ class ReportOptions(Section):
 
 class BaseRecipe(Section):
     PATHS = ("output_dir", "model", "ref_model", "reward_model", "models")
+    # Keys the stage never reads (dotted): setting one is an error rather than a silent no-op.
+    UNREAD: ClassVar[tuple[str, ...]] = ()
     launcher: str | None = Field(
         None, description="The line that lets `accelerate launch RECIPE.yaml` run the file; ignored here."
     )
@@ -371,16 +373,27 @@ class BaseRecipe(Section):
         return self
 
 
+_FIELDS = ("data.text_field", "data.messages_field", "data.prompt_field", "data.chosen_field", "data.rejected_field")
+
+
+def _unread_fields(*read: str) -> tuple[str, ...]:
+    """The data.*_field keys but those the stage reads."""
+    return tuple(f for f in _FIELDS if f.removeprefix("data.") not in read)
+
+
 class InitRecipe(BaseRecipe):
+    UNREAD = ("model", "lora", "training", *_unread_fields("text_field"))
     stage: Literal["init"]
     init: InitOptions = Field(default_factory=InitOptions)
 
 
 class PretrainRecipe(BaseRecipe):
+    UNREAD = _unread_fields("text_field")
     stage: Literal["pretrain"]
 
 
 class SFTRecipe(BaseRecipe):
+    UNREAD = _unread_fields("messages_field")
     stage: Literal["sft"]
 
 
@@ -393,6 +406,7 @@ class RewardOptions(Section):
 
 
 class RewardRecipe(BaseRecipe):
+    UNREAD = _unread_fields("prompt_field", "chosen_field", "rejected_field")
     stage: Literal["reward"]
     data: PreferenceDataOptions = Field(default_factory=PreferenceDataOptions)
     reward: RewardOptions = Field(default_factory=RewardOptions)
@@ -436,6 +450,7 @@ class DPOOptions(Section):
 
 
 class DPORecipe(BaseRecipe):
+    UNREAD = (*_unread_fields("prompt_field", "chosen_field", "rejected_field"), "data.margin_field")
     stage: Literal["dpo"]
     ref_model: ModelRef | None = Field(
         None,
@@ -559,6 +574,7 @@ class PrepRecipe(BaseRecipe):
     """Stage `prep`: data preparation. Its output directory holds train/test JSONL and Parquet files and
     summary.json; a reward or dpo recipe reads it with `data.source: {from: prep.yaml}`."""
 
+    UNREAD = ("lora", "training", "data")
     stage: Literal["prep"]
     model: ModelRef | None = Field(
         None,
@@ -602,6 +618,7 @@ class PromptOptions(Section):
 class CompareRecipe(BaseRecipe):
     """Stage `compare`: models answer the same prompts; scores, win rates, KL and a report."""
 
+    UNREAD = ("model", "lora", "training", "data")
     stage: Literal["compare"]
     models: dict[str, ModelRef] = Field(
         default_factory=dict,
@@ -692,6 +709,7 @@ class PromptDataOptions(DataOptions):
 
 
 class PPORecipe(BaseRecipe):
+    UNREAD = _unread_fields("prompt_field")
     stage: Literal["ppo"]
     reward_model: ModelRef = Field(
         description="Reward model (a one-label sequence classifier): a path, a hub id or {from: reward.yaml}. "
@@ -899,11 +917,8 @@ def load_recipe(path: str | Path, overrides: list[tuple[list[str], Any, str]] = 
         got = "missing required key" if stage is None else f"got {stage!r}"
         raise RecipeError(f"{path}: stage: {got}; expected one of {', '.join(RECIPE_CLASSES)}")
     cls = RECIPE_CLASSES[stage]
-    try:
-        recipe = cls.model_validate(data)
-    except ValidationError as exc:
-        errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
-        loc, message = _describe(errors[0], cls)
+    def error(loc: tuple, message: str, more: int = 0) -> RecipeError:
+        """The one line naming the file and line (or the override) of the key at `loc`."""
         dotted = "".join(f"{p}: " for p in [".".join(str(p) for p in loc)] if p)
         source = next((f"override {raw!r}" for k, raw in from_override.items() if k == loc[: len(k)]), None)
         if source is None:
@@ -912,10 +927,48 @@ def load_recipe(path: str | Path, overrides: list[tuple[list[str], Any, str]] = 
             source = f"{path}:{line}" if line else str(path)
         else:
             source = f"{path} ({source})"
-        more = len(exc.errors()) - 1
-        raise RecipeError(f"{source}: {dotted}{message}" + (f" (+{more} more)" if more else "")) from None
+        return RecipeError(f"{source}: {dotted}{message}" + (f" (+{more} more)" if more else ""))
+
+    try:
+        recipe = cls.model_validate(data)
+    except ValidationError as exc:
+        errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+        raise error(*_describe(errors[0], cls), more=len(exc.errors()) - 1) from None
+    chain_wide = {k for k, raw in from_override.items() if raw.startswith("*:")}  # `*:KEY=...` sets every recipe
+    unread = _unread_key(recipe, data, chain_wide)
+    if unread:
+        raise error(*unread)
     recipe._path = path
     return recipe
+
+
+def _set(data, loc: tuple) -> bool:
+    """Whether the raw recipe (YAML and overrides) sets the key at `loc`."""
+    for part in loc:
+        if isinstance(data, dict) and part in data:
+            data = data[part]
+        elif isinstance(data, list) and isinstance(part, int) and part < len(data):
+            data = data[part]
+        else:
+            return False
+    return True
+
+
+def _unread_key(recipe: BaseRecipe, data: dict, chain_wide: set) -> tuple[tuple, str] | None:
+    """(key path, message) of a key the recipe sets that its stage never reads, or None: one of
+    the stage's UNREAD keys, or a split of a data file (only hub datasets and saved DatasetDicts
+    have splits). Keys set for every recipe of a chain (`*:KEY=VALUE`) are let through."""
+    for dotted in type(recipe).UNREAD:
+        loc = tuple(dotted.split("."))
+        if _set(data, loc) and loc not in chain_wide:
+            return loc, f"the {recipe.stage} stage never reads this key; remove it"
+    splits = [(("data", "split"), recipe.data.source)]
+    splits += [(("prompts", "split"), recipe.prompts.source)] if isinstance(recipe, CompareRecipe) else []
+    splits += [(("prep", "sources", i, "split"), s.path) for i, s in enumerate(getattr(getattr(recipe, "prep", None), "sources", []))]
+    for loc, source in splits:
+        if _set(data, loc) and loc not in chain_wide and isinstance(source, str) and Path(source).is_file():
+            return loc, f"{source} is a file, which has no splits (a split is read from a hub dataset or a saved DatasetDict)"
+    return None
 
 
 def model_inputs(recipe: BaseRecipe) -> dict[str, "str | FromRecipe"]:

@@ -239,6 +239,33 @@ def check_local_inputs(stage: str, inputs: dict[str, str]) -> None:
         kind = None if stage == "reward" and key == "model" else INPUT_KINDS.get(key)
         if kind:
             check_model_kind(path, kind, key)
+        _check_weights_fit_config(Path(path), key)
+
+
+def _check_weights_fit_config(directory: Path, key: str) -> None:
+    """Every tensor of the safetensors files has the shape config.json gives it: the model is
+    built on the meta device (no memory, no time) and the files' headers are compared with it."""
+    import transformers
+    from safetensors import safe_open
+
+    try:
+        config = AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError):
+        return  # check_model_kind and the loaders name this
+    cls = getattr(transformers, (getattr(config, "architectures", None) or [""])[0], None)
+    if cls is None:
+        return
+    with torch.device("meta"):
+        expected = {name: list(t.shape) for name, t in cls(config).state_dict().items()}
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as weights:
+            for name in weights.keys():
+                shape = list(weights.get_slice(name).get_shape())
+                if name in expected and expected[name] != shape:
+                    raise RecipeError(
+                        f"{key}: {file}: tensor '{name}' has shape {shape} but config.json gives it "
+                        f"{expected[name]}; the weights do not match config.json"
+                    )
 
 
 def load_causal_lm(

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from alignment.config import PrepColumns, PrepOptions, PrepSource
 
 from .read import Bad, DataError, read_source
-from .shapes import KIND_SHAPES, detect_shape, make_parser
+from .shapes import KIND_SHAPES, check_columns, detect_shape, make_parser
 
 try:  # orjson serialises about 5x faster; the standard library is the fallback
     from orjson import dumps as _dumps
@@ -290,6 +290,7 @@ def _prepare(o: PrepOptions, tokenizer, progress: bool, given: dict | None, num_
             shape = detect_shape(columns, source.columns, KIND_SHAPES[o.kind], where)
         elif shape not in KIND_SHAPES[o.kind]:
             raise DataError(f"{where}: shape '{shape}' does not make {o.kind} (expected {', '.join(KIND_SHAPES[o.kind])})")
+        check_columns(shape, source.columns)  # here, before any worker process parses with them
         procs = num_proc
         if procs is None:  # enough rows to pay for starting processes?
             head.extend(islice(rows, max(0, PARALLEL_ROWS - len(head))))

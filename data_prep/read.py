@@ -17,6 +17,7 @@ import csv
 import gzip
 import io
 import json
+import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,11 +148,28 @@ def _read_json_text(path: Path, text: str) -> Iterator[tuple[str, dict | Bad]]:
         raise DataError(f"{path}: expected a list of objects or an object of column lists, got {type(data).__name__}")
     if not data:
         raise DataError(f"{path}: empty file (no rows)")
+    maybe_surrogates = _SURROGATE.search(text) is not None  # an escape \ud800-\udfff: a lone one is no text
     for i, row in enumerate(data):
-        yield f"{path} row {i + 1}", row if isinstance(row, dict) else Bad("row is not a JSON object", type(row).__name__)
+        if not isinstance(row, dict):
+            row = Bad("row is not a JSON object", type(row).__name__)
+        elif maybe_surrogates and _lone_surrogate(row):
+            row = Bad("not valid JSON", "a lone surrogate escape, which is no Unicode text")  # as orjson says of a JSONL line
+        yield f"{path} row {i + 1}", row
+
+
+_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate(row: dict) -> bool:
+    try:
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _read_csv_text(path: Path, text: str) -> Iterator[tuple[str, dict | Bad]]:
+    csv.field_size_limit(2**31 - 1)  # the default 131,072 characters is shorter than many a real reply
     reader = csv.reader(io.StringIO(text, newline=""))
     header = next(reader, None)
     if not header or not any(h.strip() for h in header):
@@ -161,9 +179,12 @@ def _read_csv_text(path: Path, text: str) -> Iterator[tuple[str, dict | Bad]]:
     for cells in reader:
         where = f"{path}:{line + 1}"
         line = reader.line_num
-        if not any(c.strip() for c in cells):
+        if not "".join(cells).strip() and len(cells) < 2:  # an empty line, as between JSONL rows
             continue
         rows += 1
+        if not any(c.strip() for c in cells):
+            yield where, Bad("blank CSV row", "every cell is empty")
+            continue
         if len(cells) != len(header):
             yield where, Bad("ragged CSV row", f"{len(cells)} fields, the header has {len(header)}")
             continue
@@ -173,13 +194,17 @@ def _read_csv_text(path: Path, text: str) -> Iterator[tuple[str, dict | Bad]]:
 
 
 def _cell(text: str):
-    """CSV cells are text; a cell holding a JSON list or object (chat messages) is parsed."""
+    """CSV cells are text; a cell holding chat messages as JSON (a list of {role, content}) is
+    parsed. Any other text stays text, even when it reads as JSON (a reply "[1, 2, 3]"); a
+    column that must be a list (ratings, completions, ranked) is parsed where the shape reads it."""
     stripped = text.strip()
-    if stripped[:1] in ("[", "{"):
+    if stripped[:1] == "[":
         try:
-            return json.loads(stripped)
+            value = json.loads(stripped)
         except json.JSONDecodeError:
             return text
+        if value and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+            return value
     return text
 
 

@@ -30,6 +30,7 @@ string: the reason the row is dropped. Reasons are short and fixed, so they can 
 
 from __future__ import annotations
 
+import json
 import random
 import zlib
 from typing import Callable
@@ -83,38 +84,46 @@ def detect_shape(columns, c: PrepColumns, allowed: tuple[str, ...], where: str) 
 
 
 def is_transcript(text: str) -> bool:
-    return "Assistant:" in text and ("\n\nHuman:" in text or text.startswith("Human:"))
+    """Human/Assistant turns: a line that starts with "Human:" and one that starts with "Assistant:"."""
+    start = text.lstrip()
+    return (start.startswith("Human:") or "\nHuman:" in start) and "\nAssistant:" in start
+
+
+def starts_as_transcript(text: str) -> bool:
+    """A transcript from its first word: how an explicit prompt or reply given as text is told
+    from text that quotes a dialogue (a reply "Here is an example:\\n\\nHuman: ...")."""
+    return text.lstrip().startswith("Human:") and "\nAssistant:" in text
 
 
 def parse_transcript(text: str) -> list[dict]:
     """`"\\n\\nHuman: a\\n\\nAssistant: b"` -> user/assistant messages; text before the first turn is a system message.
 
-    A turn starts at "Human:" or "Assistant:" at the start of the text or after a blank line
-    ("\\n\\n"); the text up to the next turn, stripped, is its content. (Splitting on blank
-    lines is several times faster than a regular expression, which matters at 100k rows.)
+    A turn starts at a line that begins with "Human:" or "Assistant:" (after a blank line, as
+    in Anthropic's HH data, or a single newline); the lines up to the next turn, stripped, are
+    its content.
     """
     lead: list[str] = []
-    turns: list[list[str]] = []
-    for chunk in text.split("\n\n"):
-        marker = chunk.lstrip("\n")
-        if marker.startswith("Human:"):
-            turns.append(["user", marker[6:]])
-        elif marker.startswith("Assistant:"):
-            turns.append(["assistant", marker[10:]])
+    turns: list[tuple[str, list[str]]] = []
+    for line in text.split("\n"):
+        if line.startswith("Human:"):
+            turns.append(("user", [line[6:]]))
+        elif line.startswith("Assistant:"):
+            turns.append(("assistant", [line[10:]]))
         elif turns:
-            turns[-1][1] += "\n\n" + chunk
+            turns[-1][1].append(line)
         else:
-            lead.append(chunk)
-    system = "\n\n".join(lead).strip()
+            lead.append(line)
+    system = "\n".join(lead).strip()
     messages = [{"role": "system", "content": system}] if system else []
-    messages.extend({"role": role, "content": content.strip()} for role, content in turns)
+    messages.extend({"role": role, "content": "\n".join(lines).strip()} for role, lines in turns)
     return messages
 
 
-def as_messages(value, role: str, name: str) -> list[dict] | str:
-    """Text (one `role` message, or a transcript's turns), one message, or a message list -> messages."""
+def as_messages(value, role: str, name: str, transcript=is_transcript) -> list[dict] | str:
+    """Text (one `role` message, or the turns of a transcript, as `transcript(text)` tells), one
+    message, or a message list -> messages."""
     if isinstance(value, str):
-        return parse_transcript(value) if is_transcript(value) else [{"role": role, "content": value}]
+        return parse_transcript(value) if transcript(value) else [{"role": role, "content": value}]
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list) or not value:
@@ -132,7 +141,7 @@ def as_messages(value, role: str, name: str) -> list[dict] | str:
 def _prompt(row: dict, name: str) -> list[dict] | str:
     if row.get(name) is None:
         return f"missing '{name}'"
-    prompt = as_messages(row[name], "user", name)
+    prompt = as_messages(row[name], "user", name, starts_as_transcript)
     if isinstance(prompt, str):
         return prompt
     if len(prompt) > 1 and prompt[-1]["role"] == "assistant" and not prompt[-1]["content"].strip():
@@ -145,14 +154,29 @@ def _prompt(row: dict, name: str) -> list[dict] | str:
 def _reply(value, name: str, prompt: list[dict]) -> list[dict] | str:
     if value is None:
         return f"missing '{name}'"
-    reply = as_messages(value, "assistant", name)
+    reply = as_messages(value, "assistant", name, starts_as_transcript)
     if isinstance(reply, str):
         return reply
-    if len(reply) > len(prompt) and reply[: len(prompt)] == prompt:
+    if len(reply) > len(prompt) and _turns(reply[: len(prompt)]) == _turns(prompt):
         reply = reply[len(prompt) :]  # a whole conversation that repeats the prompt
     if len(reply) != 1 or reply[0]["role"] != "assistant":
         return f"'{name}' is not one assistant reply"
     return reply
+
+
+def _turns(messages: list[dict]) -> list[tuple[str, str]]:
+    """Messages compared as a transcript's are parsed: contents stripped."""
+    return [(m["role"], m["content"].strip()) for m in messages]
+
+
+def _as_list(value):
+    """A list column as read from a CSV cell (JSON text) or any other file (a list already)."""
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _number(value) -> float | None:
@@ -182,9 +206,34 @@ def _pair(prompt, chosen, rejected, score_chosen=None, score_rejected=None, row_
 # --------------------------------------------------------------------------- shapes
 
 
+# The columns each shape reads (PrepColumns roles).
+SHAPE_ROLES = {
+    "explicit": ("prompt", "chosen", "rejected", "id"),
+    "implicit": ("chosen", "rejected", "id"),
+    "rated": ("prompt", "completions", "ratings", "id"),
+    "scored": ("prompt", "response_a", "response_b", "score_a", "score_b", "id"),
+    "ranked": ("prompt", "ranked", "id"),
+    "sft": ("messages", "id"),
+    "text": ("text", "id"),
+}
+
+
+def check_columns(shape: str, c: PrepColumns) -> None:
+    """Two roles of a shape read from one column (`--column chosen=x --column rejected=x`) would
+    make every pair identical: a DataError instead."""
+    seen: dict[str, str] = {}
+    for role in SHAPE_ROLES[shape]:
+        name = getattr(c, role)
+        if name in seen:
+            raise DataError(f"columns: {seen[name]} and {role} both name the column '{name}' "
+                            f"({shape} rows); each role needs a column of its own")
+        seen[name] = role
+
+
 def make_parser(shape: str, c: PrepColumns, o: PrepOptions) -> Callable[[dict], list[dict] | str]:
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}")
+    check_columns(shape, c)
     return {
         "explicit": _explicit,
         "implicit": _implicit,
@@ -228,7 +277,7 @@ def _split_conversation(value, name: str) -> tuple[list[dict], dict] | str:
     return messages[:-1], messages[-1]
 
 
-_LAST, _HUMAN = "\n\nAssistant:", "\n\nHuman:"
+_LAST, _HUMAN = "\nAssistant:", "\nHuman:"  # turn markers at a line's start (see parse_transcript)
 
 
 def _shared_transcript(chosen, rejected) -> tuple[list[dict], dict, dict] | None:
@@ -277,14 +326,14 @@ def _rated(c: PrepColumns, o: PrepOptions):
         prompt = _prompt(row, c.prompt)
         if isinstance(prompt, str):
             return prompt
-        completions = row.get(c.completions)
+        completions = _as_list(row.get(c.completions))
         if not isinstance(completions, list):
             return f"'{c.completions}' is not a list"
         if completions and all(isinstance(x, dict) for x in completions):
             texts = [x.get(c.response_key) for x in completions]
             ratings = [x.get(c.rating_key) for x in completions]
         else:
-            texts, ratings = completions, row.get(c.ratings)
+            texts, ratings = completions, _as_list(row.get(c.ratings))
             if not isinstance(ratings, list) or len(ratings) != len(texts):
                 return f"'{c.ratings}' is not a list as long as '{c.completions}'"
         ratings = [_number(r) for r in ratings]
@@ -338,7 +387,7 @@ def _ranked(c: PrepColumns, o: PrepOptions):
         prompt = _prompt(row, c.prompt)
         if isinstance(prompt, str):
             return prompt
-        ranked = row.get(c.ranked)
+        ranked = _as_list(row.get(c.ranked))
         if not isinstance(ranked, list):
             return f"'{c.ranked}' is not a list"
         if len(ranked) < 2:
