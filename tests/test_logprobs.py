@@ -196,3 +196,23 @@ def test_logits_are_not_kept_for_the_backward_pass():
     chunked = saved(lambda: token_logprobs(model, ids, mask, PROMPT, response_mask, 0.7, with_entropy=True, chunk_tokens=8))
     assert unchunked > 3 * rows * reply * vocab  # several float32 copies of the logits
     assert chunked < rows * reply * vocab / 2  # the trunk's activations and each chunk's hidden states only
+
+
+def test_dpo_fused_head_path_agrees_with_token_logprobs():
+    """DPO scores replies through TRL's fused LM head (tiled over tokens and vocabulary, never
+    the full logits; policy and reference alike): the same log-probs and gradients as ours."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    from alignment.stages.dpo import PreferenceTrainer
+
+    model = tiny_llama()
+    add_fused_lm_head(model)
+    ids, _, response_mask = batch()
+    mask = torch.ones_like(ids)  # DPO's rows: prompt then reply, no left padding
+    completion = torch.cat([torch.zeros(ids.shape[0], PROMPT, dtype=torch.long), response_mask], 1)
+    inputs = {"input_ids": ids, "attention_mask": mask, "completion_mask": completion}
+    dpo_sums, counts = PreferenceTrainer._reply_logps(None, model, inputs)
+    ours = token_logprobs(model, ids, mask, PROMPT, response_mask)
+    assert counts.tolist() == response_mask.sum(1).tolist()
+    assert torch.allclose(dpo_sums, ours.sum(1), atol=1e-4)
+    assert_same(grads(model, dpo_sums.sum()), grads(model, ours.sum()), atol=1e-4)
