@@ -35,6 +35,25 @@ def tiny_base(tmp_path_factory) -> Path:
     return work / "init"
 
 
+@pytest.fixture(scope="session")
+def reward_dir(tiny_base, tmp_path_factory) -> Path:
+    """A one-label classifier on the tiny base with a random head, scaled so that replies' scores
+    differ by a few units: a reward model a short run can climb."""
+    import torch
+
+    from alignment.models import load_classifier, load_tokenizer
+
+    torch.manual_seed(0)
+    tok = load_tokenizer(str(tiny_base))
+    out = tmp_path_factory.mktemp("rm") / "rm"
+    model = load_classifier(str(tiny_base), tok)
+    with torch.no_grad():
+        model.score.weight.mul_(30)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 # The default demo chain (init -> pretrain -> sft, default model shape) with far fewer steps:
 # small enough for CI, large enough that SFT learns some of the task.
 MICRO_DEMO_CHAIN = [

@@ -131,47 +131,62 @@ def test_trl_trainers_read_the_output_unchanged(tmp_path, tiny_base):
     assert reward.train().global_step == 2
 
 
-def test_onpolicy_command_end_to_end(tmp_path, tiny_base):
+def test_onpolicy_command_end_to_end(tmp_path, tiny_base, reward_dir):
+    """A tiny real policy samples 3 replies to each of 12 demo prompts, a tiny real reward model
+    scores them, and the pairs that clear the margin are written."""
     out = tmp_path / "onpolicy"
     code = main(["onpolicy", "--model", str(tiny_base), "--prompts", "demo", "--num-prompts", "12", "--k", "3",
-                 "--oracle", "--max-new-tokens", "6", "--test-fraction", "0", "--quiet", "--out", str(out)])
+                 "--reward-model", str(reward_dir), "--max-new-tokens", "6", "--test-fraction", "0", "--quiet",
+                 "--out", str(out)])
     assert code == 0
     s = json.loads((out / "summary.json").read_text())
-    assert s["rows_read"] == 12 and s["kept"] + sum(s["dropped"].values()) == 12
-    for line in (out / "train.jsonl").read_text().splitlines():
-        pair = json.loads(line)
+    assert s["rows_read"] == 12 and s["kept"] > 0 and s["kept"] + sum(s["dropped"].values()) == 12
+    pairs = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    prompts = {c["messages"][0]["content"] for c in world.sft_conversations(12, 0)}
+    assert len(pairs) == s["kept"]
+    for pair in pairs:
+        assert pair["prompt"][0]["content"] in prompts and pair["chosen"] != pair["rejected"]
         assert pair["score_chosen"] > pair["score_rejected"]
 
 
-def test_onpolicy_keeps_best_against_worst_when_the_margin_clears(monkeypatch):
-    """k=3 samples per prompt with scores set by hand: p1 keeps 0.9 vs 0.2; p2 ties; p3's gap 0.05 < 0.1."""
-    from alignment import compare, models
+def test_onpolicy_keeps_best_against_worst_when_the_margin_clears(tiny_base, reward_dir):
+    """k=3 replies per prompt from a tiny real policy, scored by a tiny real reward model: each
+    prompt's pair is its best reply against its worst, kept when the gap clears min_margin; a bad
+    prompt passes through with its reason; identical samples tie."""
+    from alignment import compare
+    from alignment.models import load_causal_lm, load_classifier, load_tokenizer
     from data_prep.onpolicy import onpolicy_rows
     from data_prep.read import Bad
 
-    texts = {"p1": ["ok", "best", "mid"], "p2": ["a", "b", "c"], "p3": ["x", "y", "z"]}
-    scores = {"ok": 0.2, "best": 0.9, "mid": 0.5, "a": 0.5, "b": 0.5, "c": 0.5, "x": 0.5, "y": 0.55, "z": 0.5}
-    asked = []
+    texts = world.eval_prompts(6, 0)
+    prompts = [("f:1", texts[0]), ("f:2", Bad("not valid JSON")), *((f"f:{i + 3}", t) for i, t in enumerate(texts[1:]))]
+    sampling = {"max_new_tokens": 6, "temperature": 1.0, "seed": 0, "progress": False}
+    # What onpolicy_rows sees: the toolkit's seeded sampler (same seed, same replies) and reward model.
+    tok = load_tokenizer(str(tiny_base))
+    replies = compare.generate(load_causal_lm(str(tiny_base), tok), tok, [t for t in texts for _ in range(3)], **sampling)
+    rm_tok = load_tokenizer(str(reward_dir))
+    scores = compare.reward_scores(load_classifier(str(reward_dir), rm_tok), rm_tok, replies)
+    groups = [sorted(zip(scores[3 * i : 3 * i + 3], (r.text for r in replies[3 * i : 3 * i + 3]))) for i in range(len(texts))]
+    gaps = sorted(group[-1][0] - group[0][0] for group in groups)
+    min_margin = (gaps[2] + gaps[3]) / 2  # half the prompts clear it
 
-    def fake_generate(model, tok, prompts, **kw):
-        asked.extend(prompts)
-        seen = {}
-        gens = []
-        for p in prompts:
-            i = seen[p] = seen.get(p, -1) + 1
-            gens.append(compare.Generation(p, texts[p][i], True, 1))
-        return gens
+    rows = onpolicy_rows(prompts, str(tiny_base), k=3, reward_model=str(reward_dir), min_margin=min_margin, **sampling)
+    assert [o for o, _ in rows] == [o for o, _ in prompts]
+    assert rows[1][1].reason == "not valid JSON"
+    made = [row for _, row in rows[:1] + rows[2:]]
+    for text, group, row in zip(texts, groups, made):
+        (low, worst), (high, best) = group[0], group[-1]
+        if high - low >= min_margin:
+            assert row == {"prompt": text, "chosen": best, "rejected": worst,
+                           "score_chosen": pytest.approx(high), "score_rejected": pytest.approx(low)}
+        else:
+            assert row.reason == "score margin below min_margin"
+    assert sum(isinstance(row, dict) for row in made) == 3
 
-    monkeypatch.setattr(models, "load_tokenizer", lambda path, *a: None)
-    monkeypatch.setattr(models, "load_causal_lm", lambda path, tok, *a: None)
-    monkeypatch.setattr(compare, "generate", fake_generate)
-    monkeypatch.setattr(compare, "gold_scores", lambda gens: [scores[g.text] for g in gens])
-    prompts = [("f:1", "p1"), ("f:2", Bad("not valid JSON")), ("f:3", "p2"), ("f:4", "p3")]
-    rows = onpolicy_rows(prompts, "model", k=3, reward_model=None, min_margin=0.1)
-    assert asked == ["p1"] * 3 + ["p2"] * 3 + ["p3"] * 3
-    assert [o for o, _ in rows] == ["f:1", "f:2", "f:3", "f:4"]
-    assert rows[0][1] == {"prompt": "p1", "chosen": "best", "rejected": "ok", "score_chosen": 0.9, "score_rejected": 0.2}
-    assert [r.reason for _, r in rows[1:]] == ["not valid JSON", "all samples scored the same", "score margin below min_margin"]
+    # Nucleus sampling at top_p near 0 draws the most likely token every time: the k replies are
+    # the same, and so are their gold scores.
+    [(_, tie)] = onpolicy_rows(prompts[:1], str(tiny_base), k=3, reward_model=None, min_margin=0.1, top_p=1e-6, **sampling)
+    assert tie.reason == "all samples scored the same"
 
 
 def test_token_limits_count_with_the_given_tokenizer(tmp_path, tiny_base):

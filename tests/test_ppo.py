@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from alignment import losses
+from alignment.compare import render_exchange
 from alignment.config import RecipeError, load_recipe
 from alignment.models import load_classifier, load_tokenizer, save_model
 from alignment.pipeline import run
@@ -27,21 +27,6 @@ from .conftest import MICRO_DEMO_CHAIN, RECIPES, tensorboard_scalars
 REPO = Path(__file__).resolve().parents[1]
 MICRO_PPO = ["ppo.total_episodes=32", "ppo.batch_size=8", "ppo.response_length=6", "data.num_examples=64",
              "ppo.ppo_epochs=2", "report.models={}", "training.learning_rate=1e-3"]
-
-
-@pytest.fixture(scope="module")
-def reward_dir(tiny_base, tmp_path_factory) -> Path:
-    """A one-label classifier on the tiny base with a random head, scaled so that replies' scores
-    differ by a few units: a reward model a short run can climb."""
-    torch.manual_seed(0)
-    tok = load_tokenizer(str(tiny_base))
-    out = tmp_path_factory.mktemp("rm") / "rm"
-    model = load_classifier(str(tiny_base), tok)
-    with torch.no_grad():
-        model.score.weight.mul_(30)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 def recipe_for(tiny_base, reward_dir, *extra):
@@ -57,7 +42,7 @@ def setup(tiny_base, reward_dir):
     inputs = {"model": str(tiny_base), "reward_model": str(reward_dir)}
     m = ppo.build_models(recipe, inputs, print)
     accelerator = Accelerator(cpu=True)
-    prompts, rendered, _ = ppo.load_prompts(recipe, m.tok)
+    prompts, rendered, *_ = ppo.load_prompts(recipe, m.tok)
     return recipe, inputs, m, accelerator, prompts[:8], rendered[:8]
 
 
@@ -134,11 +119,11 @@ def test_log_probs_values_and_scores_ignore_left_padding_and_batch_mates(setup):
         alone.context_length + 3, alone.response_ids, alone.response_mask, alone.finished,
     )
     with torch.no_grad():
-        batch_scores = ppo.reward_scores(m, r, prompts)  # before the missing-EOS penalty
+        batch_scores = ppo.source_scores(m, r, prompts, [{}] * len(prompts))["reward_model"]  # before the missing-EOS penalty
         for other in (alone, padded):
             assert torch.allclose(ppo.reply_logprobs(m.policy, other, recipe.ppo.temperature), r.logp[:1], atol=1e-5)
             assert torch.allclose(ppo.reply_values(m.critic, other), r.values[:1], atol=1e-5)
-            assert torch.allclose(ppo.reward_scores(m, other, prompts[:1]), batch_scores[:1], atol=1e-5)
+            assert torch.allclose(ppo.source_scores(m, other, prompts[:1], [{}])["reward_model"], batch_scores[:1], atol=1e-5)
 
 
 def test_nothing_after_the_first_eos_adds_kl_or_trains_the_value():
@@ -160,14 +145,14 @@ def test_first_minibatch_ratio_is_one_and_only_policy_and_critic_learn(tiny_base
     m = ppo.build_models(recipe, inputs, print)
     accelerator = Accelerator(cpu=True)
     optimizer, scheduler = ppo.prepare_training(m, accelerator, recipe)
-    prompts, rendered, _ = ppo.load_prompts(recipe, m.tok)
-    frozen = {n: p.clone() for model in (m.reference, m.reward) for n, p in model.named_parameters()}
+    prompts, rendered, *_ = ppo.load_prompts(recipe, m.tok)
+    frozen = {n: p.clone() for model in (m.reference, m.rewards.reward_model) for n, p in model.named_parameters()}
     policy_before = {n: p.clone() for n, p in m.policy.named_parameters()}
     torch.manual_seed(0)
     r = ppo.rollout(m, accelerator, rendered[:8], prompts[:8], recipe, {"generation": 0.0, "scoring": 0.0})
-    stats, _, _ = ppo.learn(m, accelerator, optimizer, scheduler, r, 0.05, recipe, 0)
+    stats, *_ = ppo.learn(m, accelerator, optimizer, scheduler, r, 0.05, recipe, 0)
     assert stats["policy/ratio_first_minibatch"] == 1.0 and stats["policy/clipfrac_first_minibatch"] == 0.0
-    for model in (m.reference, m.reward):
+    for model in (m.reference, m.rewards.reward_model):
         assert not model.training
         for n, p in model.named_parameters():
             assert p.grad is None and not p.requires_grad and torch.equal(p, frozen[n])
@@ -189,7 +174,7 @@ def test_lora_policy_is_its_own_reference_and_only_adapters_learn(tiny_base, rew
     start = load_causal_lm(str(tiny_base), m.tok).eval()
     accelerator = Accelerator(cpu=True)
     optimizer, scheduler = ppo.prepare_training(m, accelerator, recipe)
-    prompts, rendered, _ = ppo.load_prompts(recipe, m.tok)
+    prompts, rendered, *_ = ppo.load_prompts(recipe, m.tok)
     before = {name: {n: p.clone() for n, p in model.named_parameters()} for name, model in (("policy", m.policy), ("critic", m.critic))}
     for iteration in range(2):
         torch.manual_seed(iteration)
@@ -256,10 +241,23 @@ def test_short_run_on_the_demo_world_raises_reward_and_gold_score(micro_demo_cha
     assert gold["mean"] > 0, gold
 
 
-def _run_cli(args, cwd, **kwargs):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.Popen([sys.executable, "-m", "alignment", "run", str(RECIPES / "ppo.yaml"), *args],
-                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+# A ppo run that SIGKILLs itself (no exception, no cleanup) right after logging iteration 5, one
+# iteration after its checkpoint at 4.
+KILLED_AFTER_ITERATION_5 = """
+import os, signal, sys
+from alignment.cli import main
+from alignment.stages import ppo
+
+log = ppo.append_metrics
+
+def append_metrics(path, record):
+    log(path, record)
+    if record.get("step") == 5:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+ppo.append_metrics = append_metrics
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 def test_killed_run_resumes_to_bit_identical_weights(in_tmp, tiny_base, reward_dir):
@@ -267,18 +265,19 @@ def test_killed_run_resumes_to_bit_identical_weights(in_tmp, tiny_base, reward_d
               "training.save_steps=2"]
     [straight] = run(RECIPES / "ppo.yaml", [*common, "output_dir=straight"])
 
-    proc = _run_cli([*common, "output_dir=killed"], in_tmp)
-    checkpoint = in_tmp / "killed.partial" / "checkpoints" / "checkpoint-4"
-    deadline = time.time() + 120
-    while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert checkpoint.exists() and not (in_tmp / "killed").exists()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_ITERATION_5, "run", str(RECIPES / "ppo.yaml"), *common,
+                             "output_dir=killed"], cwd=in_tmp, env=env, capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    checkpoints = in_tmp / "killed.partial" / "checkpoints"
+    assert [p.name for p in checkpoints.iterdir()] == ["checkpoint-4"] and not (in_tmp / "killed").exists()
 
     [resumed] = run(RECIPES / "ppo.yaml", [*common, "output_dir=killed"])
     summary = json.loads((resumed.out_dir / "run_info.json").read_text())["summary"]
-    assert summary["resumed_from"].startswith("checkpoint-") and summary["iterations"] == 8
+    assert summary["resumed_from"] == "checkpoint-4" and summary["iterations"] == 8
+    # Iterations logged after the checkpoint by the killed run are logged again: each is there once.
+    logged = [json.loads(line) for line in (resumed.out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logged if "step" in row] == list(range(1, 9))
     a, b = load_file(straight.out_dir / "model.safetensors"), load_file(resumed.out_dir / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -299,7 +298,7 @@ ppo.prepare_training(m, accelerator, recipe)
 params = [p for model in (m.policy, m.critic) for p in model.parameters() if p.requires_grad]
 optimizer = accelerator.prepare(torch.optim.SGD(params, lr=0.5))
 scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-prompts, rendered, _ = ppo.load_prompts(recipe, m.tok)
+prompts, rendered, *_ = ppo.load_prompts(recipe, m.tok)
 torch.manual_seed(0)  # the same global batch in every process; each then keeps its share
 r = ppo.rollout(m, accelerator, rendered[:8], prompts[:8], recipe, {"generation": 0.0, "scoring": 0.0})
 n = 8 // accelerator.num_processes
@@ -372,14 +371,14 @@ def test_reward_model_with_another_tokenizer_scores_retokenised_text(in_tmp, tin
     recipe = recipe_for(tiny_base, in_tmp / "other_rm")
     m = ppo.build_models(recipe, {"model": str(tiny_base), "reward_model": str(in_tmp / "other_rm")}, print)
     assert m.reward_tok is not None
-    prompts, rendered, _ = ppo.load_prompts(recipe, m.tok)
+    prompts, rendered, *_ = ppo.load_prompts(recipe, m.tok)
     torch.manual_seed(0)
     r = ppo.rollout(m, Accelerator(cpu=True), rendered[:4], prompts[:4], recipe, {"generation": 0.0, "scoring": 0.0})
     reply = m.tok.decode(r.response_ids[0, : r.response_mask[0].sum() - r.finished[0].long()], skip_special_tokens=True)
-    enc = other_tok(ppo.render_exchange(other_tok, prompts[0], reply), return_tensors="pt", add_special_tokens=False)
+    enc = other_tok(render_exchange(other_tok, prompts[0], reply), return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
-        expected = m.reward.classifier(**enc).logits[0, 0]
-    assert ppo.reward_scores(m, r, prompts[:4])[0].item() == pytest.approx(expected.item(), abs=1e-5)
+        expected = m.rewards.reward_model.classifier(**enc).logits[0, 0]
+    assert ppo.source_scores(m, r, prompts[:4], [{}] * 4)["reward_model"][0].item() == pytest.approx(expected.item(), abs=1e-5)
 
     run(RECIPES / "ppo.yaml", [f"model={tiny_base}", "reward_model=other_rm", *MICRO_PPO, "output_dir=out/ppo"])
     assert capsys.readouterr().out.count("tokenizer differs from the policy's") == 2  # once per build
