@@ -11,6 +11,7 @@ they live in ``recipes/accelerate/*.yaml`` and go to ``accelerate launch --confi
 
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
 import json
@@ -908,7 +909,10 @@ def load_recipe(path: str | Path, overrides: list[tuple[list[str], Any, str]] = 
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}")
     from_override: dict[tuple, str] = {}
+    own = copy.deepcopy(data)  # the recipe's keys and those overridden for it alone (not `*:KEY=...`)
     for key_path, value, raw in overrides:
+        if not raw.startswith("*:"):
+            _apply_override(own, key_path, value, raw)
         _apply_override(data, key_path, value, raw)
         from_override[tuple(key_path)] = raw
 
@@ -934,8 +938,7 @@ def load_recipe(path: str | Path, overrides: list[tuple[list[str], Any, str]] = 
     except ValidationError as exc:
         errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
         raise error(*_describe(errors[0], cls), more=len(exc.errors()) - 1) from None
-    chain_wide = {k for k, raw in from_override.items() if raw.startswith("*:")}  # `*:KEY=...` sets every recipe
-    unread = _unread_key(recipe, data, chain_wide)
+    unread = _unread_key(recipe, own)
     if unread:
         raise error(*unread)
     recipe._path = path
@@ -954,19 +957,19 @@ def _set(data, loc: tuple) -> bool:
     return True
 
 
-def _unread_key(recipe: BaseRecipe, data: dict, chain_wide: set) -> tuple[tuple, str] | None:
+def _unread_key(recipe: BaseRecipe, data: dict) -> tuple[tuple, str] | None:
     """(key path, message) of a key the recipe sets that its stage never reads, or None: one of
     the stage's UNREAD keys, or a split of a data file (only hub datasets and saved DatasetDicts
     have splits). Keys set for every recipe of a chain (`*:KEY=VALUE`) are let through."""
     for dotted in type(recipe).UNREAD:
         loc = tuple(dotted.split("."))
-        if _set(data, loc) and loc not in chain_wide:
+        if _set(data, loc):
             return loc, f"the {recipe.stage} stage never reads this key; remove it"
     splits = [(("data", "split"), recipe.data.source)]
     splits += [(("prompts", "split"), recipe.prompts.source)] if isinstance(recipe, CompareRecipe) else []
     splits += [(("prep", "sources", i, "split"), s.path) for i, s in enumerate(getattr(getattr(recipe, "prep", None), "sources", []))]
     for loc, source in splits:
-        if _set(data, loc) and loc not in chain_wide and isinstance(source, str) and Path(source).is_file():
+        if _set(data, loc) and isinstance(source, str) and Path(source).is_file():
             return loc, f"{source} is a file, which has no splits (a split is read from a hub dataset or a saved DatasetDict)"
     return None
 

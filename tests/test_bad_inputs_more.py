@@ -279,3 +279,9 @@ def test_reply_quoting_a_dialogue_is_the_reply_itself():
 def test_transcript_with_single_newlines_is_parsed():
     [pair] = parse_explicit({"prompt": "Human: a\nAssistant:", "chosen": "b", "rejected": "c"})
     assert pair["prompt"] == [{"role": "user", "content": "a"}]
+
+
+def test_a_chain_wide_override_is_not_an_unread_key(in_tmp, capsys):
+    """`*:training.logging_steps=1` sets init's training too, which init never reads: let through."""
+    assert alignment_main(["run", str(RECIPES / "sft.yaml"), "*:training.logging_steps=1", "--dry-run"]) == 0
+    assert "init" in capsys.readouterr().out
