@@ -13,7 +13,7 @@ Run directory layout (default `runs/`, one directory per recipe, named after the
         recipe.resolved.yaml     every key after defaults and overrides, plus input paths
         metrics.jsonl            one JSON object per logged step, then the final summary
         README.md                model card
-        run_info.json            stage, content hash, inputs, finish time
+        run_info.json            stage, content hash, inputs, finish time, files written (name: size)
     runs/<name>.partial/         a run in progress (checkpoints/ inside, to resume from)
 
 A stage writes into `<name>.partial/` and renames it to `<name>/` only when complete, so
