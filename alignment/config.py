@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from .paths import user_path
 
-STAGES = ("init", "pretrain", "sft", "reward", "ppo", "dpo", "prep", "compare")
+STAGES = ("init", "pretrain", "sft", "reward", "ppo", "grpo", "rloo", "dpo", "prep", "compare")
 
 
 class RecipeError(Exception):
@@ -643,17 +643,21 @@ class CompareRecipe(BaseRecipe):
         return self
 
 
-# --------------------------------------------------------------------------- ppo
+# --------------------------------------------------------------------------- online RL: ppo, grpo, rloo
 
 
-class PPOOptions(Section):
-    """PPO with a KL penalty (see alignment/stages/ppo.py for one iteration step by step)."""
+class RLOptions(Section):
+    """What the one RL loop (alignment/stages/ppo.py) reads in every RL stage: rollouts, the clipped
+    policy update and the KL leash. The stage's own section (ppo, grpo, rloo) adds the rest."""
 
     total_episodes: int = Field(
         2048, gt=0, description="Rollouts (prompt + sampled reply) over the whole run; iterations = "
         "total_episodes // batch_size."
     )
-    batch_size: int = Field(64, gt=0, description="Rollouts per iteration, over all processes.")
+    batch_size: int = Field(
+        64, gt=0, description="Rollouts per iteration, over all processes (grpo, rloo: batch_size / "
+        "num_generations prompts, num_generations replies each)."
+    )
     num_minibatches: int = Field(
         1, gt=0, description="Minibatches each iteration's batch is split into; one optimizer step per minibatch "
         "(training.gradient_accumulation_steps micro-batches inside each)."
@@ -664,15 +668,16 @@ class PPOOptions(Section):
         0.7, gt=0.0, description="Sampling temperature of the rollouts; log-probs are taken at the same temperature."
     )
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling of the rollouts (1: off).")
-    clip_range: float = Field(0.2, gt=0.0, description="PPO ratio clip epsilon.")
-    value_clip_range: float = Field(0.2, gt=0.0, description="Clip of the value update around the rollout's values.")
-    vf_coef: float = Field(0.1, ge=0.0, description="Weight of the value loss in the total loss.")
-    gamma: float = Field(1.0, ge=0.0, le=1.0, description="Discount factor of GAE.")
-    lam: float = Field(0.95, ge=0.0, le=1.0, description="GAE lambda.")
+    clip_range: float | None = Field(
+        0.2, gt=0.0, description="Ratio clip epsilon of the policy loss (null: no clipping, the plain policy gradient)."
+    )
     kl_estimator: Literal["k1", "k3"] = Field(
         "k1", description="Per-token KL estimator: 'k1' = logp - ref_logp, 'k3' = exp(r) - 1 - r with r = ref_logp - logp."
     )
-    kl_coef: float = Field(0.05, ge=0.0, description="KL penalty coefficient beta (the starting value when adaptive).")
+    kl_coef: float = Field(
+        0.05, ge=0.0, description="KL coefficient beta (the starting value when adaptive). 0 with kl_control "
+        "'fixed': no reference model is loaded at all."
+    )
     kl_control: Literal["fixed", "adaptive"] = Field(
         "fixed", description="'adaptive': beta follows Ziegler et al.'s controller toward kl_target."
     )
@@ -681,7 +686,6 @@ class PPOOptions(Section):
     missing_eos_penalty: float | None = Field(
         None, ge=0.0, description="Subtracted from the score of replies that end without EOS (null: none)."
     )
-    whiten_rewards: bool = Field(False, description="Whiten the per-token rewards (mean kept) before GAE.")
     forward_batch_size: int | None = Field(
         None, gt=0, description="Rows per no-grad forward pass during rollouts (null: the whole local batch)."
     )
@@ -694,12 +698,110 @@ class PPOOptions(Section):
             )
         if self.total_episodes < self.batch_size:
             raise ValueError(f"total_episodes {self.total_episodes} is smaller than batch_size {self.batch_size}")
+        if self.batch_size % self.group_size:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by num_generations {self.group_size}")
         return self
+
+    @property
+    def group_size(self) -> int:
+        """Replies sampled per prompt (1: PPO)."""
+        return 1
+
+    @property
+    def estimator(self) -> str:
+        """The advantage estimator: 'gae' (PPO's, with a critic) or a critic-free one."""
+        return "gae"
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.estimator == "gae"
+
+
+class PPOOptions(RLOptions):
+    """PPO with a KL penalty and a critic (see alignment/stages/ppo.py for one iteration step by step)."""
+
+    value_clip_range: float = Field(0.2, gt=0.0, description="Clip of the value update around the rollout's values.")
+    vf_coef: float = Field(0.1, ge=0.0, description="Weight of the value loss in the total loss.")
+    gamma: float = Field(1.0, ge=0.0, le=1.0, description="Discount factor of GAE.")
+    lam: float = Field(0.95, ge=0.0, le=1.0, description="GAE lambda.")
+    whiten_rewards: bool = Field(False, description="Whiten the per-token rewards (mean kept) before GAE.")
+    clip_range: float = Field(0.2, gt=0.0, description="PPO ratio clip epsilon.")
+
+
+class CriticFreeOptions(RLOptions):
+    """Online RL without a critic: several replies per prompt, each scored against its siblings."""
+
+    num_generations: int = Field(
+        4, ge=2, description="Replies sampled per prompt (G, RLOO's k); the group an advantage is measured in."
+    )
+    advantage_estimator: Literal["grpo", "rloo", "reinforce_baseline"] = Field(
+        "grpo",
+        description="'grpo': (r - group mean) / group std (std only with scale_rewards); 'rloo': r - the mean of "
+        "the other replies to the prompt; 'reinforce_baseline': r - group mean, then whitened over the batch "
+        "(REINFORCE++-baseline).",
+    )
+    scale_rewards: bool = Field(True, description="(grpo) Divide by the group's standard deviation (false: Dr. GRPO).")
+    kl_in: Literal["loss", "reward"] = Field(
+        "loss",
+        description="Where the KL leash acts: 'loss' adds beta * KL(policy || reference) per token to the loss "
+        "(GRPO); 'reward' subtracts beta * the reply's summed KL from its score before the advantages (RLOO).",
+    )
+    loss_aggregation: Literal["token", "sequence", "dr_grpo"] = Field(
+        "sequence",
+        description="How per-token losses become one: 'sequence' averages each reply's tokens, then the replies "
+        "(GRPO's paper, TRL's loss_type 'grpo'); 'token' averages over all tokens of the minibatch (DAPO); "
+        "'dr_grpo' sums and divides by replies x response_length (Dr. GRPO).",
+    )
+    mask_truncated_completions: bool = Field(
+        False, description="Leave replies cut off at response_length (no EOS) out of the loss."
+    )
+
+    @property
+    def group_size(self) -> int:
+        return self.num_generations
+
+    @property
+    def estimator(self) -> str:
+        return self.advantage_estimator
+
+
+class GRPOOptions(CriticFreeOptions):
+    """GRPO (DeepSeekMath): group-normalised rewards, per-token clipped surrogate, KL (k3) in the loss.
+    Keys take TRL's GRPOConfig names where TRL has one (beta, epsilon, num_iterations, num_generations)."""
+
+    kl_coef: float = Field(
+        0.04, ge=0.0, alias="beta",
+        description="KL coefficient (0: no reference model is loaded at all).",
+    )
+    clip_range: float | None = Field(0.2, gt=0.0, alias="epsilon", description="Ratio clip epsilon (null: no clipping).")
+    ppo_epochs: int = Field(1, gt=0, alias="num_iterations", description="Updates per rollout batch (GRPO's mu).")
+    kl_estimator: Literal["k1", "k3"] = Field("k3", description="Per-token KL estimator of the KL term ('k3' as in GRPO).")
+    temperature: float = Field(1.0, gt=0.0, description="Sampling temperature; log-probs are taken at the same temperature.")
+
+
+class RLOOOptions(CriticFreeOptions):
+    """RLOO (Ahmadian et al. 2024): k replies per prompt, leave-one-out baseline, KL in the reward."""
+
+    advantage_estimator: Literal["grpo", "rloo", "reinforce_baseline"] = Field(
+        "rloo", description=CriticFreeOptions.model_fields["advantage_estimator"].description
+    )
+    kl_coef: float = Field(
+        0.05, ge=0.0, alias="beta", description="KL coefficient (0: no reference model is loaded at all)."
+    )
+    kl_in: Literal["loss", "reward"] = Field(
+        "reward", description=CriticFreeOptions.model_fields["kl_in"].description
+    )
+    loss_aggregation: Literal["token", "sequence", "dr_grpo"] = Field(
+        "token", description=CriticFreeOptions.model_fields["loss_aggregation"].description
+    )
+    clip_range: float | None = Field(0.2, gt=0.0, alias="epsilon", description="Ratio clip epsilon (null: no clipping).")
+    ppo_epochs: int = Field(1, gt=0, alias="num_iterations", description="Updates per rollout batch.")
+    temperature: float = Field(1.0, gt=0.0, description="Sampling temperature; log-probs are taken at the same temperature.")
 
 
 class PromptDataOptions(DataOptions):
-    """Prompts of the PPO stage: rows with a user prompt (`prompt_field`); demo: the demo world's training
-    prompts (never the held-out ones the report uses)."""
+    """Prompts of the RL stages: rows with a user prompt (`prompt_field`); its other columns go to Python
+    reward functions. demo: the demo world's training prompts (never the held-out ones the report uses)."""
 
     num_examples: int | None = Field(
         2000, gt=0, description="Prompts to generate (demo) or to keep (first N of a file). Null: all."
@@ -709,25 +811,86 @@ class PromptDataOptions(DataOptions):
     )
 
 
-class PPORecipe(BaseRecipe):
+BUILTIN_REWARDS = ("gold",)  # reward_fn names that are not 'file.py:function' / 'module:function'
+
+
+class RLRecipe(BaseRecipe):
+    """What ppo, grpo and rloo share: prompts and the reward sources."""
+
     UNREAD = _unread_fields("prompt_field")
-    stage: Literal["ppo"]
-    reward_model: ModelRef = Field(
+    reward_model: ModelRef | None = Field(
+        None,
         description="Reward model (a one-label sequence classifier): a path, a hub id or {from: reward.yaml}. "
-        "The critic starts from it too."
+        "ppo: the critic starts from it too.",
+    )
+    reward_fn: list[str] = Field(
+        default_factory=list,
+        description="Python reward functions, 'file.py:name' or 'package.module:name', called as "
+        "name(prompts=..., completions=..., **columns) -> list of floats (TRL's GRPO reward functions work "
+        "unchanged); 'gold': the demo world's gold oracle. A single string is one function.",
+    )
+    reward_weights: list[float] | None = Field(
+        None,
+        description="Weight of each reward source in the sum, in order: reward_model (when set), then each "
+        "reward_fn. Null: all 1.",
     )
     data: PromptDataOptions = Field(default_factory=PromptDataOptions)
-    ppo: PPOOptions = Field(default_factory=PPOOptions)
+
+    @field_validator("reward_fn", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("reward_fn")
+    @classmethod
+    def _function_refs(cls, refs):
+        for ref in refs:
+            target, sep, name = ref.rpartition(":")
+            if ref not in BUILTIN_REWARDS and not (sep and target and name.isidentifier()):
+                raise ValueError(
+                    f"{ref!r} is not a reward function: expected 'file.py:name', 'package.module:name' or one of "
+                    f"{', '.join(BUILTIN_REWARDS)}"
+                )
+        return refs
 
     @model_validator(mode="after")
-    def _minibatch_splits(self):
-        per_minibatch = self.ppo.batch_size // self.ppo.num_minibatches
+    def _reward_sources(self):
+        count = (self.reward_model is not None) + len(self.reward_fn)
+        if count == 0:
+            raise ValueError("no reward: set reward_model, reward_fn or both")
+        if self.reward_weights is not None and len(self.reward_weights) != count:
+            raise ValueError(
+                f"reward_weights has {len(self.reward_weights)} entries for {count} reward sources "
+                "(reward_model first when set, then each reward_fn)"
+            )
+        o = self.rl
+        per_minibatch = o.batch_size // o.num_minibatches
         if per_minibatch % self.training.gradient_accumulation_steps:
             raise ValueError(
-                f"ppo.batch_size / ppo.num_minibatches = {per_minibatch} rollouts is not divisible by "
+                f"{self.stage}.batch_size / {self.stage}.num_minibatches = {per_minibatch} rollouts is not divisible by "
                 f"training.gradient_accumulation_steps {self.training.gradient_accumulation_steps}"
             )
         return self
+
+    @property
+    def rl(self) -> RLOptions:
+        """The stage's own section (ppo, grpo or rloo)."""
+        return getattr(self, self.stage)
+
+
+class PPORecipe(RLRecipe):
+    stage: Literal["ppo"]
+    ppo: PPOOptions = Field(default_factory=PPOOptions)
+
+
+class GRPORecipe(RLRecipe):
+    stage: Literal["grpo"]
+    grpo: GRPOOptions = Field(default_factory=GRPOOptions)
+
+
+class RLOORecipe(RLRecipe):
+    stage: Literal["rloo"]
+    rloo: RLOOOptions = Field(default_factory=RLOOOptions)
 
 
 RECIPE_CLASSES: dict[str, type[BaseRecipe]] = {
@@ -737,6 +900,8 @@ RECIPE_CLASSES: dict[str, type[BaseRecipe]] = {
     "reward": RewardRecipe,
     "dpo": DPORecipe,
     "ppo": PPORecipe,
+    "grpo": GRPORecipe,
+    "rloo": RLOORecipe,
     "prep": PrepRecipe,
     "compare": CompareRecipe,
 }

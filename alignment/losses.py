@@ -257,22 +257,25 @@ def ppo_policy_loss(
     old_logp: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
-    clip_eps: float,
+    clip_eps: Optional[float],
+    aggregation: str = "token",
+    max_length: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PPO clipped surrogate (Schulman et al. 2017), as a loss to minimise.
 
     ratio = exp(new - old);
-    loss = masked_mean(max(-A ratio, -A clip(ratio, 1-eps, 1+eps))),
-    which is the negation of the pessimistic min(...) objective.
+    loss = aggregate(max(-A ratio, -A clip(ratio, 1-eps, 1+eps))), by default the token mean,
+    which is the negation of the pessimistic min(...) objective. clip_eps None: no clipping,
+    the plain policy gradient surrogate -A ratio (its gradient at ratio 1 is -A grad log pi).
     clipfrac = fraction of tokens where the clipped branch wins (strictly).
     approxkl = 0.5 masked_mean((new - old)^2), the k2 estimate of KL(old || new).
-    clipfrac and approxkl are detached.
+    clipfrac and approxkl are detached token means.
     """
     log_ratio = new_logp - old_logp
     ratio = torch.exp(log_ratio)
     pg1 = -advantages * ratio
-    pg2 = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(torch.maximum(pg1, pg2), mask)
+    pg2 = pg1 if clip_eps is None else -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    loss = aggregate(torch.maximum(pg1, pg2), mask, aggregation, max_length)
     clipfrac = masked_mean((pg2 > pg1).to(pg1.dtype), mask).detach()
     approxkl = (0.5 * masked_mean(log_ratio ** 2, mask)).detach()
     return loss, clipfrac, approxkl
@@ -336,3 +339,70 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     """1 - var(R - V) / var(R) over the masked elements: 1 for a perfect critic, 0 for one
     that predicts the mean, negative for worse."""
     return 1.0 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp_min(1e-8)
+
+
+# --------------------------------------------------------------------------
+# Critic-free advantage estimators (GRPO, RLOO, REINFORCE with a baseline)
+# --------------------------------------------------------------------------
+
+def _groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[N] -> [N / G, G]: rows i*G .. i*G + G - 1 are the replies to one prompt."""
+    if scores.dim() != 1 or scores.numel() % group_size:
+        raise ValueError(f"expected [N] scores with N a multiple of the group size {group_size}, got {tuple(scores.shape)}")
+    return scores.float().view(-1, group_size)
+
+
+def grpo_advantages(scores: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO (Shao et al. 2024, DeepSeekMath): each reply's score against its group's.
+
+    A_i = (r_i - mean_group(r)) / (std_group(r) + eps) with `scale`, else r_i - mean_group(r)
+    (Dr. GRPO, Liu et al. 2025, drops the std: it up-weights groups whose scores barely differ).
+    std is the unbiased one (torch.std), as TRL's GRPOTrainer takes it. A group whose scores
+    are all equal gets advantage 0 (no NaN). Returns [N], one advantage per reply.
+    """
+    g = _groups(scores, group_size)
+    centred = g - g.mean(dim=1, keepdim=True)
+    if scale:
+        std = g.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(g[:, :1])
+        centred = centred / (std + eps)
+    return centred.reshape(-1)
+
+
+def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO (Kool et al. 2019; Ahmadian et al. 2024): each reply's score minus the mean of the
+    other G - 1 replies to the same prompt (the leave-one-out baseline):
+
+    A_i = r_i - (sum_j r_j - r_i) / (G - 1) = G / (G - 1) (r_i - mean_group(r)).
+    Needs G >= 2. Returns [N].
+    """
+    if group_size < 2:
+        raise ValueError("the leave-one-out baseline needs at least 2 replies per prompt")
+    g = _groups(scores, group_size)
+    baseline = (g.sum(dim=1, keepdim=True) - g) / (group_size - 1)
+    return (g - baseline).reshape(-1)
+
+
+def group_mean_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """REINFORCE with the group mean as baseline: A_i = r_i - mean_group(r) (REINFORCE++-baseline,
+    as in OpenRLHF, then whitens these over the whole batch; the caller does that). Returns [N]."""
+    return grpo_advantages(scores, group_size, scale=False)
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, kind: str = "token", max_length: Optional[int] = None) -> torch.Tensor:
+    """Reduce a [B,T] per-token loss to a scalar, the ways GRPO's variants do:
+
+    * "token"    sum_bt l m / sum_bt m: every token weighs the same (DAPO; PPO's token mean);
+    * "sequence" mean_b (sum_t l m / sum_t m): every reply weighs the same, long replies' tokens
+                 less (the GRPO paper);
+    * "dr_grpo"  sum_bt l m / (B * max_length): a constant normaliser, no length bias (Dr. GRPO).
+    Rows whose mask is all zero add 0.
+    """
+    m = mask.to(per_token.dtype)
+    if kind == "token":
+        return masked_mean(per_token, m)
+    if kind == "sequence":
+        return masked_mean(per_token, m, dim=1).mean()
+    if kind == "dr_grpo":
+        width = max_length if max_length is not None else per_token.shape[1]
+        return masked_sum(per_token, m) / (per_token.shape[0] * width)
+    raise ValueError(f"unknown loss aggregation {kind!r}; expected 'token', 'sequence' or 'dr_grpo'")

@@ -1,25 +1,35 @@
-"""Stage `ppo`: PPO with a KL penalty, our own loop on accelerate + transformers.
+"""Stages `ppo`, `grpo` and `rloo`: one online RL loop on accelerate + transformers.
+
+The advantage estimator is the only real difference between them (as OpenRLHF's
+`--advantage_estimator` and verl's `algorithm.adv_estimator`): `gae` with a critic (PPO),
+or a critic-free one over a group of replies to each prompt (GRPO, RLOO, REINFORCE with a
+baseline). `stages/grpo.py` and `stages/rloo.py` only name this loop; their recipes' sections
+(`grpo:`, `rloo:`) choose the defaults of each method.
 
 Models: the policy and the frozen reference both start from `model` (the SFT output; with
-LoRA the reference is the policy with its adapters disabled); the reward model
-(`reward_model`, a one-label classifier) is frozen; the critic starts from the reward model
-and gives a value at every position. Dropout is off in all of them.
+LoRA the reference is the policy with its adapters disabled; with a KL coefficient of 0, none
+is loaded); the reward sources (`alignment/rewards.py`: a reward model, Python functions, the
+demo oracle) are frozen; PPO's critic starts from the reward model (or the policy, with a new
+head) and gives a value at every position. Dropout is off in all of them.
 
 One iteration, as the loop below reads:
-1. rollout: sample a reply to `ppo.batch_size` prompts (temperature T, KV cache);
+1. rollout: sample `num_generations` replies (1 for PPO) to each of batch_size / num_generations
+   prompts (temperature T, KV cache);
 2. score: log-probs of the reply tokens under the policy (the "old" log-probs) and the
-   reference, at the same T; the critic's values; the reward model's score at the last real
-   token (minus `missing_eos_penalty` for replies without EOS);
-3. KL-shaped rewards: r_t = -beta kl_t on every reply token, plus the score on the last;
-4. advantages: GAE, returns = A + V, advantages whitened over all real tokens;
-5. PPO epochs: `ppo_epochs` passes over `num_minibatches` minibatches, one optimizer step
-   each, clipped policy and value losses, token means over the whole minibatch (all
-   micro-batches, all processes);
-6. log every metric, adapt beta (adaptive control), checkpoint every `training.save_steps`.
+   reference, at the same T; PPO's values; each reward source's score (minus
+   `missing_eos_penalty` for replies without EOS), summed with the recipe's weights;
+3. advantages: PPO: r_t = -beta kl_t on every reply token plus the score on the last, GAE,
+   whitened over all real tokens. Critic-free: the reply's score (minus beta times its summed KL
+   when the KL is in the reward) against its group's (`losses.grpo_advantages`,
+   `rloo_advantages`, ...), the same advantage on every token of the reply;
+4. policy epochs: `ppo_epochs` passes over `num_minibatches` minibatches, one optimizer step
+   each: the clipped surrogate (plus PPO's clipped value loss, or the KL term when the KL is in
+   the loss), aggregated over the whole minibatch (all micro-batches, all processes);
+5. log every metric, adapt beta (adaptive control), checkpoint every `training.save_steps`.
 
 Everything after a reply's first EOS is masked: it adds no KL and trains nothing. All math
 lives in `alignment/losses.py`, sampling and forward passes in `alignment/generation.py`,
-model plumbing in `alignment/models.py`.
+model plumbing in `alignment/models.py`, reward sources in `alignment/rewards.py`.
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ import contextlib
 import math
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,11 +48,11 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from .. import losses
-from ..compare import render_exchange, render_prompt
-from ..config import PPORecipe, RecipeError
+from ..compare import render_prompt
+from ..config import RecipeError, RLRecipe
 from ..data import Rows, check_rows, load_rows
 from ..demo import world
-from ..generation import position_ids, response_logits, sample, token_logprobs
+from ..generation import position_ids, sample, token_logprobs
 from ..models import (
     PerTokenScores,
     apply_lora,
@@ -55,6 +65,7 @@ from ..models import (
     same_tokenizer,
     save_model,
 )
+from ..rewards import Rewards
 from .common import append_metrics, drop_metrics_after, last_checkpoint, precision_flags, use_cpu
 
 DEFAULT_PROMPTS = 2000
@@ -63,9 +74,9 @@ DEFAULT_PROMPTS = 2000
 # --------------------------------------------------------------------------- inputs
 
 
-def load_prompts(recipe: PPORecipe, tok) -> tuple[list[str], list[str], dict]:
-    """(user prompts, the same rendered with the chat template, counts): the rows of
-    `data.source` with a usable prompt; too long ones are dropped and counted."""
+def load_prompts(recipe: RLRecipe, tok) -> tuple[list[str], list[str], dict, list[dict]]:
+    """(user prompts, the same rendered with the chat template, counts, their data rows): the rows
+    of `data.source` with a usable prompt; too long ones are dropped and counted."""
     d = recipe.data
 
     def problem(row: dict) -> str | None:
@@ -90,7 +101,7 @@ def load_prompts(recipe: PPORecipe, tok) -> tuple[list[str], list[str], dict]:
     if not kept.rows:
         raise RecipeError(f"data.source '{d.source}': no usable prompts ({dict(kept.dropped)})")
     counts = {"prompts": len(kept), **{f"dropped/{k}": v for k, v in kept.dropped.items()}}
-    return [r[d.prompt_field] for r in kept.rows], rendered, counts
+    return [r[d.prompt_field] for r in kept.rows], rendered, counts, kept.rows
 
 
 def batch_indices(num_rows: int, batch_size: int, iteration: int, seed: int) -> list[int]:
@@ -108,47 +119,64 @@ def batch_indices(num_rows: int, batch_size: int, iteration: int, seed: int) -> 
 @dataclass
 class Models:
     policy: torch.nn.Module
-    reference: torch.nn.Module | None  # None: the policy with adapters disabled (LoRA)
-    critic: torch.nn.Module
-    reward: torch.nn.Module
+    reference: torch.nn.Module | None  # a frozen copy; None: see reference_kind
+    critic: torch.nn.Module | None  # PPO only
+    rewards: Rewards
     tok: object
-    reward_tok: object | None  # None: same tokenizer as the policy
+    reference_kind: str = "copy"  # 'copy', 'adapters' (the policy with adapters disabled) or 'none' (KL 0)
 
 
-def build_models(recipe: PPORecipe, inputs: dict, say) -> Models:
-    check_reward_model(inputs["reward_model"])
-    options = recipe.model_options
+def build_models(recipe: RLRecipe, inputs: dict, say) -> Models:
+    o, options = recipe.rl, recipe.model_options
     tok = load_tokenizer(inputs["model"], options)
-    reward_tok = load_tokenizer(inputs["reward_model"], options)
-    shared = same_tokenizer(tok, reward_tok)
-    if not shared:
-        say("ppo: the reward model's tokenizer differs from the policy's: replies are decoded and re-tokenised "
-            "with the reward tokenizer for scoring; the critic starts from the policy with a new value head")
+    reward, reward_tok, shared = None, None, False
+    if inputs.get("reward_model"):
+        check_reward_model(inputs["reward_model"])
+        reward_tok = load_tokenizer(inputs["reward_model"], options)
+        shared = same_tokenizer(tok, reward_tok)
+        if not shared:
+            say(f"{recipe.stage}: the reward model's tokenizer differs from the policy's: replies are decoded and "
+                "re-tokenised with the reward tokenizer for scoring"
+                + ("; the critic starts from the policy with a new value head" if o.uses_critic else ""))
+        reward = PerTokenScores(frozen(load_classifier(inputs["reward_model"], reward_tok, options)))
     policy = no_dropout(load_causal_lm(inputs["model"], tok, options))
-    reference = None
-    if recipe.lora is not None:
-        policy = no_dropout(apply_lora(policy, recipe.lora))
+    reference, kind = None, "copy"
+    if o.kl_coef == 0 and o.kl_control == "fixed":
+        kind = "none"
+    elif recipe.lora is not None:
+        kind = "adapters"
     else:
         reference = frozen(load_causal_lm(inputs["model"], tok, options))
-    reward = PerTokenScores(frozen(load_classifier(inputs["reward_model"], reward_tok, options)))
-    critic = load_classifier(inputs["reward_model"] if shared else inputs["model"], tok, options)
     if recipe.lora is not None:
-        critic = apply_lora(critic, recipe.lora, task_type="SEQ_CLS")
-    critic = PerTokenScores(no_dropout(critic))
-    return Models(policy, reference, critic, reward, tok, None if shared else reward_tok)
+        policy = no_dropout(apply_lora(policy, recipe.lora))
+    critic = None
+    if o.uses_critic:
+        critic = load_classifier(inputs["reward_model"] if shared else inputs["model"], tok, options)
+        if recipe.lora is not None:
+            critic = apply_lora(critic, recipe.lora, task_type="SEQ_CLS")
+        critic = PerTokenScores(no_dropout(critic))
+    rewards = Rewards(recipe, reward, tok, None if shared else reward_tok)
+    return Models(policy, reference, critic, rewards, tok, kind)
 
 
-def prepare_training(m: Models, accelerator, recipe: PPORecipe):
-    """One AdamW over the policy's and the critic's trainable weights, the LR schedule over every
+def trained_models(m: Models) -> list[torch.nn.Module]:
+    return [m.policy] if m.critic is None else [m.policy, m.critic]
+
+
+def prepare_training(m: Models, accelerator, recipe: RLRecipe):
+    """One AdamW over the policy's (and PPO's critic's) trainable weights, the LR schedule over every
     optimizer step of the run; models placed (and wrapped for DDP) by accelerate."""
-    o, t = recipe.ppo, recipe.training
+    o, t = recipe.rl, recipe.training
     optimizer_steps = (o.total_episodes // o.batch_size) * o.ppo_epochs * o.num_minibatches
-    params = [p for model in (m.policy, m.critic) for p in model.parameters() if p.requires_grad]
+    params = [p for model in trained_models(m) for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
     warmup = t.warmup_steps if t.warmup_steps >= 1 else math.ceil(t.warmup_steps * optimizer_steps)
     scheduler = get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=int(warmup), num_training_steps=optimizer_steps)
-    m.policy, m.critic, optimizer = accelerator.prepare(m.policy, m.critic, optimizer)
-    for frozen_model in (m.reference, m.reward):
+    if m.critic is None:
+        m.policy, optimizer = accelerator.prepare(m.policy, optimizer)
+    else:
+        m.policy, m.critic, optimizer = accelerator.prepare(m.policy, m.critic, optimizer)
+    for frozen_model in (m.reference, m.rewards.reward_model):
         if frozen_model is not None:
             frozen_model.to(accelerator.device)
     return optimizer, scheduler
@@ -169,12 +197,19 @@ class Rollout:
     finished: torch.Tensor  # (B,) reply ended with EOS
     logp: torch.Tensor | None = None  # old log-probs, at the sampling temperature
     ref_logp: torch.Tensor | None = None
-    values: torch.Tensor | None = None
-    scores: torch.Tensor | None = None
+    values: torch.Tensor | None = None  # PPO's critic
+    scores: torch.Tensor | None = None  # the weighted sum of the sources, minus the missing-EOS penalty
     entropy: torch.Tensor | None = None  # (B, R) per-token entropy of the sampling distribution
+    sources: dict = field(default_factory=dict)  # each reward source's (B,) scores
 
     def rows(self, index) -> "Rollout":
-        pick = lambda x: x[index] if isinstance(x, torch.Tensor) else x  # noqa: E731
+        def pick(x):
+            if isinstance(x, torch.Tensor):
+                return x[index]
+            if isinstance(x, dict):
+                return {k: v[index] for k, v in x.items()}
+            return x
+
         return Rollout(**{k: pick(v) for k, v in self.__dict__.items()})
 
 
@@ -192,30 +227,28 @@ def reply_values(critic, r: Rollout) -> torch.Tensor:
     return values[:, r.context_length - 1 : -1]
 
 
-def last_real_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return torch.where(attention_mask.bool(), positions, torch.full_like(positions, -1)).max(dim=1).values
+def reference_logprobs(m: Models, policy, r: Rollout, temperature: float, logp: torch.Tensor) -> torch.Tensor:
+    if m.reference_kind == "none":
+        return logp.clone()  # no reference: KL is exactly 0
+    if m.reference_kind == "adapters":
+        with policy.disable_adapter():
+            return reply_logprobs(policy, r, temperature)
+    return reply_logprobs(m.reference, r, temperature)
 
 
-def reward_scores(m: Models, r: Rollout, prompts: list[str]) -> torch.Tensor:
-    """The reward model's score of each prompt + reply, read at the last real token. With a
-    different reward tokenizer, the reply is decoded and the exchange re-rendered with it."""
-    if m.reward_tok is None:
-        ids, mask = r.input_ids, r.attention_mask
-    else:
-        tok, rt = m.tok, m.reward_tok
-        lengths = r.response_mask.sum(-1) - r.finished.long()
-        replies = [tok.decode(r.response_ids[i, : lengths[i]].tolist(), skip_special_tokens=True) for i in range(len(prompts))]
-        texts = [render_exchange(rt, p, reply) for p, reply in zip(prompts, replies)]
-        enc = rt(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(r.input_ids.device)
-        ids, mask = enc["input_ids"], enc["attention_mask"]
-    scores = m.reward(ids, mask, position_ids(mask))
-    return scores.gather(1, last_real_index(mask).unsqueeze(1)).squeeze(1)
+def source_scores(m: Models, r: Rollout, prompts: list[str], rows: list[dict]) -> dict[str, torch.Tensor]:
+    """Each reward source's score of the rollout's replies (no missing-EOS penalty)."""
+    return m.rewards.scores(prompts, rows, r.input_ids, r.attention_mask, r.response_ids, r.response_mask, r.finished)
 
 
 @torch.no_grad()
-def rollout(m: Models, accelerator, rendered: list[str], prompts: list[str], recipe: PPORecipe, timer: dict) -> Rollout:
-    o = recipe.ppo
+def rollout(m: Models, accelerator, rendered: list[str], prompts: list[str], recipe: RLRecipe, timer: dict,
+            rows: list[dict] | None = None) -> Rollout:
+    """Sample one reply to each of `rendered` (a prompt repeated num_generations times gives a group)
+    and score it. Every forward pass runs under the accelerator's autocast, the frozen reference's
+    too, so that under mixed precision policy and reference log-probs agree while they are equal."""
+    o = recipe.rl
+    rows = rows if rows is not None else [{recipe.data.prompt_field: p} for p in prompts]
     policy = accelerator.unwrap_model(m.policy)
     started = time.perf_counter()
     s = sample(policy, m.tok, rendered, max_new_tokens=o.response_length, temperature=o.temperature, top_p=o.top_p)
@@ -223,24 +256,25 @@ def rollout(m: Models, accelerator, rendered: list[str], prompts: list[str], rec
     timer["generation"] += time.perf_counter() - started
 
     started = time.perf_counter()
-    critic = accelerator.unwrap_model(m.critic)
-    parts = {"logp": [], "entropy": [], "ref_logp": [], "values": [], "scores": []}
+    parts: dict[str, list] = {"logp": [], "entropy": [], "ref_logp": [], "values": [], "sources": []}
     step = o.forward_batch_size or len(prompts)
-    for lo in range(0, len(prompts), step):
-        chunk = r.rows(slice(lo, lo + step))
-        logp, entropy = reply_logprobs(policy, chunk, o.temperature, with_entropy=True)
-        if m.reference is None:
-            with policy.disable_adapter():
-                ref_logp = reply_logprobs(policy, chunk, o.temperature)
-        else:
-            ref_logp = reply_logprobs(m.reference, chunk, o.temperature)
-        scores = reward_scores(m, chunk, prompts[lo : lo + step])
-        if o.missing_eos_penalty is not None:
-            scores = scores - o.missing_eos_penalty * (~chunk.finished).float()
-        for name, value in zip(parts, (logp, entropy, ref_logp, reply_values(critic, chunk), scores)):
-            parts[name].append(value)
-    for name, value in parts.items():
-        setattr(r, name, torch.cat(value))
+    with accelerator.autocast():
+        for lo in range(0, len(prompts), step):
+            chunk = r.rows(slice(lo, lo + step))
+            logp, entropy = reply_logprobs(policy, chunk, o.temperature, with_entropy=True)
+            parts["logp"].append(logp)
+            parts["entropy"].append(entropy)
+            parts["ref_logp"].append(reference_logprobs(m, policy, chunk, o.temperature, logp))
+            if m.critic is not None:
+                parts["values"].append(reply_values(accelerator.unwrap_model(m.critic), chunk))
+            parts["sources"].append(source_scores(m, chunk, prompts[lo : lo + step], rows[lo : lo + step]))
+    for name in ("logp", "entropy", "ref_logp", "values"):
+        if parts[name]:
+            setattr(r, name, torch.cat(parts[name]).float())
+    r.sources = {k: torch.cat([p[k] for p in parts["sources"]]).float() for k in parts["sources"][0]}
+    r.scores = m.rewards.total(r.sources)
+    if o.missing_eos_penalty is not None:
+        r.scores = r.scores - o.missing_eos_penalty * (~r.finished).float()
     timer["scoring"] += time.perf_counter() - started
     return r
 
@@ -254,52 +288,80 @@ def global_whiten(accelerator, x: torch.Tensor, mask: torch.Tensor, shift_mean: 
     return everything[accelerator.process_index * n : (accelerator.process_index + 1) * n]
 
 
+def group_advantages(accelerator, scores: torch.Tensor, o) -> torch.Tensor:
+    """One advantage per reply from the scores of its group (a process holds whole groups)."""
+    if o.estimator == "grpo":
+        return losses.grpo_advantages(scores, o.group_size, scale=o.scale_rewards)
+    if o.estimator == "rloo":
+        return losses.rloo_advantages(scores, o.group_size)
+    centred = losses.group_mean_advantages(scores, o.group_size)  # reinforce_baseline
+    return global_whiten(accelerator, centred[:, None], torch.ones_like(centred[:, None]))[:, 0]
+
+
 # --------------------------------------------------------------------------- optimisation
 
 
 def ppo_update(
-    m: Models, accelerator, optimizer, scheduler, r: Rollout, advantages, returns, recipe: PPORecipe, iteration: int
+    m: Models, accelerator, optimizer, scheduler, r: Rollout, advantages, returns, loss_mask, beta: float,
+    recipe: RLRecipe, iteration: int,
 ) -> dict:
-    """`ppo_epochs` passes of `num_minibatches` optimizer steps over the rollouts. Each loss is a
-    token mean over the whole minibatch: every micro-batch's masked sum is divided by the
-    minibatch's token count summed over micro-batches and processes (DDP then averages the
-    gradients over processes, hence the factor num_processes)."""
-    o, t = recipe.ppo, recipe.training
+    """`ppo_epochs` passes of `num_minibatches` optimizer steps over the rollouts. Each loss is
+    aggregated over the whole minibatch: every micro-batch's loss (a token mean, or a reply mean for
+    'sequence' and 'dr_grpo') is weighted by its share of the minibatch's tokens (or replies), summed
+    over micro-batches and processes (DDP then averages the gradients over processes, hence the
+    factor num_processes)."""
+    o, t = recipe.rl, recipe.training
     n = r.input_ids.shape[0]
-    params = [p for model in (m.policy, m.critic) for p in model.parameters() if p.requires_grad]
+    aggregation = getattr(o, "loss_aggregation", "token")
+    kl_in_loss = getattr(o, "kl_in", "reward") == "loss" and m.reference_kind != "none"
+    params = [p for model in trained_models(m) for p in model.parameters() if p.requires_grad]
+    names = ["loss/policy", "policy/clipfrac", "policy/approxkl", "val/ratio", "val/ratio_sq"]
+    names += ["loss/value", "value/clipfrac"] if m.critic is not None else []
+    names += ["loss/kl"] if kl_in_loss else []
     sums: dict[str, float] = {}
     first: dict[str, float] = {}
     steps = 0
     for epoch in range(o.ppo_epochs):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(recipe.seed * 7919 + iteration * 131 + epoch))
         for mb_index, minibatch in enumerate(order.chunk(o.num_minibatches)):
-            tokens = accelerator.reduce(r.response_mask[minibatch].sum().float(), "sum")
-            stats = dict.fromkeys(("loss/policy", "loss/value", "policy/clipfrac", "value/clipfrac", "policy/approxkl", "val/ratio", "val/ratio_sq"), 0.0)
+            tokens = accelerator.reduce(loss_mask[minibatch].sum().float(), "sum").clamp_min(1)
+            replies = len(minibatch) * accelerator.num_processes
+            stats = dict.fromkeys(names, 0.0)
             micros = minibatch.chunk(t.gradient_accumulation_steps)
             for k, micro in enumerate(micros):
                 b = r.rows(micro)
-                mask = b.response_mask
+                mask = loss_mask[micro]
+                token_share = mask.sum() / tokens  # this micro-batch's share of the minibatch's tokens
+                share = token_share if aggregation == "token" else len(micro) / replies
                 sync = contextlib.ExitStack()
                 if k < len(micros) - 1:
-                    for model in (m.policy, m.critic):
+                    for model in trained_models(m):
                         sync.enter_context(accelerator.no_sync(model))
-                with sync:
+                with sync, accelerator.autocast():
                     logp = reply_logprobs(m.policy, b, o.temperature)
-                    values = reply_values(m.critic, b)
-                    pg_loss, pg_clip, approxkl = losses.ppo_policy_loss(logp, b.logp, advantages[micro], mask, o.clip_range)
-                    vf_loss, vf_clip = losses.ppo_value_loss(values, b.values, returns[micro], mask, o.value_clip_range)
-                    weight = mask.sum() / tokens  # this micro-batch's share of the minibatch's tokens
-                    loss = (pg_loss + o.vf_coef * vf_loss) * weight * accelerator.num_processes
-                    accelerator.backward(loss)
+                    pg_loss, pg_clip, approxkl = losses.ppo_policy_loss(
+                        logp, b.logp, advantages[micro], mask, o.clip_range, aggregation, o.response_length
+                    )
+                    loss = pg_loss * share
+                    micro_stats = {"loss/policy": pg_loss * share, "policy/clipfrac": pg_clip * token_share,
+                                   "policy/approxkl": approxkl * token_share}
+                    if m.critic is not None:
+                        values = reply_values(m.critic, b)
+                        vf_loss, vf_clip = losses.ppo_value_loss(values, b.values, returns[micro], mask, o.value_clip_range)
+                        loss = loss + o.vf_coef * vf_loss * token_share
+                        micro_stats.update({"loss/value": vf_loss * token_share, "value/clipfrac": vf_clip * token_share})
+                    if kl_in_loss:
+                        kl = losses.aggregate(losses.kl_penalty(logp, b.ref_logp, o.kl_estimator), mask, aggregation,
+                                              o.response_length)
+                        loss = loss + beta * kl * share
+                        micro_stats["loss/kl"] = kl * share
+                    accelerator.backward(loss * accelerator.num_processes)
                 with torch.no_grad():
                     ratio = torch.exp(logp - b.logp)
-                    micro_stats = {
-                        "loss/policy": pg_loss, "loss/value": vf_loss, "policy/clipfrac": pg_clip,
-                        "value/clipfrac": vf_clip, "policy/approxkl": approxkl,
-                        "val/ratio": losses.masked_mean(ratio, mask), "val/ratio_sq": losses.masked_mean(ratio**2, mask),
-                    }
+                    micro_stats["val/ratio"] = losses.masked_mean(ratio, mask) * token_share
+                    micro_stats["val/ratio_sq"] = losses.masked_mean(ratio**2, mask) * token_share
                     for name, value in micro_stats.items():
-                        stats[name] += float(value * weight)
+                        stats[name] += float(value)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(params, t.max_grad_norm)
             optimizer.step()
@@ -318,18 +380,26 @@ def ppo_update(
     return out
 
 
-def learn(m: Models, accelerator, optimizer, scheduler, r: Rollout, beta: float, recipe: PPORecipe, iteration: int):
-    """Steps 3-5 of an iteration on scored rollouts: KL-shaped rewards, GAE and whitened
-    advantages (statistics over all processes), PPO epochs. Returns (stats, kl, returns)."""
-    o = recipe.ppo
+def learn(m: Models, accelerator, optimizer, scheduler, r: Rollout, beta: float, recipe: RLRecipe, iteration: int):
+    """Steps 3-4 of an iteration on scored rollouts: advantages (statistics over all processes) and
+    the policy epochs. Returns (stats, kl, returns, advantages); returns is None without a critic."""
+    o = recipe.rl
     mask = r.response_mask
-    rewards, kl = losses.kl_shaped_rewards(r.logp, r.ref_logp, mask, r.scores, beta, o.kl_estimator)
-    if o.whiten_rewards:
-        rewards = global_whiten(accelerator, rewards, mask, shift_mean=False) * mask
-    advantages, returns = losses.gae(rewards, r.values, mask, o.gamma, o.lam)
-    advantages = global_whiten(accelerator, advantages, mask) * mask
-    stats = ppo_update(m, accelerator, optimizer, scheduler, r, advantages, returns, recipe, iteration)
-    return stats, kl, returns
+    if o.uses_critic:
+        rewards, kl = losses.kl_shaped_rewards(r.logp, r.ref_logp, mask, r.scores, beta, o.kl_estimator)
+        if o.whiten_rewards:
+            rewards = global_whiten(accelerator, rewards, mask, shift_mean=False) * mask
+        advantages, returns = losses.gae(rewards, r.values, mask, o.gamma, o.lam)
+        advantages = global_whiten(accelerator, advantages, mask) * mask
+        loss_mask, per_reply = mask, None
+    else:
+        kl = torch.where(mask.bool(), losses.kl_penalty(r.logp, r.ref_logp, o.kl_estimator), torch.zeros_like(r.logp))
+        scores = r.scores - beta * kl.sum(-1) if o.kl_in == "reward" else r.scores
+        per_reply = group_advantages(accelerator, scores, o)
+        loss_mask = mask * r.finished[:, None] if o.mask_truncated_completions else mask
+        advantages, returns = per_reply[:, None] * loss_mask, None
+    stats = ppo_update(m, accelerator, optimizer, scheduler, r, advantages, returns, loss_mask, beta, recipe, iteration)
+    return stats, kl, returns, per_reply
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -369,31 +439,68 @@ def save_checkpoint(accelerator, work_dir: Path, iteration: int) -> None:
     accelerator.wait_for_everyone()
 
 
+# --------------------------------------------------------------------------- metrics
+
+
+def iteration_metrics(accelerator, m: Models, r: Rollout, kl, returns, per_reply, beta: float, o) -> dict:
+    """What one iteration did, over every process's rollouts."""
+    g = lambda x: accelerator.gather(x.float())  # noqa: E731 - every process's rows
+    seq_kl = g(kl.sum(-1))
+    scores = g(r.scores)
+    non_score = -beta * seq_kl
+    all_mask = g(r.response_mask)
+    record = {
+        "objective/kl": seq_kl.mean().item(),
+        "objective/scores": scores.mean().item(),
+        "objective/non_score_reward": non_score.mean().item(),
+        "objective/rlhf_reward": (scores + non_score).mean().item(),
+        "objective/entropy": losses.masked_mean(g(r.entropy), all_mask).item(),
+        **{f"rewards/{name}": g(value).mean().item() for name, value in r.sources.items()},
+        "eos_fraction": g(r.finished).mean().item(),
+        "response_length": all_mask.sum(-1).mean().item(),
+    }
+    if m.critic is not None:
+        record["value/explained_variance"] = losses.explained_variance(g(r.values), g(returns), all_mask).item()
+    if per_reply is not None:
+        advantages, groups = g(per_reply), g(r.scores).view(-1, o.group_size)
+        record.update({
+            "advantages/mean": advantages.mean().item(), "advantages/std": advantages.std().item(),
+            "advantages/min": advantages.min().item(), "advantages/max": advantages.max().item(),
+            "frac_groups_equal_rewards": (groups.max(1).values == groups.min(1).values).float().mean().item(),
+        })
+    return record
+
+
 # --------------------------------------------------------------------------- the stage
 
 
-def run(recipe: PPORecipe, inputs: dict, work_dir: Path) -> dict:
-    o, t = recipe.ppo, recipe.training
+def run(recipe: RLRecipe, inputs: dict, work_dir: Path) -> dict:
+    o, t, stage = recipe.rl, recipe.training, recipe.stage
     precision = precision_flags(recipe)
     accelerator = Accelerator(
         cpu=use_cpu(),
         mixed_precision="bf16" if precision["bf16"] else "fp16" if precision["fp16"] else "no",
         log_with=t.report_to or None,
-        project_dir=str(work_dir / "logs"),  # trackers' files (TensorBoard: logs/ppo/), as the trainer stages
+        project_dir=str(work_dir / "logs"),  # trackers' files (TensorBoard: logs/<stage>/), as the trainer stages
     )
     say = accelerator.print
     world_size = accelerator.num_processes
     per_process = o.batch_size // world_size
     if o.batch_size % (world_size * o.num_minibatches * t.gradient_accumulation_steps):
         raise RecipeError(
-            f"ppo.batch_size: {o.batch_size} rollouts do not split into {world_size} processes x "
+            f"{stage}.batch_size: {o.batch_size} rollouts do not split into {world_size} processes x "
             f"{o.num_minibatches} minibatches x {t.gradient_accumulation_steps} micro-batches"
+        )
+    if per_process % o.group_size:
+        raise RecipeError(
+            f"{stage}.batch_size: {per_process} rollouts per process do not hold whole groups of num_generations "
+            f"{o.group_size}; use a multiple of {world_size * o.group_size}"
         )
     set_seed(recipe.seed, device_specific=True)  # each process samples its own replies
 
-    # Inputs: models (policy, reference, critic, reward) and prompts.
+    # Inputs: models (policy, reference, critic, reward sources) and prompts.
     m = build_models(recipe, inputs, say)
-    prompts, rendered, counts = load_prompts(recipe, m.tok)
+    prompts, rendered, counts, prompt_rows = load_prompts(recipe, m.tok)
     iterations = o.total_episodes // o.batch_size
     optimizer, scheduler = prepare_training(m, accelerator, recipe)
     loop = LoopState(o.kl_coef)
@@ -404,44 +511,35 @@ def run(recipe: PPORecipe, inputs: dict, work_dir: Path) -> dict:
         accelerator.load_state(resume)
         if accelerator.is_main_process:
             drop_metrics_after(work_dir / "metrics.jsonl", loop.iteration)
-        say(f"ppo: resumed from {Path(resume).name} (iteration {loop.iteration} of {iterations})")
-    accelerator.init_trackers("ppo", config={k: v for k, v in o.model_dump().items() if isinstance(v, (int, float, str, bool))})
+        say(f"{stage}: resumed from {Path(resume).name} (iteration {loop.iteration} of {iterations})")
+    accelerator.init_trackers(stage, config={k: v for k, v in o.model_dump().items() if isinstance(v, (int, float, str, bool))})
 
     metrics_file = work_dir / "metrics.jsonl"
-    bar = tqdm(total=iterations * o.batch_size, initial=loop.iteration * o.batch_size, desc="ppo", unit="ep",
+    bar = tqdm(total=iterations * o.batch_size, initial=loop.iteration * o.batch_size, desc=stage, unit="ep",
                disable=not accelerator.is_main_process)
     started_at, started_iteration = time.perf_counter(), loop.iteration
     record: dict = {}
+    group_prompts = per_process // o.group_size  # prompts per process and iteration
     while loop.iteration < iterations:
         it_started = time.perf_counter()
         timer = {"generation": 0.0, "scoring": 0.0, "optimisation": 0.0}
-        rows = batch_indices(len(prompts), o.batch_size, loop.iteration, recipe.seed)
-        mine = rows[accelerator.process_index * per_process : (accelerator.process_index + 1) * per_process]
+        rows = batch_indices(len(prompts), o.batch_size // o.group_size, loop.iteration, recipe.seed)
+        mine = [i for i in rows[accelerator.process_index * group_prompts : (accelerator.process_index + 1) * group_prompts]
+                for _ in range(o.group_size)]  # a group: the same prompt num_generations times in a row
 
         # 1-2. rollout and scoring (no gradients anywhere)
-        r = rollout(m, accelerator, [rendered[i] for i in mine], [prompts[i] for i in mine], recipe, timer)
+        r = rollout(m, accelerator, [rendered[i] for i in mine], [prompts[i] for i in mine], recipe, timer,
+                    [prompt_rows[i] for i in mine])
 
         started = time.perf_counter()
-        # 3-5. KL-shaped rewards, advantages, PPO epochs
-        stats, kl, returns = learn(m, accelerator, optimizer, scheduler, r, loop.beta, recipe, loop.iteration)
+        # 3-4. advantages, policy epochs
+        stats, kl, returns, per_reply = learn(m, accelerator, optimizer, scheduler, r, loop.beta, recipe, loop.iteration)
         timer["optimisation"] += time.perf_counter() - started
 
-        # 6. metrics, KL control, checkpoint
-        g = lambda x: accelerator.gather(x.float())  # noqa: E731 - every process's rows
-        seq_kl = g(kl.sum(-1))
-        scores = g(r.scores)
-        non_score = g((-loop.beta * kl).sum(-1))
-        all_mask = g(r.response_mask)
+        # 5. metrics, KL control, checkpoint
         record = {
-            "objective/kl": seq_kl.mean().item(),
-            "objective/scores": scores.mean().item(),
-            "objective/non_score_reward": non_score.mean().item(),
-            "objective/rlhf_reward": (scores + non_score).mean().item(),
-            "objective/entropy": losses.masked_mean(g(r.entropy), all_mask).item(),
+            **iteration_metrics(accelerator, m, r, kl, returns, per_reply, loop.beta, o),
             **stats,
-            "value/explained_variance": losses.explained_variance(g(r.values), g(returns), all_mask).item(),
-            "eos_fraction": g(r.finished).mean().item(),
-            "response_length": all_mask.sum(-1).mean().item(),
             "beta": loop.beta,
             "lr": scheduler.get_last_lr()[0],
             "episodes": (loop.iteration + 1) * o.batch_size,
@@ -479,6 +577,8 @@ def run(recipe: PPORecipe, inputs: dict, work_dir: Path) -> dict:
         "score_gain": record.get("objective/scores", float("nan")) - (loop.first_score or 0.0),
         "final_beta": loop.beta,
         "episodes_per_second": done * o.batch_size / elapsed if done else float("nan"),
-        "reference": "policy with adapters disabled" if m.reference is None else "frozen copy of the starting model",
+        "reference": {"copy": "frozen copy of the starting model", "adapters": "policy with adapters disabled",
+                      "none": "none (KL coefficient 0)"}[m.reference_kind],
+        "reward_sources": ", ".join(f"{m.rewards.weights[n]:g} x {n}" for n in m.rewards.names),
         "resumed_from": Path(resume).name if resume else "",
     }

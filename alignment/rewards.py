@@ -1,0 +1,177 @@
+"""Reward sources of the RL stages (ppo, grpo, rloo), behind one call.
+
+A recipe names one or more sources, summed with `reward_weights`:
+- `reward_model`: a one-label sequence classifier, read at the last real token of prompt + reply;
+- `reward_fn`: Python functions, 'file.py:name' or 'package.module:name', called once per batch as
+  `name(prompts=[...], completions=[...], **columns)` and returning one number per reply, where
+  `columns` are the prompt rows' other fields (a reference answer, test cases...). That is the
+  calling convention of TRL's GRPO reward functions, so those work unchanged; a function is given
+  only the keywords its signature names (all of them when it takes **kwargs). Also offered:
+  `completion_ids` (token ids of each reply), `finished` (the reply ended with EOS) and `replies`
+  (the same as completions);
+- `gold`: the demo world's gold oracle.
+
+Everything a function does wrong (raises, returns the wrong count, a non-number, NaN or inf) is a
+one-line RecipeError naming the function and the prompt.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import math
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .compare import render_exchange
+from .config import RecipeError
+from .demo import world
+from .generation import position_ids
+
+
+def gold(prompts: list[str], completions: list[str], finished: list[bool], **_) -> list[float]:
+    """The demo world's gold oracle (polite 0.25, right content 0.5, concise stop 0.25)."""
+    out = []
+    for i, (prompt, reply, done) in enumerate(zip(prompts, completions, finished)):
+        try:
+            out.append(world.gold_score(prompt, reply, done))
+        except ValueError:
+            raise RecipeError(
+                f"reward_fn 'gold': prompt {i} ({prompt[:60]!r}) is not a demo-world prompt; the gold oracle "
+                "grades demo prompts only"
+            ) from None
+    return out
+
+
+BUILTIN = {"gold": gold}
+
+
+def load_function(ref: str) -> Callable:
+    """The function a `reward_fn` entry names; a one-line RecipeError when it cannot be had."""
+    if ref in BUILTIN:
+        return BUILTIN[ref]
+    target, _, name = ref.rpartition(":")
+    if target.endswith(".py"):
+        path = Path(target).expanduser()
+        if not path.is_file():
+            raise RecipeError(f"reward_fn {ref!r}: no such file {str(path)!r}")
+        module_name = f"_alignment_reward_{abs(hash(str(path.resolve())))}"
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:  # the user's file: any error is theirs to see in one line
+            raise RecipeError(f"reward_fn {ref!r}: importing {path} failed ({type(exc).__name__}: {exc})") from None
+    else:
+        try:
+            module = importlib.import_module(target)
+        except Exception as exc:
+            raise RecipeError(f"reward_fn {ref!r}: cannot import module {target!r} ({type(exc).__name__}: {exc})") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise RecipeError(f"reward_fn {ref!r}: {target} has no function {name!r}")
+    return fn
+
+
+def _accepted(fn: Callable, offered: dict) -> dict:
+    """The keywords of `offered` that `fn` takes (all of them if it takes **kwargs)."""
+    params = inspect.signature(fn).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return offered
+    names = {p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+    return {k: v for k, v in offered.items() if k in names}
+
+
+def call_function(ref: str, fn: Callable, offered: dict) -> torch.Tensor:
+    """Call `fn` on a batch and check what comes back: one finite number per reply."""
+    prompts = offered["prompts"]
+    n = len(prompts)
+    try:
+        out = fn(**_accepted(fn, offered))
+    except RecipeError:
+        raise
+    except Exception as exc:
+        raise RecipeError(f"reward_fn {ref!r} raised {type(exc).__name__}: {exc} ({_first_failing(fn, offered)})") from None
+    try:
+        values = list(out)
+    except TypeError:
+        raise RecipeError(f"reward_fn {ref!r} returned {type(out).__name__}; expected a list of {n} numbers") from None
+    if len(values) != n:
+        raise RecipeError(f"reward_fn {ref!r} returned {len(values)} values for {n} replies; expected one per reply")
+    for i, value in enumerate(values):
+        number = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+            raise RecipeError(
+                f"reward_fn {ref!r} returned {value!r} for prompt {i} ({prompts[i][:60]!r}); expected a finite number"
+            )
+        values[i] = float(number)
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def _first_failing(fn: Callable, offered: dict) -> str:
+    """'on prompt i (...)': the first row that raises on its own, found by calling row by row."""
+    n = len(offered["prompts"])
+    for i in range(n):
+        one = {k: v[i : i + 1] if isinstance(v, list) and len(v) == n else v for k, v in offered.items()}
+        try:
+            fn(**_accepted(fn, one))
+        except Exception:
+            return f"on prompt {i}: {offered['prompts'][i][:60]!r}"
+    return "on the whole batch; every prompt alone passes"
+
+
+class Rewards:
+    """The recipe's reward sources. `scores(...)` gives each source's raw scores; `total(...)` their
+    weighted sum."""
+
+    def __init__(self, recipe, reward_model, tok, reward_tok):
+        self.reward_model = reward_model  # PerTokenScores over a classifier, or None
+        self.tok, self.reward_tok = tok, reward_tok  # reward_tok None: the policy's tokenizer
+        self.prompt_field = recipe.data.prompt_field
+        self.functions = {ref: load_function(ref) for ref in recipe.reward_fn}
+        self.names = (["reward_model"] if reward_model is not None else []) + list(self.functions)
+        weights = recipe.reward_weights or [1.0] * len(self.names)
+        self.weights = dict(zip(self.names, weights))
+
+    def scores(self, prompts: list[str], rows: list[dict], input_ids, attention_mask, response_ids, response_mask,
+               finished) -> dict[str, torch.Tensor]:
+        """Each source's score of each reply (B,), on the device of `input_ids`. `prompts` are the user
+        prompts, `rows` their data rows; the tensors are prompt + reply as sampled (reply: everything
+        after its first EOS masked)."""
+        lengths = (response_mask.sum(-1) - finished.long()).tolist()  # reply tokens before the EOS
+        ids = [response_ids[i, : lengths[i]].tolist() for i in range(len(prompts))]
+        replies = self.tok.batch_decode(ids, skip_special_tokens=True)
+        out = {}
+        if self.reward_model is not None:
+            out["reward_model"] = self._model_scores(prompts, replies, input_ids, attention_mask)
+        columns = {k: [row.get(k) for row in rows] for k in (rows[0] if rows else {}) if k != self.prompt_field}
+        offered = {**columns, "prompts": prompts, "completions": replies, "replies": replies,
+                   "completion_ids": ids, "finished": finished.tolist()}
+        for ref, fn in self.functions.items():
+            out[ref] = call_function(ref, fn, offered).to(input_ids.device)
+        return out
+
+    def total(self, per_source: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(self.weights[name] * value for name, value in per_source.items())
+
+    def _model_scores(self, prompts, replies, input_ids, attention_mask) -> torch.Tensor:
+        """The reward model's score of prompt + reply at the last real token. With another tokenizer
+        than the policy's, the reply is decoded and the exchange re-rendered with the reward model's."""
+        if self.reward_tok is None:
+            ids, mask = input_ids, attention_mask
+        else:
+            texts = [render_exchange(self.reward_tok, p, reply) for p, reply in zip(prompts, replies)]
+            enc = self.reward_tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(input_ids.device)
+            ids, mask = enc["input_ids"], enc["attention_mask"]
+        scores = self.reward_model(ids, mask, position_ids(mask))
+        return scores.gather(1, last_real_index(mask).unsqueeze(1)).squeeze(1)
+
+
+def last_real_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return torch.where(attention_mask.bool(), positions, torch.full_like(positions, -1)).max(dim=1).values
