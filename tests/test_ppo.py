@@ -260,19 +260,29 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_killed_run_resumes_to_bit_identical_weights(in_tmp, tiny_base, reward_dir):
-    common = [f"model={tiny_base}", f"reward_model={reward_dir}", *MICRO_PPO, "ppo.total_episodes=64",
+# The same micro run in each RL stage (the one loop): grpo's and rloo's groups of 2 replies.
+MICRO_RL = {
+    "ppo": MICRO_PPO,
+    "grpo": [o.replace("ppo.", "grpo.") for o in MICRO_PPO if "ppo_epochs" not in o] + ["grpo.num_generations=2", "reward_fn=[]"],
+    "rloo": [o.replace("ppo.", "rloo.") for o in MICRO_PPO if "ppo_epochs" not in o] + ["rloo.num_generations=2"],
+}
+
+
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+def test_killed_run_resumes_to_bit_identical_weights(in_tmp, tiny_base, reward_dir, stage):
+    common = [f"model={tiny_base}", f"reward_model={reward_dir}", *MICRO_RL[stage], f"{stage}.total_episodes=64",
               "training.save_steps=2"]
-    [straight] = run(RECIPES / "ppo.yaml", [*common, "output_dir=straight"])
+    recipe = RECIPES / f"{stage}.yaml"
+    [straight] = run(recipe, [*common, "output_dir=straight"])
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_ITERATION_5, "run", str(RECIPES / "ppo.yaml"), *common,
+    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_ITERATION_5, "run", str(recipe), *common,
                              "output_dir=killed"], cwd=in_tmp, env=env, capture_output=True, text=True, timeout=120)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     checkpoints = in_tmp / "killed.partial" / "checkpoints"
     assert [p.name for p in checkpoints.iterdir()] == ["checkpoint-4"] and not (in_tmp / "killed").exists()
 
-    [resumed] = run(RECIPES / "ppo.yaml", [*common, "output_dir=killed"])
+    [resumed] = run(recipe, [*common, "output_dir=killed"])
     summary = json.loads((resumed.out_dir / "run_info.json").read_text())["summary"]
     assert summary["resumed_from"] == "checkpoint-4" and summary["iterations"] == 8
     # Iterations logged after the checkpoint by the killed run are logged again: each is there once.
@@ -295,12 +305,15 @@ m = ppo.build_models(recipe, inputs, print)
 ppo.prepare_training(m, accelerator, recipe)
 # Plain SGD: Adam's first steps are about lr * sign(gradient), which turns float noise in
 # gradients near 0 into whole steps; SGD keeps the comparison about the gradients themselves.
-params = [p for model in (m.policy, m.critic) for p in model.parameters() if p.requires_grad]
+params = [p for model in ppo.trained_models(m) for p in model.parameters() if p.requires_grad]
 optimizer = accelerator.prepare(torch.optim.SGD(params, lr=0.5))
 scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 prompts, rendered, *_ = ppo.load_prompts(recipe, m.tok)
+G = recipe.rl.group_size  # 8 rollouts: 8 // G prompts, G replies each; each process keeps whole groups
+mine = [i for i in range(8 // G) for _ in range(G)]
 torch.manual_seed(0)  # the same global batch in every process; each then keeps its share
-r = ppo.rollout(m, accelerator, rendered[:8], prompts[:8], recipe, {"generation": 0.0, "scoring": 0.0})
+r = ppo.rollout(m, accelerator, [rendered[i] for i in mine], [prompts[i] for i in mine], recipe,
+                {"generation": 0.0, "scoring": 0.0})
 n = 8 // accelerator.num_processes
 r = r.rows(slice(accelerator.process_index * n, (accelerator.process_index + 1) * n))
 ppo.learn(m, accelerator, optimizer, scheduler, r, 0.05, recipe, 0)
@@ -312,12 +325,17 @@ if torch.distributed.is_initialized():  # leaving with the group open can abort 
 """
 
 
-def test_two_processes_update_like_one(tmp_path, tiny_base, reward_dir, monkeypatch):
+@pytest.mark.parametrize("stage, extra", [
+    ("ppo", []),
+    ("grpo", []),  # group-normalised advantages, KL (k3) in the loss, replies' mean per sequence
+    ("rloo", ["rloo.advantage_estimator=reinforce_baseline"]),  # whitened over both processes' groups
+])
+def test_two_processes_update_like_one(tmp_path, tiny_base, reward_dir, monkeypatch, stage, extra):
     script = tmp_path / "update.py"
     script.write_text(TWO_PROCESS_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    args = [str(RECIPES / "ppo.yaml"), f"model={tiny_base}", f"reward_model={reward_dir}", *MICRO_PPO,
-            "ppo.batch_size=8", "ppo.num_minibatches=1", "training.gradient_accumulation_steps=2"]
+    args = [str(RECIPES / f"{stage}.yaml"), f"model={tiny_base}", f"reward_model={reward_dir}", *MICRO_RL[stage],
+            f"{stage}.batch_size=8", f"{stage}.num_minibatches=1", "training.gradient_accumulation_steps=2", *extra]
     outs = {procs: tmp_path / f"w{procs}.pt" for procs in (1, 2)}
     launch = ["accelerate", "launch", "--num_processes", "2", "--multi_gpu", str(script)]
     done = subprocess.run([*launch, *args, f"output_dir={outs[2]}"], env=env, capture_output=True, text=True, timeout=240)
