@@ -98,6 +98,8 @@ def call_function(ref: str, fn: Callable, offered: dict) -> torch.Tensor:
     except Exception as exc:
         raise RecipeError(f"reward_fn {ref!r} raised {type(exc).__name__}: {exc} ({_first_failing(fn, offered)})") from None
     try:
+        if isinstance(out, (str, bytes)):
+            raise TypeError
         values = list(out)
     except TypeError:
         raise RecipeError(f"reward_fn {ref!r} returned {type(out).__name__}; expected a list of {n} numbers") from None

@@ -251,7 +251,8 @@ def rollout(m: Models, accelerator, rendered: list[str], prompts: list[str], rec
     rows = rows if rows is not None else [{recipe.data.prompt_field: p} for p in prompts]
     policy = accelerator.unwrap_model(m.policy)
     started = time.perf_counter()
-    s = sample(policy, m.tok, rendered, max_new_tokens=o.response_length, temperature=o.temperature, top_p=o.top_p)
+    with accelerator.autocast():  # peft's generate bypasses the autocast accelerate wraps around forward
+        s = sample(policy, m.tok, rendered, max_new_tokens=o.response_length, temperature=o.temperature, top_p=o.top_p)
     r = Rollout(s.input_ids, s.attention_mask, s.prompt_ids.shape[1], s.response_ids, s.response_mask, s.finished)
     timer["generation"] += time.perf_counter() - started
 
@@ -520,45 +521,47 @@ def run(recipe: RLRecipe, inputs: dict, work_dir: Path) -> dict:
     started_at, started_iteration = time.perf_counter(), loop.iteration
     record: dict = {}
     group_prompts = per_process // o.group_size  # prompts per process and iteration
-    while loop.iteration < iterations:
-        it_started = time.perf_counter()
-        timer = {"generation": 0.0, "scoring": 0.0, "optimisation": 0.0}
-        rows = batch_indices(len(prompts), o.batch_size // o.group_size, loop.iteration, recipe.seed)
-        mine = [i for i in rows[accelerator.process_index * group_prompts : (accelerator.process_index + 1) * group_prompts]
-                for _ in range(o.group_size)]  # a group: the same prompt num_generations times in a row
+    try:  # the bar is closed on an error too, so that the error's line is a line of its own
+        while loop.iteration < iterations:
+            it_started = time.perf_counter()
+            timer = {"generation": 0.0, "scoring": 0.0, "optimisation": 0.0}
+            rows = batch_indices(len(prompts), o.batch_size // o.group_size, loop.iteration, recipe.seed)
+            mine = [i for i in rows[accelerator.process_index * group_prompts : (accelerator.process_index + 1) * group_prompts]
+                    for _ in range(o.group_size)]  # a group: the same prompt num_generations times in a row
 
-        # 1-2. rollout and scoring (no gradients anywhere)
-        r = rollout(m, accelerator, [rendered[i] for i in mine], [prompts[i] for i in mine], recipe, timer,
-                    [prompt_rows[i] for i in mine])
+            # 1-2. rollout and scoring (no gradients anywhere)
+            r = rollout(m, accelerator, [rendered[i] for i in mine], [prompts[i] for i in mine], recipe, timer,
+                        [prompt_rows[i] for i in mine])
 
-        started = time.perf_counter()
-        # 3-4. advantages, policy epochs
-        stats, kl, returns, per_reply = learn(m, accelerator, optimizer, scheduler, r, loop.beta, recipe, loop.iteration)
-        timer["optimisation"] += time.perf_counter() - started
+            started = time.perf_counter()
+            # 3-4. advantages, policy epochs
+            stats, kl, returns, per_reply = learn(m, accelerator, optimizer, scheduler, r, loop.beta, recipe, loop.iteration)
+            timer["optimisation"] += time.perf_counter() - started
 
-        # 5. metrics, KL control, checkpoint
-        record = {
-            **iteration_metrics(accelerator, m, r, kl, returns, per_reply, loop.beta, o),
-            **stats,
-            "beta": loop.beta,
-            "lr": scheduler.get_last_lr()[0],
-            "episodes": (loop.iteration + 1) * o.batch_size,
-            "episodes_per_second": o.batch_size / (time.perf_counter() - it_started),
-            **{f"time/{k}": v for k, v in timer.items()},
-        }
-        if loop.first_score is None:
-            loop.first_score = record["objective/scores"]
-        if o.kl_control == "adaptive":
-            loop.beta = losses.adaptive_kl_update(loop.beta, record["objective/kl"], o.kl_target, o.batch_size, o.kl_horizon)
-        loop.iteration += 1
-        if accelerator.is_main_process:
-            append_metrics(metrics_file, {"step": loop.iteration, **record})
-        accelerator.log(record, step=loop.iteration)
-        bar.update(o.batch_size)
-        bar.set_postfix(score=f"{record['objective/scores']:.3f}", kl=f"{record['objective/kl']:.3f}")
-        if t.save_steps and loop.iteration % t.save_steps == 0 and loop.iteration < iterations:
-            save_checkpoint(accelerator, work_dir, loop.iteration)
-    bar.close()
+            # 5. metrics, KL control, checkpoint
+            record = {
+                **iteration_metrics(accelerator, m, r, kl, returns, per_reply, loop.beta, o),
+                **stats,
+                "beta": loop.beta,
+                "lr": scheduler.get_last_lr()[0],
+                "episodes": (loop.iteration + 1) * o.batch_size,
+                "episodes_per_second": o.batch_size / (time.perf_counter() - it_started),
+                **{f"time/{k}": v for k, v in timer.items()},
+            }
+            if loop.first_score is None:
+                loop.first_score = record["objective/scores"]
+            if o.kl_control == "adaptive":
+                loop.beta = losses.adaptive_kl_update(loop.beta, record["objective/kl"], o.kl_target, o.batch_size, o.kl_horizon)
+            loop.iteration += 1
+            if accelerator.is_main_process:
+                append_metrics(metrics_file, {"step": loop.iteration, **record})
+            accelerator.log(record, step=loop.iteration)
+            bar.update(o.batch_size)
+            bar.set_postfix(score=f"{record['objective/scores']:.3f}", kl=f"{record['objective/kl']:.3f}")
+            if t.save_steps and loop.iteration % t.save_steps == 0 and loop.iteration < iterations:
+                save_checkpoint(accelerator, work_dir, loop.iteration)
+    finally:
+        bar.close()
     for tracker in accelerator.trackers:  # not end_training(): it also ends the process group the pipeline still uses
         tracker.finish()
 

@@ -1,0 +1,225 @@
+"""Critic-free online RL (grpo, rloo): the advantage estimators and loss aggregations by hand,
+the reward sources (Python functions, the gold oracle, weighted sums) and their bad inputs, and
+what a run builds. The loop they share with ppo is tested in test_ppo.py (kill and resume, two
+processes == one)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from alignment import losses
+from alignment.config import RecipeError, load_recipe, parse_override
+from alignment.pipeline import run
+from alignment.stages import ppo
+
+from .conftest import RECIPES
+
+MICRO_GRPO = ["grpo.total_episodes=16", "grpo.batch_size=8", "grpo.num_generations=4", "grpo.response_length=6",
+              "data.num_examples=32", "report.models={}", "training.learning_rate=1e-3"]
+
+
+# --------------------------------------------------------------------------- estimators by hand
+
+
+def test_grpo_advantages_by_hand():
+    """Group [1, 0, 0, 1]: mean 0.5, unbiased std sqrt(1/3) = 0.57735, so +-0.5 / (0.57735 + 1e-4)
+    = +-0.86588. Group [2, 2, 2, 2]: all equal, advantage exactly 0 (no NaN). Without the std
+    (Dr. GRPO): [1, 2, 3, 6] - 3 = [-2, -1, 0, 3]."""
+    a = losses.grpo_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0]), 4)
+    expected = 0.5 / (math.sqrt(1 / 3) + 1e-4)
+    assert a[:4].tolist() == pytest.approx([expected, -expected, -expected, expected], rel=1e-6)
+    assert a[4:].tolist() == [0.0, 0.0, 0.0, 0.0]
+    assert losses.grpo_advantages(torch.tensor([1.0, 2.0, 3.0, 6.0]), 4, scale=False).tolist() == [-2, -1, 0, 3]
+
+
+def test_rloo_advantages_by_hand():
+    """[1, 2, 3, 6]: each minus the mean of the other three: 1 - 11/3, 2 - 10/3, 3 - 3, 6 - 2."""
+    a = losses.rloo_advantages(torch.tensor([1.0, 2.0, 3.0, 6.0, 5.0, 5.0, 5.0, 5.0]), 4)
+    assert a[:4].tolist() == pytest.approx([-8 / 3, -4 / 3, 0.0, 4.0])
+    assert a[4:].tolist() == [0.0, 0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="at least 2"):
+        losses.rloo_advantages(torch.tensor([1.0]), 1)
+    with pytest.raises(ValueError, match="multiple of the group size 4"):
+        losses.rloo_advantages(torch.tensor([1.0, 2.0, 3.0]), 4)
+
+
+def test_loss_aggregations_by_hand():
+    """Per-token losses [[1, 2, 3], [4, x, x]] with the second reply one token long:
+    token: (1+2+3+4)/4 = 2.5; sequence: mean(2, 4) = 3; dr_grpo: 10 / (2 replies x 3) = 5/3."""
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    assert losses.aggregate(x, mask, "token").item() == pytest.approx(2.5)
+    assert losses.aggregate(x, mask, "sequence").item() == pytest.approx(3.0)
+    assert losses.aggregate(x, mask, "dr_grpo", max_length=3).item() == pytest.approx(10 / 6)
+
+
+def test_policy_loss_clipped_and_plain():
+    """A = 1, ratio e^0.5 = 1.6487: clipped at 1.2 the loss is -1.2; unclipped (epsilon null) -1.6487."""
+    new, old, adv, mask = torch.tensor([[0.5]]), torch.tensor([[0.0]]), torch.tensor([[1.0]]), torch.ones(1, 1)
+    assert losses.ppo_policy_loss(new, old, adv, mask, 0.2)[0].item() == pytest.approx(-1.2)
+    assert losses.ppo_policy_loss(new, old, adv, mask, None)[0].item() == pytest.approx(-math.exp(0.5))
+
+
+# --------------------------------------------------------------------------- recipes and models
+
+
+def grpo_recipe(tiny_base, *extra, stage="grpo"):
+    overrides = [f"model={tiny_base}", *[o.replace("grpo.", f"{stage}.") for o in MICRO_GRPO], *extra]
+    return load_recipe(RECIPES / f"{stage}.yaml", [(p, v, raw) for raw in overrides for _, p, v in [parse_override(raw)]])
+
+
+def test_grpo_keys_take_trl_names_and_a_typo_is_named(tiny_base):
+    recipe = grpo_recipe(tiny_base, "grpo.beta=0.1", "grpo.epsilon=0.3", "grpo.num_iterations=2")
+    assert (recipe.rl.kl_coef, recipe.rl.clip_range, recipe.rl.ppo_epochs) == (0.1, 0.3, 2)
+    assert not recipe.rl.uses_critic and recipe.rl.group_size == 4
+    with pytest.raises(RecipeError, match=r"grpo\.vf_coef: unknown key"):
+        grpo_recipe(tiny_base, "grpo.vf_coef=0.1")  # no critic, no value loss
+    with pytest.raises(RecipeError, match="batch_size 8 is not divisible by num_generations 3"):
+        grpo_recipe(tiny_base, "grpo.num_generations=3")
+    with pytest.raises(RecipeError, match="no reward: set reward_model, reward_fn or both"):
+        grpo_recipe(tiny_base, "reward_fn=[]")
+
+
+def test_beta_zero_loads_no_reference(tiny_base, monkeypatch):
+    loaded = []
+    real = ppo.load_causal_lm
+    monkeypatch.setattr(ppo, "load_causal_lm", lambda *a, **k: loaded.append(a[0]) or real(*a, **k))
+    m = ppo.build_models(grpo_recipe(tiny_base, "grpo.beta=0"), {"model": str(tiny_base)}, print)
+    assert m.reference is None and m.reference_kind == "none" and m.critic is None and len(loaded) == 1
+    loaded.clear()
+    m = ppo.build_models(grpo_recipe(tiny_base), {"model": str(tiny_base)}, print)
+    assert m.reference is not None and len(loaded) == 2  # beta > 0: a frozen copy
+
+
+REWARDS_FILE = '''
+calls = []
+
+def score(prompts, completions, target, **kwargs):
+    calls.append({"prompts": list(prompts), "completions": list(completions), "target": list(target)})
+    return [float(len(c)) + (t == "x") for c, t in zip(completions, target)]
+'''
+
+
+def test_python_reward_function_gets_prompts_replies_and_columns_and_drives_the_advantages(in_tmp, tiny_base):
+    (in_tmp / "my_rewards.py").write_text(REWARDS_FILE)
+    recipe = grpo_recipe(tiny_base, "reward_fn=my_rewards.py:score", "grpo.beta=0.5")
+    m = ppo.build_models(recipe, {"model": str(tiny_base)}, print)
+    accelerator = Accelerator(cpu=True)
+    optimizer, scheduler = ppo.prepare_training(m, accelerator, recipe)
+    prompts, rendered, _, rows = ppo.load_prompts(recipe, m.tok)
+    mine = [i for i in range(2) for _ in range(4)]
+    columns = [{**rows[i], "target": "x" if i == 0 else "y"} for i in mine]
+    torch.manual_seed(0)
+    r = ppo.rollout(m, accelerator, [rendered[i] for i in mine], [prompts[i] for i in mine], recipe,
+                    {"generation": 0.0, "scoring": 0.0}, columns)
+    [call] = m.rewards.functions["my_rewards.py:score"].__globals__["calls"]
+    assert call["prompts"] == [prompts[i] for i in mine] and call["target"] == ["x"] * 4 + ["y"] * 4
+    lengths = r.response_mask.sum(-1) - r.finished.long()
+    replies = [m.tok.decode(r.response_ids[i, : lengths[i]], skip_special_tokens=True) for i in range(8)]
+    assert call["completions"] == replies
+    expected = torch.tensor([len(c) + (i < 4) for i, c in enumerate(replies)], dtype=torch.float32)
+    assert torch.equal(r.sources["my_rewards.py:score"], expected) and torch.equal(r.scores, expected)
+    stats, kl, returns, per_reply = ppo.learn(m, accelerator, optimizer, scheduler, r, 0.5, recipe, 0)
+    assert returns is None and "loss/kl" in stats  # no critic; GRPO's KL is in the loss
+    assert torch.allclose(per_reply, losses.grpo_advantages(expected, 4))  # KL in the loss: scores untouched
+
+
+def test_rloo_puts_the_kl_in_the_reward(tiny_base, reward_dir):
+    """rloo: the score minus beta x the reply's summed KL, then the leave-one-out baseline."""
+    recipe = grpo_recipe(tiny_base, f"reward_model={reward_dir}", stage="rloo")
+    m = ppo.build_models(recipe, {"model": str(tiny_base), "reward_model": str(reward_dir)}, print)
+    accelerator = Accelerator(cpu=True)
+    optimizer, scheduler = ppo.prepare_training(m, accelerator, recipe)
+    prompts, rendered, *_ = ppo.load_prompts(recipe, m.tok)
+    mine = [i for i in range(2) for _ in range(4)]
+    torch.manual_seed(0)
+    r = ppo.rollout(m, accelerator, [rendered[i] for i in mine], [prompts[i] for i in mine], recipe, {"generation": 0.0, "scoring": 0.0})
+    r.ref_logp = r.logp - 0.1 * r.response_mask  # as if the policy had moved: k1 = 0.1 per token
+    _, kl, _, per_reply = ppo.learn(m, accelerator, optimizer, scheduler, r, 0.5, recipe, 0)
+    assert torch.allclose(kl.sum(-1), 0.1 * r.response_mask.sum(-1).float())
+    assert torch.allclose(per_reply, losses.rloo_advantages(r.scores - 0.5 * kl.sum(-1), 4), atol=1e-6)
+
+
+def test_truncated_replies_can_be_left_out_of_the_loss(tiny_base):
+    recipe = grpo_recipe(tiny_base, "reward_fn=gold", "grpo.mask_truncated_completions=true", "grpo.response_length=2")
+    m = ppo.build_models(recipe, {"model": str(tiny_base)}, print)
+    accelerator = Accelerator(cpu=True)
+    optimizer, scheduler = ppo.prepare_training(m, accelerator, recipe)
+    seen = {}
+    real = ppo.ppo_update
+    ppo.ppo_update = lambda *a, **k: seen.update(advantages=a[5], loss_mask=a[7]) or real(*a, **k)
+    try:
+        prompts, rendered, *_ = ppo.load_prompts(recipe, m.tok)
+        torch.manual_seed(0)
+        r = ppo.rollout(m, accelerator, rendered[:8], prompts[:8], recipe, {"generation": 0.0, "scoring": 0.0})
+        r.finished = torch.tensor([True, False] * 4)
+        ppo.learn(m, accelerator, optimizer, scheduler, r, 0.0, recipe, 0)
+    finally:
+        ppo.ppo_update = real
+    assert seen["loss_mask"][1::2].sum() == 0 and seen["loss_mask"][::2].sum() > 0
+    assert seen["advantages"][1::2].abs().sum() == 0
+
+
+# --------------------------------------------------------------------------- bad reward functions
+
+
+BAD_FUNCTIONS = {
+    "raises": "def score(prompts, completions, **kw):\n"
+              "    if any(p.startswith('last:') for p in prompts):\n"
+              "        raise KeyError('no rule for last')\n"
+              "    return [1.0] * len(prompts)\n",
+    "short": "def score(prompts, completions, **kw):\n    return [1.0] * (len(prompts) - 1)\n",
+    "nan": "def score(prompts, completions, **kw):\n    return [float('nan')] + [0.0] * (len(prompts) - 1)\n",
+    "text": "def score(prompts, completions, **kw):\n    return 'good'\n",
+}
+
+
+@pytest.mark.parametrize("ref, body, message", [
+    ("missing.py:score", None, "reward_fn 'missing.py:score': no such file 'missing.py'"),
+    ("bad.py:nothing", BAD_FUNCTIONS["short"], "reward_fn 'bad.py:nothing': bad.py has no function 'nothing'"),
+    ("no_such_module_x:score", None, "reward_fn 'no_such_module_x:score': cannot import module 'no_such_module_x'"),
+    ("bad.py:score", BAD_FUNCTIONS["raises"], "reward_fn 'bad.py:score' raised KeyError: 'no rule for last' (on prompt "),
+    ("bad.py:score", BAD_FUNCTIONS["short"], "reward_fn 'bad.py:score' returned 7 values for 8 replies; expected one per reply"),
+    ("bad.py:score", BAD_FUNCTIONS["nan"], "reward_fn 'bad.py:score' returned nan for prompt 0 ("),
+    ("bad.py:score", BAD_FUNCTIONS["text"], "reward_fn 'bad.py:score' returned str; expected a list of 8 numbers"),
+    ("score", None, "reward_fn: 'score' is not a reward function: expected 'file.py:name', 'package.module:name' or one of gold"),
+])
+def test_bad_reward_functions_are_one_line_errors_and_leave_nothing(in_tmp, tiny_base, capsys, ref, body, message):
+    from alignment.cli import main
+
+    if body is not None:
+        (in_tmp / "bad.py").write_text(body)
+    code = main(["run", str(RECIPES / "grpo.yaml"), f"model={tiny_base}", *MICRO_GRPO, f"reward_fn={ref}", "output_dir=out/grpo"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and message in err[-1] and err[-1].startswith("error: "), err[-3:]
+    if "on prompt " in message:  # the prompt named is one the function fails on
+        assert err[-1].split("on prompt ", 1)[1].split(": ", 1)[1].startswith("'last:")
+    assert not (in_tmp / "out").exists() or not any((in_tmp / "out").iterdir())
+
+
+# --------------------------------------------------------------------------- a whole run
+
+
+def test_grpo_run_logs_its_metrics_and_saves_a_model(in_tmp, tiny_base, reward_dir):
+    """A weighted sum of two sources: each source's mean is logged, the score is their weighted sum."""
+    [node] = run(RECIPES / "grpo.yaml", [f"model={tiny_base}", f"reward_model={reward_dir}", *MICRO_GRPO,
+                                         "reward_fn=gold", "reward_weights=[0.5, 2.0]", "output_dir=out/grpo"])
+    rows = [json.loads(line) for line in (node.out_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [row for row in rows if "step" in row]  # the last line is the run's summary
+    assert len(rows) == 2
+    for row in rows:
+        assert row["objective/scores"] == pytest.approx(0.5 * row["rewards/reward_model"] + 2.0 * row["rewards/gold"], abs=1e-5)
+        for key in ("advantages/std", "frac_groups_equal_rewards", "policy/clipfrac", "loss/kl", "objective/entropy",
+                    "response_length", "time/generation"):
+            assert key in row, key
+        assert "value/explained_variance" not in row
+    summary = json.loads((node.out_dir / "run_info.json").read_text())["summary"]
+    assert summary["reward_sources"] == "0.5 x reward_model, 2 x gold" and summary["episodes"] == 16
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(node.out_dir) is not None  # transformers alone
