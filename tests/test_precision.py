@@ -10,6 +10,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
+from alignment.generation import response_logits
 from alignment.stages import ppo
 
 from .test_ppo import recipe_for
@@ -22,8 +23,10 @@ def bf16_accelerator() -> Accelerator:
     return Accelerator(cpu=True, mixed_precision="bf16")
 
 
-def first_rollout(recipe, inputs, accelerator, n=8):
+def first_rollout(recipe, inputs, accelerator, n=8, adjust=None):
     m = ppo.build_models(recipe, inputs, print)
+    if adjust:
+        adjust(m)
     optimizer, scheduler = ppo.prepare_training(m, accelerator, recipe)
     prompts, rendered, *_ = ppo.load_prompts(recipe, m.tok)
     torch.manual_seed(0)
@@ -73,3 +76,34 @@ def test_chain_stages_each_get_their_own_mixed_precision(in_tmp, tiny_base, rewa
     nodes = run(in_tmp / "second.yaml", [*micro, "*:ppo.total_episodes=8"])
     assert [n.name for n in nodes] == ["first", "second"] and (in_tmp / "runs" / "second" / "model.safetensors").is_file()
     assert seen == ["no", "bf16"]
+
+
+def random_adapters(m):
+    """Adapters that move the policy far from the tiny base (whose greedy reply repeats one token), so
+    that greedy replies vary and some of their tokens are near ties that bf16 rounding decides."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in m.policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 1.0)
+
+
+def test_bf16_lora_policy_samples_from_the_autocast_distribution(tiny_base, reward_dir, monkeypatch):
+    """peft's generate runs the base model's generate, outside the autocast that accelerate wraps
+    around the peft model's forward. The rollout samples under the accelerator's autocast, so the
+    replies come from the distribution the old log-probs are computed from: greedy replies are the
+    argmax of the bf16 logits of the scoring forward at every reply token."""
+    recipe = recipe_for(tiny_base, reward_dir, "lora={}", "ppo.response_length=16")
+    accelerator = bf16_accelerator()
+    real_sample = ppo.sample
+    monkeypatch.setattr(ppo, "sample", lambda *a, **k: real_sample(*a, **{**k, "temperature": 0.0}))
+    m, *_, r = first_rollout(recipe, {"model": str(tiny_base), "reward_model": str(reward_dir)}, accelerator, n=16,
+                             adjust=random_adapters)
+    assert m.reference_kind == "adapters"
+    with torch.no_grad(), accelerator.autocast():
+        logits = response_logits(m.policy, r.input_ids, r.attention_mask, r.context_length)
+    real = r.response_mask.bool()
+    assert torch.equal(logits.argmax(-1)[real], r.response_ids[real])
+    with torch.no_grad():  # without autocast the argmax differs somewhere: the test can tell them apart
+        fp32 = response_logits(m.policy.get_base_model(), r.input_ids, r.attention_mask, r.context_length)
+    assert not torch.equal(fp32.argmax(-1)[real], r.response_ids[real])

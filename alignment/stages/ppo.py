@@ -246,7 +246,8 @@ def rollout(m: Models, accelerator, rendered: list[str], prompts: list[str], rec
             rows: list[dict] | None = None) -> Rollout:
     """Sample one reply to each of `rendered` (a prompt repeated num_generations times gives a group)
     and score it. Every forward pass runs under the accelerator's autocast, the frozen reference's
-    too, so that under mixed precision policy and reference log-probs agree while they are equal."""
+    too, so that under mixed precision policy and reference log-probs agree while they are equal;
+    sampling too, so that replies are drawn from the distribution the old log-probs describe."""
     o = recipe.rl
     rows = rows if rows is not None else [{recipe.data.prompt_field: p} for p in prompts]
     policy = accelerator.unwrap_model(m.policy)
