@@ -369,10 +369,19 @@ def frozen(model):
 
 
 def no_dropout(model):
-    """Eval mode and every dropout probability 0: PPO's ratio must be exactly 1 before an update."""
+    """Eval mode and every dropout probability 0: PPO's ratio must be exactly 1 before an update.
+
+    The probabilities themselves are zeroed, not only eval mode relied on, so that the trained
+    models may run their update in train mode (transformers checkpoints activations in train mode
+    only) and still compute exactly what eval mode does: dropout modules (`_DropoutNd`), the float
+    rates attention modules copy from the config when built (Llama's `attention_dropout`, applied in
+    train mode only) and the config's."""
     for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
             module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if ("dropout" in name or name.endswith("pdrop")) and isinstance(value, float):
+                setattr(module, name, 0.0)
     for name in ("attention_dropout", "hidden_dropout", "dropout", "classifier_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
         if isinstance(getattr(model.config, name, None), float):
             setattr(model.config, name, 0.0)

@@ -163,6 +163,20 @@ def trained_models(m: Models) -> list[torch.nn.Module]:
     return [m.policy] if m.critic is None else [m.policy, m.critic]
 
 
+@contextlib.contextmanager
+def train_mode(models: list[torch.nn.Module]):
+    """The policy epochs run in train mode, so that transformers checkpoints activations when
+    `model_options.gradient_checkpointing` is on (it does in train mode only); every dropout
+    probability is 0 (`no_dropout`), so train mode computes what eval mode does. Rollouts: eval."""
+    for model in models:
+        model.train()
+    try:
+        yield
+    finally:
+        for model in models:
+            model.eval()
+
+
 def prepare_training(m: Models, accelerator, recipe: RLRecipe):
     """One AdamW over the policy's (and PPO's critic's) trainable weights, the LR schedule over every
     optimizer step of the run; models placed (and wrapped for DDP) by accelerate."""
@@ -400,7 +414,8 @@ def learn(m: Models, accelerator, optimizer, scheduler, r: Rollout, beta: float,
         per_reply = group_advantages(accelerator, scores, o)
         loss_mask = mask * r.finished[:, None] if o.mask_truncated_completions else mask
         advantages, returns = per_reply[:, None] * loss_mask, None
-    stats = ppo_update(m, accelerator, optimizer, scheduler, r, advantages, returns, loss_mask, beta, recipe, iteration)
+    with train_mode(trained_models(m)):
+        stats = ppo_update(m, accelerator, optimizer, scheduler, r, advantages, returns, loss_mask, beta, recipe, iteration)
     return stats, kl, returns, per_reply
 
 
