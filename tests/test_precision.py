@@ -16,6 +16,12 @@ from alignment.stages import ppo
 from .test_ppo import recipe_for
 
 
+@pytest.fixture(autouse=True)
+def fresh_state_after():
+    yield
+    AcceleratorState._reset_state()  # later tests' Accelerator(cpu=True) would otherwise inherit bf16
+
+
 def bf16_accelerator() -> Accelerator:
     """A bf16 accelerator in a process whose accelerate state other tests may have fixed to fp32
     (the pipeline starts every stage with a fresh state the same way)."""
