@@ -44,9 +44,11 @@ def render_prompt(tok, prompt: str) -> str:
     return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
 
 
-def render_exchange(tok, prompt: str, response: str) -> str:
+def render_exchange(tok, prompt: str, response: str, finished: bool = True) -> str:
+    """Prompt and reply in `tok`'s chat template. An unfinished reply (cut off at the length limit)
+    is left open: nothing the template closes a turn with (EOS, end-of-turn) follows it."""
     messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-    return tok.apply_chat_template(messages, tokenize=False)
+    return tok.apply_chat_template(messages, tokenize=False, continue_final_message=not finished)
 
 
 def generate(

@@ -358,9 +358,11 @@ def check_reward_model(name_or_path: str, key: str = "reward_model") -> None:
 
 
 def same_tokenizer(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
-    """True when token ids mean the same in both (same vocabulary, pad and EOS), so one model's
-    ids can be fed to the other."""
-    return a.get_vocab() == b.get_vocab() and a.pad_token_id == b.pad_token_id and a.eos_token_id == b.eos_token_id
+    """True when token ids mean the same in both (same vocabulary, pad and EOS) and conversations are
+    rendered the same (same chat template), so one model's ids can be fed to the other: a reward
+    model trained on another template must see the exchange in its own."""
+    return (a.get_vocab() == b.get_vocab() and a.pad_token_id == b.pad_token_id and a.eos_token_id == b.eos_token_id
+            and a.chat_template == b.chat_template)
 
 
 def frozen(model):

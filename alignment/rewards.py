@@ -150,7 +150,7 @@ class Rewards:
         replies = self.tok.batch_decode(ids, skip_special_tokens=True)
         out = {}
         if self.reward_model is not None:
-            out["reward_model"] = self._model_scores(prompts, replies, input_ids, attention_mask)
+            out["reward_model"] = self._model_scores(prompts, replies, input_ids, attention_mask, finished.tolist())
         columns = {k: [row.get(k) for row in rows] for k in (rows[0] if rows else {}) if k != self.prompt_field}
         offered = {**columns, "prompts": prompts, "completions": replies, "replies": replies,
                    "completion_ids": ids, "finished": finished.tolist()}
@@ -161,13 +161,15 @@ class Rewards:
     def total(self, per_source: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(self.weights[name] * value for name, value in per_source.items())
 
-    def _model_scores(self, prompts, replies, input_ids, attention_mask) -> torch.Tensor:
+    def _model_scores(self, prompts, replies, input_ids, attention_mask, finished) -> torch.Tensor:
         """The reward model's score of prompt + reply at the last real token. With another tokenizer
-        than the policy's, the reply is decoded and the exchange re-rendered with the reward model's."""
+        (or chat template) than the policy's, the reply is decoded and the exchange re-rendered with the
+        reward model's; a reply cut off at the length limit is left open there as in the sampled ids
+        (no EOS or end of turn after it), so the reward model sees that it did not finish."""
         if self.reward_tok is None:
             ids, mask = input_ids, attention_mask
         else:
-            texts = [render_exchange(self.reward_tok, p, reply) for p, reply in zip(prompts, replies)]
+            texts = [render_exchange(self.reward_tok, p, reply, done) for p, reply, done in zip(prompts, replies, finished)]
             enc = self.reward_tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(input_ids.device)
             ids, mask = enc["input_ids"], enc["attention_mask"]
         scores = self.reward_model(ids, mask, position_ids(mask))

@@ -135,8 +135,8 @@ def build_models(recipe: RLRecipe, inputs: dict, say) -> Models:
         reward_tok = load_tokenizer(inputs["reward_model"], options)
         shared = same_tokenizer(tok, reward_tok)
         if not shared:
-            say(f"{recipe.stage}: the reward model's tokenizer differs from the policy's: replies are decoded and "
-                "re-tokenised with the reward tokenizer for scoring"
+            say(f"{recipe.stage}: the reward model's tokenizer differs from the policy's (vocabulary, special tokens or "
+                "chat template): replies are decoded and re-rendered with the reward model's for scoring"
                 + ("; the critic starts from the policy with a new value head" if o.uses_critic else ""))
         reward = PerTokenScores(frozen(load_classifier(inputs["reward_model"], reward_tok, options)))
     policy = no_dropout(load_causal_lm(inputs["model"], tok, options))
