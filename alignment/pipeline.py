@@ -52,6 +52,7 @@ from .config import (
     BaseRecipe,
     FromRecipe,
     RecipeError,
+    RLRecipe,
     content_hash,
     data_files,
     load_recipe,
@@ -250,6 +251,7 @@ def plan(recipe_path: str | Path, overrides: list[str] = (), num_processes: int 
             raise RecipeError(f"{path}: data.source: from: {ref.path.name} is a '{ref.recipe.stage}' recipe; "
                               "data.source takes the output of a 'prep' recipe (or a data file)")
         every_process = _runs_on_every_process(recipe.stage)
+        check_rl_launcher(path, recipe, distributed_type(num_processes))
         node.hash = content_hash(
             _hashed_view(recipe),
             {role: ref.hash for role, ref in node.refs.items()},
@@ -274,6 +276,20 @@ def plan(recipe_path: str | Path, overrides: list[str] = (), num_processes: int 
         names = ", ".join(n.name for n in order)
         raise RecipeError(f"override for recipe '{sorted(unknown)[0]}': no such recipe in this run ({names})")
     return order
+
+
+def check_rl_launcher(path: Path, recipe: BaseRecipe, distributed: str) -> None:
+    """The RL stages (ppo, grpo, rloo) run on one process or as DDP only. They train the policy (and
+    PPO's critic) beside frozen reference and reward models and generate from the policy in their own
+    loop: accelerate's DeepSpeed integration asserts on a second prepared model, its FSDP2 one takes
+    one model only, and saving from the main process alone assumes unsharded weights. Refused before
+    any stage trains rather than as a traceback when the RL stage starts."""
+    if isinstance(recipe, RLRecipe) and distributed in ("deepspeed", "fsdp"):
+        raise RecipeError(
+            f"{path}: stage '{recipe.stage}' does not run under {'DeepSpeed' if distributed == 'deepspeed' else 'FSDP'}; "
+            "it runs on one process or as DDP (accelerate launch --multi_gpu, recipes/accelerate/multi_gpu.yaml or "
+            "cpu_2proc.yaml; lora for large models): launch the RL stage without the DeepSpeed/FSDP config"
+        )
 
 
 def _read_info(directory: Path) -> dict:
