@@ -393,9 +393,23 @@ class PretrainRecipe(BaseRecipe):
     stage: Literal["pretrain"]
 
 
+class SFTOptions(Section):
+    """Supervised fine-tuning on conversations (TRL's SFTTrainer), loss on assistant tokens only."""
+
+    packing: bool = Field(
+        False,
+        description="Pack whole conversations into rows of training.max_length tokens (TRL's best-fit decreasing "
+        "packing; a longer conversation is cut to max_length) and train padding-free: no pad tokens, each "
+        "conversation keeps its own positions and attends to itself only (FlashAttention's variable-length kernels, "
+        "or the block-diagonal mask transformers builds from the positions for sdpa and eager). The loss stays on "
+        "assistant tokens; per_device_train_batch_size then counts rows of max_length tokens.",
+    )
+
+
 class SFTRecipe(BaseRecipe):
     UNREAD = _unread_fields("messages_field")
     stage: Literal["sft"]
+    sft: SFTOptions = Field(default_factory=SFTOptions)
 
 
 class RewardOptions(Section):

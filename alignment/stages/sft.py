@@ -2,6 +2,8 @@
 
 Conversations go through the tokenizer's chat template (the toolkit's default carries
 `{% generation %}` markers), so only what the assistant says, EOS included, is learned.
+With `sft.packing`, whole conversations share rows of max_length tokens (TRL's best-fit
+decreasing packing) and train padding-free, each attending to itself only.
 """
 
 from __future__ import annotations
@@ -30,9 +32,14 @@ def run(recipe: SFTRecipe, inputs: dict, work_dir: Path) -> dict:
 
     def count(trainer, tok) -> dict:
         require_rows(len(dataset), trainer.train_dataset, "conversations", max_length)
+        if recipe.sft.packing:
+            return packed_counts(trainer.train_dataset, tok, dataset, max_length)
         return length_counts(trainer.train_dataset, tok, len(dataset), max_length)
 
-    summary = train_causal_lm(recipe, inputs, work_dir, dataset, count=count, assistant_only_loss=True)
+    # packing_strategy "bfd": whole conversations, and TRL then trains padding-free (position ids, no
+    # attention across conversations); "wrapped" would cut conversations mid-way and let them attend across.
+    packing = {"packing": True, "packing_strategy": "bfd"} if recipe.sft.packing else {}
+    summary = train_causal_lm(recipe, inputs, work_dir, dataset, count=count, assistant_only_loss=True, **packing)
     return {"conversations": len(rows), **{f"dropped/{k}": v for k, v in rows.dropped.items()}, **summary}
 
 
@@ -52,4 +59,18 @@ def length_counts(prepared, tok, conversations: int, max_length: int) -> dict:
         "conversations_trained": len(prepared),
         "truncated/longer than max_length": sum(n > max_length for n in full_lengths),
         "dropped/no assistant token within max_length": conversations - len(prepared),
+    }
+
+
+def packed_counts(packed, tok, conversations, max_length: int) -> dict:
+    """What packing did: conversations in how many rows of max_length tokens, how full the rows are,
+    and how many conversations were cut to max_length (TRL's best-fit decreasing packing cuts a longer
+    one rather than dropping it)."""
+    lengths = [len(tok.apply_chat_template(m, tokenize=True, return_dict=True)["input_ids"]) for m in conversations["messages"]]
+    tokens = sum(sum(row) for row in packed["seq_lengths"])
+    return {
+        "conversations_trained": sum(len(row) for row in packed["seq_lengths"]),
+        "packed_rows": len(packed),
+        "packed_fill": round(tokens / (len(packed) * max_length), 4),
+        "truncated/longer than max_length": sum(n > max_length for n in lengths),
     }
