@@ -1,0 +1,306 @@
+"""GRPO speed: our `grpo` stage against TRL's trl.GRPOTrainer (the version installed here), in one go.
+
+Both train the same tiny model (the demo world's init checkpoint, built here by our pipeline from
+recipes/init.yaml: a 2-layer, 256-wide Llama with its BPE tokenizer) on the same demo training
+prompts (`alignment.demo.world.train_prompts`, rendered with the tokenizer's chat template: ours
+renders them itself, TRL gets them in conversational format and applies the same template), with
+the same reward, the demo gold oracle (`alignment.rewards.gold`; for TRL wrapped as a reward
+function `gold(prompts, completions, completion_ids, **kw)`, a reply is finished when its last id
+is EOS, exactly as ours decides), and the same settings:
+
+    G (num_generations) 8, batch 64 episodes (8 prompts x 8 replies) per rollout and per optimizer
+    step (TRL: per_device_train_batch_size 64, gradient_accumulation_steps 1, hence
+    generation_batch_size 64 and steps_per_generation 1; ours: batch_size 64, num_minibatches 1),
+    one update per rollout batch (num_iterations 1), replies of at most 24 tokens, temperature 1,
+    top_p 1, top_k 0, no repetition penalty, beta 0.04 (k3) with a frozen reference model on both
+    sides, epsilon 0.2, per-reply loss then mean over replies (ours loss_aggregation 'sequence' =
+    TRL loss_type 'grpo'), advantages scaled by the group's std (scale_rewards 'group'),
+    truncated replies kept in the loss, AdamW lr 1e-4 linear, no warm-up, weight decay 0, grad
+    clip 1.0, float32, no gradient checkpointing, dropout off, CPU, no vLLM, logging and saving
+    off.
+
+Episodes per second are measured the same way for both, in the process that trains: from the
+end of the first iteration (the warm-up, left out on both sides) to the end of the last one
+(ours: where the loop writes an iteration's metrics; TRL: on_step_end), so start-up and model
+loading are left out too; by the wall clock and by the process's CPU time (the latter is steadier
+when other work shares the cores). Each run is a fresh process; the sides alternate (ours, TRL,
+ours, ...) for --repeats runs each. Printed: the median over runs of each side, its best run,
+and the ratio ours / TRL as the median of the per-run ratios (each run of ours against the TRL
+run right after it, i.e. under similar load). Time splits over the same timed iterations: ours
+from metrics.jsonl's `time/*` keys (generation / scoring / optimisation; "other": metrics and
+logging), TRL's from timers around GRPOTrainer._generate (generation) and
+_generate_and_score_completions (the rest of it: scoring), the rest of the step: optimisation.
+
+Not the same in the two, by design of each: TRL skips the "old" log-prob forward pass when the
+samples are on-policy (num_iterations 1, steps_per_generation = gradient_accumulation_steps) and
+uses the current log-probs detached; ours always takes it (with the entropy) while scoring.
+The prompts drawn differ (each side shuffles its own way) but come from the same 512.
+
+The init checkpoint's random weights almost never sample EOS, so nearly every reply runs to the
+full reply length on both sides: both do the same work per episode (the table prints the mean
+reply length of each side to show it).
+
+    python benchmarks/bench_grpo.py                                  # all cores
+    OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/bench_grpo.py   # one thread on one pinned core
+
+Measured (torch 2.13 CPU, transformers 5.24, TRL 1.16.0; one thread pinned to one core of a 2-core
+VM whose other core, and at times this one, ran other work, so the wall clock is noisy),
+`OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/bench_grpo.py --num-generations 8 --batch 64
+--response-length 24 --iterations 8 --repeats 5`:
+
+                               episodes/s  best run  per CPU s  reply len
+    ours (alignment grpo)            31.1      49.8       43.5       23.2
+    TRL 1.16.0 GRPOTrainer           29.0      52.1       47.3       22.5
+    ratio ours / TRL                0.92x     0.96x      0.93x
+
+    our time split (metrics.jsonl time/*): generation 29%, scoring 27%, optimisation 44%
+    TRL's time split:                      generation 33%, scoring 16%, optimisation 51%
+
+Two earlier runs of the same size gave per-CPU-second ratios of 0.93x and 0.97x: ours is about
+5% slower per episode here, the cost of the extra old-log-prob forward pass (our scoring takes
+~0.6 s an iteration against TRL's ~0.3 s; generation and optimisation are on par or ours faster).
+Figures also in docs/benchmarks.md ("GRPO against TRL's GRPOTrainer").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+MARK = "BENCH_GRPO_RESULT "  # a worker's result line on stdout
+
+SETTINGS = dict(num_generations=8, batch=64, response_length=24, temperature=1.0, beta=0.04, epsilon=0.2,
+                learning_rate=1e-4, num_prompts=512, seed=0)
+
+
+def build_inputs(work: Path, s: dict) -> None:
+    """The demo init checkpoint as policy (and reference); the demo training prompts."""
+    from alignment.demo import world
+    from alignment.pipeline import run
+
+    if not (work / "policy" / "model.safetensors").exists():
+        run(REPO / "recipes" / "init.yaml", [f"output_dir={work / 'policy'}"])
+    prompts = [row["prompt"] for row in world.train_prompts(s["num_prompts"], 0)]
+    (work / "prompts.json").write_text(json.dumps(prompts))
+
+
+def our_worker(work: Path, iterations: int, s: dict, out: Path) -> dict:
+    """Our side, in its own process: the grpo recipe through our pipeline, stamped at each iteration's end."""
+    import alignment.stages.ppo as loop
+    from alignment.pipeline import run
+
+    stamps = []
+    write = loop.append_metrics
+
+    def append_metrics(path, record):  # called once per iteration, after its optimizer step
+        stamps.append((time.perf_counter(), time.process_time()))
+        write(path, record)
+
+    loop.append_metrics = append_metrics
+    shutil.rmtree(out, ignore_errors=True)  # else the pipeline finds the stage up to date and skips it
+    run(REPO / "recipes" / "grpo.yaml", [
+        f"model={work / 'policy'}", f"output_dir={out}", "report.models={}",  # grpo.yaml: reward_fn: gold
+       
+        f"data.num_examples={s['num_prompts']}", f"grpo.batch_size={s['batch']}",
+        f"grpo.total_episodes={s['batch'] * iterations}", f"grpo.num_generations={s['num_generations']}",
+        f"grpo.response_length={s['response_length']}", f"grpo.temperature={s['temperature']}", "grpo.top_p=1.0",
+        f"grpo.beta={s['beta']}", f"grpo.epsilon={s['epsilon']}", "grpo.num_iterations=1", "grpo.num_minibatches=1",
+        "grpo.loss_aggregation=sequence", "grpo.scale_rewards=true", "grpo.mask_truncated_completions=false",
+        "grpo.missing_eos_penalty=null", "grpo.kl_estimator=k3", "grpo.kl_in=loss",
+        f"training.learning_rate={s['learning_rate']}", "training.lr_scheduler_type=linear", "training.warmup_steps=0",
+        "training.weight_decay=0.0", "training.max_grad_norm=1.0", "training.gradient_accumulation_steps=1",
+        "training.mixed_precision=no", "training.save_steps=0", f"seed={s['seed']}",
+    ])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "objective/kl" in r]
+    assert len(steps) == len(stamps) == iterations, (len(steps), len(stamps), iterations)
+    split = {k: sum(r[f"time/{k}"] for r in steps[1:]) for k in ("generation", "scoring", "optimisation")}
+    split["other"] = stamps[-1][0] - stamps[0][0] - sum(split.values())  # metrics, logging
+    return {
+        **rates(stamps, s["batch"]),
+        "split": split,
+        "reply_length": sum(r["response_length"] for r in steps) / len(steps),
+        "score": sum(r["objective/scores"] for r in steps) / len(steps),
+    }
+
+
+def rates(stamps: list[tuple[float, float]], batch: int) -> dict:
+    """Episodes/s from the first iteration's end to the last's, by the wall clock and by the process's CPU time."""
+    (wall0, cpu0), (wall1, cpu1) = stamps[0], stamps[-1]
+    episodes = (len(stamps) - 1) * batch
+    return {"episodes_per_second": episodes / (wall1 - wall0), "episodes_per_cpu_second": episodes / (cpu1 - cpu0)}
+
+
+def trl_worker(work: Path, iterations: int, s: dict, out: Path) -> dict:
+    """TRL's side, in its own process: GRPOTrainer on the same checkpoint, prompts, reward and settings."""
+    import torch
+    import trl
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from alignment.compare import render_prompt
+    from alignment.rewards import gold as our_gold
+
+    tok = AutoTokenizer.from_pretrained(str(work / "policy"))
+    prompts = json.loads((work / "prompts.json").read_text())
+    # TRL renders conversational prompts with the tokenizer's chat template (add_generation_prompt,
+    # no special tokens added): check it gives exactly the token ids our stage samples from.
+    ours = tok(render_prompt(tok, prompts[0]), add_special_tokens=False)["input_ids"]
+    theirs = tok.apply_chat_template([{"role": "user", "content": prompts[0]}], add_generation_prompt=True,
+                                     tokenize=True, return_dict=True)["input_ids"]
+    assert list(ours) == list(theirs), (ours, theirs)
+    data = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in prompts]})
+    eos = {tok.eos_token_id}
+    seen = {"replies": 0, "tokens": 0, "score": 0.0}
+
+    def gold(prompts, completions, completion_ids, **kw):
+        """The demo gold oracle as a TRL reward function (conversational prompts and completions)."""
+        scores = our_gold(
+            prompts=[p[-1]["content"] for p in prompts],
+            completions=[c[-1]["content"] for c in completions],
+            finished=[bool(ids) and ids[-1] in eos for ids in completion_ids],
+        )
+        seen["replies"] += len(scores)
+        seen["tokens"] += sum(len(ids) for ids in completion_ids)
+        seen["score"] += sum(scores)
+        return scores
+
+    stamps, clock, marks = [], {"generation": 0.0, "generation+scoring": 0.0}, []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            stamps.append((time.perf_counter(), time.process_time()))
+            marks.append(dict(clock))
+
+    def timed(fn, key):
+        def wrapper(*a, **k):
+            started = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                clock[key] += time.perf_counter() - started
+        return wrapper
+
+    args = GRPOConfig(
+        output_dir=str(out),
+        # one generation batch of `batch` episodes per optimizer step, one optimizer step per generation
+        per_device_train_batch_size=s["batch"], gradient_accumulation_steps=1, num_generations=s["num_generations"],
+        num_iterations=1, max_steps=iterations,
+        max_completion_length=s["response_length"], temperature=s["temperature"], top_p=1.0, top_k=0, min_p=None,
+        repetition_penalty=1.0, use_vllm=False,
+        beta=s["beta"], epsilon=s["epsilon"], loss_type="grpo", scale_rewards="group", mask_truncated_completions=False,
+        importance_sampling_level="token", top_entropy_quantile=1.0,
+        learning_rate=s["learning_rate"], lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
+        max_grad_norm=1.0, optim="adamw_torch",
+        use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False, disable_dropout=True,
+        model_init_kwargs={"dtype": torch.float32},
+        report_to="none", save_strategy="no", logging_strategy="no", log_completions=False, disable_tqdm=True,
+        seed=s["seed"], dataloader_num_workers=0,
+    )
+    trainer = GRPOTrainer(model=str(work / "policy"), reward_funcs=gold, args=args, train_dataset=data,
+                          processing_class=tok, callbacks=[Clock()])
+    assert trainer.ref_model is not None, "TRL made no reference model"
+    # TRL's split: _generate (tokenise, sample, decode) inside _generate_and_score_completions (also the
+    # reference forward, rewards, advantages); the rest of the step: loss forward, backward, optimizer step
+    trainer._generate = timed(trainer._generate, "generation")
+    trainer._generate_and_score_completions = timed(trainer._generate_and_score_completions, "generation+scoring")
+    trainer.train()
+    assert len(stamps) == iterations, (len(stamps), iterations)
+    gen = marks[-1]["generation"] - marks[0]["generation"]
+    both = marks[-1]["generation+scoring"] - marks[0]["generation+scoring"]
+    return {
+        **rates(stamps, s["batch"]),
+        "split": {"generation": gen, "scoring": both - gen, "optimisation": stamps[-1][0] - stamps[0][0] - both},
+        "reply_length": seen["tokens"] / seen["replies"],  # EOS counted, as ours counts it
+        "score": seen["score"] / seen["replies"],
+        "version": trl.__version__,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iterations", type=int, default=8, help="iterations (= optimizer steps) per run; "
+                        "the first is the warm-up and is not timed")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each side, alternating (ours, TRL, ours, ...); "
+                        "medians are reported")
+    parser.add_argument("--num-generations", type=int, default=SETTINGS["num_generations"], help="G")
+    parser.add_argument("--batch", type=int, default=SETTINGS["batch"], help="episodes per iteration")
+    parser.add_argument("--response-length", type=int, default=SETTINGS["response_length"], help="most reply tokens")
+    parser.add_argument("--work", default="/tmp/bench_grpo", help="scratch directory")
+    parser.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    s = {**SETTINGS, "num_generations": args.num_generations, "batch": args.batch,
+         "response_length": args.response_length}
+    if args.iterations < 2:
+        parser.error("--iterations must be at least 2 (the first is not timed)")
+    if s["batch"] % s["num_generations"]:
+        parser.error("--batch must be a multiple of --num-generations")
+    work = Path(args.work)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.worker:
+        worker = our_worker if args.worker == "ours" else trl_worker
+        result = worker(work, args.iterations, s, work / args.worker)
+        print(MARK + json.dumps(result))
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    build_inputs(work, s)
+
+    runs: dict[str, list[dict]] = {"ours": [], "trl": []}
+    for rep in range(args.repeats):
+        for side in ("ours", "trl"):
+            done = subprocess.run(
+                [sys.executable, __file__, "--worker", side, "--work", str(work), "--iterations", str(args.iterations),
+                 "--num-generations", str(s["num_generations"]), "--batch", str(s["batch"]),
+                 "--response-length", str(s["response_length"])],
+                capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+            )
+            lines = [line for line in done.stdout.splitlines() if line.startswith(MARK)]
+            if done.returncode or not lines:
+                sys.exit(f"{side} run failed:\n{done.stderr[-3000:]}")
+            runs[side].append(json.loads(lines[-1][len(MARK):]))
+            r = runs[side][-1]
+            print(f"  run {rep + 1} {side:>4}: {r['episodes_per_second']:.1f} episodes/s, "
+                  f"{r['episodes_per_cpu_second']:.1f} per CPU s", file=sys.stderr)
+
+    ours, trl = runs["ours"], runs["trl"]
+    med = {side: {k: statistics.median([r[k] for r in rs]) for k in ("episodes_per_second", "episodes_per_cpu_second",
+                                                                     "reply_length", "score")} for side, rs in runs.items()}
+    best = {side: max(r["episodes_per_second"] for r in rs) for side, rs in runs.items()}
+    # each run of ours is paired with the TRL run right after it (nearest in time, so under similar load)
+    paired = {k: [o[k] / t[k] for o, t in zip(ours, trl)] for k in ("episodes_per_second", "episodes_per_cpu_second")}
+    threads = os.environ.get("OMP_NUM_THREADS", "default")
+    print(f"GRPO, G {s['num_generations']}, batch {s['batch']} episodes ({s['batch'] // s['num_generations']} prompts), "
+          f"replies of at most {s['response_length']} tokens, beta {s['beta']}, {args.iterations} iterations per run "
+          f"(first untimed), {args.repeats} runs each, CPU ({len(os.sched_getaffinity(0))} usable cores, "
+          f"OMP_NUM_THREADS={threads})")
+    print(f"  {'':26} {'episodes/s':>10} {'best run':>9} {'per CPU s':>9} {'reply len':>9} {'mean gold':>9}")
+    for side, name in (("ours", "ours (alignment grpo)"), ("trl", f"TRL {trl[0]['version']} GRPOTrainer")):
+        m = med[side]
+        print(f"  {name:26} {m['episodes_per_second']:10.1f} {best[side]:9.1f} {m['episodes_per_cpu_second']:9.1f} "
+              f"{m['reply_length']:9.1f} {m['score']:9.3f}")
+    print(f"  {'ratio ours / TRL':26} {statistics.median(paired['episodes_per_second']):9.2f}x "
+          f"{best['ours'] / best['trl']:8.2f}x {statistics.median(paired['episodes_per_cpu_second']):8.2f}x")
+    print("  (episodes/s and per CPU s: medians over runs; ratios: median of the per-run ratios, each run of ours "
+          "against the TRL run after it)")
+    for key, what in (("episodes_per_second", "episodes/s"), ("episodes_per_cpu_second", "episodes per CPU s")):
+        print(f"  per run, {what}: ours " + ", ".join(f"{r[key]:.1f}" for r in ours)
+              + "; TRL " + ", ".join(f"{r[key]:.1f}" for r in trl))
+    for side, rs, name in (("ours", ours, "our time split (metrics.jsonl time/*)"), ("trl", trl, "TRL's time split")):
+        split = {k: sum(r["split"][k] for r in rs) for k in rs[0]["split"]}
+        total = sum(split.values())
+        per_it = total / (len(rs) * (args.iterations - 1))
+        print(f"  {name}: " + ", ".join(f"{k} {v / total:.0%}" for k, v in split.items())
+              + f" of {per_it:.2f} s per iteration")
+
+if __name__ == "__main__":
+    main()
