@@ -13,6 +13,11 @@ RECIPES = REPO / "recipes"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # `pytest -n N`: share the cores, or torch's threads spin against each other
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 # Overrides that shrink every stage of a chain to seconds.
 MICRO = [
     "init:init.vocab_size=300",

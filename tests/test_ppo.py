@@ -194,6 +194,7 @@ def test_lora_policy_is_its_own_reference_and_only_adapters_learn(tiny_base, rew
         assert torch.allclose(ppo.reply_logprobs(merged, r, recipe.ppo.temperature), ppo.reply_logprobs(m.policy, r, recipe.ppo.temperature), atol=1e-4)
 
 
+@pytest.mark.dynamics
 def test_short_run_raises_the_reward(in_tmp, tiny_base, reward_dir):
     """Replies of two tokens: the policy must learn which tokens the reward model likes."""
     [node] = run(RECIPES / "ppo.yaml", [f"model={tiny_base}", f"reward_model={reward_dir}", *MICRO_PPO,
@@ -203,6 +204,7 @@ def test_short_run_raises_the_reward(in_tmp, tiny_base, reward_dir):
                                         "output_dir=out/ppo"])
     rows = [json.loads(line) for line in (node.out_dir / "metrics.jsonl").read_text().splitlines()]
     scores = [r["objective/scores"] for r in rows if "objective/scores" in r]
+    print(f"margin: tiny ppo score gain {sum(scores[-4:]) / 4 - sum(scores[:4]) / 4:.3f} (> 1.0)")
     assert len(scores) == 16 and sum(scores[-4:]) / 4 > sum(scores[:4]) / 4 + 1.0, scores
     for key in ("objective/kl", "objective/entropy", "policy/approxkl", "value/explained_variance", "beta",
                 "time/generation", "time/scoring", "time/optimisation", "eos_fraction", "val/ratio_var"):
@@ -217,6 +219,7 @@ def test_short_run_raises_the_reward(in_tmp, tiny_base, reward_dir):
     assert AutoModelForCausalLM.from_pretrained(node.out_dir) is not None  # transformers alone
 
 
+@pytest.mark.dynamics
 def test_short_run_on_the_demo_world_raises_reward_and_gold_score(micro_demo_chain, monkeypatch):
     """The micro demo chain's SFT model, a reward model trained on the demo preference pairs, then
     PPO: the reward rises over the run, and on held-out prompts the gold oracle (which PPO never
@@ -229,15 +232,23 @@ def test_short_run_on_the_demo_world_raises_reward_and_gold_score(micro_demo_cha
         # stopping (concise) and must not cost content.
         *MICRO_DEMO_CHAIN, "reward:data.num_examples=1200", "reward:training.max_steps=80",
         "ppo:data.num_examples=256", "ppo.total_episodes=512", "ppo.batch_size=32", "ppo.response_length=12",
-        "ppo:training.learning_rate=5e-5", "ppo.kl_coef=0.2",
+        "ppo:training.learning_rate=1e-4", "ppo.kl_coef=0.2",
         "report.models={sft: sft, ppo: ppo}", "report.num_prompts=300", "report.also_greedy=false"])
     report = json.loads((node.out_dir / "report.json").read_text())
-    assert report["stage_summary"]["score_gain"] > 0.3, report["stage_summary"]
+    rows = [json.loads(line) for line in (node.out_dir / "metrics.jsonl").read_text().splitlines()]
+    scores = [r["objective/scores"] for r in rows if "objective/scores" in r]
+    # The reward model's score, mean of the last four iterations against the first four (one
+    # iteration's batch of 32 is noisy: first-to-last was 0.198 on an AVX-512 Xeon, 0.5-0.86 here).
+    # Measured under ATEN_CPU_CAPABILITY avx2 and default: +0.45 and +0.48.
+    gain = sum(scores[-4:]) / 4 - sum(scores[:4]) / 4
     [gold] = [d for d in report["differences"] if (d["a"], d["b"], d["score"]) == ("ppo", "sft", "gold")]
-    # The mean paired difference, not its CI: measured +0.036 [0.005, 0.067] here, and +0.017 to
-    # +0.037 under nearby settings (reward data/steps, kl_coef), while a reward model PPO can game
-    # (40 steps) gave -0.036. Another CPU's float rounding takes another sampling path, so the
-    # assertion is the sign, which held in every setting tried, not the thin CI bound.
+    print(f"margin: ppo score gain {gain:.3f}, gold ppo - sft {gold}")
+    assert gain > 0.15, scores
+    # The mean paired difference, not its CI: +0.028 [0.006, 0.051] (avx2) and +0.026 [0.004,
+    # 0.049] (default) here, +0.008 [-0.013, 0.030] on the Xeon at the former settings, while a
+    # reward model PPO can game (40 steps) gave -0.036. Another CPU's float rounding takes another
+    # sampling path, so the assertion is the sign, which held on every path tried; GRPO with the
+    # oracle as its reward shows a gain with its CI above 0 (test_grpo.py).
     assert gold["mean"] > 0, gold
 
 
@@ -388,7 +399,7 @@ def test_reward_model_with_another_tokenizer_scores_retokenised_text(in_tmp, tin
 
     recipe = recipe_for(tiny_base, in_tmp / "other_rm")
     m = ppo.build_models(recipe, {"model": str(tiny_base), "reward_model": str(in_tmp / "other_rm")}, print)
-    assert m.reward_tok is not None
+    assert m.rewards.reward_tok is not None
     prompts, rendered, *_ = ppo.load_prompts(recipe, m.tok)
     torch.manual_seed(0)
     r = ppo.rollout(m, Accelerator(cpu=True), rendered[:4], prompts[:4], recipe, {"generation": 0.0, "scoring": 0.0})
