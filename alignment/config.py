@@ -730,6 +730,16 @@ class RLOptions(Section):
     def uses_critic(self) -> bool:
         return self.estimator == "gae"
 
+    @property
+    def aggregation(self) -> str:
+        """How per-token losses become one ('token': PPO's token mean; see CriticFreeOptions)."""
+        return "token"
+
+    @property
+    def kl_in_loss(self) -> bool:
+        """The KL leash is a loss term (GRPO) rather than a reward term (PPO, RLOO)."""
+        return False
+
 
 class PPOOptions(RLOptions):
     """PPO with a KL penalty and a critic (see alignment/stages/ppo.py for one iteration step by step)."""
@@ -777,6 +787,14 @@ class CriticFreeOptions(RLOptions):
     @property
     def estimator(self) -> str:
         return self.advantage_estimator
+
+    @property
+    def aggregation(self) -> str:
+        return self.loss_aggregation
+
+    @property
+    def kl_in_loss(self) -> bool:
+        return self.kl_in == "loss"
 
 
 class GRPOOptions(CriticFreeOptions):

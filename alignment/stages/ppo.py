@@ -328,8 +328,8 @@ def ppo_update(
     factor num_processes)."""
     o, t = recipe.rl, recipe.training
     n = r.input_ids.shape[0]
-    aggregation = getattr(o, "loss_aggregation", "token")
-    kl_in_loss = getattr(o, "kl_in", "reward") == "loss" and m.reference_kind != "none"
+    aggregation = o.aggregation
+    kl_in_loss = o.kl_in_loss and m.reference_kind != "none"
     params = [p for model in trained_models(m) for p in model.parameters() if p.requires_grad]
     names = ["loss/policy", "policy/clipfrac", "policy/approxkl", "val/ratio", "val/ratio_sq"]
     names += ["loss/value", "value/clipfrac"] if m.critic is not None else []
@@ -410,7 +410,7 @@ def learn(m: Models, accelerator, optimizer, scheduler, r: Rollout, beta: float,
         loss_mask, per_reply = mask, None
     else:
         kl = torch.where(mask.bool(), losses.kl_penalty(r.logp, r.ref_logp, o.kl_estimator), torch.zeros_like(r.logp))
-        scores = r.scores - beta * kl.sum(-1) if o.kl_in == "reward" else r.scores
+        scores = r.scores if o.kl_in_loss else r.scores - beta * kl.sum(-1)
         per_reply = group_advantages(accelerator, scores, o)
         loss_mask = mask * r.finished[:, None] if o.mask_truncated_completions else mask
         advantages, returns = per_reply[:, None] * loss_mask, None
