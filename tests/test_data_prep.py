@@ -361,7 +361,7 @@ def test_worker_processes_give_the_same_bytes_and_accounting_as_one_process(tmp_
         ("header.csv", b"prompt,chosen,rejected\n", "a header and no rows"),
         ("binary.jsonl", bytes(range(256)) * 4, "binary file, expected UTF-8 text"),
         ("latin1.jsonl", '{"prompt": "caf\xe9"}\n'.encode("latin-1"), "latin1.jsonl:1: not UTF-8 text"),
-        ("broken.jsonl.gz", gzip.compress(b'{"a": 1}\n' * 50)[:30], "cannot decompress"),
+        ("broken.jsonl.gz", gzip.compress(b'{"a": 1}\n' * 50, mtime=0)[:30], "cannot decompress"),
         ("notgzip.jsonl.gz", b'{"a": 1}\n', "cannot decompress"),
         ("rows.txt", b'{"prompt": "p"}\n', "unsupported file type '.txt' (read: .jsonl, .jsonl.gz, .json, .csv, .parquet"),
         ("ROWS.JSONL", b'{"prompt": "p"}\n', "unsupported file type '.JSONL'"),
