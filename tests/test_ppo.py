@@ -404,7 +404,7 @@ def test_reward_model_with_another_tokenizer_scores_retokenised_text(in_tmp, tin
     torch.manual_seed(0)
     r = ppo.rollout(m, Accelerator(cpu=True), rendered[:4], prompts[:4], recipe, {"generation": 0.0, "scoring": 0.0})
     reply = m.tok.decode(r.response_ids[0, : r.response_mask[0].sum() - r.finished[0].long()], skip_special_tokens=True)
-    enc = other_tok(render_exchange(other_tok, prompts[0], reply), return_tensors="pt", add_special_tokens=False)
+    enc = other_tok(render_exchange(other_tok, prompts[0], reply, bool(r.finished[0])), return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
         expected = m.rewards.reward_model.classifier(**enc).logits[0, 0]
     assert ppo.source_scores(m, r, prompts[:4], [{}] * 4)["reward_model"][0].item() == pytest.approx(expected.item(), abs=1e-5)
