@@ -1189,11 +1189,12 @@ def model_inputs(recipe: BaseRecipe) -> dict[str, "str | FromRecipe"]:
 
 
 def data_files(recipe: BaseRecipe) -> list[str]:
-    """Local data sources the recipe reads (for its content hash): `data.source`, prep's sources and
-    compare's prompt file."""
+    """Local data sources the recipe reads (for its content hash): `data.source`, prep's sources,
+    compare's prompt file and the files of an RL recipe's reward functions."""
     sources = [recipe.data.source] if isinstance(recipe.data.source, str) else []
     sources += [s.path for s in getattr(getattr(recipe, "prep", None), "sources", [])]
     sources += [recipe.prompts.source] if isinstance(recipe, CompareRecipe) else []
+    sources += [ref.rpartition(":")[0] for ref in getattr(recipe, "reward_fn", []) if ref.rpartition(":")[0].endswith(".py")]
     return [s for s in sources if s != "demo"]
 
 

@@ -252,6 +252,7 @@ def plan(recipe_path: str | Path, overrides: list[str] = (), num_processes: int 
                               "data.source takes the output of a 'prep' recipe (or a data file)")
         every_process = _runs_on_every_process(recipe.stage)
         check_rl_launcher(path, recipe, distributed_type(num_processes))
+        check_reward_functions(path, recipe)
         node.hash = content_hash(
             _hashed_view(recipe),
             {role: ref.hash for role, ref in node.refs.items()},
@@ -290,6 +291,19 @@ def check_rl_launcher(path: Path, recipe: BaseRecipe, distributed: str) -> None:
             "it runs on one process or as DDP (accelerate launch --multi_gpu, recipes/accelerate/multi_gpu.yaml or "
             "cpu_2proc.yaml; lora for large models): launch the RL stage without the DeepSpeed/FSDP config"
         )
+
+
+def check_reward_functions(path: Path, recipe: BaseRecipe) -> None:
+    """Every `reward_fn` of an RL recipe is loaded (its file read, its module imported) before any
+    stage of the chain trains: a missing file or function is refused at plan time."""
+    if isinstance(recipe, RLRecipe):
+        from .rewards import load_function
+
+        for ref in recipe.reward_fn:
+            try:
+                load_function(ref)
+            except RecipeError as exc:
+                raise RecipeError(f"{path}: {exc}") from None
 
 
 def _read_info(directory: Path) -> dict:

@@ -14,7 +14,7 @@ from accelerate import Accelerator
 
 from alignment import losses
 from alignment.config import RecipeError, load_recipe, parse_override
-from alignment.pipeline import run
+from alignment.pipeline import plan, run
 from alignment.stages import ppo
 
 from .conftest import RECIPES
@@ -200,6 +200,25 @@ def test_bad_reward_functions_are_one_line_errors_and_leave_nothing(in_tmp, tiny
     if "on prompt " in message:  # the prompt named is one the function fails on
         assert err[-1].split("on prompt ", 1)[1].split(": ", 1)[1].startswith("'last:")
     assert not (in_tmp / "out").exists() or not any((in_tmp / "out").iterdir())
+
+
+def test_a_reward_function_that_cannot_be_loaded_is_refused_before_any_stage_runs(in_tmp, capsys):
+    """The whole chain (init -> pretrain -> sft -> grpo) is planned, nothing is built."""
+    from alignment.cli import main
+
+    code = main(["run", str(RECIPES / "grpo.yaml"), "reward_fn=[gold, missing.py:score]"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1] == f"error: {RECIPES / 'grpo.yaml'}: reward_fn 'missing.py:score': no such file 'missing.py'"
+    assert not (in_tmp / "runs").exists()
+
+
+def test_a_reward_function_file_is_hashed_by_content(in_tmp, tiny_base):
+    (in_tmp / "r.py").write_text("def score(prompts, completions, **kw):\n    return [1.0] * len(prompts)\n")
+    overrides = [f"model={tiny_base}", "reward_fn=r.py:score"]
+    before = plan(RECIPES / "grpo.yaml", overrides)[-1].hash
+    assert plan(RECIPES / "grpo.yaml", overrides)[-1].hash == before
+    (in_tmp / "r.py").write_text("def score(prompts, completions, **kw):\n    return [2.0] * len(prompts)\n")
+    assert plan(RECIPES / "grpo.yaml", overrides)[-1].hash != before
 
 
 # --------------------------------------------------------------------------- a whole run
