@@ -123,7 +123,7 @@ class LoraOptions(Section):
     alpha: int = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA branch.")
     target_modules: Union[str, list[str]] = Field(
-        "all-linear", description="Module names to adapt, or 'all-linear'."
+        "all-linear", min_length=1, description="Module names to adapt (at least one), or 'all-linear'."
     )
     merge_on_save: bool = Field(
         True, description="Save merged full weights (loadable without peft) instead of the adapter alone."
@@ -1114,7 +1114,7 @@ def load_recipe(path: str | Path, overrides: list[tuple[list[str], Any, str]] = 
         from_override[tuple(key_path)] = raw
 
     stage = data.get("stage")
-    if stage not in RECIPE_CLASSES:
+    if not isinstance(stage, str) or stage not in RECIPE_CLASSES:
         got = "missing required key" if stage is None else f"got {stage!r}"
         raise RecipeError(f"{path}: stage: {got}; expected one of {', '.join(RECIPE_CLASSES)}")
     cls = RECIPE_CLASSES[stage]

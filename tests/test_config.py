@@ -57,6 +57,8 @@ def error_of(path, overrides=()) -> str:
         ("model: m\n", ["stage: missing required key", "init, pretrain, sft"]),
         ("stage: sft\n", ["missing required key 'model'"]),
         ("stage: dance\nmodel: m\n", ["stage: got 'dance'"]),
+        ("stage: [sft]\nmodel: m\n", ["stage: got ['sft']", "expected one of init"]),
+        ("stage: sft\nmodel: m\nlora: {target_modules: []}\n", ["r.yaml:3", "lora.target_modules", "at least 1 item"]),
         # not a mapping / not YAML
         ("- stage: sft\n", ["expected a mapping of keys at the top level"]),
         ("stage: sft\nmodel: [unclosed\n", ["r.yaml:", "not valid YAML"]),
