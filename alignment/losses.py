@@ -328,11 +328,15 @@ def kl_shaped_rewards(
     keep = mask.bool()
     kl = torch.where(keep, kl_penalty(logp, ref_logp, kind), torch.zeros_like(logp))
     rewards = -beta * kl
-    positions = torch.arange(mask.shape[1], device=mask.device)
-    last = torch.where(keep, positions, torch.full_like(positions, -1)).max(dim=1).values
     rows = torch.arange(mask.shape[0], device=mask.device)
-    rewards[rows, last] += scores.to(rewards.dtype)
+    rewards[rows, last_real_index(mask)] += scores.to(rewards.dtype)
     return rewards, kl
+
+
+def last_real_index(mask: torch.Tensor) -> torch.Tensor:
+    """[B]: the position of each row's last 1 in a [B,T] mask (-1 for an all-zero row)."""
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    return torch.where(mask.bool(), positions, torch.full_like(positions, -1)).max(dim=1).values
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

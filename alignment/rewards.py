@@ -27,6 +27,7 @@ from typing import Callable
 
 import torch
 
+from . import losses
 from .compare import render_exchange
 from .config import RecipeError
 from .demo import world
@@ -173,9 +174,4 @@ class Rewards:
             enc = self.reward_tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(input_ids.device)
             ids, mask = enc["input_ids"], enc["attention_mask"]
         scores = self.reward_model(ids, mask, position_ids(mask))
-        return scores.gather(1, last_real_index(mask).unsqueeze(1)).squeeze(1)
-
-
-def last_real_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return torch.where(attention_mask.bool(), positions, torch.full_like(positions, -1)).max(dim=1).values
+        return scores.gather(1, losses.last_real_index(mask).unsqueeze(1)).squeeze(1)
