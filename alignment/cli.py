@@ -30,6 +30,17 @@ examples:
   alignment run recipes/dpo.yaml --dry-run
 """
 
+SWEEP_HELP = """\
+examples:
+  alignment sweep recipes/frontier.yaml --dry-run     # the points, and what is built already
+  alignment sweep recipes/frontier.yaml               # run what is missing, compare, draw the frontier
+  alignment sweep recipes/frontier.yaml '*:seed=43' output_dir=runs/frontier-43   # another seed of every chain
+  accelerate launch recipes/frontier.yaml             # the same as `alignment sweep`
+
+Writes OUTPUT_DIR/report.html (score against KL per method, the Pareto front, reward beside gold),
+report.md, report.json, compare/ (every reply side by side) and one directory per point.
+"""
+
 
 class Parser(argparse.ArgumentParser):
     """Errors are one line (no usage block) and exit with status 2; its subcommands' parsers too."""
@@ -41,9 +52,10 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="alignment",
-        description="Alignment pipeline toolkit: YAML recipes for pretraining, SFT, reward modelling and DPO.",
+        description="Alignment pipeline toolkit: YAML recipes for pretraining, SFT, reward modelling, PPO/GRPO/RLOO and DPO.",
         epilog="examples:\n  accelerate launch recipes/dpo.yaml      # the main job, on the demo world\n"
         "  alignment run recipes/sft.yaml training.max_steps=50\n"
+        "  alignment sweep recipes/frontier.yaml   # every method at several strengths: the reward-KL frontier\n"
         "  alignment run --help                    # overrides and more examples",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -59,6 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("recipe", help="path of the recipe YAML file")
     run.add_argument("overrides", nargs="*", help="KEY=VALUE overrides (see below)")
     run.add_argument("--dry-run", action="store_true", help="print which stages would run or be skipped, and stop")
+    sweep = sub.add_parser(
+        "sweep",
+        help="run a sweep recipe: every method at every strength, one comparison, the frontier report",
+        description="Run each method's recipe at every point of its grid (each point an ordinary run with its own "
+        "output directory; shared parents built once; a rerun resumes), compare every point with the baseline on "
+        "the same prompts and write the frontier report: score against KL, one curve per method, the Pareto front.",
+        epilog=SWEEP_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sweep.add_argument("recipe", help="path of the sweep recipe (stage: sweep)")
+    sweep.add_argument("overrides", nargs="*", help="KEY=VALUE: a key of the sweep recipe; NAME:KEY=VALUE or "
+                       "*:KEY=VALUE: set in every point's chain")
+    sweep.add_argument("--dry-run", action="store_true", help="list the points and what is up to date, and stop")
     from .stages import compare
 
     compare.add_arguments(sub.add_parser(
@@ -141,16 +166,20 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["run", *argv]  # `python -m alignment recipe.yaml` (what `accelerate launch -m alignment` runs)
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command == "run" and not any(a.startswith("-") for a in rest):
+    if args.command in ("run", "sweep") and not any(a.startswith("-") for a in rest):
         args.overrides += rest  # overrides written after an option, e.g. `run r.yaml --dry-run key=value`
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
-        if args.command == "run":
+        if args.command in ("run", "sweep"):
             use_launcher_cores()
             from .pipeline import run
+            from .sweep import is_sweep, run_sweep
 
-            run(args.recipe, args.overrides, dry_run=args.dry_run)
+            if args.command == "sweep" or is_sweep(args.recipe):  # `accelerate launch frontier.yaml` runs the sweep
+                run_sweep(args.recipe, args.overrides, dry_run=args.dry_run)
+            else:
+                run(args.recipe, args.overrides, dry_run=args.dry_run)
             _end_process_group()
         elif args.command == "compare":
             from .stages import compare

@@ -925,6 +925,76 @@ class RLOORecipe(RLRecipe):
     rloo: RLOOOptions = Field(default_factory=RLOOOptions)
 
 
+# --------------------------------------------------------------------------- sweeps
+
+
+SweepValues = dict[str, list[Any]]
+
+
+class SweepMethod(Section):
+    """One method of a sweep: a recipe and the settings its points take. Keys are override keys
+    (`dpo.beta`: the method's recipe; `sft:training.max_steps`: a recipe of its chain by name;
+    `*:world`: every recipe of the chain)."""
+
+    recipe: str = Field(description="The method's recipe (a path, relative to the sweep file or the working directory).")
+    set: dict[str, Any] = Field(default_factory=dict, description="Keys every point of this method takes, e.g. {dpo.loss_type: ipo}.")
+    grid: SweepValues = Field(
+        default_factory=dict, description="Key -> list of values: one point per combination, e.g. {dpo.beta: [0.1, 0.5]}."
+    )
+    points: list[dict[str, Any]] = Field(
+        default_factory=list, description="Points given one by one (key -> value each); crossed with `grid` when both are set."
+    )
+
+    @field_validator("grid")
+    @classmethod
+    def _lists(cls, value):
+        for key, values in value.items():
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"{key}: expected a non-empty list of values, got {values!r}")
+        return value
+
+
+class SweepRecipe(BaseRecipe):
+    """A sweep (`alignment sweep RECIPE`): each method's recipe run at every point of its grid, each
+    point an ordinary run with its own output directory (shared parents built once), then one
+    comparison of every point against the baseline and the frontier report (score against KL)."""
+
+    UNREAD = ("model", "lora", "training", "data", "report")
+    stage: Literal["sweep"]
+    methods: dict[str, SweepMethod] = Field(
+        default_factory=dict, description="Method name -> its recipe and points; a name labels its curve."
+    )
+    grid: SweepValues = Field(
+        default_factory=dict, description="Key -> values crossed with every method's points, e.g. {seed: [1, 2]}."
+    )
+    set: dict[str, Any] = Field(default_factory=dict, description="Keys every point of every method takes.")
+    baseline: ModelRef | None = Field(
+        None, description="The reference every point is measured against (KL, win rates), e.g. {from: sft.yaml}."
+    )
+    reward_model: ModelRef | None = Field(
+        None, description="A one-label classifier that also scores every reply: the proxy reward beside gold."
+    )
+    chain_dir: str | None = Field(
+        None, description="Where the points' shared parent stages (init, sft, reward...) are written. Null: "
+        "<output_dir>/chain."
+    )
+    prompts: PromptOptions = Field(default_factory=PromptOptions)
+    generation: GenerationOptions = Field(default_factory=lambda: GenerationOptions(samples_per_prompt=2))
+
+    @field_validator("grid")
+    @classmethod
+    def _lists(cls, value):
+        return SweepMethod._lists(value)
+
+    @model_validator(mode="after")
+    def _needs_model(self):  # replaces BaseRecipe's: `methods` and `baseline` instead of `model`
+        if not self.methods:
+            raise ValueError("methods: a sweep needs at least one method (name: {recipe: ..., grid: {...}})")
+        if self.baseline is None:
+            raise ValueError("missing required key 'baseline' (the model points are measured against, e.g. {from: sft.yaml})")
+        return self
+
+
 RECIPE_CLASSES: dict[str, type[BaseRecipe]] = {
     "init": InitRecipe,
     "pretrain": PretrainRecipe,
@@ -936,6 +1006,7 @@ RECIPE_CLASSES: dict[str, type[BaseRecipe]] = {
     "rloo": RLOORecipe,
     "prep": PrepRecipe,
     "compare": CompareRecipe,
+    "sweep": SweepRecipe,
 }
 
 
@@ -1121,7 +1192,7 @@ def load_recipe(path: str | Path, overrides: list[tuple[list[str], Any, str]] = 
     def error(loc: tuple, message: str, more: int = 0) -> RecipeError:
         """The one line naming the file and line (or the override) of the key at `loc`."""
         dotted = "".join(f"{p}: " for p in [".".join(str(p) for p in loc)] if p)
-        source = next((f"override {raw!r}" for k, raw in from_override.items() if k == loc[: len(k)]), None)
+        source = next((f"override {raw!r}" for k, raw in from_override.items() if k == loc[: len(k)] or loc == k[: len(loc)]), None)
         if source is None:
             lines = _line_index(text)
             line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)

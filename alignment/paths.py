@@ -38,6 +38,13 @@ def output_problem(out: Path) -> str | None:
     return None
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file beside `path`, so that a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def files_under(root: Path) -> list[str]:
     """Relative paths of the files (and symbolic links) under `root`, without following links."""
     found = []

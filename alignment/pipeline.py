@@ -210,13 +210,15 @@ def _hashed_view(recipe: BaseRecipe) -> dict:
     return data
 
 
-def plan(recipe_path: str | Path, overrides: list[str] = (), num_processes: int | None = None) -> list[Node]:
+def plan(recipe_path: str | Path, overrides: list[str] = (), num_processes: int | None = None,
+         runs_dir: str | Path = "runs") -> list[Node]:
     """Load the recipe and everything it refers to; return them in the order to run.
 
     `num_processes` (default: the launcher's WORLD_SIZE, else 1) enters the hash of every stage
     that trains on all processes: it sets the global batch and how the data is split; so does
     how they share the work (DDP, DeepSpeed, FSDP). The device (GPU model or CPU kernel family)
-    enters the hash of every stage that computes on it.
+    enters the hash of every stage that computes on it. A recipe without `output_dir` writes
+    to `runs_dir`/<recipe name>.
     """
     top = Path(recipe_path)
     if num_processes is None:
@@ -242,7 +244,10 @@ def plan(recipe_path: str | Path, overrides: list[str] = (), num_processes: int 
         if key in by_path:
             return by_path[key]
         recipe = load_recipe(path, overrides_for(path, is_top))
-        node = Node(recipe, path, Path(recipe.output_dir or Path("runs") / path.stem))
+        if recipe.stage == "sweep":
+            raise RecipeError(f"{path}: is a sweep recipe: run it with `alignment sweep {path}`"
+                              + ("" if is_top else "; a sweep has no output another recipe can start from"))
+        node = Node(recipe, path, Path(recipe.output_dir or Path(runs_dir) / path.stem))
         for role, value in model_inputs(recipe).items():
             if isinstance(value, FromRecipe):
                 node.refs[role] = visit(_resolve_ref(value.from_, path), False, (*stack, key))

@@ -21,7 +21,7 @@ from .compare import CompareError, Comparison, compare_models
 from .config import GenerationOptions, RecipeError, ReportOptions
 from .models import check_model_kind
 from .demo import world
-from .paths import keep_foreign, output_problem, replace_dir
+from .paths import keep_foreign, output_problem, replace_dir, write_atomic
 
 MARKER = "alignment compare"  # summary.json's "generator": an output directory this toolkit wrote
 
@@ -137,13 +137,6 @@ KL_EXPLAINED = (
 # --------------------------------------------------------------------------- files
 
 
-def _write(path: Path, text: str) -> None:
-    """Write through a temporary file, so that a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_outputs(comparison: Comparison, out_dir: Path, *, prefix: str = "", heading: str = "Comparison",
                   summary_name: str = "summary.json", extra: dict | None = None) -> list[Path]:
     """report.html, report.md, samples.jsonl and the summary JSON, in `out_dir` (which exists)."""
@@ -157,7 +150,7 @@ def write_outputs(comparison: Comparison, out_dir: Path, *, prefix: str = "", he
         "report.html": render_html(summary, comparison.samples, heading),
     }
     for name, text in files.items():
-        _write(out_dir / name, text)
+        write_atomic(out_dir / name, text)
     return [out_dir / name for name in files]
 
 

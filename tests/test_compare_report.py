@@ -45,7 +45,7 @@ def drawn_plots(dom: str) -> dict[str, tuple[int, int, float]]:
     pieces = re.split(r'<div id="(plot\d+)" class="plotly-graph-div js-plotly-plot"', dom)
     for name, body in zip(pieces[1::2], pieces[2::2]):
         traces = len(re.findall(r'class="trace (?:bars|scatter|violins)', body))
-        marks = body.count('class="point"') + body.count('class="violin"')
+        marks = len(re.findall(r'class="point[" ]', body)) + body.count('class="violin"')
         width = float(re.search(r'<svg class="main-svg"[^>]*? width="([0-9.]+)"', body)[1])
         found[name] = (traces, marks, width)
     return found

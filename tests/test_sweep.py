@@ -1,0 +1,223 @@
+"""`alignment sweep`: expansion of grids and lists, shared parents built once, a killed sweep
+resumes, and the frontier report (Pareto front on hand-made points, curves drawn in a browser)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from alignment.cli import main
+from alignment.config import RecipeError
+from alignment.frontier import kl_spreads, overoptimisation, pareto_front, write_frontier
+from alignment.sweep import expand, plan_sweep, run_sweep
+from tests.conftest import RECIPES
+from tests.test_compare_report import drawn_plots, rendered_dom
+
+
+def sweep_file(directory: Path, tiny_base: Path, **more) -> Path:
+    """A micro sweep: SFT on the tiny base (2 steps), then sigmoid DPO at two betas and IPO at one."""
+    recipe = {
+        "stage": "sweep",
+        "output_dir": "out/sweep",
+        "set": {
+            "sft:model": str(tiny_base), "sft:data.num_examples": 64, "sft:training.max_steps": 2,
+            "sft:training.per_device_train_batch_size": 8, "*:training.logging_steps": 1,
+            "data.num_examples": 32, "data.eval_examples": 8, "training.max_steps": 2,
+            "training.per_device_train_batch_size": 8,
+        },
+        "methods": {
+            "dpo": {"recipe": str(RECIPES / "dpo.yaml"), "set": {"dpo.loss_type": "sigmoid"}, "grid": {"dpo.beta": [0.1, 1.0]}},
+            "ipo": {"recipe": str(RECIPES / "dpo.yaml"), "points": [{"dpo.loss_type": "ipo", "dpo.beta": 0.5}]},
+        },
+        "baseline": {"from": str(RECIPES / "sft.yaml")},
+        "prompts": {"num_prompts": 6},
+        "generation": {"max_new_tokens": 6, "samples_per_prompt": 2},
+        **more,
+    }
+    path = directory / "sweep.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+# --------------------------------------------------------------------------- expansion
+
+
+def test_grid_and_list_expand_per_method_then_cross_the_sweep_grid(tmp_path, tiny_base):
+    path = sweep_file(tmp_path, tiny_base, grid={"seed": [1, 2]})
+    from alignment.config import load_recipe
+
+    points = expand(load_recipe(path), path, tmp_path / "s")
+    assert [p.label for p in points] == [
+        "dpo beta=0.1 seed=1", "dpo beta=0.1 seed=2", "dpo beta=1.0 seed=1", "dpo beta=1.0 seed=2",
+        "ipo loss_type=ipo beta=0.5 seed=1", "ipo loss_type=ipo beta=0.5 seed=2",
+    ]
+    first = points[0]
+    assert first.settings["dpo.loss_type"] == "sigmoid" and first.settings["dpo.beta"] == 0.1 and first.settings["seed"] == 1
+    assert first.settings["sft:training.max_steps"] == 2  # the sweep's `set` reaches every point
+    assert first.out_dir == tmp_path / "s" / "dpo" / "beta-0.1_seed-1"
+    assert len({p.out_dir for p in points}) == 6
+    assert 'dpo.beta=0.1' in first.overrides() and f'output_dir="{first.out_dir}"' in first.overrides()
+
+
+def test_points_share_their_parents_and_the_baseline(in_tmp, tiny_base):
+    sweep = plan_sweep(sweep_file(in_tmp, tiny_base))
+    names = [n.name for n in sweep.nodes]
+    assert names.count("sft") == 1 and names.count("dpo") == 3  # one sft node for every point and the baseline
+    sft = next(n for n in sweep.nodes if n.name == "sft")
+    assert all(p.nodes[0] is sft for p in sweep.points)
+    assert sweep.baseline[2] is sft and sft.out_dir == Path("out/sweep/chain/sft")
+    assert {p.nodes[-1].recipe.dpo.beta for p in sweep.points} == {0.1, 1.0, 0.5}
+
+
+@pytest.mark.parametrize("where, key", [("methods.dpo.grid", "dpo.betta"), ("set", "sft:training.max_stepz")])
+def test_a_key_that_does_not_exist_is_one_line_naming_it(in_tmp, tiny_base, where, key, capsys):
+    path = sweep_file(in_tmp, tiny_base)
+    data = yaml.safe_load(path.read_text())
+    node = data
+    for part in where.split("."):
+        node = node[part]
+    node[key] = [1] if "grid" in where else 1
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert main(["sweep", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and str(path) in err and key.rpartition(":")[2] in err
+    assert not (in_tmp / "out").exists()
+
+
+def test_bad_sweep_recipes_are_one_line(in_tmp, tiny_base):
+    path = sweep_file(in_tmp, tiny_base)
+    data = yaml.safe_load(path.read_text())
+    for change, expected in [
+        ({"methods": {"dpo": {"recipe": "nope.yaml"}}}, "methods.dpo.recipe: no such recipe 'nope.yaml'"),
+        ({"grid": {"seed": []}}, "non-empty list"),
+        ({"baseline": None}, "missing required key 'baseline'"),
+        ({"methods": {}}, "at least one method"),
+    ]:
+        path.write_text(yaml.safe_dump({**data, **change}, sort_keys=False))
+        with pytest.raises(RecipeError, match=expected):
+            plan_sweep(path)
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _finished(directory: Path) -> str:
+    return json.loads((directory / "run_info.json").read_text())["finished"] + str((directory / "run_info.json").stat().st_mtime_ns)
+
+
+def test_sweep_runs_resumes_and_reuses_its_parents(in_tmp, tiny_base, monkeypatch, capsys):
+    import alignment.pipeline as pipeline
+
+    path = sweep_file(in_tmp, tiny_base)
+    real, ran = pipeline.run_node, []
+
+    def killed_after_two(node, state):  # the sweep dies while its third stage runs
+        if len(ran) == 2:
+            raise KeyboardInterrupt
+        ran.append(node.name)
+        return real(node, state)
+
+    monkeypatch.setattr(pipeline, "run_node", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(path)
+    assert ran == ["sft", "dpo"]
+    sweep = plan_sweep(path)
+    first = sweep.points[0].nodes[-1].out_dir
+    stamp = _finished(first)
+
+    ran.clear()
+    monkeypatch.setattr(pipeline, "run_node", lambda node, state: (ran.append(node.name), real(node, state))[1])
+    run_sweep(path)
+    assert ran == ["dpo", "dpo"]  # the two points left; neither sft nor the finished point again
+    assert _finished(first) == stamp
+    out = in_tmp / "out" / "sweep"
+    report = json.loads((out / "report.json").read_text())
+    assert {p["label"] for p in report["points"]} == {"sft", "dpo beta=0.1", "dpo beta=1.0", "ipo loss_type=ipo beta=0.5"}
+    assert report["front"] and all(p["kl_mean"] is not None for p in report["points"])
+    assert (out / "compare" / "report.html").is_file() and (out / "report.md").is_file()
+    assert "Frontier: sweep" in capsys.readouterr().out
+
+    # A second sweep over the same parents with one more point builds that point only, and the
+    # comparison again (its models changed); an unchanged sweep builds and compares nothing.
+    data = yaml.safe_load(path.read_text())
+    data["methods"]["dpo"]["grid"]["dpo.beta"].append(0.3)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    ran.clear()
+    run_sweep(path)
+    assert ran == ["dpo"]
+    ran.clear()
+    capsys.readouterr()
+    run_sweep(path)
+    assert ran == [] and "comparison up to date" in capsys.readouterr().out
+    html = (out / "report.html").read_text()
+    assert "dpo beta=0.3" in html and "Pareto front" in html
+
+
+def test_a_sweep_never_writes_into_a_directory_it_did_not_make(in_tmp, tiny_base, capsys):
+    path = sweep_file(in_tmp, tiny_base)
+    (in_tmp / "out" / "sweep").mkdir(parents=True)
+    (in_tmp / "out" / "sweep" / "notes.txt").write_text("mine")
+    assert main(["sweep", str(path)]) == 2
+    assert "holds files the toolkit did not write" in capsys.readouterr().err
+    assert sorted(p.name for p in (in_tmp / "out" / "sweep").iterdir()) == ["notes.txt"]
+
+
+def test_run_and_launch_of_a_sweep_recipe_run_the_sweep(in_tmp, tiny_base, capsys):
+    path = sweep_file(in_tmp, tiny_base)
+    assert main(["run", str(path), "--dry-run"]) == 0  # what `accelerate launch sweep.yaml` runs
+    out = capsys.readouterr().out
+    assert "4 points" not in out and "3 points" in out and "will run" in out and "point 'dpo beta=0.1'" in out
+    from alignment.pipeline import plan
+
+    with pytest.raises(RecipeError, match="is a sweep recipe: run it with `alignment sweep"):
+        plan(path)
+
+
+# --------------------------------------------------------------------------- the frontier math and report
+
+
+def test_pareto_front_by_hand():
+    # (KL, score): b dominates c (less KL, more score); a and d trade off; e ties d exactly.
+    points = [(0.0, 0.80), (0.5, 0.90), (0.7, 0.85), (2.0, 0.95), (2.0, 0.95), (3.0, 0.95)]
+    assert pareto_front(points) == [True, True, False, True, True, False]
+    assert pareto_front([(1.0, 0.5)]) == [True]
+
+
+def test_kl_spread_and_overoptimisation_by_hand():
+    assert not kl_spreads([(0.20, 0.30), (0.25, 0.35), (0.28, 0.31)])  # every interval overlaps
+    assert kl_spreads([(0.20, 0.30), (0.25, 0.35), (0.40, 0.50)])  # the first and last are disjoint
+    row = lambda kl, gold, hi, reward: {"label": f"kl{kl}", "kl_mean": kl, "gold_mean": gold, "gold_hi": hi, "reward_mean": reward}
+    rising = [row(0.1, 0.80, 0.82, 1.0), row(1.0, 0.90, 0.92, 2.0), row(3.0, 0.84, 0.86, 3.0), row(5.0, 0.89, 0.91, 4.0)]
+    found = overoptimisation(rising)
+    assert found["peak"]["label"] == "kl1.0" and [r["label"] for r in found["past"]] == ["kl3.0"]  # kl5.0's CI reaches 0.90
+    assert overoptimisation([row(0.1, 0.8, 0.82, 1.0), row(1.0, 0.9, 0.92, 2.0)]) is None  # gold still rising
+
+
+def _summary():
+    def m(kl, gold, reward):
+        return {"kl_mean": kl, "kl_lo": kl * 0.8, "kl_hi": kl * 1.2 + 0.01, "gold_mean": gold, "gold_lo": gold - 0.02,
+                "gold_hi": gold + 0.02, "reward_mean": reward, "reward_lo": reward - 0.1, "reward_hi": reward + 0.1,
+                "polite_mean": 0.25, "content_mean": gold - 0.5, "concise_mean": 0.25, "eos_rate": 1.0, "length_mean": 5.0}
+    models = {"sft": m(0.0, 0.80, 0.0), "dpo a": m(0.2, 0.86, 0.5), "dpo b": m(1.0, 0.90, 1.0), "ppo a": m(0.5, 0.84, 1.2),
+              "ppo b": m(2.0, 0.80, 2.0), "ppo c": m(4.0, 0.70, 3.0)}
+    return {"score_kinds": ["gold", "reward"], "parts": ["polite", "content", "concise"], "baseline": "sft", "models": models,
+            "settings": {"num_prompts": 10, "samples_per_prompt": 2, "decoding": "T=1"}}
+
+
+def test_frontier_report_draws_a_curve_per_method_and_the_front(tmp_path):
+    methods = {"dpo a": ("dpo", {"beta": 1}), "dpo b": ("dpo", {"beta": 0.1}), "ppo a": ("ppo", {}), "ppo b": ("ppo", {}),
+               "ppo c": ("ppo", {})}
+    text = write_frontier(tmp_path, _summary(), methods, heading="Frontier: test")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["front"] == ["sft", "dpo a", "dpo b"]
+    assert any(n.startswith("ppo: over-optimised past KL 0.5") for n in report["notes"])
+    assert "dpo b" in text and "Pareto front by gold" in text
+    plots = drawn_plots(rendered_dom(tmp_path / "report.html", tmp_path))
+    assert len(plots) == 2  # gold against KL, reward against KL
+    gold, reward = plots["plot0"], plots["plot1"]
+    assert gold[0] == 4 and gold[1] == 6  # baseline, dpo, ppo and the front; a marker for each of the 6 models
+    assert reward[0] == 3 and reward[1] == 6  # no front on the proxy's plot
+    assert "| dpo b | dpo |" in (tmp_path / "report.md").read_text()
