@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("recipe", help="path of the recipe YAML file")
     run.add_argument("overrides", nargs="*", help="KEY=VALUE overrides (see below)")
     run.add_argument("--dry-run", action="store_true", help="print which stages would run or be skipped, and stop")
+    run.add_argument("--runs-dir", default="runs", metavar="DIR",
+                     help="where recipes without output_dir write (DIR/<recipe name>; default: runs)")
     sweep = sub.add_parser(
         "sweep",
         help="run a sweep recipe: every method at every strength, one comparison, the frontier report",
@@ -84,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("overrides", nargs="*", help="KEY=VALUE: a key of the sweep recipe; NAME:KEY=VALUE or "
                        "*:KEY=VALUE: set in every point's chain")
     sweep.add_argument("--dry-run", action="store_true", help="list the points and what is up to date, and stop")
+    sweep.add_argument("--jobs", type=int, default=1, metavar="N",
+                       help="points trained at once, each in its own process with its share of the cores (default 1); "
+                       "shared parents are built first, one at a time")
     from .stages import compare
 
     compare.add_arguments(sub.add_parser(
@@ -177,9 +182,9 @@ def main(argv: list[str] | None = None) -> int:
             from .sweep import is_sweep, run_sweep
 
             if args.command == "sweep" or is_sweep(args.recipe):  # `accelerate launch frontier.yaml` runs the sweep
-                run_sweep(args.recipe, args.overrides, dry_run=args.dry_run)
+                run_sweep(args.recipe, args.overrides, dry_run=args.dry_run, jobs=getattr(args, "jobs", 1))
             else:
-                run(args.recipe, args.overrides, dry_run=args.dry_run)
+                run(args.recipe, args.overrides, dry_run=args.dry_run, runs_dir=args.runs_dir)
             _end_process_group()
         elif args.command == "compare":
             from .stages import compare

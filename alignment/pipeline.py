@@ -528,9 +528,9 @@ def run_node(node: Node, state: PartialState) -> dict:
     return summary
 
 
-def run(recipe_path: str | Path, overrides: list[str] = (), dry_run: bool = False) -> list[Node]:
+def run(recipe_path: str | Path, overrides: list[str] = (), dry_run: bool = False, runs_dir: str | Path = "runs") -> list[Node]:
     state = PartialState(cpu=use_cpu())
-    nodes = plan(recipe_path, overrides, num_processes=state.num_processes)
+    nodes = plan(recipe_path, overrides, num_processes=state.num_processes, runs_dir=runs_dir)
     for node in nodes:  # checkpoints given as paths are checked before any stage trains
         check_local_inputs(node.recipe.stage, {r: p for r, p in node.inputs().items() if r not in node.refs})
     say = print if state.is_main_process else (lambda *a, **k: None)

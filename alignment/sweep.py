@@ -120,6 +120,8 @@ class Sweep:
     nodes: list  # pipeline.Node, in an order that builds parents first
     baseline: tuple[str, str, Any]  # (label, model directory, node or None)
     reward: tuple[str, Any] | None  # (model directory, node or None)
+    chain_dir: Path
+    chain: list[str]  # the command line's NAME:KEY=VALUE / *:KEY=VALUE overrides, for every point's chain
 
 
 def plan_sweep(path: str | Path, overrides: list[str] = (), num_processes: int = 1) -> Sweep:
@@ -172,7 +174,7 @@ def plan_sweep(path: str | Path, overrides: list[str] = (), num_processes: int =
     if base_label in {p.label for p in points}:
         base_label = f"{base_label} (baseline)"
     reward = model("reward_model", recipe.reward_model) if recipe.reward_model is not None else None
-    return Sweep(recipe, path, out, points, list(merged.values()), (base_label, base_dir, base_node), reward)
+    return Sweep(recipe, path, out, points, list(merged.values()), (base_label, base_dir, base_node), reward, chain_dir, chain)
 
 
 def needed(sweep: Sweep, is_current) -> list:
@@ -241,13 +243,15 @@ def _read_json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def run_sweep(path: str | Path, overrides: list[str] = (), dry_run: bool = False) -> Sweep:
+def run_sweep(path: str | Path, overrides: list[str] = (), dry_run: bool = False, jobs: int = 1) -> Sweep:
     from .models import check_local_inputs
     from .pipeline import check_outputs, complete_interrupted_swap, is_current, run_node
     from .stages.common import use_cpu
 
     state = PartialState(cpu=use_cpu())
     say = print if state.is_main_process else (lambda *a, **k: None)
+    if jobs < 1 or (jobs > 1 and state.num_processes > 1):
+        raise RecipeError(f"--jobs {jobs}: expected 1 or more, and 1 under a multi-process launch (its processes share each point)")
     sweep = plan_sweep(path, overrides, num_processes=state.num_processes)
     for node in sweep.nodes:
         check_local_inputs(node.recipe.stage, {r: p for r, p in node.inputs().items() if r not in node.refs})
@@ -275,16 +279,54 @@ def run_sweep(path: str | Path, overrides: list[str] = (), dry_run: bool = False
             complete_interrupted_swap(node)
     state.wait_for_everyone()
     points = {id(p.nodes[-1]): p for p in sweep.points}
-    for i, node in enumerate(to_run, 1):
+    apart = [points[id(n)] for n in to_run if id(n) in points] if jobs > 1 else []  # points run in processes of their own
+    in_here = [n for n in to_run if jobs == 1 or id(n) not in points]
+    for i, node in enumerate(in_here, 1):
         what = f"point '{points[id(node)].label}'" if id(node) in points else f"shared stage '{node.name}'"
-        say(f"[sweep {i}/{len(to_run)}] {what}: running stage '{node.recipe.stage}' -> {node.out_dir}")
+        say(f"[sweep {i}/{len(in_here)}] {what}: running stage '{node.recipe.stage}' -> {node.out_dir}")
         summary = run_node(node, state)
-        say(f"[sweep {i}/{len(to_run)}] done: " + ", ".join(
+        say(f"[sweep {i}/{len(in_here)}] done: " + ", ".join(
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    if apart and state.is_main_process:
+        run_apart(sweep, apart, jobs, say)
     if state.is_main_process:
         compare_and_report(sweep, key, compared, say)
     state.wait_for_everyone()
     return sweep
+
+
+def run_apart(sweep: Sweep, points: list[Point], jobs: int, say=print) -> None:
+    """Train `points` (whose parents are built) `jobs` at a time, each as `alignment run` in a
+    process of its own with its share of the cores; its output goes to <out>/logs/<method>/<point>.log."""
+    import os
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // jobs))}
+
+    def one(point: Point) -> tuple[Point, int, Path]:
+        log = sweep.out / "logs" / point.method / f"{point.out_dir.name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "alignment", "run", str(point.recipe), *point.overrides(), *sweep.chain,
+                   "--runs-dir", str(sweep.chain_dir)]
+        with log.open("w") as fh:
+            code = subprocess.run(command, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
+        return point, code, log
+
+    say(f"[sweep] training {len(points)} points, {jobs} at a time (logs in {sweep.out / 'logs'})")
+    failed = []
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for point, code, log in pool.map(one, points):
+            say(f"[sweep] point '{point.label}': {'done' if code == 0 else f'failed (exit status {code})'} -> {point.out_dir}")
+            if code:
+                failed.append((point, log))
+    if failed:
+        point, log = failed[0]
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+        last = lines[-1] if lines else "no output"
+        raise RecipeError(f"{sweep.path}: point '{point.label}' failed ({len(failed)} of {len(points)}): {last} (log: {log})")
 
 
 def compare_and_report(sweep: Sweep, key: str, compared: bool, say=print) -> None:

@@ -140,14 +140,17 @@ def test_sweep_runs_resumes_and_reuses_its_parents(in_tmp, tiny_base, monkeypatc
     assert (out / "compare" / "report.html").is_file() and (out / "report.md").is_file()
     assert "Frontier: sweep" in capsys.readouterr().out
 
-    # A second sweep over the same parents with one more point builds that point only, and the
-    # comparison again (its models changed); an unchanged sweep builds and compares nothing.
+    # A second sweep over the same parents with one more point builds that point only (here in a
+    # process of its own: --jobs 2), and the comparison again; an unchanged sweep builds and compares nothing.
     data = yaml.safe_load(path.read_text())
     data["methods"]["dpo"]["grid"]["dpo.beta"].append(0.3)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     ran.clear()
-    run_sweep(path)
-    assert ran == ["dpo"]
+    run_sweep(path, jobs=2)
+    assert ran == []  # nothing in this process: sft is up to date, the new point ran apart
+    assert json.loads((out / "dpo" / "beta-0.3" / "run_info.json").read_text())["status"] == "finished"
+    assert "[dpo] running stage 'dpo'" in (out / "logs" / "dpo" / "beta-0.3.log").read_text()
+    assert _finished(first) == stamp
     ran.clear()
     capsys.readouterr()
     run_sweep(path)
