@@ -171,7 +171,8 @@ def gold_parts(generations: list[Generation]) -> dict[str, list[float]]:
 
 
 def reward_scores(reward_model, tok, generations: list[Generation], batch_size: int = 64) -> list[float]:
-    """The reward model's score of each (prompt, reply) exchange, rendered by the chat template.
+    """The reward model's score of each (prompt, reply) exchange, rendered by the chat template
+    (a reply cut off at the length limit left open, as the RL stages score it).
 
     The classifier pools at the last non-pad token, found through `config.pad_token_id`;
     a mismatch with the tokenizer would read the score at the wrong position, so it is an error.
@@ -188,7 +189,7 @@ def reward_scores(reward_model, tok, generations: list[Generation], batch_size: 
     try:
         with torch.no_grad():
             for batch in _batches(generations, batch_size):
-                texts = [render_exchange(tok, g.prompt, g.text) for g in batch]
+                texts = [render_exchange(tok, g.prompt, g.text, g.finished) for g in batch]  # a cut-off reply stays open
                 enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(reward_model.device)
                 logits = reward_model(**enc).logits
                 scores.extend(logits[:, 0].float().tolist())
