@@ -51,6 +51,27 @@ def gold(prompts: list[str], completions: list[str], finished: list[bool], **_) 
 BUILTIN = {"gold": gold}
 
 
+_FILES: dict[tuple, object] = {}  # (resolved path, size, mtime) -> module: a file is run once per process (plan, then stage)
+
+
+def _load_file(ref: str, path: Path):
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key in _FILES:
+        return _FILES[key]
+    module_name = f"_alignment_reward_{abs(hash(key))}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # the user's file: any error is theirs to see in one line
+        del sys.modules[module_name]
+        raise RecipeError(f"reward_fn {ref!r}: importing {path} failed ({type(exc).__name__}: {exc})") from None
+    _FILES[key] = module
+    return module
+
+
 def load_function(ref: str) -> Callable:
     """The function a `reward_fn` entry names; a one-line RecipeError when it cannot be had."""
     if ref in BUILTIN:
@@ -60,14 +81,7 @@ def load_function(ref: str) -> Callable:
         path = Path(target).expanduser()
         if not path.is_file():
             raise RecipeError(f"reward_fn {ref!r}: no such file {str(path)!r}")
-        module_name = f"_alignment_reward_{abs(hash(str(path.resolve())))}"
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        try:
-            spec.loader.exec_module(module)
-        except Exception as exc:  # the user's file: any error is theirs to see in one line
-            raise RecipeError(f"reward_fn {ref!r}: importing {path} failed ({type(exc).__name__}: {exc})") from None
+        module = _load_file(ref, path)
     else:
         try:
             module = importlib.import_module(target)

@@ -264,3 +264,16 @@ def test_short_grpo_run_on_the_demo_world_raises_the_gold_score(micro_demo_chain
     # the gain is in stopping. Measured, two seeds x two float paths (ATEN_CPU_CAPABILITY avx2 and
     # default): +0.046 to +0.062, lower CI bound 0.023 to 0.042 (docs/grpo.md).
     assert gold["lo"] > 0, gold
+
+
+def test_a_reward_file_runs_once_per_process_until_it_changes(in_tmp):
+    """Planning loads every reward function, and the stage loads it again: the file's top level
+    (which may load a model) runs once; an edited file is read anew."""
+    from alignment.rewards import load_function
+
+    source = "import pathlib\nwith open('runs.log', 'a') as fh:\n    fh.write('x')\ndef score(prompts, completions, **kw):\n    return [{}] * len(prompts)\n"
+    (in_tmp / "r.py").write_text(source.format(1.0))
+    first = load_function("r.py:score")
+    assert load_function("r.py:score") is first and (in_tmp / "runs.log").read_text() == "x"
+    (in_tmp / "r.py").write_text(source.format(2.50))
+    assert load_function("r.py:score")(["p"], ["c"]) == [2.5] and (in_tmp / "runs.log").read_text() == "xx"
