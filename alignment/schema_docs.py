@@ -175,6 +175,8 @@ def _collect():
 
     for stage, recipe in RECIPE_CLASSES.items():
         for name, field in recipe.model_fields.items():
+            if name in recipe.UNREAD:  # a key the stage never reads (setting it is an error): not listed
+                continue
             for suffix, sub in _sections_in(field.annotation):
                 walk(f"{field.alias or name}{suffix}", sub, stage)
     return sections
@@ -227,7 +229,7 @@ def render() -> str:
     rows: dict[tuple, list[str]] = {}
     for stage, recipe in RECIPE_CLASSES.items():
         for name, field in recipe.model_fields.items():
-            if name == "stage":
+            if name == "stage" or name in recipe.UNREAD:
                 continue
             cells = tuple(row("", name, field))
             rows.setdefault(cells, []).append(stage)
