@@ -325,12 +325,21 @@ def kl_shaped_rewards(
     r_t = -beta kl_t, plus scores[b] on row b's last real token.
     Returns (rewards, kl), both [B,T] and 0 at masked positions.
     """
-    keep = mask.bool()
-    kl = torch.where(keep, kl_penalty(logp, ref_logp, kind), torch.zeros_like(logp))
+    kl = masked_kl(logp, ref_logp, mask, kind)
+    return rewards_from_kl(kl, mask, scores, beta), kl
+
+
+def masked_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+    """[B,T] kl_penalty on real tokens, 0 on masked ones (nothing after EOS adds KL)."""
+    return torch.where(mask.bool(), kl_penalty(logp, ref_logp, kind), torch.zeros_like(logp))
+
+
+def rewards_from_kl(kl: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor, beta: float) -> torch.Tensor:
+    """[B,T] per-token rewards r_t = -beta kl_t, plus scores[b] on row b's last real token."""
     rewards = -beta * kl
     rows = torch.arange(mask.shape[0], device=mask.device)
     rewards[rows, last_real_index(mask)] += scores.to(rewards.dtype)
-    return rewards, kl
+    return rewards
 
 
 def last_real_index(mask: torch.Tensor) -> torch.Tensor:

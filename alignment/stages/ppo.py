@@ -17,7 +17,10 @@ One iteration, as the loop below reads:
    prompts (temperature T, KV cache);
 2. score: log-probs of the reply tokens under the policy (the "old" log-probs) and the
    reference, at the same T; PPO's values; each reward source's score (minus
-   `missing_eos_penalty` for replies without EOS), summed with the recipe's weights;
+   `missing_eos_penalty` for replies without EOS), summed with the recipe's weights. When the
+   update is on-policy (`old_logprobs_from_update`: one pass over one minibatch, nothing needs
+   the old log-probs before it), the policy's pass is left out here: the update's own forward
+   gives them, detached (ratio exactly 1), with the entropy, as TRL's GRPOTrainer does;
 3. advantages: PPO: r_t = -beta kl_t on every reply token plus the score on the last, GAE,
    whitened over all real tokens. Critic-free: the reply's score (minus beta times its summed KL
    when the KL is in the reward) against its group's (`losses.grpo_advantages`,
@@ -209,8 +212,8 @@ class Rollout:
     response_ids: torch.Tensor
     response_mask: torch.Tensor
     finished: torch.Tensor  # (B,) reply ended with EOS
-    logp: torch.Tensor | None = None  # old log-probs, at the sampling temperature
-    ref_logp: torch.Tensor | None = None
+    logp: torch.Tensor | None = None  # old log-probs, at the sampling temperature (on-policy: set by the update)
+    ref_logp: torch.Tensor | None = None  # None: no reference (KL coefficient 0), the KL is 0
     values: torch.Tensor | None = None  # PPO's critic
     scores: torch.Tensor | None = None  # the weighted sum of the sources, minus the missing-EOS penalty
     entropy: torch.Tensor | None = None  # (B, R) per-token entropy of the sampling distribution
@@ -241,13 +244,28 @@ def reply_values(critic, r: Rollout) -> torch.Tensor:
     return values[:, r.context_length - 1 : -1]
 
 
-def reference_logprobs(m: Models, policy, r: Rollout, temperature: float, logp: torch.Tensor) -> torch.Tensor:
-    if m.reference_kind == "none":
-        return logp.clone()  # no reference: KL is exactly 0
+def reference_logprobs(m: Models, policy, r: Rollout, temperature: float) -> torch.Tensor:
     if m.reference_kind == "adapters":
         with policy.disable_adapter():
             return reply_logprobs(policy, r, temperature)
     return reply_logprobs(m.reference, r, temperature)
+
+
+def old_logprobs_from_update(m: Models, o) -> bool:
+    """Whether the update's own first forward pass can give the old log-probs, so that scoring
+    leaves the policy's pass out: provably on-policy, i.e. one pass (ppo_epochs 1) over one
+    minibatch, so that every micro-batch's forward runs before the only optimizer step, with the
+    weights that sampled; and nothing needs them before the update (PPO's GAE rewards, a KL in
+    the reward)."""
+    kl_before_update = not o.kl_in_loss and m.reference_kind != "none"
+    return o.ppo_epochs == 1 and o.num_minibatches == 1 and not o.uses_critic and not kl_before_update
+
+
+def token_kl(r: Rollout, estimator: str) -> torch.Tensor:
+    """(B, R) per-token KL estimate to the reference: 0 after EOS, and everywhere without a reference."""
+    if r.ref_logp is None:
+        return torch.zeros_like(r.logp)
+    return losses.masked_kl(r.logp, r.ref_logp, r.response_mask, estimator)
 
 
 def source_scores(m: Models, r: Rollout, prompts: list[str], rows: list[dict]) -> dict[str, torch.Tensor]:
@@ -274,13 +292,16 @@ def rollout(m: Models, accelerator, rendered: list[str], prompts: list[str], rec
     started = time.perf_counter()
     parts: dict[str, list] = {"logp": [], "entropy": [], "ref_logp": [], "values": [], "sources": []}
     step = o.forward_batch_size or len(prompts)
+    old_logprobs = not old_logprobs_from_update(m, o)
     with accelerator.autocast():
         for lo in range(0, len(prompts), step):
             chunk = r.rows(slice(lo, lo + step))
-            logp, entropy = reply_logprobs(policy, chunk, o.temperature, with_entropy=True)
-            parts["logp"].append(logp)
-            parts["entropy"].append(entropy)
-            parts["ref_logp"].append(reference_logprobs(m, policy, chunk, o.temperature, logp))
+            if old_logprobs:
+                logp, entropy = reply_logprobs(policy, chunk, o.temperature, with_entropy=True)
+                parts["logp"].append(logp)
+                parts["entropy"].append(entropy)
+            if m.reference_kind != "none":
+                parts["ref_logp"].append(reference_logprobs(m, policy, chunk, o.temperature))
             if m.critic is not None:
                 parts["values"].append(reply_values(accelerator.unwrap_model(m.critic), chunk))
             parts["sources"].append(source_scores(m, chunk, prompts[lo : lo + step], rows[lo : lo + step]))
@@ -337,6 +358,10 @@ def ppo_update(
     sums: dict[str, float] = {}
     first: dict[str, float] = {}
     steps = 0
+    on_policy = r.logp is None  # the rollout left the old log-probs to this pass (old_logprobs_from_update)
+    if on_policy:
+        assert o.ppo_epochs == 1 and o.num_minibatches == 1, "old log-probs from the update need one pass of one minibatch"
+        r.logp, r.entropy = (torch.zeros(loss_mask.shape, device=loss_mask.device) for _ in range(2))
     for epoch in range(o.ppo_epochs):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(recipe.seed * 7919 + iteration * 131 + epoch))
         for mb_index, minibatch in enumerate(order.chunk(o.num_minibatches)):
@@ -354,7 +379,12 @@ def ppo_update(
                     for model in trained_models(m):
                         sync.enter_context(accelerator.no_sync(model))
                 with sync, accelerator.autocast():
-                    logp = reply_logprobs(m.policy, b, o.temperature)
+                    if on_policy:  # the weights that sampled: the old log-probs are these, detached
+                        logp, entropy = reply_logprobs(m.policy, b, o.temperature, with_entropy=True)
+                        r.logp[micro], r.entropy[micro] = logp.detach().float(), entropy.detach().float()
+                        b.logp = r.logp[micro]
+                    else:
+                        logp = reply_logprobs(m.policy, b, o.temperature)
                     pg_loss, pg_clip, approxkl = losses.ppo_policy_loss(
                         logp, b.logp, advantages[micro], mask, o.clip_range, aggregation, o.response_length
                     )
@@ -398,25 +428,25 @@ def ppo_update(
 
 def learn(m: Models, accelerator, optimizer, scheduler, r: Rollout, beta: float, recipe: RLRecipe, iteration: int):
     """Steps 3-4 of an iteration on scored rollouts: advantages (statistics over all processes) and
-    the policy epochs. Returns (stats, kl, returns, advantages); returns is None without a critic."""
+    the policy epochs. Returns (stats, kl, returns, advantages); returns is None without a critic.
+    The KL is read after the update: on-policy, the update's forward gives the old log-probs."""
     o = recipe.rl
     mask = r.response_mask
     if o.uses_critic:
-        rewards, kl = losses.kl_shaped_rewards(r.logp, r.ref_logp, mask, r.scores, beta, o.kl_estimator)
+        rewards = losses.rewards_from_kl(token_kl(r, o.kl_estimator), mask, r.scores, beta)
         if o.whiten_rewards:
             rewards = global_whiten(accelerator, rewards, mask, shift_mean=False) * mask
         advantages, returns = losses.gae(rewards, r.values, mask, o.gamma, o.lam)
         advantages = global_whiten(accelerator, advantages, mask) * mask
         loss_mask, per_reply = mask, None
     else:
-        kl = torch.where(mask.bool(), losses.kl_penalty(r.logp, r.ref_logp, o.kl_estimator), torch.zeros_like(r.logp))
-        scores = r.scores if o.kl_in_loss else r.scores - beta * kl.sum(-1)
+        scores = r.scores if o.kl_in_loss else r.scores - beta * token_kl(r, o.kl_estimator).sum(-1)
         per_reply = group_advantages(accelerator, scores, o)
         loss_mask = mask * r.finished[:, None] if o.mask_truncated_completions else mask
         advantages, returns = per_reply[:, None] * loss_mask, None
     with train_mode(trained_models(m)):
         stats = ppo_update(m, accelerator, optimizer, scheduler, r, advantages, returns, loss_mask, beta, recipe, iteration)
-    return stats, kl, returns, per_reply
+    return stats, token_kl(r, o.kl_estimator), returns, per_reply
 
 
 # --------------------------------------------------------------------------- checkpoints
