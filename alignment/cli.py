@@ -86,9 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("overrides", nargs="*", help="KEY=VALUE: a key of the sweep recipe; NAME:KEY=VALUE or "
                        "*:KEY=VALUE: set in every point's chain")
     sweep.add_argument("--dry-run", action="store_true", help="list the points and what is up to date, and stop")
-    sweep.add_argument("--jobs", type=int, default=1, metavar="N",
-                       help="points trained at once, each in its own process with its share of the cores (default 1); "
-                       "shared parents are built first, one at a time")
+    sweep.add_argument("--jobs", type=int, default=None, metavar="N",
+                       help="points trained at once, each in its own process with its share of the cores (default: the "
+                       "recipe's `jobs`, 1); shared parents are built first, one at a time")
     from .stages import compare
 
     compare.add_arguments(sub.add_parser(
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             from .sweep import is_sweep, run_sweep
 
             if args.command == "sweep" or is_sweep(args.recipe):  # `accelerate launch frontier.yaml` runs the sweep
-                run_sweep(args.recipe, args.overrides, dry_run=args.dry_run, jobs=getattr(args, "jobs", 1))
+                run_sweep(args.recipe, args.overrides, dry_run=args.dry_run, jobs=getattr(args, "jobs", None))
             else:
                 run(args.recipe, args.overrides, dry_run=args.dry_run, runs_dir=args.runs_dir)
             _end_process_group()

@@ -978,6 +978,10 @@ class SweepRecipe(BaseRecipe):
         None, description="Where the points' shared parent stages (init, sft, reward...) are written. Null: "
         "<output_dir>/chain."
     )
+    jobs: int = Field(
+        1, gt=0, description="Points trained at once, each in a process of its own with its share of the cores "
+        "(after the shared parents); `alignment sweep --jobs N` overrides it."
+    )
     prompts: PromptOptions = Field(default_factory=PromptOptions)
     generation: GenerationOptions = Field(default_factory=lambda: GenerationOptions(samples_per_prompt=2))
 

@@ -243,16 +243,17 @@ def _read_json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def run_sweep(path: str | Path, overrides: list[str] = (), dry_run: bool = False, jobs: int = 1) -> Sweep:
+def run_sweep(path: str | Path, overrides: list[str] = (), dry_run: bool = False, jobs: int | None = None) -> Sweep:
     from .models import check_local_inputs
     from .pipeline import check_outputs, complete_interrupted_swap, is_current, run_node
     from .stages.common import use_cpu
 
     state = PartialState(cpu=use_cpu())
     say = print if state.is_main_process else (lambda *a, **k: None)
+    sweep = plan_sweep(path, overrides, num_processes=state.num_processes)
+    jobs = sweep.recipe.jobs if jobs is None else jobs
     if jobs < 1 or (jobs > 1 and state.num_processes > 1):
         raise RecipeError(f"--jobs {jobs}: expected 1 or more, and 1 under a multi-process launch (its processes share each point)")
-    sweep = plan_sweep(path, overrides, num_processes=state.num_processes)
     for node in sweep.nodes:
         check_local_inputs(node.recipe.stage, {r: p for r, p in node.inputs().items() if r not in node.refs})
     _check_sweep_dir(sweep)
