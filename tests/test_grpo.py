@@ -145,6 +145,34 @@ def test_rloo_puts_the_kl_in_the_reward(tiny_base, reward_dir):
     assert torch.allclose(per_reply, losses.rloo_advantages(r.scores - 0.5 * kl.sum(-1), 4), atol=1e-6)
 
 
+@pytest.mark.parametrize("extra, from_update", [
+    ([], True),  # one pass over one minibatch (two micro-batches): on-policy
+    (["grpo.num_iterations=2"], False),  # the second pass is off-policy
+    (["grpo.num_minibatches=2"], False),  # the second minibatch follows an optimizer step
+    (["grpo.kl_in=reward"], False),  # the advantages need the KL before the update
+])
+def test_on_policy_update_gives_the_old_log_probs_itself(tiny_base, extra, from_update):
+    """One pass over one minibatch: the rollout leaves the policy's forward pass out, the update's
+    own (first) forward gives the old log-probs and the entropy, as a scoring pass would have, with
+    ratio exactly 1 and KL exactly 0 against the reference it equals at the start."""
+    recipe = grpo_recipe(tiny_base, "reward_fn=gold", "grpo.num_iterations=1", "grpo.num_minibatches=1",
+                         "training.gradient_accumulation_steps=2", *extra)
+    m = ppo.build_models(recipe, {"model": str(tiny_base)}, print)
+    accelerator = Accelerator(cpu=True)
+    optimizer, scheduler = ppo.prepare_training(m, accelerator, recipe)
+    prompts, rendered, *_ = ppo.load_prompts(recipe, m.tok)
+    assert ppo.old_logprobs_from_update(m, recipe.rl) == from_update
+    torch.manual_seed(0)
+    r = ppo.rollout(m, accelerator, rendered[:8], prompts[:8], recipe, {"generation": 0.0, "scoring": 0.0})
+    assert (r.logp is None and r.entropy is None) == from_update
+    with torch.no_grad():
+        want_logp, want_entropy = ppo.reply_logprobs(m.policy, r, recipe.rl.temperature, with_entropy=True)
+    stats, kl, *_ = ppo.learn(m, accelerator, optimizer, scheduler, r, 0.04, recipe, 0)
+    assert torch.allclose(r.logp, want_logp, atol=1e-6) and torch.allclose(r.entropy, want_entropy, atol=1e-6)
+    assert stats["policy/ratio_first_minibatch"] == 1.0 and stats["policy/clipfrac_first_minibatch"] == 0.0
+    assert kl.abs().sum().item() == 0.0  # the policy that sampled is the reference
+
+
 def test_truncated_replies_can_be_left_out_of_the_loss(tiny_base):
     recipe = grpo_recipe(tiny_base, "reward_fn=gold", "grpo.mask_truncated_completions=true", "grpo.response_length=2")
     m = ppo.build_models(recipe, {"model": str(tiny_base)}, print)

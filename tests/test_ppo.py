@@ -279,10 +279,14 @@ MICRO_RL = {
 }
 
 
-@pytest.mark.parametrize("stage", ["ppo", "grpo"])
-def test_killed_run_resumes_to_bit_identical_weights(in_tmp, tiny_base, reward_dir, stage):
+@pytest.mark.parametrize("stage, extra", [
+    ("ppo", []),
+    ("grpo", []),
+    ("grpo", ["grpo.num_iterations=1", "grpo.num_minibatches=1"]),  # on-policy: old log-probs from the update
+])
+def test_killed_run_resumes_to_bit_identical_weights(in_tmp, tiny_base, reward_dir, stage, extra):
     common = [f"model={tiny_base}", f"reward_model={reward_dir}", *MICRO_RL[stage], f"{stage}.total_episodes=64",
-              "training.save_steps=2"]
+              "training.save_steps=2", *extra]
     recipe = RECIPES / f"{stage}.yaml"
     [straight] = run(recipe, [*common, "output_dir=straight"])
 
@@ -339,6 +343,7 @@ if torch.distributed.is_initialized():  # leaving with the group open can abort 
 @pytest.mark.parametrize("stage, extra", [
     ("ppo", []),
     ("grpo", []),  # group-normalised advantages, KL (k3) in the loss, replies' mean per sequence
+    ("grpo", ["grpo.num_iterations=1"]),  # on-policy: each micro-batch's forward gives its old log-probs
     ("rloo", ["rloo.advantage_estimator=reinforce_baseline"]),  # whitened over both processes' groups
 ])
 def test_two_processes_update_like_one(tmp_path, tiny_base, reward_dir, monkeypatch, stage, extra):
