@@ -106,7 +106,8 @@ def our_worker(work: Path, iterations: int, s: dict, out: Path) -> dict:
         write(path, record)
 
     loop.append_metrics = append_metrics
-    shutil.rmtree(out, ignore_errors=True)  # else the pipeline finds the stage up to date and skips it
+    for stale in (out, out.with_name(out.name + ".partial")):  # else the stage is up to date (or resumes)
+        shutil.rmtree(stale, ignore_errors=True)
     run(REPO / "recipes" / "grpo.yaml", [
         f"model={work / 'policy'}", f"output_dir={out}", "report.models={}",  # grpo.yaml: reward_fn: gold
        

@@ -1,11 +1,13 @@
 """PPO speed: our `ppo` stage against TRL 1.9.0's trl.experimental.ppo.PPOTrainer, in one go.
 
-Both train the same tiny model (the demo world's init checkpoint: a 2-layer, 128-wide Llama
-with its BPE tokenizer; the reward model and critic are a one-label classifier on it) on the
-same rendered demo prompts with the same settings: batch 16, replies of 16 tokens, 4 PPO
-epochs, 1 minibatch, temperature 0.7, k1 KL with beta 0.05, CPU. Episodes per second are
-measured the same way for both: from the first to the last iteration's end (so start-up and
-model loading are left out).
+Both train the same tiny model (the demo world's init checkpoint, recipes/init.yaml: a 2-layer,
+256-wide Llama with its BPE tokenizer; the reward model and critic are a one-label classifier
+on it) on the same rendered demo prompts with the same settings: batch 16, replies of 16
+tokens, 4 PPO epochs, 1 minibatch, temperature 0.7, k1 KL with beta 0.05, CPU. Episodes per
+second are measured the same way for both: from the first to the last iteration's end (so
+start-up and model loading are left out). Our run starts from scratch every time: its output
+directory (and any `.partial` one an interrupted run left) is removed first, else the pipeline
+would find the stage up to date (or resume it) and read the old metrics again.
 
 TRL 1.9 is installed, if missing, into its own virtual environment (--venv) with the torch
 and transformers versions of this environment. Run it on an otherwise idle machine, with all
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -99,6 +102,8 @@ def build_models(work: Path) -> None:
 def run_ours(work: Path, iterations: int) -> dict:
     s = SETTINGS
     out = work / "ours"
+    for stale in (out, out.with_name(out.name + ".partial")):  # else the stage is up to date (or resumes)
+        shutil.rmtree(stale, ignore_errors=True)
     args = [
         sys.executable, "-m", "alignment", "run", str(REPO / "recipes" / "ppo.yaml"),
         f"model={work / 'policy'}", f"reward_model={work / 'reward'}", f"output_dir={out}", "report.models={}",
