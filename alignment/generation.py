@@ -7,10 +7,17 @@ token ids and masks, so that callers can score or train on exactly what was samp
 that padding never changes a row's logits. `token_logprobs` is the one forward pass behind
 every per-token log-prob (PPO's old, new and reference log-probs, compare's KL): it applies
 the LM head in chunks, so the (batch, length, vocab) logits never exist at once.
+
+Rows that share a prompt (GRPO's and RLOO's groups: one prompt, several replies) run it once:
+`sample` and `token_logprobs` compute the distinct prompts' keys and values, hand each row its
+prompt's (`shared_prompt_cache`), and run only the rows' own tokens on top; with gradients too,
+each prompt's share of every reply's gradient flows back into its one pass. The same values as
+one pass per row, up to float rounding.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from dataclasses import dataclass
@@ -69,6 +76,52 @@ def stop_ids(model, tok) -> list[int]:
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counted over real tokens only: a left-padded row starts at 0 where its text starts."""
     return (attention_mask.cumsum(-1) - attention_mask).clamp(min=0)
+
+
+def cache_keyword(model) -> str:
+    """The name the model's forward takes its KV cache under (transformers 5.2x renamed
+    `past_key_values` to `cache`; the outputs carry it under the same name)."""
+    return "cache" if "cache" in inspect.signature(base_lm(model).forward).parameters else "past_key_values"
+
+
+def shared_prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int):
+    """(cache, hidden, inverse) when some rows share their first `width` tokens (ids and mask), else
+    None: the distinct prefixes run through `model` once, `cache` holds each row's prefix keys and
+    values (ready for the rows' remaining tokens), `hidden` the trunk's last hidden state at each
+    distinct prefix's last position (None when no trunk is found) and `inverse` maps each row to
+    its prefix. Not with models whose layers drop the cache (activation checkpointing while
+    training) or keep no per-token cache (linear attention), nor across DDP's forward: the prefix
+    runs through the wrapped module, its gradients reach DDP's all-reduce with the rows' pass."""
+    lm = base_lm(model)
+    if width < 1 or getattr(lm.config, "is_encoder_decoder", False):
+        return None
+    if torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False) and m.training for m in lm.modules()):
+        return None
+    prefixes = torch.cat([input_ids[:, :width], attention_mask[:, :width].to(input_ids.dtype)], 1)
+    unique, inverse = torch.unique(prefixes, dim=0, return_inverse=True)
+    if unique.shape[0] == input_ids.shape[0]:
+        return None
+    ids, mask = unique[:, :width], unique[:, width:].to(attention_mask.dtype)
+    parts = _trunk_and_head(model)
+    seen = {}
+    handle = parts[0].register_forward_hook(lambda module, args, output: seen.update(hidden=_hidden_of(output))) if parts else None
+    keyword = cache_keyword(model)
+    runner = model.module if isinstance(model, DistributedDataParallel) else model
+    try:
+        out = runner(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True, logits_to_keep=1)
+    finally:
+        if handle is not None:
+            handle.remove()
+    cache = getattr(out, keyword, None)
+    if cache is None or not hasattr(cache, "batch_select_indices") or any(getattr(cache, "is_linear", None) or []):
+        return None
+    cache.batch_select_indices(inverse)
+    hidden = seen["hidden"][:, -1:] if "hidden" in seen else None
+    return cache, hidden, inverse
+
+
+def _hidden_of(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output.last_hidden_state
 
 
 def truncate_after_stop(response_ids: torch.Tensor, stops: list[int], pad_id: int):
@@ -164,12 +217,17 @@ def sample(
     lm.generation_config = _clean_generation_config(own_config)
     try:
         with torch.no_grad():
+            # prompts asked for several replies run once; generate then starts from their cache
+            shared = None if getattr(own_config, "cache_implementation", None) else shared_prompt_cache(
+                model, enc["input_ids"], enc["attention_mask"], enc["input_ids"].shape[1] - 1
+            )
             out = model.generate(
                 input_ids=enc["input_ids"],
                 attention_mask=enc["attention_mask"],
                 max_new_tokens=max_new_tokens,
                 pad_token_id=tok.pad_token_id,
                 eos_token_id=stops,
+                **({cache_keyword(model): shared[0]} if shared else {}),
                 **decoding(temperature, top_p),
             )
     finally:
@@ -229,9 +287,7 @@ def token_logprobs(
         logits = response_logits(model, input_ids, attention_mask, context_length)
         return _chunk_scores(logits, labels, response_mask, temperature, with_entropy)
     trunk, head = parts
-    hidden, amp = _trunk_output(model, trunk, input_ids, attention_mask)
-    width = labels.shape[1]
-    hidden = hidden[:, hidden.shape[1] - width - 1 : -1]  # the positions that predict the reply tokens
+    hidden, amp = _trunk_output(model, trunk, input_ids, attention_mask, context_length)
     flat = (hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1), response_mask.reshape(-1))
 
     def scores(h, y, m):
@@ -282,27 +338,34 @@ def _trunk_and_head(model):
     return trunk, head
 
 
-def _trunk_output(model, trunk, input_ids, attention_mask):
-    """The trunk's last hidden state, captured from one pass of the model's own forward (which
-    computes the logits of the last position only), and the autocast state it ran under."""
+def _trunk_output(model, trunk, input_ids, attention_mask, context_length: int):
+    """The trunk's last hidden state at the positions that predict the tokens after
+    `context_length` (B, R, H), captured from the model's own forward (which computes the logits
+    of the last position only), and the autocast state it ran under. Rows that share a prompt:
+    it runs once (`shared_prompt_cache`), the rows' replies on top of its cache."""
     seen = {}
 
     def keep(module, args, output):
-        hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        hidden = _hidden_of(output)
         device = hidden.device.type
         seen["hidden"] = hidden
         seen["amp"] = {"device_type": device, "dtype": torch.get_autocast_dtype(device),
                        "enabled": torch.is_autocast_enabled(device)}
 
+    shared = shared_prompt_cache(model, input_ids, attention_mask, context_length)
+    positions = position_ids(attention_mask)
     handle = trunk.register_forward_hook(keep)
     try:
-        model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids(attention_mask),
-            logits_to_keep=1,
-            use_cache=False,
-        )
+        if shared is None:
+            model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, logits_to_keep=1,
+                  use_cache=False)
+        else:
+            model(input_ids=input_ids[:, context_length:], attention_mask=attention_mask,
+                  position_ids=positions[:, context_length:], logits_to_keep=1, use_cache=True,
+                  **{cache_keyword(model): shared[0]})
     finally:
         handle.remove()
-    return seen["hidden"], seen["amp"]
+    if shared is None:
+        return seen["hidden"][:, context_length - 1 : -1], seen["amp"]
+    _, prompt_last, inverse = shared  # the prompt's last position predicts the first reply token
+    return torch.cat([prompt_last[inverse], seen["hidden"][:, :-1]], 1), seen["amp"]

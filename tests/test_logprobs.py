@@ -216,3 +216,78 @@ def test_dpo_fused_head_path_agrees_with_token_logprobs():
     assert counts.tolist() == response_mask.sum(1).tolist()
     assert torch.allclose(dpo_sums, ours.sum(1), atol=1e-4)
     assert_same(grads(model, dpo_sums.sum()), grads(model, ours.sum()), atol=1e-4)
+
+
+def shared_batch(reply: int = 6):
+    """Six rows, three prompts twice each in mixed order (one prompt left-padded), each its own reply,
+    the last reply cut short: GRPO's groups, shuffled as the update's minibatches are."""
+    g = torch.Generator().manual_seed(3)
+    prompts = torch.randint(1, VOCAB, (3, PROMPT), generator=g)
+    order = torch.tensor([0, 1, 2, 1, 0, 2])
+    ids = torch.cat([prompts[order], torch.randint(1, VOCAB, (6, reply), generator=g)], 1)
+    mask = torch.ones_like(ids)
+    mask[order == 1, :2] = 0
+    response_mask = torch.ones(6, reply, dtype=torch.long)
+    response_mask[-1, reply // 2 :] = 0
+    return ids, mask, response_mask
+
+
+def tokens_run(model) -> list[int]:
+    """Tokens through the model's embedding, call by call (a hook that stays on)."""
+    calls = []
+    model.get_input_embeddings().register_forward_hook(lambda module, args, output: calls.append(args[0].numel()))
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["plain", "peft", "sliding window"])
+def test_rows_sharing_a_prompt_run_it_once_with_the_same_values_and_gradients(kind):
+    from peft import LoraConfig, get_peft_model
+    from transformers import MistralConfig, MistralForCausalLM
+
+    if kind == "sliding window":  # its cache keeps the last 3 positions only
+        torch.manual_seed(0)
+        model = MistralForCausalLM(MistralConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                                 num_attention_heads=2, num_key_value_heads=1, sliding_window=3)).eval()
+    else:
+        model = tiny_llama()
+    if kind == "peft":
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    ids, mask, response_mask = shared_batch()
+    calls = tokens_run(model)
+    logp, entropy = token_logprobs(model, ids, mask, PROMPT, response_mask, 0.8, with_entropy=True, chunk_tokens=4)
+    assert calls == [3 * PROMPT, ids.numel() - 6 * PROMPT]  # the three prompts once, then every row's reply
+    want, want_entropy = full_logprobs(model, ids, mask, response_mask, 0.8)
+    assert torch.allclose(logp, want, atol=1e-5) and torch.allclose(entropy, want_entropy, atol=1e-5)
+    assert_same(grads(model, logp.sum() + entropy.sum()), grads(model, want.sum() + want_entropy.sum()))
+
+
+def test_ddp_rows_sharing_a_prompt_get_the_gradients_of_one_pass_per_row(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        wrapped = DistributedDataParallel(tiny_llama())
+        ids, mask, response_mask = shared_batch()
+        calls = tokens_run(wrapped.module)
+        logp = token_logprobs(wrapped, ids, mask, PROMPT, response_mask, 0.9, chunk_tokens=3)
+        shared = grads(wrapped, logp.sum())
+        assert calls == [3 * PROMPT, ids.numel() - 6 * PROMPT]
+        want, _ = full_logprobs(wrapped, ids, mask, response_mask, 0.9)
+        assert torch.allclose(logp, want, atol=1e-5)
+        assert_same(shared, grads(wrapped, want.sum()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_activation_checkpointing_runs_every_row_whole():
+    """Checkpointed layers drop the KV cache while training: then each row runs whole, as before."""
+    model = tiny_llama()
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    model.train()
+    ids, mask, response_mask = shared_batch()
+    calls = tokens_run(model)
+    logp = token_logprobs(model, ids, mask, PROMPT, response_mask, 1.0)
+    assert calls == [ids.numel()]
+    assert torch.allclose(logp, full_logprobs(model, ids, mask, response_mask, 1.0)[0], atol=1e-5)
