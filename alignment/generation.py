@@ -206,12 +206,15 @@ def sample(
         settings = ", ".join(f"{k}={v!r}" for k, v in overridden.items())
         logger.warning("sampling from softmax(logits / T) only: the checkpoint's generation config settings %s "
                        "are not applied", settings)
+    distinct = {text: i for i, text in enumerate(dict.fromkeys(texts))}  # a prompt asked for G replies: tokenised once
     old_side = tok.padding_side
     tok.padding_side = "left"
     try:
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        enc = tok(list(distinct), return_tensors="pt", padding=True, add_special_tokens=False)
     finally:
         tok.padding_side = old_side
+    rows = torch.tensor([distinct[text] for text in texts], dtype=torch.long)
+    enc = {k: enc[k][rows].to(model.device) for k in ("input_ids", "attention_mask")}
     lm = base_lm(model)
     own_config = lm.generation_config
     lm.generation_config = _clean_generation_config(own_config)
