@@ -210,12 +210,18 @@ class CompareError(RecipeError):
         self.arg, self.message = arg, message
 
 
-def load_prompts(options: PromptOptions) -> tuple[list[str], str]:
-    """(prompts, what they are) from the prompt options; a bad source is a CompareError('prompts')."""
+def demo_prompt_source(world_name: str = "default") -> str:
+    """What a table calls the demo world's held-out prompts (naming the preset unless default)."""
+    return "held-out demo prompts" + ("" if world_name == "default" else f" ({world_name} world)")
+
+
+def load_prompts(options: PromptOptions, world_name: str = "default") -> tuple[list[str], str]:
+    """(prompts, what they are) from the prompt options; a bad source is a CompareError('prompts').
+    Demo prompts are the held-out prompts of the world preset `world_name`."""
     source = options.source
     if source == "demo":
-        prompts = world.eval_prompts(options.num_prompts or DEMO_PROMPTS, options.seed)
-        return prompts, "held-out demo prompts"
+        prompts = world.eval_prompts(options.num_prompts or DEMO_PROMPTS, options.seed, world=world_name)
+        return prompts, demo_prompt_source(world_name)
     if source.endswith(".txt"):
         from data_prep.read import read_text
 

@@ -351,6 +351,14 @@ class BaseRecipe(Section):
     stage: str
     output_dir: str | None = Field(None, description="Where the stage writes its model. Null: runs/<recipe name>.")
     seed: int = Field(42, description="Seed for model init, data order and dropout.")
+    world: str = Field(
+        "default",
+        description="Preset of the demo world wherever this stage makes demo data (init's tokenizer corpus, the "
+        "pretrain corpus, SFT conversations, preference pairs, RL training prompts, the closing report's and "
+        "compare's held-out prompts, prep's demo sources): 'default' (the documented figures) or 'hard' "
+        "(a fifth of the demonstrations wrong, subtler and partly flipped preference pairs: SFT leaves headroom). "
+        "Switch a whole chain with the override '*:world=hard' (docs/demo_world.md).",
+    )
     model: ModelRef | None = Field(
         None, description="Starting checkpoint: a local path, a hub id, or {from: other_recipe.yaml}."
     )
@@ -359,6 +367,15 @@ class BaseRecipe(Section):
     data: DataOptions = Field(default_factory=DataOptions)
     training: TrainingOptions = Field(default_factory=TrainingOptions)
     report: ReportOptions = Field(default_factory=ReportOptions)
+
+    @field_validator("world")
+    @classmethod
+    def _a_preset(cls, value):
+        from .demo.world import PRESETS
+
+        if value not in PRESETS:
+            raise ValueError(f"unknown world {value!r}; {did_you_mean(value, PRESETS)}")
+        return value
 
     @field_validator("output_dir")
     @classmethod

@@ -564,6 +564,6 @@ def run(recipe_path: str | Path, overrides: list[str] = (), dry_run: bool = Fals
         if state.is_main_process:
             from .report import build_report
 
-            say("\n" + build_report(report, nodes, reported))
+            say("\n" + build_report(report, nodes, reported, nodes[-1].recipe.world))
         state.wait_for_everyone()
     return nodes

@@ -17,7 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .compare import CompareError, Comparison, compare_models
+from .compare import CompareError, Comparison, compare_models, demo_prompt_source
 from .config import GenerationOptions, RecipeError, ReportOptions
 from .models import check_model_kind
 from .demo import world
@@ -215,10 +215,12 @@ def report_baseline(options: ReportOptions, models: dict[str, str]) -> str:
     return labels[-2] if len(labels) > 1 else labels[0]
 
 
-def build_report(options: ReportOptions, nodes: list, models: dict[str, str]) -> str:
-    """Compare the report's models on held-out demo prompts; write report.json/md/html and
-    report_samples.jsonl beside the last stage's model; return the text to print."""
-    prompts = world.eval_prompts(options.num_prompts, options.seed)
+def build_report(options: ReportOptions, nodes: list, models: dict[str, str], world_name: str = "default") -> str:
+    """Compare the report's models on held-out demo prompts of the world `world_name` (the top
+    recipe's `world`); write report.json/md/html and report_samples.jsonl beside the last stage's
+    model; return the text to print."""
+    prompts = world.eval_prompts(options.num_prompts, options.seed, world=world_name)
+    source = demo_prompt_source(world_name)
     baseline = report_baseline(options, models)
 
     def run(temperature: float) -> Comparison:
@@ -226,7 +228,7 @@ def build_report(options: ReportOptions, nodes: list, models: dict[str, str]) ->
             max_new_tokens=options.max_new_tokens, temperature=temperature, seed=options.seed,
             batch_size=options.batch_size,
         )
-        return compare_models(models, prompts, generation, baseline=baseline, prompt_source="held-out demo prompts")
+        return compare_models(models, prompts, generation, baseline=baseline, prompt_source=source)
 
     main = run(options.temperature)
     also = [run(0.0).summary] if options.also_greedy and options.temperature > 0 else []

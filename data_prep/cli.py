@@ -115,12 +115,20 @@ def _add_sources(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--names", nargs="+", help="one label per source for the `source` column (default: file names)")
     p.add_argument("--num-examples", type=_count, help="read only the first N rows of each source")
     p.add_argument("--split", default="train", help="split of a hub dataset or saved DatasetDict (default: train)")
+    _add_world(p)
     if kind == "pairs":
         d = PrepOptions.model_fields
         p.add_argument("--rejected-choice", choices=("worst", "random"), default="worst", help=d["rejected_choice"].description)
         p.add_argument("--min-margin", type=_finite, default=0.0, help=d["min_margin"].description)
         p.add_argument("--min-ratio", type=_finite, default=1.0, help=d["min_ratio"].description)
         p.add_argument("--ranked-pairs", choices=("best-worst", "adjacent", "all"), default="best-worst", help=d["ranked_pairs"].description)
+
+
+def _add_world(p: argparse.ArgumentParser) -> None:
+    from alignment.demo.world import PRESETS
+
+    p.add_argument("--world", default="default", choices=tuple(PRESETS),
+                   help="preset of the demo world that 'demo' data come from (default: %(default)s; docs/demo_world.md)")
 
 
 def options_from(args: argparse.Namespace, kind: str) -> PrepOptions:
@@ -174,7 +182,8 @@ def convert(args: argparse.Namespace) -> int:
     options = options_from(args, args.command)
     if (options.max_length or options.max_prompt_tokens) and not args.tokenizer:
         raise DataError("--max-length / --max-prompt-tokens count tokens: give --tokenizer")
-    return _finish(out, prepare(options, _tokenizer(args), progress=not args.quiet, num_proc=args.num_proc))
+    return _finish(out, prepare(options, _tokenizer(args), progress=not args.quiet, num_proc=args.num_proc,
+                                world=args.world))
 
 
 def onpolicy(args: argparse.Namespace) -> int:
@@ -199,7 +208,7 @@ def onpolicy(args: argparse.Namespace) -> int:
         split_seed=args.split_seed, dedup=args.dedup, max_turns=args.max_turns, max_length=args.max_length,
         strict=args.strict, seed=args.seed, min_margin=args.min_margin,
     )
-    prompts = read_prompts(options.sources[0].path, args.prompt_column, args.num_prompts, args.seed)
+    prompts = read_prompts(options.sources[0].path, args.prompt_column, args.num_prompts, args.seed, args.world)
     rows = onpolicy_rows(
         prompts, model, k=args.k, reward_model=reward_model, min_margin=args.min_margin,
         temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
@@ -236,11 +245,12 @@ def demo(args: argparse.Namespace) -> int:
         if (out / name).exists() and not ours:
             raise DataError(f"--out {out}: '{name}' is there and was not written by data_prep demo; "
                             "choose another --out or move it away")
+    w = world.preset(args.world)
     files = {
-        "pretrain.jsonl": [{"text": t} for t in world.pretrain_corpus(args.pretrain, args.seed)],
-        "sft.jsonl": world.sft_conversations(args.sft, args.seed),
-        "preferences.jsonl": world.preference_pairs(args.pairs, args.seed),
-        "eval_prompts.jsonl": [{"prompt": p} for p in world.eval_prompts(args.eval, args.seed)],
+        "pretrain.jsonl": [{"text": t} for t in w.pretrain_corpus(args.pretrain, args.seed)],
+        "sft.jsonl": w.sft_conversations(args.sft, args.seed),
+        "preferences.jsonl": w.preference_pairs(args.pairs, args.seed),
+        "eval_prompts.jsonl": [{"prompt": p} for p in w.eval_prompts(args.eval, args.seed)],
     }
     out.mkdir(parents=True, exist_ok=True)
     manifest = {"written_by": "data_prep demo", "files": sorted({*written, *names})}
@@ -296,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=_finite, default=1.0, help="nucleus sampling (default 1.0: off)")
     p.add_argument("--max-new-tokens", type=_count, default=32, help="longest sample (default 32)")
     p.add_argument("--batch-size", type=_count, default=64, help="prompts generated at once (default 64)")
+    _add_world(p)
     _add_cleaning(p, "onpolicy")
     p.set_defaults(func=onpolicy)
 
@@ -308,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sft", type=_count, default=4000, help="SFT conversations (default 4000)")
     p.add_argument("--pairs", type=_count, default=4000, help="preference pairs (default 4000)")
     p.add_argument("--eval", type=_count, default=300, help="held-out eval prompts (default 300)")
+    _add_world(p)
     p.set_defaults(func=demo)
     return parser
 

@@ -14,12 +14,14 @@ from .read import Bad, read_source
 from .shapes import _prompt
 
 
-def read_prompts(source: str, column: str, limit: int | None, seed: int) -> list[tuple[str, str | Bad]]:
-    """(origin, user prompt or Bad) from a file of prompts, or 'demo' (the demo world's training prompts)."""
+def read_prompts(source: str, column: str, limit: int | None, seed: int,
+                 world_name: str = "default") -> list[tuple[str, str | Bad]]:
+    """(origin, user prompt or Bad) from a file of prompts, or 'demo' (the training prompts of the demo
+    world's preset `world_name`)."""
     if source == "demo":
         from alignment.demo import world
 
-        convs = world.sft_conversations(limit or 200, seed)
+        convs = world.sft_conversations(limit or 200, seed, world=world_name)
         return [(f"demo prompt {i + 1}", c["messages"][0]["content"]) for i, c in enumerate(convs)]
     found = []
     for origin, row in read_source(source):

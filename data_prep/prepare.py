@@ -199,18 +199,19 @@ def source_name(source: PrepSource) -> str:
     return name
 
 
-def source_rows(source: PrepSource, kind: str, seed: int):
-    """(origin, row or Bad) of a source; 'demo' generates the demo world's rows of the kind."""
+def source_rows(source: PrepSource, kind: str, seed: int, world_name: str = "default"):
+    """(origin, row or Bad) of a source; 'demo' generates the rows of the kind of the demo world's
+    preset `world_name`."""
     if source.path != "demo":
         rows = read_source(source.path, source.split)
         return islice(rows, source.num_examples) if source.num_examples else rows
     from alignment.demo import world
 
-    n = source.num_examples or DEMO_ROWS
+    n, w = source.num_examples or DEMO_ROWS, world.preset(world_name)
     made = {
-        "pairs": lambda: world.preference_pairs(n, seed),
-        "sft": lambda: world.sft_conversations(n, seed),
-        "text": lambda: [{"text": t} for t in world.pretrain_corpus(n, seed)],
+        "pairs": lambda: w.preference_pairs(n, seed),
+        "sft": lambda: w.sft_conversations(n, seed),
+        "text": lambda: [{"text": t} for t in w.pretrain_corpus(n, seed)],
     }[kind]()
     return ((f"demo row {i + 1}", row) for i, row in enumerate(made))
 
@@ -252,18 +253,21 @@ def prepare(
     given: dict | None = None,
     num_proc: int | None = None,
     chunk_rows: int = CHUNK_ROWS,
+    world: str = "default",
 ) -> Prepared:
     """Run the chain; `tokenizer` (a transformers tokenizer) is needed for the token limits.
+    `world` is the demo-world preset 'demo' sources are drawn from.
     `given` maps a source name to rows already made, (origin, row or Bad) (on-policy pairs).
     With `num_proc` > 1, that many worker processes parse and check the rows, `chunk_rows` at a
     time; deduplication, accounting and the split stay here, in input order, so the output is the
     same byte for byte. None: AUTO_PROCS workers (fewer on fewer CPUs) for a source of at least
     PARALLEL_ROWS rows, this process alone for a shorter one (starting workers would cost more)."""
     with _gc_paused():
-        return _prepare(options, tokenizer, progress, given, num_proc, chunk_rows)
+        return _prepare(options, tokenizer, progress, given, num_proc, chunk_rows, world)
 
 
-def _prepare(o: PrepOptions, tokenizer, progress: bool, given: dict | None, num_proc: int | None, chunk_rows: int) -> Prepared:
+def _prepare(o: PrepOptions, tokenizer, progress: bool, given: dict | None, num_proc: int | None, chunk_rows: int,
+             world: str = "default") -> Prepared:
     if (o.max_prompt_tokens or o.max_length) and tokenizer is None:
         raise DataError("max_prompt_tokens / max_length count tokens: give a tokenizer (--tokenizer PATH)")
     run = _Run(o)
@@ -275,7 +279,7 @@ def _prepare(o: PrepOptions, tokenizer, progress: bool, given: dict | None, num_
 
     for source, name in zip(o.sources, names):
         run.tallies[name] = Tally()
-        rows = iter(given[name] if given and name in given else source_rows(source, o.kind, o.seed))
+        rows = iter(given[name] if given and name in given else source_rows(source, o.kind, o.seed, world))
         head = []  # the first DETECT_ROWS rows, and on until one is readable
         for item in rows:
             head.append(item)

@@ -16,6 +16,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from ..config import CompareRecipe, GenerationOptions, PromptOptions, RecipeError
+from ..demo.world import PRESETS
 from ..paths import user_path
 
 MAIN_PROCESS_ONLY = True  # generation runs once, on the main process
@@ -27,10 +28,10 @@ FLAGS = {"models": "MODEL", "baseline": "--baseline", "prompts": "--prompts", "r
 KEYS = {"prompts": "prompts.source"}
 
 
-def _compare(models, prompts_options, generation, baseline, reward_model, model_options=None):
+def _compare(models, prompts_options, generation, baseline, reward_model, model_options=None, world="default"):
     from ..compare import compare_models, load_prompts
 
-    prompts, source = load_prompts(prompts_options)
+    prompts, source = load_prompts(prompts_options, world)
     return compare_models(models, prompts, generation, baseline=baseline, reward_model=reward_model,
                           prompt_source=source, model_options=model_options)
 
@@ -49,7 +50,7 @@ def run(recipe: CompareRecipe, inputs: dict, work_dir: Path) -> dict:
     try:
         comparison = _compare(
             models, recipe.prompts, recipe.generation, recipe.baseline or next(iter(models)),
-            inputs.get("reward_model"), recipe.model_options,
+            inputs.get("reward_model"), recipe.model_options, recipe.world,
         )
     except CompareError as exc:
         raise RecipeError(f"{recipe._path}: {KEYS.get(exc.arg, exc.arg)}: {exc.message}") from None
@@ -84,6 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="demo prompts to use, or the first N of a file; 0: all of a file (default: %(default)s)")
     parser.add_argument("--prompt-field", default=prompts["field"].default, help=prompts["field"].description)
     parser.add_argument("--split", default=prompts["split"].default, help=prompts["split"].description)
+    parser.add_argument("--world", default="default", choices=tuple(PRESETS),
+                        help="preset of the demo world the demo prompts come from (default: %(default)s)")
     parser.add_argument("--reward-model", metavar="PATH", help="a one-label sequence classifier that scores every reply")
     for name, metavar in (("temperature", "T"), ("top_p", "P"), ("max_new_tokens", "N"), ("samples_per_prompt", "N"),
                           ("seed", "S"), ("batch_size", "B")):
@@ -168,7 +171,7 @@ def _command(args: argparse.Namespace):
         from transformers.utils import logging
 
         logging.disable_progress_bar()  # "Loading weights" bars too
-    prompt_list, source = load_prompts(prompts)
+    prompt_list, source = load_prompts(prompts, args.world)
     comparison = compare_models(models, prompt_list, generation, baseline=baseline, reward_model=args.reward_model and user_path(args.reward_model),
                                 prompt_source=source, progress=not args.no_progress)
     write_report_dir(comparison, out, heading=f"Comparison: {', '.join(models)}")

@@ -149,7 +149,8 @@ def truncated_pairs(dataset, max_length: int) -> int:
 
 def run(recipe: DPORecipe, inputs: dict, work_dir: Path) -> dict:
     o = recipe.dpo
-    train, held_out, counts = preference_datasets(recipe, inputs, world.preference_pairs, DEFAULT_EXAMPLES)
+    pairs = world.preset(recipe.world).preference_pairs
+    train, held_out, counts = preference_datasets(recipe, inputs, pairs, DEFAULT_EXAMPLES)
 
     tok = load_tokenizer(inputs["model"], recipe.model_options)
     policy = load_causal_lm(inputs["model"], tok, recipe.model_options)

@@ -90,7 +90,7 @@ def load_prompts(recipe: RLRecipe, tok) -> tuple[list[str], list[str], dict, lis
             return f"'{d.prompt_field}' is not a non-empty string"
         return None
 
-    found = check_rows(load_rows(d, world.train_prompts, DEFAULT_PROMPTS), problem, d.on_bad_row)
+    found = check_rows(load_rows(d, world.preset(recipe.world).train_prompts, DEFAULT_PROMPTS), problem, d.on_bad_row)
     kept = Rows([], [], found.dropped)
     rendered = []
     for row, origin in zip(found.rows, found.origins):

@@ -27,7 +27,7 @@ def run(recipe: PrepRecipe, inputs: dict, work_dir: Path) -> dict:
         from ..models import load_tokenizer
 
         tokenizer = load_tokenizer(inputs["model"], recipe.model_options)
-    prepared = prepare(recipe.prep, tokenizer)
+    prepared = prepare(recipe.prep, tokenizer, world=recipe.world)
     write_files(work_dir, prepared.kind, prepared.splits, prepared.summary)
     print(summary_text(prepared.summary))
     s = prepared.summary

@@ -19,13 +19,14 @@ from .common import train_causal_lm
 DEFAULT_EXAMPLES = 20000
 
 
-def demo_corpus(n: int, seed: int) -> list[dict]:
-    return [{"text": t} for t in world.pretrain_corpus(n, seed)]
+def demo_corpus(n: int, seed: int, preset: str = "default") -> list[dict]:
+    return [{"text": t} for t in world.pretrain_corpus(n, seed, world=preset)]
 
 
 def run(recipe: PretrainRecipe, inputs: dict, work_dir: Path) -> dict:
     field = recipe.data.text_field
-    found = load_rows(recipe.data, demo_corpus, DEFAULT_EXAMPLES, source=inputs.get("data"))
+    found = load_rows(recipe.data, lambda n, seed: demo_corpus(n, seed, recipe.world), DEFAULT_EXAMPLES,
+                      source=inputs.get("data"))
     rows = check_rows(found, text_problem(field), recipe.data.on_bad_row)
     tok = load_tokenizer(inputs["model"], recipe.model_options)
     docs = tok([r[field] for r in rows.rows], add_special_tokens=False)["input_ids"]

@@ -57,7 +57,9 @@ class BradleyTerryTrainer(RewardTrainer):
 
 
 def run(recipe: RewardRecipe, inputs: dict, work_dir: Path) -> dict:
-    train, held_out, counts = preference_datasets(recipe, inputs, world.preference_pairs, DEFAULT_EXAMPLES, with_margin=True)
+    train, held_out, counts = preference_datasets(
+        recipe, inputs, world.preset(recipe.world).preference_pairs, DEFAULT_EXAMPLES, with_margin=True
+    )
 
     tok = load_tokenizer(inputs["model"], recipe.model_options)
     model = load_classifier(inputs["model"], tok, recipe.model_options)

@@ -23,7 +23,7 @@ DEFAULT_EXAMPLES = 4000
 def run(recipe: SFTRecipe, inputs: dict, work_dir: Path) -> dict:
     field = recipe.data.messages_field
     rows = check_rows(
-        load_rows(recipe.data, world.sft_conversations, DEFAULT_EXAMPLES, source=inputs.get("data")),
+        load_rows(recipe.data, world.preset(recipe.world).sft_conversations, DEFAULT_EXAMPLES, source=inputs.get("data")),
         messages_problem(field),
         recipe.data.on_bad_row,
     )
