@@ -129,9 +129,12 @@ def plan_sweep(path: str | Path, overrides: list[str] = (), num_processes: int =
 
     path = Path(path)
     parsed = [(raw, *parse_override(raw)) for raw in overrides]
-    own = [(key_path, value, raw) for raw, target, key_path, value in parsed if target is None]
-    chain = [raw for raw, target, _, _ in parsed if target is not None]  # NAME:key / *:key: every point's chain
+    # KEY=VALUE: the sweep's own keys; NAME:KEY / *:KEY: every point's chain (*:KEY the sweep too, e.g. *:world)
+    own = [(key_path, value, raw) for raw, target, key_path, value in parsed if target in (None, "*")]
+    chain = [raw for raw, target, _, _ in parsed if target is not None]
     recipe = load_recipe(path, own)
+    if recipe.world != "default":  # the sweep's world is every chain's, and its prompts'
+        chain.insert(0, f"*:world={recipe.world}")
     if recipe.stage != "sweep":
         raise RecipeError(f"{path}: stage: expected 'sweep' (a sweep recipe), got {recipe.stage!r}; run it with `alignment run {path}`")
     out = Path(user_path(recipe.output_dir or str(Path("runs") / path.stem)))
@@ -208,7 +211,7 @@ def comparison_key(sweep: Sweep) -> str:
     models = {p.label: p.nodes[-1].hash for p in sweep.points}
     models[sweep.baseline[0]] = ident(sweep.baseline[1], sweep.baseline[2])
     reward = ident(*sweep.reward) if sweep.reward else None
-    settings = {k: resolved_dict(sweep.recipe)[k] for k in ("prompts", "generation", "model_options")}
+    settings = {k: resolved_dict(sweep.recipe)[k] for k in ("world", "prompts", "generation", "model_options")}
     return content_hash(models, reward, settings, toolkit_fingerprint())
 
 
@@ -346,7 +349,7 @@ def compare_and_report(sweep: Sweep, key: str, compared: bool, say=print) -> Non
         say(f"[sweep] comparing {len(models)} models on the same prompts -> {compare_dir}")
         recipe = sweep.recipe
         try:
-            prompts, source = load_prompts(recipe.prompts)
+            prompts, source = load_prompts(recipe.prompts, recipe.world)
             comparison = compare_models(
                 models, prompts, recipe.generation, baseline=label,
                 reward_model=sweep.reward[0] if sweep.reward else None, prompt_source=source,

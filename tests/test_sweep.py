@@ -224,3 +224,17 @@ def test_frontier_report_draws_a_curve_per_method_and_the_front(tmp_path):
     assert gold[0] == 4 and gold[1] == 6  # baseline, dpo, ppo and the front; a marker for each of the 6 models
     assert reward[0] == 3 and reward[1] == 6  # no front on the proxy's plot
     assert "| dpo b | dpo |" in (tmp_path / "report.md").read_text()
+
+
+def test_the_sweeps_world_reaches_every_chain_and_its_prompts(in_tmp, tiny_base):
+    path = sweep_file(in_tmp, tiny_base, world="hard")
+    sweep = plan_sweep(path)
+    assert {n.recipe.world for n in sweep.nodes} == {"hard"} and sweep.recipe.world == "hard"
+    default = plan_sweep(sweep_file(in_tmp, tiny_base))
+    assert {n.recipe.world for n in default.nodes} == {"default"}
+    assert default.nodes[0].hash != sweep.nodes[0].hash  # another world, another sft
+    from alignment.sweep import comparison_key
+
+    assert comparison_key(default) != comparison_key(sweep)
+    # `*:world=hard` on the command line does the same, the sweep's prompts included
+    assert plan_sweep(sweep_file(in_tmp, tiny_base), ["*:world=hard"]).recipe.world == "hard"
