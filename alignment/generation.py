@@ -283,7 +283,18 @@ def token_logprobs(
     chunk's logits exist at once, forward or backward. Models whose head cannot be applied
     apart from their forward (no `get_output_embeddings`/`get_decoder`, scaled or soft-capped
     logits, sharded weights) take the unchunked `response_logits` path, same values.
+
+    Reply columns after every row's last real token (replies that all stopped early) are left
+    out of the pass: their log-probs (and entropies) are 0.
     """
+    width = response_mask.shape[1]
+    used = int(response_mask.any(0).nonzero().max()) + 1 if response_mask.any() else 1
+    if used < width:
+        kept = context_length + used
+        out = token_logprobs(model, input_ids[:, :kept], attention_mask[:, :kept], context_length,
+                             response_mask[:, :used], temperature, with_entropy=with_entropy, chunk_tokens=chunk_tokens)
+        pad = lambda x: torch.nn.functional.pad(x, (0, width - used))  # noqa: E731
+        return tuple(map(pad, out)) if with_entropy else pad(out)
     labels = input_ids[:, context_length:]
     parts = _trunk_and_head(model)
     if parts is None:

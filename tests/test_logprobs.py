@@ -291,3 +291,19 @@ def test_activation_checkpointing_runs_every_row_whole():
     logp = token_logprobs(model, ids, mask, PROMPT, response_mask, 1.0)
     assert calls == [ids.numel()]
     assert torch.allclose(logp, full_logprobs(model, ids, mask, response_mask, 1.0)[0], atol=1e-5)
+
+
+def test_reply_columns_after_every_reply_ended_are_left_out():
+    """Replies that all stopped early: the pass ends at the last real reply token of any row, the
+    values and gradients are those of the whole width, and the columns after it are 0."""
+    model = tiny_llama()
+    ids, mask, response_mask = batch(reply=7)
+    response_mask[:, 4:] = 0  # every reply ended by its 4th token
+    mask[:, PROMPT + 4 :] = 0
+    calls = tokens_run(model)
+    logp, entropy = token_logprobs(model, ids, mask, PROMPT, response_mask, 0.8, with_entropy=True, chunk_tokens=4)
+    assert calls == [ids.shape[0] * (PROMPT + 4)]
+    want, want_entropy = full_logprobs(model, ids, mask, response_mask, 0.8)
+    assert torch.allclose(logp, want, atol=1e-5) and (logp[:, 4:] == 0).all() and (entropy[:, 4:] == 0).all()
+    assert torch.allclose(entropy[:, :4], want_entropy[:, :4], atol=1e-5)
+    assert_same(grads(model, logp.sum() + entropy.sum()), grads(model, want.sum() + want_entropy[:, :4].sum()))
