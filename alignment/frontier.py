@@ -108,6 +108,12 @@ def notes(rows: list[dict], kinds: list[str]) -> list[str]:
                         f"'{r['label']}' reward {r['reward_mean']:.3f} > {peak['reward_mean']:.3f} but gold {r['gold_mean']:.3f}"
                         for r in past)
                 )
+        if "reward" in kinds and "gold" in kinds and len(with_kl) >= 2:
+            low, high = with_kl[0], with_kl[-1]  # the least and the most drifted point
+            said.append(
+                f"{method}: from KL {low['kl_mean']:.3g} to {high['kl_mean']:.3g}, reward {high['reward_mean'] - low['reward_mean']:+.3f}, "
+                f"gold {high['gold_mean'] - low['gold_mean']:+.3f}"
+            )
     front = sorted((r for r in rows if r["on_front"]), key=lambda r: r["kl_mean"])
     if front and kinds:
         said.append(f"Pareto front by {kinds[0]}, by increasing KL: " + " -> ".join(
@@ -198,8 +204,10 @@ def write_frontier(out: Path, summary: dict, methods: dict[str, tuple[str, dict]
         for i, fig in enumerate(figs)
     )
     settings = summary.get("settings", {})
+    temperature = settings.get("temperature", 0)
+    sampled = f"sampled at temperature {temperature:g}" if temperature else "greedy"
     about = (f"{len(rows) - 1} points and the baseline '{baseline}' answered the same {settings.get('num_prompts', '?')} prompts "
-             f"({settings.get('samples_per_prompt', 1)} replies each, {settings.get('decoding', '')}); "
+             f"({settings.get('samples_per_prompt', 1)} replies each, {sampled}); "
              "means with 95% bootstrap CIs over prompts; KL(model || baseline) from each model's own replies.")
     page = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>{html.escape(heading)}</title>

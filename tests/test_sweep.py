@@ -217,6 +217,7 @@ def test_frontier_report_draws_a_curve_per_method_and_the_front(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["front"] == ["sft", "dpo a", "dpo b"]
     assert any(n.startswith("ppo: over-optimised past KL 0.5") for n in report["notes"])
+    assert "ppo: from KL 0.5 to 4, reward +1.800, gold -0.140" in report["notes"]
     assert "dpo b" in text and "Pareto front by gold" in text
     plots = drawn_plots(rendered_dom(tmp_path / "report.html", tmp_path))
     assert len(plots) == 2  # gold against KL, reward against KL
