@@ -31,9 +31,17 @@ from metrics.jsonl's `time/*` keys (generation / scoring / optimisation; "other"
 logging), TRL's from timers around GRPOTrainer._generate (generation) and
 _generate_and_score_completions (the rest of it: scoring), the rest of the step: optimisation.
 
-Not the same in the two, by design of each: TRL skips the "old" log-prob forward pass when the
-samples are on-policy (num_iterations 1, steps_per_generation = gradient_accumulation_steps) and
-uses the current log-probs detached; ours always takes it (with the entropy) while scoring.
+Not the same in the two, by design of each: both leave out the "old" log-prob forward pass when
+the samples are on-policy (TRL: num_iterations 1 and steps_per_generation = gradient_accumulation_
+steps; ours: one pass over one minibatch, `old_logprobs_from_update`) and take the old log-probs
+(ours: and the entropy) from the update's own forward, detached. Ours runs each prompt once per
+group of G replies (its keys and values are shared by the group's rows, `generation.
+shared_prompt_cache`): in the sampling prefill, the reference's pass and the update's forward and
+backward, where TRL runs prompt + completion for every row (here 8 x 11 + 64 x 24 = 1,624 instead
+of 64 x 35 = 2,240 tokens per pass: -27%); ours tokenises each distinct prompt once. Ours also
+leaves reply columns after every reply's end out of its passes; that saves nothing here (nearly
+every reply runs to the full length) but most of a pass on a model that stops (the SFT model of
+recipes/grpo.yaml: its grpo stage went from 56 s to 32 s with these changes, same metrics).
 The prompts drawn differ (each side shuffles its own way) but come from the same 512.
 
 The init checkpoint's random weights almost never sample EOS, so nearly every reply runs to the
@@ -44,21 +52,26 @@ reply length of each side to show it).
     OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/bench_grpo.py   # one thread on one pinned core
 
 Measured (torch 2.13 CPU, transformers 5.24, TRL 1.16.0; one thread pinned to one core of a 2-core
-VM whose other core, and at times this one, ran other work, so the wall clock is noisy),
-`OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/bench_grpo.py --num-generations 8 --batch 64
---response-length 24 --iterations 8 --repeats 5`:
+VM whose other core, and at times this one, ran other training jobs, so even the CPU time is
+noisy: per-run ratios 1.11x to 1.49x), `OMP_NUM_THREADS=1 taskset -c 0 python benchmarks/bench_grpo.py
+--num-generations 8 --batch 64 --response-length 24 --iterations 8 --repeats 5`:
 
                                episodes/s  best run  per CPU s  reply len
-    ours (alignment grpo)            31.1      49.8       43.5       23.2
-    TRL 1.16.0 GRPOTrainer           29.0      52.1       47.3       22.5
-    ratio ours / TRL                0.92x     0.96x      0.93x
+    ours (alignment grpo)            63.2      73.6       64.2       23.2
+    TRL 1.16.0 GRPOTrainer           50.6      54.2       51.4       22.5
+    ratio ours / TRL                1.22x     1.36x      1.22x
 
-    our time split (metrics.jsonl time/*): generation 29%, scoring 27%, optimisation 44%
-    TRL's time split:                      generation 33%, scoring 16%, optimisation 51%
+    our time split (metrics.jsonl time/*): generation 35%, scoring 15%, optimisation 49% of 1.01 s an iteration
+    TRL's time split:                      generation 32%, scoring 17%, optimisation 51% of 1.26 s an iteration
 
-Two earlier runs of the same size gave per-CPU-second ratios of 0.93x and 0.97x: ours is about
-5% slower per episode here, the cost of the extra old-log-prob forward pass (our scoring takes
-~0.6 s an iteration against TRL's ~0.3 s; generation and optimisation are on par or ours faster).
+Before these changes (the old log-probs always taken in scoring, every row running its prompt),
+the same command gave 0.89x per CPU second (0.93x and 0.97x in earlier runs); leaving out the
+old-log-prob pass alone: 1.01x. What is left is arithmetic: nearly all of both sides' time is
+the same transformers forward and backward passes (matrix products most of it), and per
+iteration ours runs 8,112 token passes (sampling 8 x 10 + 64 + 23 x 64 = 1,616, reference 1,624,
+update 3 x 1,624 counting the backward as two) where TRL runs 11,136 (2,176 + 2,240 + 3 x 2,240):
+1.37x is the ceiling of doing less work here. 1.5x would need faster passes than transformers'
+own (both sides sample through `generate`, whose 24 decoding steps are most of generation).
 Figures also in docs/benchmarks.md ("GRPO against TRL's GRPOTrainer").
 """
 
