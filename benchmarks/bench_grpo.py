@@ -64,6 +64,7 @@ noisy: per-run ratios 1.11x to 1.49x), `OMP_NUM_THREADS=1 taskset -c 0 python be
     our time split (metrics.jsonl time/*): generation 35%, scoring 15%, optimisation 49% of 1.01 s an iteration
     TRL's time split:                      generation 32%, scoring 17%, optimisation 51% of 1.26 s an iteration
 
+A second run (--repeats 3, same load) gave 1.20x per CPU second, 1.34x best run; split 37/15/48%.
 Before these changes (the old log-probs always taken in scoring, every row running its prompt),
 the same command gave 0.89x per CPU second (0.93x and 0.97x in earlier runs); leaving out the
 old-log-prob pass alone: 1.01x. What is left is arithmetic: nearly all of both sides' time is
