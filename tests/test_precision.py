@@ -56,6 +56,28 @@ def test_bf16_first_rollout_has_exactly_zero_kl_and_ratio_one(tiny_base, reward_
     assert stats["policy/ratio_first_minibatch"] == 1.0 and stats["policy/clipfrac_first_minibatch"] == 0.0
 
 
+def test_bf16_on_policy_grpo_takes_the_old_log_probs_of_its_update_with_kl_exactly_zero(tiny_base):
+    """GRPO on-policy (one pass, one minibatch of two micro-batches): the update's forward gives the
+    old log-probs, in other batches than the reference's pass (shared prompts, shuffled rows); under
+    bf16 they still equal the reference's bit for bit at the start, so the KL is exactly 0."""
+    from .test_grpo import grpo_recipe
+
+    recipe = grpo_recipe(tiny_base, "reward_fn=gold", "grpo.num_iterations=1", "grpo.num_minibatches=1",
+                         "training.gradient_accumulation_steps=2")
+    accelerator = bf16_accelerator()
+    m = ppo.build_models(recipe, {"model": str(tiny_base)}, print)
+    optimizer, scheduler = ppo.prepare_training(m, accelerator, recipe)
+    prompts, rendered, *_ = ppo.load_prompts(recipe, m.tok)
+    mine = [i for i in range(2) for _ in range(4)]  # two groups of four replies
+    torch.manual_seed(0)
+    r = ppo.rollout(m, accelerator, [rendered[i] for i in mine], [prompts[i] for i in mine], recipe,
+                    {"generation": 0.0, "scoring": 0.0})
+    assert r.logp is None and m.reference_kind == "copy"
+    stats, kl, *_ = ppo.learn(m, accelerator, optimizer, scheduler, r, 0.04, recipe, 0)
+    assert torch.equal(r.logp, r.ref_logp) and kl.abs().sum().item() == 0.0
+    assert stats["policy/ratio_first_minibatch"] == 1.0
+
+
 def test_chain_stages_each_get_their_own_mixed_precision(in_tmp, tiny_base, reward_dir, monkeypatch):
     """A chain whose later stage asks for bf16 after an fp32 one (accelerate's state is one per
     process) runs both, each under the precision its recipe names."""
