@@ -17,10 +17,9 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from .paths import write_atomic
+from .report import _ci, _md_table
 from .report_html import STYLE, _color, _layout, _table_html, kl_floor
-
-MARKER = "alignment sweep"
-
+from .sweep import MARKER
 
 # --------------------------------------------------------------------------- math
 
@@ -166,12 +165,6 @@ def frontier_figure(rows: list[dict], kind: str, baseline: str, front: bool = Tr
     return _layout(fig, f"{kind} against KL to {baseline}", x_title, f"mean {kind} (95% CI)", xaxis_type="log")
 
 
-def _ci(row: dict, key: str, digits: int = 3) -> str:
-    if row.get(f"{key}_mean") is None:
-        return "-"
-    return f"{row[f'{key}_mean']:.{digits}f} [{row[f'{key}_lo']:.{digits}f}, {row[f'{key}_hi']:.{digits}f}]"
-
-
 def table_rows(rows: list[dict], kinds: list[str], parts: list[str]) -> list[list[str]]:
     head = ["point", "method", *kinds, "KL (nats)", *parts, "EOS", "length", "front"]
     body = [head]
@@ -183,11 +176,6 @@ def table_rows(rows: list[dict], kinds: list[str], parts: list[str]) -> list[lis
             "*" if r["on_front"] else "",
         ])
     return body
-
-
-def _md(rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows[1:]])
 
 
 def write_frontier(out: Path, summary: dict, methods: dict[str, tuple[str, dict]], heading: str,
@@ -221,7 +209,7 @@ def write_frontier(out: Path, summary: dict, methods: dict[str, tuple[str, dict]
 {_table_html(table)}
 </body></html>
 """
-    md = f"# {heading}\n\n{about}\n\n" + "".join(f"- {n}\n" for n in said) + "\n" + _md(table) + "\n"
+    md = f"# {heading}\n\n{about}\n\n" + "".join(f"- {n}\n" for n in said) + "\n" + _md_table(table) + "\n"
     data = {"generator": MARKER, "heading": heading, "baseline": baseline, "score_kinds": kinds, "notes": said,
             "front": [r["label"] for r in rows if r["on_front"]], "points": rows, "settings": settings, **(extra or {})}
     write_atomic(out / "report.json", json.dumps(data, indent=2))

@@ -31,7 +31,8 @@ from accelerate import PartialState
 from .config import FromRecipe, RecipeError, SweepRecipe, content_hash, load_recipe, parse_override, resolved_dict
 from .paths import user_path, write_atomic
 
-MARKER = "alignment sweep"  # sweep.json's "generator": a sweep directory this toolkit wrote
+MARKER = "alignment sweep"  # sweep.json's and report.json's "generator": a sweep's directory
+
 
 
 @dataclass
