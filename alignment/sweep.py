@@ -257,7 +257,8 @@ def run_sweep(path: str | Path, overrides: list[str] = (), dry_run: bool = False
     sweep = plan_sweep(path, overrides, num_processes=state.num_processes)
     jobs = sweep.recipe.jobs if jobs is None else jobs
     if jobs < 1 or (jobs > 1 and state.num_processes > 1):
-        raise RecipeError(f"--jobs {jobs}: expected 1 or more, and 1 under a multi-process launch (its processes share each point)")
+        raise RecipeError(f"{sweep.path}: jobs {jobs} (the recipe's `jobs` or --jobs): expected 1 or more, and 1 under a "
+                          "multi-process launch (its processes share each point)")
     for node in sweep.nodes:
         check_local_inputs(node.recipe.stage, {r: p for r, p in node.inputs().items() if r not in node.refs})
     _check_sweep_dir(sweep)
@@ -267,10 +268,10 @@ def run_sweep(path: str | Path, overrides: list[str] = (), dry_run: bool = False
     compared = _read_json(sweep.out / "report.json").get("comparison_key") == key and (sweep.out / "compare" / "summary.json").is_file()
     if dry_run:
         say(f"sweep {sweep.path}: {len(sweep.points)} points, {len(to_run)} stages to run -> {sweep.out}")
-        points = {id(p.nodes[-1]): p for p in sweep.points}
+        points, running = {id(p.nodes[-1]): p for p in sweep.points}, {id(n) for n in to_run}
         for node in sweep.nodes:
             what = f"point '{points[id(node)].label}'" if id(node) in points else "shared"
-            status = "will run" if node in to_run else "up to date" if is_current(node) else "not needed"
+            status = "will run" if id(node) in running else "up to date" if is_current(node) else "not needed"
             say(f"  {node.name:>10}  {node.recipe.stage:<8} {status:<10}  {what}  -> {node.out_dir}")
         say(f"  comparison and frontier report: {'up to date' if compared else 'will run'}  -> {sweep.out / 'report.html'}")
         return sweep
