@@ -17,7 +17,9 @@ lowercase words rendered with the toolkit's default chat template:
     dpo          the same pairs, sigmoid DPO, beta 0.1, a frozen reference (copy; LoRA: the
                  policy with its adapters off, on both sides)
     ppo          prompts of --prompt-len tokens (after the chat template), replies of
-                 --reply-len tokens, --ppo-epochs epochs, one minibatch; ours only (below)
+                 --reply-len tokens, --ppo-epochs epochs, one minibatch, temperature 1, k1 KL
+                 with a fixed beta 0.05; the critic and reward model are one-label classifiers
+                 (full fine-tuning only: TRL 1.9's PPOTrainer is measured without LoRA here)
 
 Each task runs in four variants, full fine-tuning or LoRA (r 16, alpha 32, all linear layers)
 and gradient checkpointing off or on, through our stage (alignment's pipeline, in-process) and
@@ -36,9 +38,9 @@ Each run is a fresh process; ours and TRL alternate. Measured the same way for b
     MFU         (GPU only) model FLOPs per token (6 x parameters; LoRA 4x; DPO adds 2x for the
                 reference; + attention) x tokens/s / the GPU's peak bf16 FLOPs (--peak-tflops)
 
-PPO against TRL 1.9's PPOTrainer is left out here: it needs TRL 1.9 in its own virtual
-environment (as benchmarks/bench_ppo.py installs it: a full torch download); our ppo stage's
-figures are printed alone.
+PPO's peer is TRL 1.9's trl.experimental.ppo.PPOTrainer (later TRL releases have none). It runs in
+its own virtual environment (--trl19-venv), installed if missing the way benchmarks/bench_ppo.py
+does it: trl==1.9.0 with this environment's torch and transformers versions.
 
     python benchmarks/bench_scale.py                          # everything (hours on a CPU)
     OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/bench_scale.py --steps 1 --seq 128 --only sft   # smoke run
@@ -254,6 +256,7 @@ def our_ppo(work: Path, a, out: Path, common: list[str]) -> dict:
         f"data.max_prompt_length={a.prompt_len}", f"ppo.batch_size={a.batch}",
         f"ppo.total_episodes={a.batch * a.steps}", f"ppo.response_length={a.reply_len}",
         f"ppo.ppo_epochs={a.ppo_epochs}", "ppo.num_minibatches=1", "ppo.temperature=1.0",
+        "ppo.kl_coef=0.05", "ppo.kl_control=fixed", "ppo.kl_estimator=k1",
         "ppo.missing_eos_penalty=null", "training.logging_steps=1"])
     peak = {"rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if torch.cuda.is_available():
@@ -278,7 +281,7 @@ def trl_worker(work: Path, task: str, variant: str, a, out: Path, meter: Meter) 
     from alignment.stages.common import _checkpointing_flag
 
     if task == "ppo":
-        raise SystemExit("no TRL side for ppo here (TRL 1.9's PPOTrainer needs its own venv; see the docstring)")
+        return trl19_ppo(work, variant, a, out, Path(a.trl19_venv))
     lora, gc = variant.startswith("lora"), variant.endswith("_gc")
     tok = AutoTokenizer.from_pretrained(work / "policy")
     cpu = not torch.cuda.is_available()
@@ -324,6 +327,71 @@ def trl_worker(work: Path, task: str, variant: str, a, out: Path, meter: Meter) 
     return meter.result()
 
 
+TRL19_PPO = r"""
+import json, resource, sys, time
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+work, out, a = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+tok = AutoTokenizer.from_pretrained(f"{work}/policy", padding_side="left")
+rows = [json.loads(line) for line in open(f"{work}/prompts.jsonl")]
+ids = [tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True, tokenize=True,
+                               return_dict=True)["input_ids"] for r in rows]
+assert {len(i) for i in ids} == {a["prompt_len"]}, {len(i) for i in ids}
+stamps = []
+
+class Clock(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        stamps.append(time.perf_counter())
+
+args = PPOConfig(
+    output_dir=out, per_device_train_batch_size=a["batch"], gradient_accumulation_steps=1, num_mini_batches=1,
+    num_ppo_epochs=a["ppo_epochs"], response_length=a["reply_len"], temperature=1.0, kl_coef=0.05, kl_estimator="k1",
+    learning_rate=a["lr"], lr_scheduler_type="constant", warmup_steps=0, stop_token="eos",
+    total_episodes=a["batch"] * a["steps"], num_sample_generations=0, use_cpu=not a["gpu"], bf16=a["bf16"],
+    gradient_checkpointing=a["gc"], report_to="none", save_strategy="no", logging_steps=1, seed=0,
+    dataloader_num_workers=0, disable_tqdm=True,
+)
+load = lambda cls, path, **kw: cls.from_pretrained(f"{work}/{path}", **kw)
+trainer = PPOTrainer(args=args, processing_class=tok, model=load(AutoModelForCausalLM, "policy"),
+                     ref_model=load(AutoModelForCausalLM, "policy"),
+                     reward_model=load(AutoModelForSequenceClassification, "reward", num_labels=1),
+                     value_model=load(AutoModelForSequenceClassification, "reward", num_labels=1),
+                     train_dataset=Dataset.from_dict({"input_ids": ids}), callbacks=[Clock()])
+trainer.train()
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+eps = (len(stamps) - 1) * a["batch"] / (stamps[-1] - stamps[0]) if len(stamps) > 1 else None
+print("MARK" + json.dumps({"episodes_per_second": eps, "timed_steps": len(stamps) - 1, "rss_mib": rss}))
+"""
+
+
+def trl19_ppo(work: Path, variant: str, a, out: Path, venv: Path) -> dict:
+    """TRL 1.9's PPOTrainer at the same shapes, in its own environment (full fine-tuning only)."""
+    if variant.startswith("lora"):
+        raise SystemExit("TRL 1.9's PPO side is measured with full fine-tuning only")
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_ppo import ensure_venv
+
+    import torch
+
+    settings = dict(batch=a.batch, steps=a.steps, ppo_epochs=a.ppo_epochs, reply_len=a.reply_len,
+                    prompt_len=a.prompt_len, lr=LR, bf16=a.bf16, gpu=torch.cuda.is_available(),
+                    gc=variant.endswith("_gc"))
+    done = subprocess.run([ensure_venv(venv), "-c", TRL19_PPO.replace("MARK", MARK), str(work), str(out),
+                           json.dumps(settings)], capture_output=True, text=True,
+                          env={**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1"})
+    lines = [line for line in done.stdout.splitlines() if line.startswith(MARK)]
+    if done.returncode or not lines:
+        raise SystemExit(f"TRL 1.9 PPO run failed:\n{done.stderr[-3000:]}")
+    r = json.loads(lines[-1][len(MARK):])
+    if r["episodes_per_second"] is None:
+        raise SystemExit("TRL 1.9 PPO: one iteration is not timed; use --steps 2 or more")
+    # TRL's replies run to --reply-len (random weights rarely sample EOS); tokens as for ours
+    return {**r, "tokens_per_second": r["episodes_per_second"] * (a.prompt_len + a.reply_len),
+            "reply_length": a.reply_len, "warmup_in_timing": False}
+
+
 # ----------------------------------------------------------------------------------------------- report
 
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0}
@@ -363,6 +431,8 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPUs)")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's peak bf16 TFLOPs for MFU (default: by its name)")
     parser.add_argument("--work", default="/tmp/bench_scale", help="scratch directory")
+    parser.add_argument("--trl19-venv", default="/tmp/trl19-venv",
+                        help="virtual environment with trl==1.9.0 for PPO's peer (installed if missing)")
     parser.add_argument("--worker", nargs=3, metavar=("SIDE", "TASK", "VARIANT"), help=argparse.SUPPRESS)
     a = parser.parse_args()
     tasks, variants, sides = a.only.split(","), a.variants.split(","), a.sides.split(",")
@@ -394,12 +464,12 @@ def main() -> None:
     results = {}
     passthrough = ["--work", str(work), "--steps", str(a.steps), "--seq", str(a.seq), "--batch", str(a.batch),
                    "--prompt-len", str(a.prompt_len), "--reply-len", str(a.reply_len),
-                   "--ppo-epochs", str(a.ppo_epochs)] + (["--bf16"] if a.bf16 else [])
+                   "--ppo-epochs", str(a.ppo_epochs), "--trl19-venv", a.trl19_venv] + (["--bf16"] if a.bf16 else [])
     for task in tasks:
         for variant in variants:
             for side in sides:
-                if side == "trl" and task == "ppo":
-                    continue
+                if side == "trl" and task == "ppo" and variant.startswith("lora"):
+                    continue  # TRL 1.9's side: full fine-tuning only
                 started = time.perf_counter()
                 done = subprocess.run([sys.executable, __file__, "--worker", side, task, variant, *passthrough],
                                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
