@@ -268,7 +268,10 @@ def our_ppo(work: Path, a, out: Path, common: list[str]) -> dict:
     else:  # one iteration: its own time, warm-up included
         eps = a.batch / sum(steps[0][f"time/{k}"] for k in ("generation", "scoring", "optimisation"))
     reply = statistics.mean(r["response_length"] for r in steps)
+    timed = steps[1:] or steps
+    split = {k: statistics.mean(r[f"time/{k}"] for r in timed) for k in ("generation", "scoring", "optimisation")}
     return {"episodes_per_second": eps, "tokens_per_second": eps * (a.prompt_len + reply), "reply_length": reply,
+            "seconds_per_iteration": split,
             "timed_steps": max(len(stamps) - 1, 1), "warmup_in_timing": len(stamps) < 2, **peak}
 
 
@@ -506,6 +509,7 @@ def main() -> None:
                 line += (f"   {cell(o, 'cuda_mib', '8.0f'):>8} {cell(t, 'cuda_mib', '8.0f'):>8} {mfu(o):>8} {mfu(t):>8}")
             if task == "ppo" and o:
                 line += f"   ({o['episodes_per_second']:.3f} episodes/s, mean reply {o['reply_length']:.0f} tokens)"
+                line += "; ours per iteration: " + ", ".join(f"{k} {v:.1f} s" for k, v in o["seconds_per_iteration"].items())
             if (o or t)["warmup_in_timing"]:
                 line += "   (1 step: warm-up included)"
             print(line)
