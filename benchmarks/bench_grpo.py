@@ -51,6 +51,17 @@ reply length of each side to show it).
     python benchmarks/bench_grpo.py                                  # all cores
     OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/bench_grpo.py   # one thread on one pinned core
 
+At a realistic size: --model takes any causal LM checkpoint with its tokenizer (for example the
+SmolLM2-135M-shaped one benchmarks/bench_scale.py builds in its --work directory) and --prompts a
+.jsonl file with a "prompt" column (bench_scale writes prompts.jsonl, each --prompt-len tokens
+after the chat template). The gold oracle grades demo prompts only, so with --prompts both sides
+are rewarded by `distinct_characters` below (a prompt-independent toy: the share of distinct
+characters in the reply), called as a Python reward function on both sides:
+
+    python benchmarks/bench_scale.py --only ppo --variants full --steps 1 --sides ours   # builds /tmp/bench_scale
+    python benchmarks/bench_grpo.py --model /tmp/bench_scale/policy --prompts /tmp/bench_scale/prompts.jsonl \
+        --work /tmp/bench_grpo_scale --num-generations 8 --batch 8 --response-length 128 --iterations 3 --repeats 1
+
 Measured (torch 2.13 CPU, transformers 5.24, TRL 1.16.0; one thread pinned to one core of a 2-core
 VM whose other core, and at times this one, ran other training jobs, so even the CPU time is
 noisy: per-run ratios 1.11x to 1.49x), `OMP_NUM_THREADS=1 taskset -c 0 python benchmarks/bench_grpo.py
@@ -97,14 +108,29 @@ SETTINGS = dict(num_generations=8, batch=64, response_length=24, temperature=1.0
 
 
 def build_inputs(work: Path, s: dict) -> None:
-    """The demo init checkpoint as policy (and reference); the demo training prompts."""
+    """The policy (and reference): the demo init checkpoint unless --model; the prompts: the demo
+    training prompts unless --prompts."""
     from alignment.demo import world
     from alignment.pipeline import run
 
-    if not (work / "policy" / "model.safetensors").exists():
+    if s["model"] is None and not (work / "policy" / "model.safetensors").exists():
         run(REPO / "recipes" / "init.yaml", [f"output_dir={work / 'policy'}"])
-    prompts = [row["prompt"] for row in world.train_prompts(s["num_prompts"], 0)]
+    if s["prompts"] is None:
+        prompts = [row["prompt"] for row in world.train_prompts(s["num_prompts"], 0)]
+    else:
+        prompts = [json.loads(line)["prompt"] for line in Path(s["prompts"]).read_text().splitlines() if line.strip()]
     (work / "prompts.json").write_text(json.dumps(prompts))
+
+
+def policy_dir(work: Path, s: dict) -> Path:
+    return Path(s["model"]) if s["model"] else work / "policy"
+
+
+def distinct_characters(prompts: list, completions: list, **_) -> list[float]:
+    """Toy reward for prompts the gold oracle cannot grade: the share of distinct characters in the
+    reply (completions as plain strings, ours, or as conversational messages, TRL's)."""
+    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+    return [len(set(t)) / max(len(t), 1) for t in texts]
 
 
 def our_worker(work: Path, iterations: int, s: dict, out: Path) -> dict:
@@ -123,8 +149,9 @@ def our_worker(work: Path, iterations: int, s: dict, out: Path) -> dict:
     for stale in (out, out.with_name(out.name + ".partial")):  # else the stage is up to date (or resumes)
         shutil.rmtree(stale, ignore_errors=True)
     run(REPO / "recipes" / "grpo.yaml", [
-        f"model={work / 'policy'}", f"output_dir={out}", "report.models={}",  # grpo.yaml: reward_fn: gold
-       
+        f"model={policy_dir(work, s)}", f"output_dir={out}", "report.models={}",  # grpo.yaml: reward_fn: gold
+        *([] if s["prompts"] is None else [f"reward_fn={Path(__file__).resolve()}:distinct_characters",
+                                           f"data.source={s['prompts']}", "data.max_prompt_length=4096"]),
         f"data.num_examples={s['num_prompts']}", f"grpo.batch_size={s['batch']}",
         f"grpo.total_episodes={s['batch'] * iterations}", f"grpo.num_generations={s['num_generations']}",
         f"grpo.response_length={s['response_length']}", f"grpo.temperature={s['temperature']}", "grpo.top_p=1.0",
@@ -166,7 +193,7 @@ def trl_worker(work: Path, iterations: int, s: dict, out: Path) -> dict:
     from alignment.compare import render_prompt
     from alignment.rewards import gold as our_gold
 
-    tok = AutoTokenizer.from_pretrained(str(work / "policy"))
+    tok = AutoTokenizer.from_pretrained(str(policy_dir(work, s)))
     prompts = json.loads((work / "prompts.json").read_text())
     # TRL renders conversational prompts with the tokenizer's chat template (add_generation_prompt,
     # no special tokens added): check it gives exactly the token ids our stage samples from.
@@ -180,7 +207,8 @@ def trl_worker(work: Path, iterations: int, s: dict, out: Path) -> dict:
 
     def gold(prompts, completions, completion_ids, **kw):
         """The demo gold oracle as a TRL reward function (conversational prompts and completions)."""
-        scores = our_gold(
+        score = our_gold if s["prompts"] is None else distinct_characters
+        scores = score(
             prompts=[p[-1]["content"] for p in prompts],
             completions=[c[-1]["content"] for c in completions],
             finished=[bool(ids) and ids[-1] in eos for ids in completion_ids],
@@ -222,7 +250,7 @@ def trl_worker(work: Path, iterations: int, s: dict, out: Path) -> dict:
         report_to="none", save_strategy="no", logging_strategy="no", log_completions=False, disable_tqdm=True,
         seed=s["seed"], dataloader_num_workers=0,
     )
-    trainer = GRPOTrainer(model=str(work / "policy"), reward_funcs=gold, args=args, train_dataset=data,
+    trainer = GRPOTrainer(model=str(policy_dir(work, s)), reward_funcs=gold, args=args, train_dataset=data,
                           processing_class=tok, callbacks=[Clock()])
     assert trainer.ref_model is not None, "TRL made no reference model"
     # TRL's split: _generate (tokenise, sample, decode) inside _generate_and_score_completions (also the
@@ -252,10 +280,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=SETTINGS["batch"], help="episodes per iteration")
     parser.add_argument("--response-length", type=int, default=SETTINGS["response_length"], help="most reply tokens")
     parser.add_argument("--work", default="/tmp/bench_grpo", help="scratch directory")
+    parser.add_argument("--model", help="checkpoint to train instead of the demo init model")
+    parser.add_argument("--prompts", help=".jsonl with a 'prompt' column instead of the demo prompts "
+                        "(then both sides are rewarded by distinct_characters)")
     parser.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     s = {**SETTINGS, "num_generations": args.num_generations, "batch": args.batch,
-         "response_length": args.response_length}
+         "response_length": args.response_length, "model": args.model, "prompts": args.prompts}
     if args.iterations < 2:
         parser.error("--iterations must be at least 2 (the first is not timed)")
     if s["batch"] % s["num_generations"]:
@@ -276,7 +307,8 @@ def main() -> None:
             done = subprocess.run(
                 [sys.executable, __file__, "--worker", side, "--work", str(work), "--iterations", str(args.iterations),
                  "--num-generations", str(s["num_generations"]), "--batch", str(s["batch"]),
-                 "--response-length", str(s["response_length"])],
+                 "--response-length", str(s["response_length"]),
+                 *(["--model", args.model] if args.model else []), *(["--prompts", args.prompts] if args.prompts else [])],
                 capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
             )
             lines = [line for line in done.stdout.splitlines() if line.startswith(MARK)]
@@ -298,11 +330,11 @@ def main() -> None:
           f"replies of at most {s['response_length']} tokens, beta {s['beta']}, {args.iterations} iterations per run "
           f"(first untimed), {args.repeats} runs each, CPU ({len(os.sched_getaffinity(0))} usable cores, "
           f"OMP_NUM_THREADS={threads})")
-    print(f"  {'':26} {'episodes/s':>10} {'best run':>9} {'per CPU s':>9} {'reply len':>9} {'mean gold':>9}")
+    print(f"  {'':26} {'episodes/s':>10} {'best run':>9} {'per CPU s':>9} {'reply len':>9} {'mean score':>10}")
     for side, name in (("ours", "ours (alignment grpo)"), ("trl", f"TRL {trl[0]['version']} GRPOTrainer")):
         m = med[side]
         print(f"  {name:26} {m['episodes_per_second']:10.1f} {best[side]:9.1f} {m['episodes_per_cpu_second']:9.1f} "
-              f"{m['reply_length']:9.1f} {m['score']:9.3f}")
+              f"{m['reply_length']:9.1f} {m['score']:10.3f}")
     print(f"  {'ratio ours / TRL':26} {statistics.median(paired['episodes_per_second']):9.2f}x "
           f"{best['ours'] / best['trl']:8.2f}x {statistics.median(paired['episodes_per_cpu_second']):8.2f}x")
     print("  (episodes/s and per CPU s: medians over runs; ratios: median of the per-run ratios, each run of ours "
