@@ -84,6 +84,10 @@ iteration ours runs 8,112 token passes (sampling 8 x 10 + 64 + 23 x 64 = 1,616, 
 update 3 x 1,624 counting the backward as two) where TRL runs 11,136 (2,176 + 2,240 + 3 x 2,240):
 1.37x is the ceiling of doing less work here. 1.5x would need faster passes than transformers'
 own (both sides sample through `generate`, whose 24 decoding steps are most of generation).
+At SmolLM2-135M's shape (--model/--prompts as above: prompts of 256 tokens, G 8, batch 8,
+--iterations 2 --repeats 1, idle 2-core machine, both threads): 1.45x with replies of 256 tokens
+(101 s against 147 s an iteration), 1.68x with replies of 128 (58 s against 98 s): the prompt,
+run once per group instead of G times, is a large share of the work there.
 Figures also in docs/benchmarks.md ("GRPO against TRL's GRPOTrainer").
 """
 
@@ -316,8 +320,8 @@ def main() -> None:
                 sys.exit(f"{side} run failed:\n{done.stderr[-3000:]}")
             runs[side].append(json.loads(lines[-1][len(MARK):]))
             r = runs[side][-1]
-            print(f"  run {rep + 1} {side:>4}: {r['episodes_per_second']:.1f} episodes/s, "
-                  f"{r['episodes_per_cpu_second']:.1f} per CPU s", file=sys.stderr)
+            print(f"  run {rep + 1} {side:>4}: {r['episodes_per_second']:.3g} episodes/s, "
+                  f"{r['episodes_per_cpu_second']:.3g} per CPU s", file=sys.stderr)
 
     ours, trl = runs["ours"], runs["trl"]
     med = {side: {k: statistics.median([r[k] for r in rs]) for k in ("episodes_per_second", "episodes_per_cpu_second",
@@ -333,15 +337,15 @@ def main() -> None:
     print(f"  {'':26} {'episodes/s':>10} {'best run':>9} {'per CPU s':>9} {'reply len':>9} {'mean score':>10}")
     for side, name in (("ours", "ours (alignment grpo)"), ("trl", f"TRL {trl[0]['version']} GRPOTrainer")):
         m = med[side]
-        print(f"  {name:26} {m['episodes_per_second']:10.1f} {best[side]:9.1f} {m['episodes_per_cpu_second']:9.1f} "
+        print(f"  {name:26} {m['episodes_per_second']:10.3g} {best[side]:9.3g} {m['episodes_per_cpu_second']:9.3g} "
               f"{m['reply_length']:9.1f} {m['score']:10.3f}")
     print(f"  {'ratio ours / TRL':26} {statistics.median(paired['episodes_per_second']):9.2f}x "
           f"{best['ours'] / best['trl']:8.2f}x {statistics.median(paired['episodes_per_cpu_second']):8.2f}x")
     print("  (episodes/s and per CPU s: medians over runs; ratios: median of the per-run ratios, each run of ours "
           "against the TRL run after it)")
     for key, what in (("episodes_per_second", "episodes/s"), ("episodes_per_cpu_second", "episodes per CPU s")):
-        print(f"  per run, {what}: ours " + ", ".join(f"{r[key]:.1f}" for r in ours)
-              + "; TRL " + ", ".join(f"{r[key]:.1f}" for r in trl))
+        print(f"  per run, {what}: ours " + ", ".join(f"{r[key]:.3g}" for r in ours)
+              + "; TRL " + ", ".join(f"{r[key]:.3g}" for r in trl))
     for side, rs, name in (("ours", ours, "our time split (metrics.jsonl time/*)"), ("trl", trl, "TRL's time split")):
         split = {k: sum(r["split"][k] for r in rs) for k in rs[0]["split"]}
         total = sum(split.values())
