@@ -85,8 +85,9 @@ update 3 x 1,624 counting the backward as two) where TRL runs 11,136 (2,176 + 2,
 1.37x is the ceiling of doing less work here. 1.5x would need faster passes than transformers'
 own (both sides sample through `generate`, whose 24 decoding steps are most of generation).
 At SmolLM2-135M's shape (--model/--prompts as above: prompts of 256 tokens, G 8, batch 8,
---iterations 2 --repeats 1, idle 2-core machine, both threads): 1.45x with replies of 256 tokens
-(101 s against 147 s an iteration), 1.68x with replies of 128 (58 s against 98 s): the prompt,
+--iterations 2, idle 2-core machine, both threads): with replies of 256 tokens 1.45x (101 s against
+147 s an iteration; --repeats 1), then 1.32x and 1.33x (--repeats 2); with replies of 128 tokens
+1.68x (58 s against 98 s; --repeats 1): the prompt,
 run once per group instead of G times, is a large share of the work there.
 Figures also in docs/benchmarks.md ("GRPO against TRL's GRPOTrainer").
 """
