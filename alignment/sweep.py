@@ -34,7 +34,6 @@ from .paths import user_path, write_atomic
 MARKER = "alignment sweep"  # sweep.json's and report.json's "generator": a sweep's directory
 
 
-
 @dataclass
 class Point:
     """One run of a sweep: a method's recipe with `settings` (override key -> value)."""
