@@ -16,7 +16,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # `pytest -n N`: share the cores, or torch's threads spin against each other
     import torch
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    torch.set_num_threads(_threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))  # the processes the tests start, too
 
 # Overrides that shrink every stage of a chain to seconds.
 MICRO = [
@@ -73,14 +75,23 @@ MICRO_DEMO_CHAIN = [
 
 
 @pytest.fixture(scope="session")
-def micro_demo_chain(tmp_path_factory) -> Path:
+def micro_demo_chain(tmp_path_factory, worker_id) -> Path:
     """The directory whose runs/ holds the micro demo chain (init, pretrain, sft), built once per
-    session. A test that runs a longer recipe from it passes MICRO_DEMO_CHAIN too, so the three
-    stages are up to date and only the new ones run."""
+    session, also under `pytest -n N`: the workers share one directory, the first builds it under
+    a lock and the others find it up to date (the pipeline's content hash). A test that runs a
+    longer recipe from it passes MICRO_DEMO_CHAIN too, so the three stages are up to date and only
+    the new ones run (each test writes stages of its own names, so workers do not collide)."""
+    import fcntl
+
     from alignment.pipeline import run
 
-    work = tmp_path_factory.mktemp("demo_chain")
-    with pytest.MonkeyPatch.context() as mp:
+    if worker_id == "master":  # no xdist
+        work = tmp_path_factory.mktemp("demo_chain")
+    else:  # the parent of every worker's base temp directory: this session's, shared by the workers
+        work = tmp_path_factory.getbasetemp().parent / "demo_chain"
+        work.mkdir(exist_ok=True)
+    with open(work.parent / f"{work.name}.lock", "w") as lock, pytest.MonkeyPatch.context() as mp:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         mp.chdir(work)
         run(RECIPES / "sft.yaml", MICRO_DEMO_CHAIN)
     return work

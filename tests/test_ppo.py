@@ -307,63 +307,72 @@ def test_killed_run_resumes_to_bit_identical_weights(in_tmp, tiny_base, reward_d
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+# Each case: a recipe and its overrides (the last one names the weights' file). One launch runs
+# them all (each launch costs seconds of imports per process).
 TWO_PROCESS_SCRIPT = """
-import sys, torch
+import json, sys, torch
 from accelerate import Accelerator
 from alignment.config import load_recipe, parse_override
 from alignment.stages import ppo
-overrides = sys.argv[2:]
-recipe = load_recipe(sys.argv[1], [(p, v, raw) for raw in overrides for _, p, v in [parse_override(raw)]])
 accelerator = Accelerator(cpu=True)
-inputs = {"model": str(recipe.model), "reward_model": str(recipe.reward_model)}
-m = ppo.build_models(recipe, inputs, print)
-ppo.prepare_training(m, accelerator, recipe)
-# Plain SGD: Adam's first steps are about lr * sign(gradient), which turns float noise in
-# gradients near 0 into whole steps; SGD keeps the comparison about the gradients themselves.
-params = [p for model in ppo.trained_models(m) for p in model.parameters() if p.requires_grad]
-optimizer = accelerator.prepare(torch.optim.SGD(params, lr=0.5))
-scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-prompts, rendered, *_ = ppo.load_prompts(recipe, m.tok)
-G = recipe.rl.group_size  # 8 rollouts: 8 // G prompts, G replies each; each process keeps whole groups
-mine = [i for i in range(8 // G) for _ in range(G)]
-torch.manual_seed(0)  # the same global batch in every process; each then keeps its share
-r = ppo.rollout(m, accelerator, [rendered[i] for i in mine], [prompts[i] for i in mine], recipe,
-                {"generation": 0.0, "scoring": 0.0})
-n = 8 // accelerator.num_processes
-r = r.rows(slice(accelerator.process_index * n, (accelerator.process_index + 1) * n))
-ppo.learn(m, accelerator, optimizer, scheduler, r, 0.05, recipe, 0)
-if accelerator.is_main_process:
-    torch.save(accelerator.unwrap_model(m.policy).state_dict(), sys.argv[-1].split("=", 1)[1])
+for recipe_path, *overrides in json.loads(sys.argv[1]):
+    recipe = load_recipe(recipe_path, [(p, v, raw) for raw in overrides for _, p, v in [parse_override(raw)]])
+    inputs = {"model": str(recipe.model), "reward_model": str(recipe.reward_model)}
+    m = ppo.build_models(recipe, inputs, print)
+    ppo.prepare_training(m, accelerator, recipe)
+    # Plain SGD: Adam's first steps are about lr * sign(gradient), which turns float noise in
+    # gradients near 0 into whole steps; SGD keeps the comparison about the gradients themselves.
+    params = [p for model in ppo.trained_models(m) for p in model.parameters() if p.requires_grad]
+    optimizer = accelerator.prepare(torch.optim.SGD(params, lr=0.5))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    prompts, rendered, *_ = ppo.load_prompts(recipe, m.tok)
+    G = recipe.rl.group_size  # 8 rollouts: 8 // G prompts, G replies each; each process keeps whole groups
+    mine = [i for i in range(8 // G) for _ in range(G)]
+    torch.manual_seed(0)  # the same global batch in every process; each then keeps its share
+    r = ppo.rollout(m, accelerator, [rendered[i] for i in mine], [prompts[i] for i in mine], recipe,
+                    {"generation": 0.0, "scoring": 0.0})
+    n = 8 // accelerator.num_processes
+    r = r.rows(slice(accelerator.process_index * n, (accelerator.process_index + 1) * n))
+    ppo.learn(m, accelerator, optimizer, scheduler, r, 0.05, recipe, 0)
+    if accelerator.is_main_process:
+        torch.save(accelerator.unwrap_model(m.policy).state_dict(), overrides[-1].split("=", 1)[1])
 if torch.distributed.is_initialized():  # leaving with the group open can abort the process at exit
     accelerator.wait_for_everyone()
     torch.distributed.destroy_process_group()
 """
 
+TWO_PROCESS_CASES = {
+    "ppo": ("ppo", []),
+    "grpo": ("grpo", []),  # group-normalised advantages, KL (k3) in the loss, replies' mean per sequence
+    "grpo on-policy": ("grpo", ["grpo.num_iterations=1"]),  # each micro-batch's forward gives its old log-probs
+    "rloo whitened": ("rloo", ["rloo.advantage_estimator=reinforce_baseline"]),  # whitened over both processes' groups
+}
 
-@pytest.mark.parametrize("stage, extra", [
-    ("ppo", []),
-    ("grpo", []),  # group-normalised advantages, KL (k3) in the loss, replies' mean per sequence
-    ("grpo", ["grpo.num_iterations=1"]),  # on-policy: each micro-batch's forward gives its old log-probs
-    ("rloo", ["rloo.advantage_estimator=reinforce_baseline"]),  # whitened over both processes' groups
-])
-def test_two_processes_update_like_one(tmp_path, tiny_base, reward_dir, monkeypatch, stage, extra):
+
+def test_two_processes_update_like_one(tmp_path, tiny_base, reward_dir, monkeypatch):
+    """One update of each RL stage from the same rollout batch: two processes (DDP over gloo, each
+    its half of the batch, gradient accumulation 2) end with the weights of one process."""
     script = tmp_path / "update.py"
     script.write_text(TWO_PROCESS_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    args = [str(RECIPES / f"{stage}.yaml"), f"model={tiny_base}", f"reward_model={reward_dir}", *MICRO_RL[stage],
-            f"{stage}.batch_size=8", f"{stage}.num_minibatches=1", "training.gradient_accumulation_steps=2", *extra]
-    outs = {procs: tmp_path / f"w{procs}.pt" for procs in (1, 2)}
+
+    def cases(procs):
+        return [[str(RECIPES / f"{stage}.yaml"), f"model={tiny_base}", f"reward_model={reward_dir}", *MICRO_RL[stage],
+                 f"{stage}.batch_size=8", f"{stage}.num_minibatches=1", "training.gradient_accumulation_steps=2", *extra,
+                 f"output_dir={tmp_path / f'{name}-{procs}.pt'}"] for name, (stage, extra) in TWO_PROCESS_CASES.items()]
+
     launch = ["accelerate", "launch", "--num_processes", "2", "--multi_gpu", str(script)]
-    done = subprocess.run([*launch, *args, f"output_dir={outs[2]}"], env=env, capture_output=True, text=True, timeout=240)
+    done = subprocess.run([*launch, json.dumps(cases(2))], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    monkeypatch.setattr(sys, "argv", [str(script), *args, f"output_dir={outs[1]}"])
+    monkeypatch.setattr(sys, "argv", [str(script), json.dumps(cases(1))])
     exec(compile(TWO_PROCESS_SCRIPT, str(script), "exec"), {})  # one process: this one
-    one, two = torch.load(outs[1], weights_only=True), torch.load(outs[2], weights_only=True)
     start = load_file(Path(tiny_base) / "model.safetensors")
-    moved = max((one[k] - start[k]).abs().max().item() for k in start if k in one)
-    assert moved > 1e-4  # the update did something
-    for k in one:
-        assert torch.allclose(one[k], two[k], atol=1e-5, rtol=1e-4), k
+    for name in TWO_PROCESS_CASES:
+        one, two = (torch.load(tmp_path / f"{name}-{procs}.pt", weights_only=True) for procs in (1, 2))
+        moved = max((one[k] - start[k]).abs().max().item() for k in start if k in one)
+        assert moved > 1e-4, name  # the update did something
+        for k in one:
+            assert torch.allclose(one[k], two[k], atol=1e-5, rtol=1e-4), (name, k)
 
 
 @pytest.mark.parametrize(
