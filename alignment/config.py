@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .paths import user_path
 
@@ -104,8 +104,8 @@ class ModelOptions(Section):
 
     @field_validator("attn_implementation")
     @classmethod
-    def _known_and_installed(cls, name):
-        if name is not None:
+    def _known_and_installed(cls, name, info):
+        if name is not None and _check_software(info):
             problem = attention_problem(name)
             if problem:
                 raise ValueError(problem)
@@ -204,7 +204,9 @@ class TrainingOptions(Section):
 
     @field_validator("report_to")
     @classmethod
-    def _installed_trackers(cls, names):
+    def _installed_trackers(cls, names, info):
+        if not _check_software(info):
+            return names
         from accelerate.tracking import LOGGER_TYPE_TO_CLASS
         from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
 
@@ -226,13 +228,19 @@ class TrainingOptions(Section):
 
     @field_validator("lr_scheduler_type")
     @classmethod
-    def _known_scheduler(cls, name):
+    def _known_scheduler(cls, name, info):
+        if not _check_software(info):
+            return name
         from transformers.trainer_utils import SchedulerType
 
         valid = [s.value for s in SchedulerType]
         if name not in valid:
             raise ValueError(f"unknown scheduler {name!r}; {did_you_mean(name, valid)}")
         return name
+
+
+def _check_software(info: ValidationInfo) -> bool:
+    return (info.context or {}).get("check_software", True)
 
 
 def attention_problem(name: str) -> str | None:
@@ -1223,6 +1231,9 @@ def load_recipe(path: str | Path, overrides: list[tuple[list[str], Any, str]] = 
         return RecipeError(f"{source}: {dotted}{message}" + (f" (+{more} more)" if more else ""))
 
     try:
+        # Keys and values first, then what the installed libraries accept (attention kernels,
+        # schedulers, trackers): a typo is refused before transformers is imported (seconds).
+        cls.model_validate(data, context={"check_software": False})
         recipe = cls.model_validate(data)
     except ValidationError as exc:
         errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")

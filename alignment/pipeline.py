@@ -42,10 +42,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from accelerate import PartialState
-from accelerate.state import AcceleratorState
-from transformers import set_seed
+from typing import TYPE_CHECKING
 
 from .config import (
     STAGES,
@@ -60,19 +57,13 @@ from .config import (
     parse_override,
     resolved_dict,
 )
-from .models import check_local_inputs
-from .paths import keep_foreign
-from .stages.common import (
-    append_metrics,
-    device_kind,
-    distributed_type,
-    last_checkpoint,
-    replace_dir,
-    resolved_precision,
-    use_cpu,
-    write_card,
-    write_resolved,
-)
+from .paths import keep_foreign, replace_dir
+
+if TYPE_CHECKING:
+    from accelerate import PartialState
+
+# torch, transformers and accelerate (seconds to import) are imported where a stage is hashed or
+# run, so that a recipe with a mistake is refused at once.
 
 # Keys that change where or how a run reports, not what it computes; mixed_precision, whose
 # resolved value (auto -> bf16 or no) is hashed instead; and model_options.revision, hashed with
@@ -255,23 +246,6 @@ def plan(recipe_path: str | Path, overrides: list[str] = (), num_processes: int 
             ref = node.refs["data"]
             raise RecipeError(f"{path}: data.source: from: {ref.path.name} is a '{ref.recipe.stage}' recipe; "
                               "data.source takes the output of a 'prep' recipe (or a data file)")
-        every_process = _runs_on_every_process(recipe.stage)
-        check_rl_launcher(path, recipe, distributed_type(num_processes))
-        check_reward_functions(path, recipe)
-        node.hash = content_hash(
-            _hashed_view(recipe),
-            {role: ref.hash for role, ref in node.refs.items()},
-            {role: _fingerprint(p, recipe.model_options.revision) for role, p in node.inputs().items() if role not in node.refs},
-            [_fingerprint(source) for source in data_files(recipe)],
-            {
-                "chat_template_file": _chat_template_fingerprint(recipe.model_options.chat_template),
-                "num_processes": num_processes if every_process else 1,
-                "distributed": distributed_type(num_processes) if every_process else "single",
-                "device": device_kind() if _stage_flag(recipe.stage, "USES_DEVICE", True) else None,
-                "mixed_precision": resolved_precision(recipe),
-                "toolkit": toolkit_fingerprint(),
-            },
-        )
         by_path[key] = node
         order.append(node)
         return node
@@ -281,6 +255,29 @@ def plan(recipe_path: str | Path, overrides: list[str] = (), num_processes: int 
     if unknown:
         names = ", ".join(n.name for n in order)
         raise RecipeError(f"override for recipe '{sorted(unknown)[0]}': no such recipe in this run ({names})")
+
+    # Every recipe is valid: now what needs torch (the device) and the inputs' files, parents first.
+    from .stages import common
+
+    for node in order:
+        path, recipe = node.path, node.recipe
+        every_process = _runs_on_every_process(recipe.stage)
+        check_rl_launcher(path, recipe, common.distributed_type(num_processes))
+        check_reward_functions(path, recipe)
+        node.hash = content_hash(
+            _hashed_view(recipe),
+            {role: ref.hash for role, ref in node.refs.items()},
+            {role: _fingerprint(p, recipe.model_options.revision) for role, p in node.inputs().items() if role not in node.refs},
+            [_fingerprint(source) for source in data_files(recipe)],
+            {
+                "chat_template_file": _chat_template_fingerprint(recipe.model_options.chat_template),
+                "num_processes": num_processes if every_process else 1,
+                "distributed": common.distributed_type(num_processes) if every_process else "single",
+                "device": common.device_kind() if _stage_flag(recipe.stage, "USES_DEVICE", True) else None,
+                "mixed_precision": common.resolved_precision(recipe),
+                "toolkit": toolkit_fingerprint(),
+            },
+        )
     return order
 
 
@@ -472,6 +469,11 @@ def complete_interrupted_swap(node: Node) -> None:
 
 def run_node(node: Node, state: PartialState) -> dict:
     """Run one stage into `<out>.partial/`, then move it into place."""
+    from accelerate.state import AcceleratorState
+    from transformers import set_seed
+
+    from .stages.common import append_metrics, last_checkpoint, write_card, write_resolved
+
     new_parents = [p for p in node.out_dir.parents if not p.exists()]  # removed again if the input is refused
     work = partial_dir(node.out_dir)
     if state.is_main_process:
@@ -529,8 +531,15 @@ def run_node(node: Node, state: PartialState) -> dict:
 
 
 def run(recipe_path: str | Path, overrides: list[str] = (), dry_run: bool = False, runs_dir: str | Path = "runs") -> list[Node]:
+    nodes = plan(recipe_path, overrides, runs_dir=runs_dir)  # a mistake in a recipe is refused before accelerate starts
+    from accelerate import PartialState
+
+    from .models import check_local_inputs
+    from .stages.common import use_cpu
+
     state = PartialState(cpu=use_cpu())
-    nodes = plan(recipe_path, overrides, num_processes=state.num_processes, runs_dir=runs_dir)
+    if state.num_processes != int(os.environ.get("WORLD_SIZE", "1")):  # a launcher that sets no WORLD_SIZE (mpirun)
+        nodes = plan(recipe_path, overrides, num_processes=state.num_processes, runs_dir=runs_dir)
     for node in nodes:  # checkpoints given as paths are checked before any stage trains
         check_local_inputs(node.recipe.stage, {r: p for r, p in node.inputs().items() if r not in node.refs})
     say = print if state.is_main_process else (lambda *a, **k: None)

@@ -26,8 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from accelerate import PartialState
-
 from .config import FromRecipe, RecipeError, SweepRecipe, content_hash, load_recipe, parse_override, resolved_dict
 from .paths import user_path, write_atomic
 
@@ -247,6 +245,8 @@ def _read_json(path: Path) -> dict:
 
 
 def run_sweep(path: str | Path, overrides: list[str] = (), dry_run: bool = False, jobs: int | None = None) -> Sweep:
+    from accelerate import PartialState
+
     from .models import check_local_inputs
     from .pipeline import check_outputs, complete_interrupted_swap, is_current, run_node
     from .stages.common import use_cpu

@@ -18,6 +18,7 @@ from alignment import pipeline
 from alignment.config import ModelOptions
 from alignment.models import load_causal_lm, load_tokenizer
 from alignment.pipeline import is_current, plan, run
+from alignment.stages import common
 from alignment.stages.common import device_kind, distributed_type
 
 from .conftest import MICRO, RECIPES
@@ -252,7 +253,7 @@ def test_the_device_enters_the_hash_of_stages_that_compute_on_it(tiny_base, monk
     assert device_kind() == f"cpu/{torch.backends.cpu.get_cpu_capability()}"
     overrides = {"sft": [f"model={tiny_base}"], "dpo": [f"model={tiny_base}"], "init": [], "prep": []}
     before = {stage: stage_hash(stage, *extra) for stage, extra in overrides.items()}
-    monkeypatch.setattr(pipeline, "device_kind", lambda: "cuda/NVIDIA H200")
+    monkeypatch.setattr(common, "device_kind", lambda: "cuda/NVIDIA H200")
     after = {stage: stage_hash(stage, *extra) for stage, extra in overrides.items()}
     assert after["sft"] != before["sft"] and after["dpo"] != before["dpo"]
     # init draws its weights on the CPU and prep runs no model: the device does not change them.

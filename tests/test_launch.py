@@ -70,6 +70,20 @@ def test_bad_recipe_exits_2_with_one_line_and_writes_nothing(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_mistake_in_a_recipe_is_refused_before_torch_is_imported(tmp_path):
+    """A typo in a key is found from the schema alone: the answer comes in a second, not after the
+    seconds that importing torch and transformers takes (a launch with a chain checks every recipe
+    of the chain first)."""
+    shutil.copytree(RECIPES, tmp_path / "recipes")
+    sft = tmp_path / "recipes" / "sft.yaml"
+    sft.write_text(sft.read_text().replace("max_steps:", "max_stepz:"))
+    probe = ("import sys\nfrom alignment.cli import main\ncode = main(['run', 'recipes/dpo.yaml'])\n"
+             "print(code, sorted(m for m in ('torch', 'transformers', 'accelerate') if m in sys.modules))")
+    done = launch([sys.executable, "-c", probe], tmp_path)
+    assert done.stdout.split("\n")[0] == "2 []", done.stdout + done.stderr
+    assert "training.max_stepz: unknown key" in done.stderr
+
+
 def test_bad_recipe_under_accelerate_launch(tmp_path):
     """What the README says a user sees: our one line, then accelerate's own wrapper reporting
     the exit status (it does that for every failed script unless given -q); the exit status
@@ -144,10 +158,10 @@ def test_help_explains_overrides():
 
 def test_fsdp_config_on_cpu_is_said_to_run_as_ddp(in_tmp, monkeypatch, capsys):
     """accelerate ignores an FSDP launcher config on CPUs (plain DDP): the runner says so."""
-    from alignment import pipeline
     from alignment.pipeline import run
+    from alignment.stages import common
 
-    monkeypatch.setattr(pipeline, "use_cpu", lambda: True)
+    monkeypatch.setattr(common, "use_cpu", lambda: True)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `--config_file recipes/accelerate/fsdp.yaml` sets
     run(RECIPES / "init.yaml", dry_run=True)
     assert "FSDP on GPUs only" in capsys.readouterr().out
