@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,6 +246,8 @@ def _read_json(path: Path) -> dict:
 
 
 def run_sweep(path: str | Path, overrides: list[str] = (), dry_run: bool = False, jobs: int | None = None) -> Sweep:
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    sweep = plan_sweep(path, overrides, num_processes=launched)  # a mistake in a recipe is refused before accelerate starts
     from accelerate import PartialState
 
     from .models import check_local_inputs
@@ -252,8 +255,9 @@ def run_sweep(path: str | Path, overrides: list[str] = (), dry_run: bool = False
     from .stages.common import use_cpu
 
     state = PartialState(cpu=use_cpu())
+    if state.num_processes != launched:  # a launcher that sets no WORLD_SIZE (mpirun)
+        sweep = plan_sweep(path, overrides, num_processes=state.num_processes)
     say = print if state.is_main_process else (lambda *a, **k: None)
-    sweep = plan_sweep(path, overrides, num_processes=state.num_processes)
     jobs = sweep.recipe.jobs if jobs is None else jobs
     if jobs < 1 or (jobs > 1 and state.num_processes > 1):
         raise RecipeError(f"{sweep.path}: jobs {jobs} (the recipe's `jobs` or --jobs): expected 1 or more, and 1 under a "

@@ -72,16 +72,17 @@ def test_bad_recipe_exits_2_with_one_line_and_writes_nothing(tmp_path):
 
 def test_a_mistake_in_a_recipe_is_refused_before_torch_is_imported(tmp_path):
     """A typo in a key is found from the schema alone: the answer comes in a second, not after the
-    seconds that importing torch and transformers takes (a launch with a chain checks every recipe
-    of the chain first)."""
+    seconds that importing torch and transformers takes (a run, or a sweep, checks every recipe of
+    the chain first)."""
     shutil.copytree(RECIPES, tmp_path / "recipes")
     sft = tmp_path / "recipes" / "sft.yaml"
     sft.write_text(sft.read_text().replace("max_steps:", "max_stepz:"))
-    probe = ("import sys\nfrom alignment.cli import main\ncode = main(['run', 'recipes/dpo.yaml'])\n"
-             "print(code, sorted(m for m in ('torch', 'transformers', 'accelerate') if m in sys.modules))")
+    probe = ("import sys\nfrom alignment.cli import main\n"
+             "codes = main(['run', 'recipes/dpo.yaml']), main(['sweep', 'recipes/frontier.yaml'])\n"
+             "print(*codes, sorted(m for m in ('torch', 'transformers', 'accelerate') if m in sys.modules))")
     done = launch([sys.executable, "-c", probe], tmp_path)
-    assert done.stdout.split("\n")[0] == "2 []", done.stdout + done.stderr
-    assert "training.max_stepz: unknown key" in done.stderr
+    assert done.stdout.split("\n")[0] == "2 2 []", done.stdout + done.stderr
+    assert done.stderr.count("sft.yaml:") == 2 and done.stderr.count("training.max_stepz: unknown key") == 2, done.stderr
 
 
 def test_bad_recipe_under_accelerate_launch(tmp_path):
