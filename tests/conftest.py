@@ -75,22 +75,21 @@ MICRO_DEMO_CHAIN = [
 
 
 @pytest.fixture(scope="session")
-def micro_demo_chain(tmp_path_factory, worker_id) -> Path:
+def micro_demo_chain(tmp_path_factory) -> Path:
     """The directory whose runs/ holds the micro demo chain (init, pretrain, sft), built once per
-    session, also under `pytest -n N`: the workers on one float path share one directory, the
-    first builds it under a lock and the others find it up to date (the pipeline's content hash). A test that runs a
-    longer recipe from it passes MICRO_DEMO_CHAIN too, so the three stages are up to date and only
-    the new ones run (each test writes stages of its own names, so workers do not collide)."""
+    session, also under `pytest -n N`: the workers share one directory (one per float path), the
+    first builds it under a lock and the others find it up to date (the pipeline's content hash).
+    A test that runs a longer recipe from it passes MICRO_DEMO_CHAIN too, so the three stages are
+    up to date and only the new ones run (each test writes stages of its own names)."""
     import fcntl
-
-    from alignment.pipeline import run
 
     import torch
 
-    if worker_id == "master":  # no xdist
+    from alignment.pipeline import run
+
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # one process
         work = tmp_path_factory.mktemp("demo_chain")
-    else:  # the parent of every worker's base temp directory: this session's, shared by the workers
-        # that compute on the same float path (`make test` runs a worker under each of two)
+    else:  # in the parent of every worker's base temp directory: this session's, shared by the workers
         work = tmp_path_factory.getbasetemp().parent / f"demo_chain-{torch.backends.cpu.get_cpu_capability()}"
         work.mkdir(exist_ok=True)
     with open(work.parent / f"{work.name}.lock", "w") as lock, pytest.MonkeyPatch.context() as mp:
