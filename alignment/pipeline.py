@@ -201,6 +201,11 @@ def _hashed_view(recipe: BaseRecipe) -> dict:
     return data
 
 
+def launched_processes() -> int:
+    """The number of processes the launcher started (torchrun's and `accelerate launch`'s WORLD_SIZE), else 1."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def plan(recipe_path: str | Path, overrides: list[str] = (), num_processes: int | None = None,
          runs_dir: str | Path = "runs") -> list[Node]:
     """Load the recipe and everything it refers to; return them in the order to run.
@@ -213,7 +218,7 @@ def plan(recipe_path: str | Path, overrides: list[str] = (), num_processes: int 
     """
     top = Path(recipe_path)
     if num_processes is None:
-        num_processes = int(os.environ.get("WORLD_SIZE", "1"))
+        num_processes = launched_processes()
     parsed = [(raw, *parse_override(raw)) for raw in overrides]
     used_targets: set[str] = set()
 
@@ -538,7 +543,7 @@ def run(recipe_path: str | Path, overrides: list[str] = (), dry_run: bool = Fals
     from .stages.common import use_cpu
 
     state = PartialState(cpu=use_cpu())
-    if state.num_processes != int(os.environ.get("WORLD_SIZE", "1")):  # a launcher that sets no WORLD_SIZE (mpirun)
+    if state.num_processes != launched_processes():  # a launcher that sets no WORLD_SIZE (mpirun)
         nodes = plan(recipe_path, overrides, num_processes=state.num_processes, runs_dir=runs_dir)
     for node in nodes:  # checkpoints given as paths are checked before any stage trains
         check_local_inputs(node.recipe.stage, {r: p for r, p in node.inputs().items() if r not in node.refs})

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -246,16 +245,16 @@ def _read_json(path: Path) -> dict:
 
 
 def run_sweep(path: str | Path, overrides: list[str] = (), dry_run: bool = False, jobs: int | None = None) -> Sweep:
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    sweep = plan_sweep(path, overrides, num_processes=launched)  # a mistake in a recipe is refused before accelerate starts
+    from .pipeline import check_outputs, complete_interrupted_swap, is_current, launched_processes, run_node
+
+    sweep = plan_sweep(path, overrides, num_processes=launched_processes())  # a recipe's mistake: refused before accelerate starts
     from accelerate import PartialState
 
     from .models import check_local_inputs
-    from .pipeline import check_outputs, complete_interrupted_swap, is_current, run_node
     from .stages.common import use_cpu
 
     state = PartialState(cpu=use_cpu())
-    if state.num_processes != launched:  # a launcher that sets no WORLD_SIZE (mpirun)
+    if state.num_processes != launched_processes():  # a launcher that sets no WORLD_SIZE (mpirun)
         sweep = plan_sweep(path, overrides, num_processes=state.num_processes)
     say = print if state.is_main_process else (lambda *a, **k: None)
     jobs = sweep.recipe.jobs if jobs is None else jobs
