@@ -25,6 +25,7 @@ from .config import DEMO_PROMPTS, DataOptions, GenerationOptions, ModelOptions, 
 from .data import check_rows, load_rows, text_problem
 from .demo import world
 from .generation import Samples, checkpoint_overrides, decoding, sample, token_logprobs
+from .templates import render_exchange, render_prompt
 
 
 @dataclass
@@ -38,17 +39,6 @@ class Generation:
 def _batches(items: list, size: int):
     for start in range(0, len(items), size):
         yield items[start : start + size]
-
-
-def render_prompt(tok, prompt: str) -> str:
-    return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-
-
-def render_exchange(tok, prompt: str, response: str, finished: bool = True) -> str:
-    """Prompt and reply in `tok`'s chat template. An unfinished reply (cut off at the length limit)
-    is left open: nothing the template closes a turn with (EOS, end-of-turn) follows it."""
-    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-    return tok.apply_chat_template(messages, tokenize=False, continue_final_message=not finished)
 
 
 def generate(

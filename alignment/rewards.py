@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 from . import losses
-from .compare import render_exchange
+from .templates import render_exchange
 from .config import RecipeError
 from .demo import world
 from .generation import position_ids

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from alignment import compare
+from alignment import compare, templates
 from alignment import models as model_layer
 from alignment.demo import world
 from alignment.pipeline import run
@@ -50,7 +50,7 @@ def per_prompt_loop(model, tok, prompts: list[str]) -> int:
     tokens = 0
     with torch.no_grad():
         for prompt in prompts:
-            enc = tok(compare.render_prompt(tok, prompt), return_tensors="pt", add_special_tokens=False)
+            enc = tok(templates.render_prompt(tok, prompt), return_tensors="pt", add_special_tokens=False)
             out = model.generate(**enc, max_new_tokens=MAX_NEW_TOKENS, do_sample=True, temperature=1.0, top_k=0,
                                  pad_token_id=tok.pad_token_id, eos_token_id=stops)
             tokens += out.shape[1] - enc["input_ids"].shape[1]

@@ -195,7 +195,7 @@ def trl_worker(work: Path, iterations: int, s: dict, out: Path) -> dict:
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from alignment.compare import render_prompt
+    from alignment.templates import render_prompt
     from alignment.rewards import gold as our_gold
 
     tok = AutoTokenizer.from_pretrained(str(policy_dir(work, s)))

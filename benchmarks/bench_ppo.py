@@ -83,7 +83,7 @@ def build_models(work: Path) -> None:
     """The demo init checkpoint as policy; a one-label classifier on it as reward model."""
     import torch
 
-    from alignment.compare import render_prompt
+    from alignment.templates import render_prompt
     from alignment.demo import world
     from alignment.models import load_classifier, load_tokenizer
     from alignment.pipeline import run

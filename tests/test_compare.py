@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-from alignment import compare
+from alignment import compare, templates
 from alignment.compare import Generation
 from alignment.demo import world
 from alignment.stages.init import train_tokenizer
@@ -67,7 +67,7 @@ PROMPTS = world.eval_prompts(6, seed=0)
 
 
 def token_length(tok, prompt):
-    return len(tok(compare.render_prompt(tok, prompt), add_special_tokens=False)["input_ids"])
+    return len(tok(templates.render_prompt(tok, prompt), add_special_tokens=False)["input_ids"])
 
 
 # ---------------------------------------------------------------- generate
@@ -234,9 +234,9 @@ def test_a_reply_cut_off_at_the_length_limit_is_scored_open(tok, reward_model):
     """The reward model sees an unfinished reply without the template's end of turn (as the RL
     stages score it): a reward model that learnt "finished replies are better" is not fooled."""
     cut, done = Generation(PROMPTS[0], "Sure! cat dog", False, 6), Generation(PROMPTS[0], "Sure! cat dog", True, 7)
-    assert compare.render_exchange(tok, cut.prompt, cut.text, False) != compare.render_exchange(tok, done.prompt, done.text)
+    assert templates.render_exchange(tok, cut.prompt, cut.text, False) != templates.render_exchange(tok, done.prompt, done.text)
     scores = compare.reward_scores(reward_model, tok, [cut, done])
-    open_text = compare.render_exchange(tok, cut.prompt, cut.text, finished=False)
+    open_text = templates.render_exchange(tok, cut.prompt, cut.text, finished=False)
     enc = tok([open_text], return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
         by_hand = reward_model(**enc).logits[0, 0].item()

@@ -22,7 +22,7 @@ def test_a_prompt_asked_for_several_replies_runs_once_and_samples_as_alone(tiny_
     """sample(): rows with the same prompt share its keys and values (each prompt but its last token
     runs once; generate starts from that cache): the same replies as without sharing, same seed."""
     from alignment import generation
-    from alignment.compare import render_prompt
+    from alignment.templates import render_prompt
     from alignment.models import load_causal_lm, load_tokenizer
 
     tok = load_tokenizer(str(tiny_base))

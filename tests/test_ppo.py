@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from alignment import losses
-from alignment.compare import render_exchange
+from alignment.templates import render_exchange
 from alignment.config import RecipeError, load_recipe
 from alignment.models import load_classifier, load_tokenizer, save_model
 from alignment.pipeline import run

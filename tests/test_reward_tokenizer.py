@@ -9,7 +9,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
-from alignment.compare import render_exchange, render_prompt
+from alignment.templates import render_exchange, render_prompt
 from alignment.models import DEFAULT_CHAT_TEMPLATE, load_classifier, load_tokenizer, same_tokenizer
 from alignment.stages import ppo
 

@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from .. import losses
-from ..compare import render_prompt
+from ..templates import render_prompt
 from ..config import RecipeError, RLRecipe
 from ..data import Rows, check_rows, load_rows
 from ..demo import world
