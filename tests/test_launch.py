@@ -86,19 +86,17 @@ def test_a_mistake_in_a_recipe_is_refused_before_torch_is_imported(tmp_path):
 
 
 def test_bad_recipe_under_accelerate_launch(tmp_path):
-    """What the README says a user sees: our one line, then accelerate's own wrapper reporting
-    the exit status (it does that for every failed script unless given -q); the exit status
-    is non-zero and nothing is written."""
+    """What a user sees when a recipe is refused under `accelerate launch`: our one line (whatever
+    accelerate prints around it; its wording changes between releases and is not ours to pin), a
+    non-zero exit status, and nothing written."""
     shutil.copytree(RECIPES, tmp_path / "recipes")
     bad = tmp_path / "recipes" / "sft.yaml"
     bad.write_text(bad.read_text().replace("max_steps:", "max_stepz:"))
     done = launch(["accelerate", "launch", "--num_processes", "1", "recipes/sft.yaml"], tmp_path)
-    lines = done.stderr.strip().splitlines()
     line_no = next(n for n, text in enumerate(bad.read_text().splitlines(), 1) if "max_stepz:" in text)
-    [at] = [i for i, line in enumerate(lines) if line.startswith(f"error: {bad}:{line_no}: ")]
-    assert lines[at].endswith("training.max_stepz: unknown key (did you mean 'max_steps'?)")
-    assert lines[at + 1] == "Traceback (most recent call last):"  # accelerate's, not ours
-    assert done.returncode == 1 and "returned non-zero exit status 2" in lines[-1], done.stderr
+    ours = f"error: {bad}:{line_no}: training.max_stepz: unknown key (did you mean 'max_steps'?)"
+    assert ours in done.stderr.splitlines(), done.stderr  # our line, whole, on a line of its own
+    assert done.returncode != 0
     assert not (tmp_path / "runs").exists()
 
 
