@@ -116,3 +116,20 @@ def tensorboard_scalars(directory: Path) -> dict[str, list[float]]:
         for tag in accumulator.Tags()["scalars"]:
             found.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
     return {tag: [v for _, v in sorted(points)] for tag, points in found.items()}
+
+
+@pytest.fixture(scope="session")
+def zoo_checkpoint(tmp_path_factory):
+    """`zoo_checkpoint(family) -> Path`: the model-family zoo's tiny checkpoint of `family` (tests/zoo.py),
+    built on first use and shared by the whole session."""
+    from . import zoo
+
+    root = tmp_path_factory.mktemp("zoo")
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = zoo.build(family, root / family)
+        return built[family]
+
+    return get
