@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from .paths import user_path
 
-STAGES = ("init", "pretrain", "sft", "reward", "ppo", "grpo", "rloo", "dpo", "prep", "compare")
+STAGES = ("init", "pretrain", "sft", "reward", "ppo", "grpo", "rloo", "dpo", "kto", "prep", "compare")
 
 
 class RecipeError(Exception):
@@ -507,9 +507,66 @@ class DPORecipe(BaseRecipe):
         return self
 
 
+class FeedbackDataOptions(PreferenceDataOptions):
+    """Data of the kto stage: unpaired feedback rows (prompt / completion / label), or pairs, each of which
+    becomes one desirable and one undesirable row."""
+
+    completion_field: str = Field("completion", description="Column holding the assistant reply that was judged (kto).")
+    label_field: str = Field(
+        "label",
+        description="Column holding the judgement (kto): true/false, 1/0, or a word (up/down, thumbs_up/thumbs_down, "
+        "accept/reject, good/bad, desirable/undesirable). Ratings: turn them into labels with `python -m data_prep "
+        "binary --threshold` or a `prep` stage (prep.kind: binary).",
+    )
+
+
+class KTOOptions(Section):
+    """Kahneman-Tversky optimisation on unpaired desirable/undesirable replies (TRL's KTOTrainer; names as TRL's)."""
+
+    loss_type: Literal["kto", "apo_zero_unpaired"] = Field(
+        "kto",
+        description="'kto': the KTO loss (Ethayarajh et al. 2024), with the batch's KL estimate as reference point; "
+        "'apo_zero_unpaired': the unpaired APO-zero loss (no KL term).",
+    )
+    beta: float = Field(0.1, gt=0.0, description="Strength of the implicit KL leash to the reference.")
+    desirable_weight: float = Field(
+        1.0,
+        gt=0.0,
+        description="Weight of the desirable rows' losses. The KTO paper recommends desirable_weight * n_desirable / "
+        "(undesirable_weight * n_undesirable) in [1, 4/3]; the stage says so, with the numbers, when it is not.",
+    )
+    undesirable_weight: float = Field(1.0, gt=0.0, description="Weight of the undesirable rows' losses.")
+    reference: Literal["copy", "precompute"] = Field(
+        "copy",
+        description="'copy': a frozen reference model runs beside the policy; 'precompute': reference log-probs are "
+        "computed once before training. With LoRA (and ref_model the starting model) the reference is the policy "
+        "with its adapters disabled.",
+    )
+    precompute_batch_size: int | None = Field(
+        None, gt=0, description="Batch size of the reference pass of 'precompute'. Null: the training batch size."
+    )
+
+
+class KTORecipe(BaseRecipe):
+    UNREAD = (*_unread_fields("prompt_field", "chosen_field", "rejected_field"), "data.margin_field")
+    stage: Literal["kto"]
+    ref_model: ModelRef | None = Field(
+        None, description="Reference policy: a local path, a hub id or {from: recipe.yaml}. Null: the starting model."
+    )
+    data: FeedbackDataOptions = Field(default_factory=FeedbackDataOptions)
+    kto: KTOOptions = Field(default_factory=KTOOptions)
+
+    @model_validator(mode="after")
+    def _kl_needs_a_batch(self):
+        if self.kto.loss_type == "kto" and self.training.per_device_train_batch_size < 2:
+            raise ValueError("training.per_device_train_batch_size: the kto loss estimates its KL reference point from "
+                             "the other rows of a batch; set it to 2 or more")
+        return self
+
+
 # --------------------------------------------------------------------------- prep (data_prep)
 
-SHAPES = ("explicit", "implicit", "rated", "scored", "ranked", "sft", "text")
+SHAPES = ("explicit", "implicit", "rated", "scored", "ranked", "binary", "sft", "text")
 
 
 class PrepColumns(Section):
@@ -527,6 +584,11 @@ class PrepColumns(Section):
     score_a: str = Field("score_a", description="Scored: score of the first response (e.g. upvotes).")
     score_b: str = Field("score_b", description="Scored: score of the second response.")
     ranked: str = Field("ranked", description="Ranked: list of responses, best first.")
+    completion: str = Field("completion", description="Binary: the judged reply.")
+    label: str = Field(
+        "label", description="Binary: the judgement (true/false, 1/0, up/down, accept/reject, ...), or a rating "
+        "compared with `threshold`."
+    )
     messages: str = Field("messages", description="SFT: chat messages (or a Human/Assistant transcript).")
     text: str = Field("text", description="Raw text (pretrain).")
     id: str = Field("id", description="Row id kept in the output when present (else a content hash).")
@@ -541,7 +603,7 @@ class PrepSource(Section):
         description="'demo' (the demo world's pairs, conversations or text), a .jsonl/.jsonl.gz/.json/.csv/.parquet "
         "file, a save_to_disk directory, or a hub dataset id ('id' or 'id:config')."
     )
-    shape: Literal["auto", "explicit", "implicit", "rated", "scored", "ranked", "sft", "text"] = Field(
+    shape: Literal["auto", "explicit", "implicit", "rated", "scored", "ranked", "binary", "sft", "text"] = Field(
         "auto", description="Row shape; 'auto' detects it from the columns and is an error when several match."
     )
     name: str | None = Field(None, description="Label written in the `source` column. Null: the file name.")
@@ -559,8 +621,11 @@ class PrepSource(Section):
 class PrepOptions(Section):
     """What `python -m data_prep` and the `prep` stage do (the command-line flags have the same names)."""
 
-    kind: Literal["pairs", "sft", "text"] = Field(
-        "pairs", description="'pairs': preference pairs (reward, dpo); 'sft': conversations; 'text': raw text (pretrain)."
+    kind: Literal["pairs", "binary", "sft", "text"] = Field(
+        "pairs",
+        description="'pairs': preference pairs (reward, dpo); 'binary': unpaired prompt/completion/label rows (kto), "
+        "from feedback rows, rated lists (by `threshold`) or pairs (each one desirable + one undesirable row); "
+        "'sft': conversations; 'text': raw text (pretrain).",
     )
     sources: list[PrepSource] = Field(
         default_factory=lambda: [PrepSource(path="demo")], min_length=1, description="Inputs, mixed in this order."
@@ -597,6 +662,11 @@ class PrepOptions(Section):
     )
     ranked_pairs: Literal["best-worst", "adjacent", "all"] = Field(
         "best-worst", description="Ranked lists: one pair (best vs worst), each neighbour pair, or every ordered pair."
+    )
+    threshold: float | None = Field(
+        None,
+        description="Binary: a numeric label (a rating) or a rated completion is desirable when it is at least this. "
+        "Null: labels must be true/false, 1/0 or words (up/down, accept/reject, ...).",
     )
     strict: bool = Field(False, description="Any dropped row is an error naming its file and line.")
     seed: int = Field(0, description="Seed of the random rejected choice, of the weighted sampling and of demo sources.")
@@ -1030,6 +1100,7 @@ RECIPE_CLASSES: dict[str, type[BaseRecipe]] = {
     "sft": SFTRecipe,
     "reward": RewardRecipe,
     "dpo": DPORecipe,
+    "kto": KTORecipe,
     "ppo": PPORecipe,
     "grpo": GRPORecipe,
     "rloo": RLOORecipe,
@@ -1151,6 +1222,11 @@ def _describe(err: dict, cls: type[BaseModel]) -> tuple[tuple, str]:
 def parse_override(text: str) -> tuple[str | None, list[str], Any]:
     """Parse '[RECIPE:]dotted.key=value' into (recipe stem or None, key path, YAML value)."""
     target, sep, rest = text.partition(":") if ":" in text.split("=", 1)[0] else (None, "", text)
+    if target is not None and not target.strip():
+        raise RecipeError(
+            f"override {text!r}: no recipe name before ':'; write NAME:dotted.key=value (a recipe of this run, "
+            "e.g. sft:training.max_steps=2), *:dotted.key=value for every recipe, or dotted.key=value for the top one"
+        )
     key, eq, raw = rest.partition("=")
     path = key.strip().split(".")
     if not eq or not key.strip() or any(not p or not p.replace("_", "").isalnum() for p in path):

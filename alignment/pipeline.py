@@ -259,7 +259,9 @@ def plan(recipe_path: str | Path, overrides: list[str] = (), num_processes: int 
     unknown = {t for _, t, _, _ in parsed if t not in (None, "*")} - used_targets
     if unknown:
         names = ", ".join(n.name for n in order)
-        raise RecipeError(f"override for recipe '{sorted(unknown)[0]}': no such recipe in this run ({names})")
+        target = sorted(unknown)[0]
+        typed = next(raw for raw, t, _, _ in parsed if t == target)
+        raise RecipeError(f"override {typed!r}: no recipe '{target}' in this run ({names})")
 
     # Every recipe is valid: now what needs torch (the device) and the inputs' files, parents first.
     from .stages import common

@@ -101,8 +101,16 @@ def test_override_prefix_targets_a_recipe_in_the_chain(tmp_path):
     assert (base.name, sft.name) == ("base", "top")
     assert base.recipe.init.hidden_size == 64 and base.recipe.seed == 7 and base.recipe.training.max_steps == -1
     assert sft.recipe.seed == 7 and sft.recipe.training.max_steps == 3
-    with pytest.raises(RecipeError, match="no such recipe in this run"):
+    with pytest.raises(RecipeError, match=r"override 'basse:seed=1': no recipe 'basse' in this run \(base, top\)"):
         plan(top, ["basse:seed=1"])
+
+
+def test_an_override_with_an_empty_recipe_name_quotes_what_was_typed(tmp_path):
+    top = write(tmp_path, "stage: sft\n", "top.yaml")
+    with pytest.raises(RecipeError) as caught:
+        plan(top, [":training.max_steps=2"])
+    message = str(caught.value)
+    assert message.startswith("override ':training.max_steps=2': no recipe name before ':'") and "\n" not in message
 
 
 def test_reference_to_missing_recipe_and_cycles(tmp_path):
