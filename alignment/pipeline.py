@@ -103,6 +103,10 @@ def _resolve_ref(ref: str, from_recipe: Path) -> Path:
     raise RecipeError(f"{from_recipe}: from: {ref!r}: no such recipe (looked beside the recipe and in the working directory)")
 
 
+# The prep kinds (prep.kind) each stage reads when its data.source is {from: a prep recipe}.
+PREP_KINDS = {"pretrain": ("text",), "sft": ("sft",), "reward": ("pairs",), "dpo": ("pairs",), "kto": ("binary", "pairs")}
+
+
 # A directory's files up to this size are hashed by their bytes (configs, tokenizers, small
 # weights and data files); larger ones by name, size and modification time, read without
 # opening them (a multi-gigabyte weight shard would cost seconds per run).
@@ -251,6 +255,12 @@ def plan(recipe_path: str | Path, overrides: list[str] = (), num_processes: int 
             ref = node.refs["data"]
             raise RecipeError(f"{path}: data.source: from: {ref.path.name} is a '{ref.recipe.stage}' recipe; "
                               "data.source takes the output of a 'prep' recipe (or a data file)")
+        if "data" in node.refs and recipe.stage in PREP_KINDS:
+            ref, kinds = node.refs["data"], PREP_KINDS[recipe.stage]
+            if ref.recipe.prep.kind not in kinds:  # refused here, before the prep stage is built
+                raise RecipeError(f"{path}: data.source: from: {ref.path.name} makes '{ref.recipe.prep.kind}' rows "
+                                  f"(its prep.kind); a {recipe.stage} recipe reads {' or '.join(repr(k) for k in kinds)} "
+                                  f"rows: set prep.kind: {kinds[0]} in {ref.path.name}, or use another prep recipe")
         by_path[key] = node
         order.append(node)
         return node
@@ -537,6 +547,20 @@ def run_node(node: Node, state: PartialState) -> dict:
     return summary
 
 
+def check_precision(nodes: list[Node], on_cpu: bool, say=print) -> None:
+    """fp16 on a CPU, before any stage trains: accelerate skips fp16 autocast on a CPU (there is
+    no loss scaler there) and trains in full precision without a word. A recipe that asks for it
+    is refused; the launcher's `--mixed_precision fp16` is said once."""
+    if not on_cpu:
+        return
+    for node in nodes:
+        if node.recipe.training.mixed_precision == "fp16":
+            raise RecipeError(f"{node.path}: training.mixed_precision: fp16 needs a GPU (on a CPU accelerate trains in full "
+                              "precision instead); use 'bf16' (autocast on the CPU), 'no' or 'auto'")
+    if os.environ.get("ACCELERATE_MIXED_PRECISION") == "fp16":
+        say("note: `--mixed_precision fp16` is not applied on a CPU: accelerate trains in full precision (bf16 is)")
+
+
 def run(recipe_path: str | Path, overrides: list[str] = (), dry_run: bool = False, runs_dir: str | Path = "runs") -> list[Node]:
     nodes = plan(recipe_path, overrides, runs_dir=runs_dir)  # a mistake in a recipe is refused before accelerate starts
     from accelerate import PartialState
@@ -550,6 +574,7 @@ def run(recipe_path: str | Path, overrides: list[str] = (), dry_run: bool = Fals
     for node in nodes:  # checkpoints given as paths are checked before any stage trains
         check_local_inputs(node.recipe.stage, {r: p for r, p in node.inputs().items() if r not in node.refs})
     say = print if state.is_main_process else (lambda *a, **k: None)
+    check_precision(nodes, use_cpu(), say)
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and use_cpu():
         say("note: accelerate applies FSDP on GPUs only; on this CPU machine the processes train as plain data parallel (DDP over gloo)")
     check_outputs(nodes, [n for n in nodes if not is_current(n)], probe=not dry_run)

@@ -202,10 +202,20 @@ def resolve_models(options: ReportOptions, nodes: list) -> tuple[dict[str, str],
         elif Path(target).is_dir():
             check_model_kind(target, "causal-lm", key=f"report.models.{label}")
             models[label] = target
+        elif _is_path(target):  # a directory given that is not there: never left out silently
+            what = "a file, not a model directory" if Path(target).exists() else "no such directory"
+            raise RecipeError(f"report.models.{label}: '{target}': {what} (give a model directory, or the name of a "
+                              f"recipe in this run: {', '.join(by_name)})")
         else:
             names = ", ".join(by_name)
             notes.append(f"report: '{label}' left out: '{target}' is neither a recipe in this run ({names}) nor a model directory")
     return models, notes
+
+
+def _is_path(target: str) -> bool:
+    """Whether a `report.models` entry is written as a path (a separator, or ., .., ~ or / in
+    front) rather than as a recipe name."""
+    return "/" in target or os.sep in target or target.startswith((".", "~"))
 
 
 def report_baseline(options: ReportOptions, models: dict[str, str]) -> str:

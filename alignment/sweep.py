@@ -245,7 +245,7 @@ def _read_json(path: Path) -> dict:
 
 
 def run_sweep(path: str | Path, overrides: list[str] = (), dry_run: bool = False, jobs: int | None = None) -> Sweep:
-    from .pipeline import check_outputs, complete_interrupted_swap, is_current, launched_processes, run_node
+    from .pipeline import check_outputs, check_precision, complete_interrupted_swap, is_current, launched_processes, run_node
 
     sweep = plan_sweep(path, overrides, num_processes=launched_processes())  # a recipe's mistake: refused before accelerate starts
     from accelerate import PartialState
@@ -263,6 +263,7 @@ def run_sweep(path: str | Path, overrides: list[str] = (), dry_run: bool = False
                           "multi-process launch (its processes share each point)")
     for node in sweep.nodes:
         check_local_inputs(node.recipe.stage, {r: p for r, p in node.inputs().items() if r not in node.refs})
+    check_precision(sweep.nodes, use_cpu(), say)
     _check_sweep_dir(sweep)
     to_run = needed(sweep, is_current)
     check_outputs(sweep.nodes, to_run, probe=not dry_run)

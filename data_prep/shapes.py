@@ -64,13 +64,16 @@ def _needs(shape: str, c: PrepColumns) -> tuple[tuple[str, ...], tuple[str, ...]
 
 
 def detect_shape(columns, c: PrepColumns, allowed: tuple[str, ...], where: str) -> str:
-    """The one shape in `allowed` whose columns the rows have; a DataError listing matches otherwise."""
+    """The one shape in `allowed` whose columns the rows have; a DataError listing matches otherwise.
+
+    Rows that carry every column of two shapes (explicit pairs plus a rated list) are ambiguous
+    even where one shape's rule would exclude the other: the columns one reading leaves unread
+    are data too, so the user states the shape. A shape whose columns are all among another
+    matching shape's (implicit's chosen/rejected inside explicit's) is not a second reading."""
     columns = set(columns)
-    matches = []
-    for shape in allowed:
-        needs, excludes = _needs(shape, c)
-        if all(n in columns for n in needs) and not any(x in columns for x in excludes):
-            matches.append(shape)
+    full = [s for s in allowed if all(n in columns for n in _needs(s, c)[0])]
+    full = [s for s in full if not any(set(_needs(s, c)[0]) < set(_needs(t, c)[0]) for t in full)]
+    matches = full if len(full) > 1 else [s for s in full if not any(x in columns for x in _needs(s, c)[1])]
     if len(matches) == 1:
         return matches[0]
     have = ", ".join(sorted(map(str, columns))) or "none"

@@ -188,6 +188,25 @@ def test_data_from_a_recipe_that_is_not_prep_is_refused_before_it_is_built(fails
     fails_cleanly([str(in_tmp / "r.yaml")], "data.source: from: sft.yaml is a 'sft' recipe", "output of a 'prep' recipe")
 
 
+def test_data_from_a_prep_recipe_of_another_kind_is_refused_before_it_is_built(fails_cleanly, in_tmp):
+    (in_tmp / "p.yaml").write_text("stage: prep\nprep: {kind: sft}\n")
+    (in_tmp / "r.yaml").write_text(f"stage: dpo\nmodel: {{from: {RECIPES / 'sft.yaml'}}}\ndata:\n  source: {{from: p.yaml}}\n")
+    fails_cleanly([str(in_tmp / "r.yaml")], "r.yaml: data.source: from: p.yaml makes 'sft' rows (its prep.kind)",
+                  "a dpo recipe reads 'pairs' rows")
+
+
+def test_a_report_model_directory_that_does_not_exist_is_refused_before_training(fails_cleanly, tiny_base, in_tmp):
+    missing = in_tmp / "nonexistent" / "model"
+    fails_cleanly([*SFT, f"model={tiny_base}", f"report.models={{x: {missing}, y: sft}}"],
+                  f"report.models.x: '{missing}': no such directory")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="fp16 is refused on a CPU only")
+def test_fp16_on_a_cpu_is_refused_before_training(fails_cleanly, tiny_base):
+    fails_cleanly([*SFT, f"model={tiny_base}", "training.mixed_precision=fp16"],
+                  "sft.yaml: training.mixed_precision: fp16 needs a GPU")
+
+
 @pytest.mark.parametrize("override, expected", [
     ("training.learning_rate=.inf", "training.learning_rate: expected a finite number, got inf"),
     ("training.max_grad_norm=.nan", "training.max_grad_norm: expected a finite number, got nan"),

@@ -223,6 +223,19 @@ def test_shape_detection_names_the_matches(tmp_path, capsys):
     assert code == 2 and "match several shapes: explicit, ranked; state the shape (--shape)" in err
     code, _, _ = run_cli(["pairs", both, "--shape", "ranked", "--out", tmp_path / "o"], capsys)
     assert code == 0
+    # explicit pairs plus a rated list: rated's rule excludes rows with `chosen`, which used to
+    # make explicit win without a word while the ratings went unread
+    rated = write_jsonl(tmp_path / "rated.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b",
+                                                    "completions": ["a", "b"], "ratings": [5, 1]}])
+    code, _, err = run_cli(["pairs", rated, "--out", tmp_path / "o3"], capsys)
+    assert code == 2 and "match several shapes: explicit, rated; state the shape (--shape)" in err
+    assert not (tmp_path / "o3").exists()
+    code, _, _ = run_cli(["pairs", rated, "--shape", "rated", "--out", tmp_path / "o3"], capsys)
+    assert code == 0 and summary(tmp_path / "o3")["kept"] == 1
+    # implicit's columns inside explicit's are one reading, not two
+    implicit = write_jsonl(tmp_path / "explicit.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
+    code, _, _ = run_cli(["pairs", implicit, "--out", tmp_path / "o4"], capsys)
+    assert code == 0
     none = write_jsonl(tmp_path / "none.jsonl", [{"question": "p", "answer": "a"}])
     code, _, err = run_cli(["pairs", none, "--out", tmp_path / "o2"], capsys)
     assert code == 2 and "no row shape matches the columns (answer, question); expected explicit: prompt, chosen, rejected" in err
