@@ -52,7 +52,7 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="alignment",
-        description="Alignment pipeline toolkit: YAML recipes for pretraining, SFT, reward modelling, PPO/GRPO/RLOO and DPO.",
+        description="Alignment pipeline toolkit: YAML recipes for pretraining, SFT, reward modelling, PPO/GRPO/RLOO, DPO and KTO.",
         epilog="examples:\n  accelerate launch recipes/dpo.yaml      # the main job, on the demo world\n"
         "  alignment run recipes/sft.yaml training.max_steps=50\n"
         "  alignment sweep recipes/frontier.yaml   # every method at several strengths: the reward-KL frontier\n"

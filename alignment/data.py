@@ -143,6 +143,37 @@ def preference_rows(found: Rows, options: DataOptions, margin_field: str | None 
     return out
 
 
+def unpaired_rows(found: Rows, options) -> Rows:
+    """Parse unpaired feedback rows (kto) with data_prep's parser: `prompt` / `completion` / `label` rows
+    (label true/false, 1/0 or a word such as up/down or accept/reject), or preference pairs (explicit or
+    implicit), each of which becomes one desirable and one undesirable row. Each result is a canonical
+    binary row, or the reason the row cannot be one, for `check_rows`."""
+    from data_prep.prepare import row_problem
+    from data_prep.shapes import detect_shape, make_parser
+
+    from .config import PrepColumns, PrepOptions
+
+    columns = PrepColumns(prompt=options.prompt_field, chosen=options.chosen_field, rejected=options.rejected_field,
+                          completion=options.completion_field, label=options.label_field)
+    keys = set().union(*(r.keys() for r in found.rows[:100] if isinstance(r, dict)))
+    where = found.origins[0].rsplit(":", 1)[0] if found.origins else str(options.source)
+    shape = detect_shape(keys, columns, ("binary", "explicit", "implicit"), f"data.source {where}")
+    parse = make_parser(shape, columns, PrepOptions(kind="binary"))
+    out = Rows([], [], Counter(found.dropped))
+    for row, origin in zip(found.rows, found.origins):
+        made = row if isinstance(row, Bad) or not isinstance(row, dict) else parse(row)
+        if not isinstance(made, list):
+            out.rows.append(made)
+            out.origins.append(origin)
+            continue
+        problems = [row_problem(item) for item in made]
+        problem = next((p for p in problems if p), None)
+        for item in ([problem] if problem else made):  # a pair with one bad side is dropped whole
+            out.rows.append(item)
+            out.origins.append(origin)
+    return out
+
+
 def _margin_problem(margin, name: str) -> str | None:
     if margin is None:
         return f"missing '{name}' (other rows have one)"

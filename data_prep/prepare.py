@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from alignment.config import PrepColumns, PrepOptions, PrepSource
 
 from .read import Bad, DataError, read_source
-from .shapes import KIND_SHAPES, check_columns, detect_shape, make_parser
+from .shapes import KIND_SHAPES, check_columns, detect_shape, extra_reason, make_parser
 
 try:  # orjson serialises about 5x faster; the standard library is the fallback
     from orjson import dumps as _dumps
@@ -108,6 +108,8 @@ def unit_hash(key: str, salt: int | str = 0) -> float:
 
 def exact_key(row: dict) -> bytes:
     """The row's content (not its id or scores) as bytes: equal bytes, exact duplicates."""
+    if "completion" in row:
+        return _dumps((row["prompt"], row["completion"], row["label"]))
     if "prompt" in row:
         return _dumps((row["prompt"], row["chosen"], row["rejected"]))
     return _dumps(row["messages"] if "messages" in row else row["text"])
@@ -117,7 +119,10 @@ _BETWEEN = [{"role": "\x03", "content": ""}]  # between chosen and rejected in n
 
 
 def normalised_key(row: dict, prompt: str) -> str:
-    """`prompt` (its prompt_key) plus the rest of the row, normalised."""
+    """`prompt` (its prompt_key) plus the rest of the row, normalised (a binary row's label included:
+    the same reply judged both ways is two rows)."""
+    if "completion" in row:
+        return prompt + " \x02 " + messages_key(row["completion"]) + (" \x04 up" if row["label"] else " \x04 down")
     if "prompt" in row:
         return prompt + " \x02 " + messages_key(row["chosen"] + _BETWEEN + row["rejected"])
     return messages_key(row["messages"]) if "messages" in row else prompt
@@ -125,7 +130,14 @@ def normalised_key(row: dict, prompt: str) -> str:
 
 def row_problem(row: dict, max_turns: int | None = None) -> str | None:
     """Empty text, chosen identical to rejected, too many turns: the checks every canonical row gets."""
-    if "prompt" in row:
+    if "completion" in row:
+        for m in row["prompt"]:
+            if m["role"] != "system" and not m["content"].strip():
+                return "empty 'prompt'"
+        if not row["completion"][-1]["content"].strip():
+            return "empty 'completion'"
+        turns = row["prompt"]
+    elif "prompt" in row:
         for m in row["prompt"]:
             if m["role"] != "system" and not m["content"].strip():
                 return "empty 'prompt'"
@@ -210,6 +222,7 @@ def source_rows(source: PrepSource, kind: str, seed: int, world_name: str = "def
     n, w = source.num_examples or DEMO_ROWS, world.preset(world_name)
     made = {
         "pairs": lambda: w.preference_pairs(n, seed),
+        "binary": lambda: w.preference_pairs(n, seed),  # each pair: one desirable and one undesirable row
         "sft": lambda: w.sft_conversations(n, seed),
         "text": lambda: [{"text": t} for t in w.pretrain_corpus(n, seed)],
     }[kind]()
@@ -302,7 +315,7 @@ def _prepare(o: PrepOptions, tokenizer, progress: bool, given: dict | None, num_
         with _normaliser(procs, chunk_rows, shape, source.columns, name, o) as normalise:
             results = normalise(chain(head, rows))
             with tqdm(results, desc=f"read {name}", unit=" rows", disable=not progress, mininterval=0.5) as bar:
-                _keep_or_drop(run, name, bar, seen_exact, seen_norm)
+                _keep_or_drop(run, name, bar, seen_exact, seen_norm, extra_reason(shape, o.kind))
 
     if o.max_prompt_tokens or o.max_length:
         _token_limits(run, tokenizer)
@@ -415,8 +428,10 @@ def _worker_pool(num_proc: int, work_args: tuple):
     return multiprocessing.get_context("fork" if fork else None).Pool(num_proc, _start_worker, work_args)
 
 
-def _keep_or_drop(run: _Run, name: str, results, seen_exact: dict, seen_norm: dict) -> None:
-    """Count one source's rows, deduplicate, and keep the rest in `run`, in input order."""
+def _keep_or_drop(run: _Run, name: str, results, seen_exact: dict, seen_norm: dict,
+                  extra: str = "more pairs from one ranked list") -> None:
+    """Count one source's rows, deduplicate, and keep the rest in `run`, in input order; rows made
+    beyond one per input row are counted as `extra`."""
     dedup = run.o.dedup
     tally = run.tallies[name]
     for origin, result in results:
@@ -428,7 +443,7 @@ def _keep_or_drop(run: _Run, name: str, results, seen_exact: dict, seen_norm: di
             run.drop(name, origin, result)
             continue
         if len(result) > 1:
-            tally.extra["more pairs from one ranked list"] += len(result) - 1
+            tally.extra[extra] += len(result) - 1
         for entry in result:
             if isinstance(entry, str):
                 run.drop(name, origin, entry)
@@ -455,7 +470,11 @@ def _token_limits(run: _Run, tokenizer) -> None:
     texts, spans = [], []
     for row in run.rows:
         start = len(texts)
-        if "prompt" in row:
+        if "completion" in row:
+            texts.extend(m["content"] for m in row["prompt"])
+            spans.append((start, len(texts), len(texts) + 1))
+            texts.append(row["completion"][-1]["content"])
+        elif "prompt" in row:
             texts.extend(m["content"] for m in row["prompt"])
             spans.append((start, len(texts), len(texts) + 2))
             texts += [row["chosen"][-1]["content"], row["rejected"][-1]["content"]]
@@ -513,9 +532,16 @@ def _summary(o: PrepOptions, run: _Run, names: list[str], splits: dict) -> dict:
         "dropped": dict(total.dropped.most_common()),
         "extra": dict(total.extra),
         "splits": {k: len(v) for k, v in splits.items()},
+        **({"labels": {k: label_counts(v) for k, v in splits.items()}} if o.kind == "binary" else {}),
         "sources": {name: run.tallies[name].as_dict() for name in names},
         "options": o.model_dump(mode="json"),
     }
+
+
+def label_counts(rows: list[dict]) -> dict:
+    """Desirable and undesirable binary rows (the KTO balance)."""
+    desirable = sum(bool(r["label"]) for r in rows)
+    return {"desirable": desirable, "undesirable": len(rows) - desirable}
 
 
 def summary_text(summary: dict) -> str:
@@ -524,6 +550,8 @@ def summary_text(summary: dict) -> str:
         f"rows read {summary['rows_read']}, kept {summary['kept']} "
         + "(" + ", ".join(f"{k} {v}" for k, v in summary["splits"].items()) + ")"
     ]
+    lines += [f"  labels   {split}: {c['desirable']} desirable, {c['undesirable']} undesirable"
+              for split, c in summary.get("labels", {}).items()]
     lines += [f"  dropped  {v:>7}  {k}" for k, v in summary["dropped"].items()]
     lines += [f"  extra   +{v:>7}  {k}" for k, v in summary["extra"].items()]
     if len(summary["sources"]) > 1:

@@ -22,7 +22,19 @@ Shapes (column names from `PrepColumns`):
 * scored    `prompt`, `response_a`, `response_b`, `score_a`, `score_b`: the higher-scored one wins
             when the ratio of the scores clears `min_ratio`.
 * ranked    `prompt`, `ranked` (best first): best vs worst, neighbours, or all ordered pairs.
+* binary    `prompt`, `completion`, `label`: one judged reply (kind `binary`). The label is true/false, 1/0
+            or a word (up/down, thumbs_up/thumbs_down, accept/reject, good/bad, ...), or with
+            `threshold` a rating (desirable when at least the threshold).
 * sft       `messages` (messages or a transcript);  text: `text`.
+
+Kind `binary` (unpaired rows for KTO) also takes the pair shapes: each pair becomes one desirable
+row (chosen) and one undesirable row (rejected); and `rated` lists, each completion one row
+labelled by `threshold`. Binary rows are
+
+    {"prompt": [messages...], "completion": [assistant message], "label": bool, "score": float | None,
+     "source": str, "id": str}
+
+TRL's unpaired preference format (conversational).
 
 `make_parser(shape, columns, options)` returns a function row -> list of canonical rows, or a
 string: the reason the row is dropped. Reasons are short and fixed, so they can be counted.
@@ -40,7 +52,7 @@ from alignment.config import SHAPES, PrepColumns, PrepOptions
 from .read import DataError
 
 PREFERENCE_SHAPES = ("explicit", "implicit", "rated", "scored", "ranked")
-KIND_SHAPES = {"pairs": PREFERENCE_SHAPES, "sft": ("sft",), "text": ("text",)}
+KIND_SHAPES = {"pairs": PREFERENCE_SHAPES, "binary": ("binary", *PREFERENCE_SHAPES), "sft": ("sft",), "text": ("text",)}
 ROLES = ("system", "user", "assistant")
 _ROLE = {"Human": "user", "Assistant": "assistant"}
 
@@ -58,6 +70,7 @@ def _needs(shape: str, c: PrepColumns) -> tuple[tuple[str, ...], tuple[str, ...]
         "rated": ((c.prompt, c.completions), (c.chosen,)),
         "scored": ((c.prompt, c.response_a, c.response_b, c.score_a, c.score_b), ()),
         "ranked": ((c.prompt, c.ranked), ()),
+        "binary": ((c.prompt, c.completion, c.label), (c.chosen, c.completions)),
         "sft": ((c.messages,), (c.chosen,)),
         "text": ((c.text,), (c.chosen, c.messages)),
     }[shape]
@@ -216,6 +229,7 @@ SHAPE_ROLES = {
     "rated": ("prompt", "completions", "ratings", "id"),
     "scored": ("prompt", "response_a", "response_b", "score_a", "score_b", "id"),
     "ranked": ("prompt", "ranked", "id"),
+    "binary": ("prompt", "completion", "label", "id"),
     "sft": ("messages", "id"),
     "text": ("text", "id"),
 }
@@ -237,15 +251,30 @@ def make_parser(shape: str, c: PrepColumns, o: PrepOptions) -> Callable[[dict], 
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}")
     check_columns(shape, c)
-    return {
+    if o.kind == "binary" and shape == "rated":
+        return _rated_binary(c, o)
+    parse = {
         "explicit": _explicit,
         "implicit": _implicit,
         "rated": _rated,
         "scored": _scored,
         "ranked": _ranked,
+        "binary": _binary,
         "sft": _sft,
         "text": _text,
     }[shape](c, o)
+    if o.kind == "binary" and shape in PREFERENCE_SHAPES:
+        return _unpaired(parse)
+    return parse
+
+
+def extra_reason(shape: str, kind: str) -> str:
+    """What the rows made beyond one per input row are counted as (prepare's `extra`)."""
+    if kind == "binary" and shape == "rated":
+        return "more rows from one rated list"
+    if kind == "binary" and shape in PREFERENCE_SHAPES:
+        return "pairs split into a desirable and an undesirable row"
+    return "more pairs from one ranked list"
 
 
 def _explicit(c: PrepColumns, o: PrepOptions):
@@ -411,6 +440,116 @@ def _ranked(c: PrepColumns, o: PrepOptions):
             _pair(prompt, replies[i], replies[j], row_id=None if row_id is None else f"{row_id}-{i}-{j}")
             for i, j in pairs
         ]
+
+    return parse
+
+
+# --------------------------------------------------------------------------- binary (unpaired) rows
+
+TRUE_WORDS = frozenset({"true", "yes", "1", "+1", "up", "thumbs_up", "thumbsup", "thumbs up", "accept", "accepted",
+                        "good", "desirable", "positive", "like", "liked"})
+FALSE_WORDS = frozenset({"false", "no", "0", "-1", "down", "thumbs_down", "thumbsdown", "thumbs down", "reject",
+                         "rejected", "bad", "undesirable", "negative", "dislike", "disliked"})
+
+
+def binary_label(value, threshold: float | None, name: str = "label") -> tuple[bool, float | None] | str:
+    """(desirable?, the rating if the label was one) or the reason the value is no label.
+
+    true/false and the words of TRUE_WORDS / FALSE_WORDS (any case) are judgements; a number is a
+    rating compared with `threshold` (at least it: desirable), and without a threshold only 1 and
+    0 (or -1) are judgements."""
+    if isinstance(value, bool):
+        return value, None
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in TRUE_WORDS and (threshold is None or word not in ("1", "0", "-1", "+1")):
+            return True, None
+        if word in FALSE_WORDS and (threshold is None or word not in ("1", "0", "-1", "+1")):
+            return False, None
+    number = _number(value)
+    if number is None:
+        return f"missing '{name}'" if value is None else f"'{name}' is not a judgement (true/false, up/down, accept/reject, ...)"
+    if threshold is not None:
+        return number >= threshold, number
+    if number in (0.0, 1.0, -1.0):
+        return number == 1.0, None
+    return f"'{name}' is a rating other than 1/0: set a threshold (--threshold, prep.threshold)"
+
+
+def _unpaired_row(prompt, completion, label: bool, score=None, row_id=None) -> dict:
+    return {"prompt": prompt, "completion": completion, "label": label, "score": score,
+            "id": None if row_id is None else str(row_id)}
+
+
+def _binary(c: PrepColumns, o: PrepOptions):
+    def parse(row: dict):
+        prompt = _prompt(row, c.prompt)
+        if isinstance(prompt, str):
+            return prompt
+        completion = _reply(row.get(c.completion), c.completion, prompt)
+        if isinstance(completion, str):
+            return completion
+        label = binary_label(row.get(c.label), o.threshold, c.label)
+        if isinstance(label, str):
+            return label
+        return [_unpaired_row(prompt, completion, label[0], label[1], row.get(c.id))]
+
+    return parse
+
+
+def _unpaired(parse_pairs):
+    """A pair parser made to give two unpaired rows per pair: chosen desirable, rejected undesirable."""
+
+    def parse(row: dict):
+        made = parse_pairs(row)
+        if isinstance(made, str):
+            return made
+        rows = []
+        for pair in made:
+            row_id = pair["id"]
+            rows.append(_unpaired_row(pair["prompt"], pair["chosen"], True, pair["score_chosen"],
+                                      None if row_id is None else f"{row_id}-chosen"))
+            rows.append(_unpaired_row(pair["prompt"], pair["rejected"], False, pair["score_rejected"],
+                                      None if row_id is None else f"{row_id}-rejected"))
+        return rows
+
+    return parse
+
+
+def _rated_binary(c: PrepColumns, o: PrepOptions):
+    """Rated lists to binary rows: each completion desirable when its rating is at least `threshold`."""
+    if o.threshold is None:
+        raise DataError("rated rows (completions with ratings) become binary rows by a rating threshold: "
+                        "set --threshold (prep.threshold)")
+
+    def parse(row: dict):
+        prompt = _prompt(row, c.prompt)
+        if isinstance(prompt, str):
+            return prompt
+        completions = _as_list(row.get(c.completions))
+        if not isinstance(completions, list):
+            return f"'{c.completions}' is not a list"
+        if completions and all(isinstance(x, dict) for x in completions):
+            texts = [x.get(c.response_key) for x in completions]
+            ratings = [x.get(c.rating_key) for x in completions]
+        else:
+            texts, ratings = completions, _as_list(row.get(c.ratings))
+            if not isinstance(ratings, list) or len(ratings) != len(texts):
+                return f"'{c.ratings}' is not a list as long as '{c.completions}'"
+        ratings = [_number(r) for r in ratings]
+        if any(r is None for r in ratings):
+            return "a rating is not a number"
+        if not texts:
+            return "no rated completions"
+        rows = []
+        for i, (text, rating) in enumerate(zip(texts, ratings)):
+            reply = _reply(text, c.completions, prompt)
+            if isinstance(reply, str):
+                return reply
+            row_id = row.get(c.id)
+            rows.append(_unpaired_row(prompt, reply, rating >= o.threshold, rating,
+                                      None if row_id is None else f"{row_id}-{i}"))
+        return rows
 
     return parse
 

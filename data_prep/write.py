@@ -2,7 +2,7 @@
 
 Output directory (`--out` or the prep stage's output):
 
-    train.jsonl, train.parquet     the canonical rows (see shapes.py)
+    train.jsonl, train.parquet     the canonical rows (see shapes.py): pairs, binary rows, conversations or text
     test.jsonl, test.parquet       held-out prompts (when test_fraction > 0)
     summary.json                   the accounting: rows read, kept, dropped by reason, options
 
@@ -45,6 +45,16 @@ SCHEMAS = {
             ("rejected", _MESSAGES),
             ("score_chosen", pa.float64()),
             ("score_rejected", pa.float64()),
+            ("source", pa.string()),
+            ("id", pa.string()),
+        ]
+    ),
+    "binary": pa.schema(
+        [
+            ("prompt", _MESSAGES),
+            ("completion", _MESSAGES),
+            ("label", pa.bool_()),
+            ("score", pa.float64()),
             ("source", pa.string()),
             ("id", pa.string()),
         ]

@@ -265,13 +265,32 @@ def last_logged(trainer, keys: tuple[str, ...]) -> dict:
 # --------------------------------------------------------------------------- preference data
 
 
+def split_rows(recipe, inputs: dict, demo, default_examples: int, parse):
+    """Load the recipe's rows, parse them with `parse(found) -> Rows` (data_prep's parser for the
+    stage's shape), check them, and split them: a prep stage's output (`data.source: {from: prep.yaml}`,
+    or its directory) brings its own held-out split; otherwise about `data.eval_examples` rows are held
+    out by prompt hash. Returns (train Rows, held-out Rows or None)."""
+    from data_prep.read import looks_like_path
+
+    from ..data import check_rows, hold_out, load_rows
+
+    d = recipe.data
+    source = inputs.get("data", d.source)
+    rows = check_rows(parse(load_rows(d, demo, default_examples, source=source)), lambda row: None, d.on_bad_row)
+    prep_dir = source != "demo" and looks_like_path(source) and (Path(source) / "summary.json").is_file()
+    if prep_dir and (Path(source) / "test.jsonl").is_file():
+        held = check_rows(parse(load_rows(d, demo, 0, source=source, split="test")), lambda row: None,
+                          d.on_bad_row) if (Path(source) / "test.jsonl").stat().st_size else None
+        return rows, held
+    return hold_out(rows, d.eval_examples)
+
+
 def preference_datasets(recipe, inputs: dict, demo, default_examples: int, with_margin: bool = False):
     """Load, parse, check and split the recipe's preference rows (reward and dpo stages).
 
     Rows are read by data_prep's reader and parsed by its shape parser: explicit pairs (text or
-    chat messages), implicit-prompt transcripts, or data_prep's canonical output. A prep
-    stage's output (`data.source: {from: prep.yaml}`, or its directory) brings its own held-out
-    split; otherwise about `data.eval_examples` pairs are held out by prompt hash.
+    chat messages), implicit-prompt transcripts, or data_prep's canonical output; split as
+    `split_rows` says.
 
     Returns (train, held_out or None, counts): datasets in TRL's conversational preference
     format, and the row counts (dropped rows by reason included). With `with_margin`, a margin
@@ -279,22 +298,18 @@ def preference_datasets(recipe, inputs: dict, demo, default_examples: int, with_
     """
     from datasets import Dataset
 
-    from data_prep.read import looks_like_path
-
-    from ..data import check_rows, has_column, hold_out, load_rows, preference_rows
+    from ..data import has_column, preference_rows
 
     d = recipe.data
-    source = inputs.get("data", d.source)
-    found = load_rows(d, demo, default_examples, source=source)
-    margin = d.margin_field if with_margin and has_column(found, d.margin_field) else None
-    rows = check_rows(preference_rows(found, d, margin), lambda row: None, d.on_bad_row)
-    prep_dir = source != "demo" and looks_like_path(source) and (Path(source) / "summary.json").is_file()
-    if prep_dir and (Path(source) / "test.jsonl").is_file():
-        train = rows
-        held = check_rows(preference_rows(load_rows(d, demo, 0, source=source, split="test"), d, margin),
-                          lambda row: None, d.on_bad_row) if (Path(source) / "test.jsonl").stat().st_size else None
-    else:
-        train, held = hold_out(rows, d.eval_examples)
+    margin = None
+
+    def parse(found):
+        nonlocal margin
+        if with_margin and margin is None and has_column(found, d.margin_field):
+            margin = d.margin_field
+        return preference_rows(found, d, margin)
+
+    train, held = split_rows(recipe, inputs, demo, default_examples, parse)
 
     def to_dataset(found):
         columns = {k: [r[k] for r in found.rows] for k in ("prompt", "chosen", "rejected")}
@@ -310,8 +325,62 @@ def preference_datasets(recipe, inputs: dict, demo, default_examples: int, with_
     return to_dataset(train), (to_dataset(held) if held is not None and len(held) else None), counts
 
 
-def pairs_after_filter(trainer, train, held_out, reason: str) -> dict:
-    """Pairs the trainer kept after its own length filter, train and held-out, and the drops by reason.
+def feedback_datasets(recipe, inputs: dict, demo, default_examples: int):
+    """Load, parse, check and split the recipe's unpaired feedback rows (kto stage): prompt / completion
+    / label rows, or pairs split into a desirable and an undesirable row (data.unpaired_rows), split as
+    `split_rows` says. Returns (train, held_out or None, counts), datasets in TRL's conversational
+    unpaired preference format (prompt, completion, label)."""
+    from datasets import Dataset
+
+    from ..data import unpaired_rows
+
+    train, held = split_rows(recipe, inputs, demo, default_examples, lambda found: unpaired_rows(found, recipe.data))
+
+    def to_dataset(found):
+        return Dataset.from_dict({k: [r[k] for r in found.rows] for k in ("prompt", "completion", "label")})
+
+    counts = {"train_rows": len(train), **{f"dropped/{k}": v for k, v in train.dropped.items()}}
+    return to_dataset(train), (to_dataset(held) if held is not None and len(held) else None), counts
+
+
+def reference_path(recipe, inputs: dict) -> str:
+    """The reference policy's path (dpo, kto): `ref_model` if set (a path, or a recipe's output), else `model`."""
+    from ..config import FromRecipe
+
+    if isinstance(recipe.ref_model, FromRecipe):
+        return inputs["ref_model"]
+    return recipe.ref_model or inputs["model"]
+
+
+def reference_model(recipe, inputs: dict, tok, mode: str):
+    """The frozen reference of a preference stage (dpo, kto) and how it is described in the summary:
+    with LoRA and the starting model as reference, none (the policy with its adapters disabled); with
+    'precompute' and the starting model, none (the trainer computes the log-probs before training);
+    else a separately loaded frozen copy (eval mode, no gradients)."""
+    from ..models import load_causal_lm
+
+    ref_path = reference_path(recipe, inputs)
+    if recipe.lora is not None and ref_path == inputs["model"]:
+        return None, f"{mode}: adapters disabled"
+    if mode == "precompute" and ref_path == inputs["model"]:
+        return None, "precompute: starting model"
+    model = load_causal_lm(ref_path, tok, recipe.model_options, key="ref_model").eval().requires_grad_(False)
+    return model, f"{mode}: {ref_path}"
+
+
+def free_reference(trainer) -> None:
+    """After a precompute pass the reference's log-probs are in the datasets: free the model.
+
+    Accelerate keeps every model it prepared (the reference, here) in its list of models;
+    `free_memory` empties that list. It runs before training, when nothing else is prepared yet.
+    """
+    trainer.ref_model = None
+    trainer.accelerator.free_memory()
+
+
+def pairs_after_filter(trainer, train, held_out, reason: str, unit: str = "pairs") -> dict:
+    """Pairs (kto: rows, `unit`) the trainer kept after its own length filter, train and held-out, and
+    the drops by reason.
 
     Counted from the trainer's datasets, so `eval_pairs` is what is really scored (call
     `require_rows` first: no pair left is a one-line error rather than a sampler traceback).
@@ -319,8 +388,8 @@ def pairs_after_filter(trainer, train, held_out, reason: str) -> dict:
     kept = len(trainer.train_dataset)
     held = len(trainer.eval_dataset) if held_out is not None else 0
     return {
-        "train_pairs": kept,
-        "eval_pairs": held,
+        f"train_{unit}": kept,
+        f"eval_{unit}": held,
         f"dropped/{reason}": len(train) - kept,
         f"dropped/held-out, {reason}": (len(held_out) - held) if held_out is not None else 0,
     }

@@ -27,16 +27,18 @@ from pathlib import Path
 import torch
 from trl import DPOConfig, DPOTrainer
 
-from ..config import DPOOptions, DPORecipe, FromRecipe
+from ..config import DPOOptions, DPORecipe
 from ..demo import world
 from ..losses import dpo_loss, simpo_loss
 from ..models import check_lora_targets, load_causal_lm, load_tokenizer, lora_config
 from .common import (
     MetricsFile,
     fit_and_save,
+    free_reference,
     last_logged,
     pairs_after_filter,
     preference_datasets,
+    reference_model,
     require_rows,
     trainer_args,
 )
@@ -124,23 +126,6 @@ class PreferenceTrainer(DPOTrainer):
             self._metrics[mode][name].extend(self.accelerator.gather_for_metrics(value.float()).tolist())
 
 
-def free_reference(trainer: DPOTrainer) -> None:
-    """After the precompute pass the reference's log-probs are in the datasets: free the model.
-
-    Accelerate keeps every model it prepared (the reference, here) in its list of models;
-    `free_memory` empties that list. It runs before training, when nothing else is prepared yet.
-    """
-    trainer.ref_model = None
-    trainer.accelerator.free_memory()
-
-
-def reference_path(recipe: DPORecipe, inputs: dict) -> str:
-    """The reference policy's path: `ref_model` if set (a path, or a recipe's output), else `model`."""
-    if isinstance(recipe.ref_model, FromRecipe):
-        return inputs["ref_model"]
-    return recipe.ref_model or inputs["model"]
-
-
 def truncated_pairs(dataset, max_length: int) -> int:
     """Pairs whose longer reply does not fit in max_length: the collator cuts it (and its EOS)."""
     columns = zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"])
@@ -159,18 +144,10 @@ def run(recipe: DPORecipe, inputs: dict, work_dir: Path) -> dict:
 
     # The reference: nothing (SimPO), the policy minus its adapters (LoRA), the starting policy
     # itself before training (precompute), or a separately loaded frozen model.
-    ref_path = reference_path(recipe, inputs)
-    adapters_off = recipe.lora is not None and ref_path == inputs["model"]
-    ref_model = None
     if o.loss_type == "simpo":
-        reference = "none (simpo)"
-    elif adapters_off:
-        reference = f"{o.reference}: adapters disabled"
-    elif o.reference == "precompute" and ref_path == inputs["model"]:
-        reference = "precompute: starting model"
+        ref_model, reference = None, "none (simpo)"
     else:
-        reference = f"{o.reference}: {ref_path}"
-        ref_model = load_causal_lm(ref_path, tok, recipe.model_options, key="ref_model").eval().requires_grad_(False)
+        ref_model, reference = reference_model(recipe, inputs, tok, o.reference)
 
     args = trainer_args(
         recipe,
