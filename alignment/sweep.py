@@ -200,11 +200,13 @@ def needed(sweep: Sweep, is_current) -> list:
 
 
 def comparison_key(sweep: Sweep) -> str:
-    """What the comparison depends on: every model's content hash and the comparison's settings."""
-    from .pipeline import toolkit_fingerprint
+    """What the comparison depends on: every model's content hash and the comparison's settings.
+    A baseline or reward model given as a path is keyed by its files' content (as the pipeline
+    keys a stage's inputs given as paths), so a model retrained in place is compared again."""
+    from .pipeline import _fingerprint, toolkit_fingerprint
 
     def ident(directory, node):
-        return node.hash if node is not None else directory
+        return node.hash if node is not None else _fingerprint(directory, sweep.recipe.model_options.revision)
 
     models = {p.label: p.nodes[-1].hash for p in sweep.points}
     models[sweep.baseline[0]] = ident(sweep.baseline[1], sweep.baseline[2])

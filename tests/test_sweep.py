@@ -227,6 +227,28 @@ def test_frontier_report_draws_a_curve_per_method_and_the_front(tmp_path):
     assert "| dpo b | dpo |" in (tmp_path / "report.md").read_text()
 
 
+def test_a_baseline_or_reward_model_given_as_a_path_is_keyed_by_its_content(in_tmp, tiny_base):
+    """Retraining the baseline or the reward model in place (same path, new files) makes the
+    comparison stale: its key follows the files, not the path string."""
+    import shutil
+
+    from alignment.sweep import comparison_key
+
+    base, judge = in_tmp / "base", in_tmp / "judge"
+    shutil.copytree(tiny_base, base)
+    shutil.copytree(tiny_base, judge)
+    path = sweep_file(in_tmp, tiny_base, baseline=str(base), reward_model=str(judge))
+    first = comparison_key(plan_sweep(path))
+    assert comparison_key(plan_sweep(path)) == first  # nothing changed: up to date
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "initializer_range": 0.5}))  # retrained in place
+    second = comparison_key(plan_sweep(path))
+    assert second != first
+    weights = judge / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + bytes([weights.read_bytes()[-1] ^ 1]))
+    assert comparison_key(plan_sweep(path)) not in (first, second)
+
+
 def test_the_sweeps_world_reaches_every_chain_and_its_prompts(in_tmp, tiny_base):
     path = sweep_file(in_tmp, tiny_base, world="hard")
     sweep = plan_sweep(path)
