@@ -594,6 +594,20 @@ class PrepColumns(Section):
     id: str = Field("id", description="Row id kept in the output when present (else a content hash).")
 
 
+class PrepSamples(Section):
+    """Replies sampled from the prep recipe's `model` for a source's prompts, and how they are scored."""
+
+    k: int = Field(4, ge=1, description="Replies sampled per prompt.")
+    scorer: Literal["oracle", "reward_model"] = Field(
+        "oracle", description="'oracle': the demo world's gold score (demo prompts only); 'reward_model': the "
+        "recipe's `reward_model`."
+    )
+    temperature: float = Field(1.0, gt=0.0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling (1: off).")
+    max_new_tokens: int = Field(32, gt=0, description="Longest sampled reply, in tokens.")
+    batch_size: int = Field(64, gt=0, description="Prompts generated at once.")
+
+
 class PrepSource(Section):
     """One input of `prep`: where the rows are, their shape and their weight in the mix."""
 
@@ -616,6 +630,18 @@ class PrepSource(Section):
     split: str = Field("train", description="Split to read from a hub dataset or a saved DatasetDict.")
     num_examples: int | None = Field(None, gt=0, description="Read only the first N rows (demo: rows generated). Null: all.")
     columns: PrepColumns = Field(default_factory=PrepColumns)
+    samples: PrepSamples | None = Field(
+        None,
+        description="On-policy data (prep stage): the source's rows are prompts (demo: the demo world's training "
+        "prompts); the recipe's `model` answers each samples.k times and the replies are scored, making rated rows: "
+        "best vs worst for kind pairs, one labelled row per reply (by threshold) for kind binary.",
+    )
+
+    @model_validator(mode="after")
+    def _samples_are_rated(self):
+        if self.samples is not None and self.shape not in ("auto", "rated"):
+            raise ValueError(f"shape '{self.shape}' and samples conflict: sampled replies are rated rows (shape auto or rated)")
+        return self
 
 
 class PrepOptions(Section):
@@ -688,15 +714,23 @@ class PrepRecipe(BaseRecipe):
     stage: Literal["prep"]
     model: ModelRef | None = Field(
         None,
-        description="Tokenizer for prep.max_prompt_tokens / prep.max_length: a path, a hub id or {from: recipe.yaml}. "
-        "Null: no token limits.",
+        description="Tokenizer for prep.max_prompt_tokens / prep.max_length, and the policy that answers sources "
+        "with `samples`: a path, a hub id or {from: recipe.yaml}. Null: no token limits, no sampling.",
+    )
+    reward_model: ModelRef | None = Field(
+        None, description="Scores sampled replies (sources with samples.scorer: reward_model): a path or {from: reward.yaml}."
     )
     prep: PrepOptions = Field(default_factory=PrepOptions)
 
     @model_validator(mode="after")
-    def _needs_model(self):  # replaces BaseRecipe's check: prep needs a tokenizer only for token limits
+    def _needs_model(self):  # replaces BaseRecipe's check: prep needs a model only for token limits and sampling
         if (self.prep.max_prompt_tokens or self.prep.max_length) and self.model is None:
             raise ValueError("prep.max_prompt_tokens / prep.max_length count tokens: set 'model' to a tokenizer")
+        sampled = [s for s in self.prep.sources if s.samples is not None]
+        if sampled and self.model is None:
+            raise ValueError("prep.sources[].samples: replies are sampled from 'model': set it (e.g. {from: sft.yaml})")
+        if any(s.samples.scorer == "reward_model" for s in sampled) and self.reward_model is None:
+            raise ValueError("samples.scorer 'reward_model' needs 'reward_model' (a path or {from: reward.yaml})")
         return self
 
 

@@ -27,12 +27,16 @@ row shapes (detected from the columns; --shape when several match; names settabl
              {"prompt": "Hi", "completions": [{"response": "Hello!", "rating": 9}, ...]}
   scored     {"prompt": "Hi", "response_a": "Hello!", "response_b": "Go away.", "score_a": 12, "score_b": 3}
   ranked     {"prompt": "Hi", "ranked": ["Hello!", "Hm", "Go away."]}          (best first)
+  binary     {"prompt": "Hi", "completion": "Hello!", "label": "up"}     (true/false, 1/0, up/down, accept/reject,
+             ...; or a rating with --threshold: desirable when at least the threshold)
   sft        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
   text       {"text": "Once upon a time ..."}
 
 output (--out DIR): train.jsonl/.parquet, test.jsonl/.parquet, summary.json. Pairs are
   {"prompt": [messages], "chosen": [assistant message], "rejected": [assistant message],
    "score_chosen": float|null, "score_rejected": float|null, "source": str, "id": str}
+  Binary rows (`binary`, for kto) are {"prompt": [messages], "completion": [assistant message], "label": bool,
+   "score": float|null, "source": str, "id": str}: TRL's unpaired preference format.
 Every row read is kept or counted under a named reason (summary.json); --strict makes any drop an error.
 """
 
@@ -45,6 +49,14 @@ examples:
       --column response_b=human_ref_B --column score_a=score_A --column score_b=score_B --min-ratio 2 --out data/shp
   python -m data_prep pairs a.jsonl b.parquet --weights 1 0.5 --max-length 1024 --tokenizer gpt2 --out data/mix
   alignment run recipes/dpo.yaml data.source=data/mix                          # train on it
+""",
+    "binary": """\
+examples:
+  python -m data_prep binary thumbs.jsonl --column label=feedback --out data/thumbs      # up/down, accept/reject
+  python -m data_prep binary ratings.jsonl --column label=stars --threshold 4 --out data/stars  # 4-5 stars: desirable
+  python -m data_prep binary rated.parquet --threshold 7 --out data/rated     # each rated completion one row
+  python -m data_prep binary hh_train.jsonl.gz --out data/hh-unpaired         # each pair: one up, one down row
+  alignment run recipes/kto.yaml data.source=data/thumbs                      # train on it
 """,
     "sft": """\
 examples:
@@ -92,7 +104,7 @@ def _add_cleaning(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--dedup", choices=("none", "exact", "normalised"), default="normalised", help=help_of("dedup"))
     p.add_argument("--max-turns", type=_count, help=d["max_turns"].description)
     p.add_argument("--max-length", type=_count, help=d["max_length"].description)
-    if kind == "pairs":
+    if kind in ("pairs", "binary"):
         p.add_argument("--max-prompt-tokens", type=_count, help=d["max_prompt_tokens"].description)
     p.add_argument("--tokenizer", help="tokenizer (directory or hub id) for the token limits")
     p.add_argument("--strict", action="store_true", help=d["strict"].description)
@@ -107,7 +119,9 @@ def _add_cleaning(p: argparse.ArgumentParser, kind: str) -> None:
 
 def _add_sources(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("sources", nargs="+", metavar="SOURCE", help=f"input: {READ}, or 'demo'")
-    shapes = {"pairs": ("auto", "explicit", "implicit", "rated", "scored", "ranked"), "sft": ("auto", "sft"), "text": ("auto", "text")}[kind]
+    from .shapes import KIND_SHAPES
+
+    shapes = ("auto", *KIND_SHAPES[kind])
     p.add_argument("--shape", choices=shapes, default="auto", help="row shape of every source (default: detected)")
     p.add_argument("--column", type=_column, action="append", default=[], metavar="ROLE=COLUMN",
                    help="column name for a role, e.g. prompt=question (repeatable)")
@@ -116,7 +130,10 @@ def _add_sources(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--num-examples", type=_count, help="read only the first N rows of each source")
     p.add_argument("--split", default="train", help="split of a hub dataset or saved DatasetDict (default: train)")
     _add_world(p)
-    if kind == "pairs":
+    if kind == "binary":
+        d = PrepOptions.model_fields
+        p.add_argument("--threshold", type=_finite, help=d["threshold"].description)
+    if kind in ("pairs", "binary"):
         d = PrepOptions.model_fields
         p.add_argument("--rejected-choice", choices=("worst", "random"), default="worst", help=d["rejected_choice"].description)
         p.add_argument("--min-margin", type=_finite, default=0.0, help=d["min_margin"].description)
@@ -146,9 +163,11 @@ def options_from(args: argparse.Namespace, kind: str) -> PrepOptions:
         for i, path in enumerate(args.sources)
     ]
     extra = {}
-    if kind == "pairs":
+    if kind in ("pairs", "binary"):
         extra = dict(rejected_choice=args.rejected_choice, min_margin=args.min_margin, min_ratio=args.min_ratio,
                      ranked_pairs=args.ranked_pairs, max_prompt_tokens=args.max_prompt_tokens)
+    if kind == "binary":
+        extra["threshold"] = args.threshold
     return PrepOptions(
         kind=kind, sources=sources, test_fraction=args.test_fraction, split_seed=args.split_seed, dedup=args.dedup,
         max_turns=args.max_turns, max_length=args.max_length, strict=args.strict, seed=args.seed, **extra,
@@ -275,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     helps = {
         "pairs": "preference pairs from explicit, implicit (transcript), rated, scored or ranked rows",
+        "binary": "unpaired feedback rows (prompt, completion, label) for kto: thumbs, accept/reject, ratings "
+        "(--threshold), or pairs (one desirable and one undesirable row each)",
         "sft": "SFT conversations (messages or transcripts)",
         "text": "raw text for pretraining",
     }

@@ -10,7 +10,7 @@ other source (a prompt whose samples do not clear the margin is a counted drop).
 
 from __future__ import annotations
 
-from .read import Bad, read_source
+from .read import Bad, DataError, read_source
 from .shapes import _prompt
 
 
@@ -40,28 +40,30 @@ def read_prompts(source: str, column: str, limit: int | None, seed: int,
     return found
 
 
-def onpolicy_rows(
-    prompts: list[tuple[str, str | Bad]],
+def sample_and_score(
+    prompts: list[str],
     model_path: str,
     *,
     k: int,
     reward_model: str | None,
-    min_margin: float,
     temperature: float = 1.0,
     top_p: float = 1.0,
     max_new_tokens: int = 32,
     batch_size: int = 64,
     seed: int = 0,
     progress: bool = True,
-) -> list[tuple[str, dict | Bad]]:
-    """Rows of the explicit shape (prompt, chosen, rejected, score_chosen, score_rejected), one per prompt,
-    or a Bad with the reason the prompt gave no pair. No reward model: the demo gold oracle scores."""
+) -> list[list[tuple[float, str]]]:
+    """For each user prompt, its k samples from `model_path` as (score, text), in sampling order
+    (seeded, batched: `alignment.compare.generate`). No reward model: the demo gold oracle scores,
+    and prompts that are not demo-world tasks are a DataError."""
     from alignment import compare, models
 
+    if reward_model is None and not compare.has_gold(prompts):
+        raise DataError("the gold oracle (--oracle, scorer: oracle) grades demo-world prompts only; "
+                        "these are not: score with a reward model")
     tok = models.load_tokenizer(model_path)
     policy = models.load_causal_lm(model_path, tok)
-    good = [(o, p) for o, p in prompts if not isinstance(p, Bad)]
-    asked = [p for _, p in good for _ in range(k)]
+    asked = [p for p in prompts for _ in range(k)]
     gens = compare.generate(
         policy, tok, asked, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
         batch_size=batch_size, seed=seed, progress=progress,
@@ -72,10 +74,25 @@ def onpolicy_rows(
     else:
         rm_tok = models.load_tokenizer(reward_model)
         scores = compare.reward_scores(models.load_classifier(reward_model, rm_tok), rm_tok, gens, batch_size=batch_size)
+    return [list(zip(scores[i * k : (i + 1) * k], (g.text for g in gens[i * k : (i + 1) * k]))) for i in range(len(prompts))]
 
+
+def onpolicy_rows(
+    prompts: list[tuple[str, str | Bad]],
+    model_path: str,
+    *,
+    k: int,
+    reward_model: str | None,
+    min_margin: float,
+    **sampling,
+) -> list[tuple[str, dict | Bad]]:
+    """Rows of the explicit shape (prompt, chosen, rejected, score_chosen, score_rejected), one per prompt,
+    or a Bad with the reason the prompt gave no pair. No reward model: the demo gold oracle scores.
+    `sampling`: sample_and_score's temperature, top_p, max_new_tokens, batch_size, seed, progress."""
+    good = [(o, p) for o, p in prompts if not isinstance(p, Bad)]
+    groups = sample_and_score([p for _, p in good], model_path, k=k, reward_model=reward_model, **sampling)
     made: dict[str, dict | Bad] = {}
-    for i, (origin, prompt) in enumerate(good):
-        group = list(zip(scores[i * k : (i + 1) * k], (g.text for g in gens[i * k : (i + 1) * k])))
+    for (origin, prompt), group in zip(good, groups):
         best = max(group, key=lambda s: s[0])
         worst = min(group, key=lambda s: s[0])
         if best[0] == worst[0]:
@@ -89,3 +106,13 @@ def onpolicy_rows(
             }
     return [(o, p if isinstance(p, Bad) else made[o]) for o, p in prompts]
 
+
+def rated_rows(prompts: list[tuple[str, str | Bad]], model_path: str, *, k: int, reward_model: str | None,
+               **sampling) -> list[tuple[str, dict | Bad]]:
+    """Rows of the rated shape (prompt, completions, ratings): each prompt's k samples and their scores,
+    for data_prep's rules to make pairs (best vs worst) or binary rows (by a threshold) of; a Bad stays."""
+    good = [(o, p) for o, p in prompts if not isinstance(p, Bad)]
+    groups = sample_and_score([p for _, p in good], model_path, k=k, reward_model=reward_model, **sampling)
+    made = {o: {"prompt": p, "completions": [t for _, t in g], "ratings": [s for s, _ in g]}
+            for (o, p), g in zip(good, groups)}
+    return [(o, p if isinstance(p, Bad) else made[o]) for o, p in prompts]

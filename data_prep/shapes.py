@@ -506,6 +506,9 @@ def _unpaired(parse_pairs):
             return made
         rows = []
         for pair in made:
+            chosen, rejected = pair["chosen"][-1]["content"].strip(), pair["rejected"][-1]["content"].strip()
+            if not chosen or not rejected or chosen == rejected:  # the pair is dropped whole, under the pairs' reason
+                return "empty 'chosen'" if not chosen else "empty 'rejected'" if not rejected else "'chosen' identical to 'rejected'"
             row_id = pair["id"]
             rows.append(_unpaired_row(pair["prompt"], pair["chosen"], True, pair["score_chosen"],
                                       None if row_id is None else f"{row_id}-chosen"))

@@ -6,6 +6,11 @@ directory: train/test JSONL and Parquet, and summary.json (every row read, kept 
 reason). A reward or dpo recipe reads it with `data.source: {from: prep.yaml}` and uses its
 test split as the held-out set. Like every stage it is skipped when its content hash (the
 recipe, the source files' contents, the tokenizer's hash) matches a finished output.
+
+A source with `samples` is on-policy data: its rows are prompts, the recipe's `model` answers each
+`samples.k` times (seeded with prep.seed) and the gold oracle or `reward_model` scores the replies,
+which become rated rows: best vs worst pairs (kind pairs) or one row per reply labelled by
+prep.threshold (kind binary, for kto).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ def run(recipe: PrepRecipe, inputs: dict, work_dir: Path) -> dict:
         from ..models import load_tokenizer
 
         tokenizer = load_tokenizer(inputs["model"], recipe.model_options)
-    prepared = prepare(recipe.prep, tokenizer, world=recipe.world)
+    prepared = prepare(recipe.prep, tokenizer, world=recipe.world, given=sampled_sources(recipe, inputs))
     write_files(work_dir, prepared.kind, prepared.splits, prepared.summary)
     print(summary_text(prepared.summary))
     s = prepared.summary
@@ -37,4 +42,25 @@ def run(recipe: PrepRecipe, inputs: dict, work_dir: Path) -> dict:
         **{f"{split}_rows": n for split, n in s["splits"].items()},
         **{f"dropped/{k}": v for k, v in s["dropped"].items()},
         **{f"extra/{k}": v for k, v in s["extra"].items()},
+        **{f"{split}_{label}": n for split, counts in s.get("labels", {}).items() for label, n in counts.items()},
     }
+
+
+def sampled_sources(recipe: PrepRecipe, inputs: dict) -> dict:
+    """Source name -> rated rows (origin, row or Bad) sampled from `model` for each source with `samples`."""
+    from data_prep.onpolicy import rated_rows, read_prompts
+    from data_prep.prepare import source_name
+
+    o = recipe.prep
+    given = {}
+    for source in o.sources:
+        s = source.samples
+        if s is None:
+            continue
+        prompts = read_prompts(source.path, source.columns.prompt, source.num_examples, o.seed, recipe.world)
+        given[source_name(source)] = rated_rows(
+            prompts, inputs["model"], k=s.k, reward_model=inputs["reward_model"] if s.scorer == "reward_model" else None,
+            temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size,
+            seed=o.seed,
+        )
+    return given
