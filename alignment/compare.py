@@ -25,7 +25,8 @@ from .config import DEMO_PROMPTS, DataOptions, GenerationOptions, ModelOptions, 
 from .data import check_rows, load_rows, text_problem
 from .demo import world
 from .generation import Samples, checkpoint_overrides, decoding, sample, token_logprobs
-from .templates import render_exchange, render_prompt
+from .rewards import model_scores
+from .templates import render_prompt
 
 
 @dataclass
@@ -161,10 +162,12 @@ def gold_parts(generations: list[Generation]) -> dict[str, list[float]]:
 
 
 def reward_scores(reward_model, tok, generations: list[Generation], batch_size: int = 64) -> list[float]:
-    """The reward model's score of each (prompt, reply) exchange, rendered by the chat template
-    (a reply cut off at the length limit left open, as the RL stages score it).
+    """The reward model's score of each (prompt, reply) exchange, in the form the reward stage trains
+    it on and the RL stages score it (`rewards.model_scores`: the reply's own text, whatever it holds,
+    after the rendered prompt; a reply cut off at the length limit left open), `tok` being the reward
+    model's tokenizer.
 
-    The classifier pools at the last non-pad token, found through `config.pad_token_id`;
+    A decoder classifier pools at the last non-pad token, found through `config.pad_token_id`;
     a mismatch with the tokenizer would read the score at the wrong position, so it is an error.
     """
     if reward_model.config.pad_token_id != tok.pad_token_id:
@@ -172,19 +175,15 @@ def reward_scores(reward_model, tok, generations: list[Generation], batch_size: 
             f"reward model pad_token_id ({reward_model.config.pad_token_id}) differs from the tokenizer's "
             f"({tok.pad_token_id}); load it with alignment.models.load_classifier"
         )
-    was_training, old_side = reward_model.training, tok.padding_side
+    was_training = reward_model.training
     reward_model.eval()
-    tok.padding_side = "right"
     scores: list[float] = []
     try:
-        with torch.no_grad():
-            for batch in _batches(generations, batch_size):
-                texts = [render_exchange(tok, g.prompt, g.text, g.finished) for g in batch]  # a cut-off reply stays open
-                enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(reward_model.device)
-                logits = reward_model(**enc).logits
-                scores.extend(logits[:, 0].float().tolist())
+        for batch in _batches(generations, batch_size):
+            values = model_scores(reward_model, tok, [g.prompt for g in batch], [g.text for g in batch],
+                                  [g.finished for g in batch])
+            scores.extend(values.tolist())
     finally:
-        tok.padding_side = old_side
         reward_model.train(was_training)
     return scores
 
@@ -309,7 +308,7 @@ def compare_models(
     if reward_model is not None:
         try:
             model_layer.check_reward_model(reward_model)
-            reward_tok = model_layer.load_tokenizer(reward_model, options)
+            reward_tok = model_layer.load_tokenizer(reward_model, options, fallback_template=False)
         except RecipeError as exc:
             raise CompareError("reward_model", str(exc).removeprefix("reward_model: ")) from None
     toks = {}

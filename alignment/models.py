@@ -130,13 +130,17 @@ def torch_dtype(name: str):
 
 
 def load_tokenizer(
-    name_or_path: str, options: ModelOptions | None = None, padding_side: str = "right"
+    name_or_path: str, options: ModelOptions | None = None, padding_side: str = "right",
+    fallback_template: bool = True,
 ) -> PreTrainedTokenizerBase:
     """Tokenizer with a pad token distinct from EOS and a chat template.
 
     A missing pad token, or one equal to EOS, is replaced by a new `<pad>` token: with
     pad == EOS the model's stop token is masked out of training and rewards are read at
     the wrong position. Models loaded through this layer resize their embeddings to match.
+    A tokenizer that ships no chat template gets DEFAULT_CHAT_TEMPLATE, unless
+    `fallback_template` is False (a reward model's: without a template of its own it reads the
+    plain form, `templates.reward_form`).
     """
     options = options or ModelOptions()
     tok = _load(AutoTokenizer.from_pretrained, name_or_path, "tokenizer", revision=options.revision,
@@ -150,7 +154,7 @@ def load_tokenizer(
         if template.endswith(".jinja") and Path(template).is_file():
             template = Path(template).read_text()
         tok.chat_template = template
-    elif not tok.chat_template:
+    elif not tok.chat_template and fallback_template:
         tok.chat_template = DEFAULT_CHAT_TEMPLATE
     tok.padding_side = padding_side
     return tok
@@ -219,6 +223,14 @@ def check_model_kind(name_or_path: str, kind: str, key: str = "model", options: 
         "a one-label sequence classifier (a reward model; train one with the reward stage)"
     )
     raise RecipeError(f"{key}: {name_or_path} is {what}, its config says {found}; expected {expected}")
+
+
+def is_classifier(name_or_path: str, options: ModelOptions | None = None) -> bool:
+    """True when the checkpoint's config names a sequence classifier (read before any weights load)."""
+    options = options or ModelOptions()
+    config = _load(AutoConfig.from_pretrained, name_or_path, "model config", revision=options.revision,
+                   trust_remote_code=options.trust_remote_code)
+    return any(a.endswith(MODEL_KINDS["classifier"]) for a in getattr(config, "architectures", None) or [])
 
 
 # The kind of model each model-valued recipe key needs (the reward stage's `model` may be either).
@@ -390,13 +402,32 @@ def no_dropout(model):
     return model.eval()
 
 
+def per_token_head(classifier) -> bool:
+    """True when the classifier's head is one linear layer applied at every position and read at
+    the last real token (`score`: Llama, Qwen, Gemma, Mistral, Phi, GPT-2 ... classifiers), so
+    that `token_scores` gives its score at any position. False for heads with their own pooling
+    (DeBERTa's ContextPooler, RoBERTa's head on the first token): those score only through
+    their own forward."""
+    inner = classifier.get_base_model() if hasattr(classifier, "get_base_model") else classifier
+    head = getattr(inner, "score", None)
+    head = getattr(head, "original_module", head)  # peft's modules_to_save wrapper
+    head = getattr(head, "base_layer", head)  # a LoRA-wrapped head
+    return isinstance(head, torch.nn.Linear)
+
+
 def token_scores(classifier, input_ids, attention_mask, position_ids) -> torch.Tensor:
     """A one-label sequence classifier's score at every position: (B, T).
 
     The backbone's hidden states go through the classification head position by position,
-    so a reward model gives its score at any token (read it at the last real one) and a
-    critic initialised from it gives a value for every position.
+    so a critic initialised from a classifier gives a value for every position. Only for
+    heads that are one linear layer per position (`per_token_head`); any other is refused.
     """
+    if not per_token_head(classifier):
+        raise RecipeError(
+            f"{type(classifier).__name__}: its head pools the sequence itself (not one linear layer per position), "
+            "so it gives no value per token; a PPO critic cannot start from it (it starts from the policy when the "
+            "reward model's tokenizer differs from the policy's)"
+        )
     inner = classifier.get_base_model() if hasattr(classifier, "get_base_model") else classifier
     backbone = getattr(inner, inner.base_model_prefix)
     head = inner.score if hasattr(inner, "score") else inner.classifier

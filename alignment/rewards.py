@@ -1,7 +1,9 @@
 """Reward sources of the RL stages (ppo, grpo, rloo), behind one call.
 
 A recipe names one or more sources, summed with `reward_weights`:
-- `reward_model`: a one-label sequence classifier, read at the last real token of prompt + reply;
+- `reward_model`: a one-label sequence classifier, given prompt + reply in the form it was trained on
+  (`templates.reward_ids`: the reply's text after the rendered prompt, the template's turn-closing
+  text after a finished reply) and scored by its own forward (its own pooling);
 - `reward_fn`: Python functions, 'file.py:name' or 'package.module:name', called once per batch as
   `name(prompts=[...], completions=[...], **columns)` and returning one number per reply, where
   `columns` are the prompt rows' other fields (a reference answer, test cases...). That is the
@@ -27,11 +29,9 @@ from typing import Callable
 
 import torch
 
-from . import losses
-from .templates import render_exchange
 from .config import RecipeError
 from .demo import world
-from .generation import position_ids
+from .templates import reward_batch
 
 
 def gold(prompts: list[str], completions: list[str], finished: list[bool], **_) -> list[float]:
@@ -147,8 +147,8 @@ class Rewards:
     weighted sum."""
 
     def __init__(self, recipe, reward_model, tok, reward_tok):
-        self.reward_model = reward_model  # PerTokenScores over a classifier, or None
-        self.tok, self.reward_tok = tok, reward_tok  # reward_tok None: the policy's tokenizer
+        self.reward_model = reward_model  # a frozen one-label classifier, or None
+        self.tok, self.reward_tok = tok, reward_tok  # the policy's tokenizer, the reward model's
         self.prompt_field = recipe.data.prompt_field
         self.functions = {ref: load_function(ref) for ref in recipe.reward_fn}
         self.names = (["reward_model"] if reward_model is not None else []) + list(self.functions)
@@ -165,7 +165,8 @@ class Rewards:
         replies = self.tok.batch_decode(ids, skip_special_tokens=True)
         out = {}
         if self.reward_model is not None:
-            out["reward_model"] = self._model_scores(prompts, replies, input_ids, attention_mask, finished.tolist())
+            scores = model_scores(self.reward_model, self.reward_tok, prompts, replies, finished.tolist())
+            out["reward_model"] = scores.to(input_ids.device)
         columns = {k: [row.get(k) for row in rows] for k in (rows[0] if rows else {}) if k != self.prompt_field}
         offered = {**columns, "prompts": prompts, "completions": replies, "replies": replies,
                    "completion_ids": ids, "finished": finished.tolist()}
@@ -176,16 +177,16 @@ class Rewards:
     def total(self, per_source: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(self.weights[name] * value for name, value in per_source.items())
 
-    def _model_scores(self, prompts, replies, input_ids, attention_mask, finished) -> torch.Tensor:
-        """The reward model's score of prompt + reply at the last real token. With another tokenizer
-        (or chat template) than the policy's, the reply is decoded and the exchange re-rendered with the
-        reward model's; a reply cut off at the length limit is left open there as in the sampled ids
-        (no EOS or end of turn after it), so the reward model sees that it did not finish."""
-        if self.reward_tok is None:
-            ids, mask = input_ids, attention_mask
-        else:
-            texts = [render_exchange(self.reward_tok, p, reply, done) for p, reply, done in zip(prompts, replies, finished)]
-            enc = self.reward_tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(input_ids.device)
-            ids, mask = enc["input_ids"], enc["attention_mask"]
-        scores = self.reward_model(ids, mask, position_ids(mask))
-        return scores.gather(1, losses.last_real_index(mask).unsqueeze(1)).squeeze(1)
+
+def model_scores(model, tok, prompts: list, replies: list[str], finished: list[bool]) -> torch.Tensor:
+    """A reward model's score of each exchange (B,), float32 on the model's device: prompt and
+    reply given as `templates.reward_batch` builds them with the reward model's tokenizer `tok`
+    (the reply's own text; the template's turn-closing text after a finished reply, none after one
+    cut off at the length limit), through the model's own forward, so its own pooling reads it
+    (the last real token for decoder classifiers, [CLS]/<s> for DeBERTa/RoBERTa ones): where the
+    reward stage trained it."""
+    enc = reward_batch(tok, prompts, replies, finished)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logits = model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device)).logits
+    return logits[:, 0].float()

@@ -72,7 +72,7 @@ def sample_and_score(
     if reward_model is None:
         scores = compare.gold_scores(gens)
     else:
-        rm_tok = models.load_tokenizer(reward_model)
+        rm_tok = models.load_tokenizer(reward_model, fallback_template=False)
         scores = compare.reward_scores(models.load_classifier(reward_model, rm_tok), rm_tok, gens, batch_size=batch_size)
     return [list(zip(scores[i * k : (i + 1) * k], (g.text for g in gens[i * k : (i + 1) * k]))) for i in range(len(prompts))]
 

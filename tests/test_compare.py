@@ -234,10 +234,9 @@ def test_a_reply_cut_off_at_the_length_limit_is_scored_open(tok, reward_model):
     """The reward model sees an unfinished reply without the template's end of turn (as the RL
     stages score it): a reward model that learnt "finished replies are better" is not fooled."""
     cut, done = Generation(PROMPTS[0], "Sure! cat dog", False, 6), Generation(PROMPTS[0], "Sure! cat dog", True, 7)
-    assert templates.render_exchange(tok, cut.prompt, cut.text, False) != templates.render_exchange(tok, done.prompt, done.text)
+    open_ids = templates.reward_ids(tok, cut.prompt, cut.text, finished=False)
+    assert templates.reward_ids(tok, done.prompt, done.text) == open_ids + [tok.eos_token_id]
     scores = compare.reward_scores(reward_model, tok, [cut, done])
-    open_text = templates.render_exchange(tok, cut.prompt, cut.text, finished=False)
-    enc = tok([open_text], return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
-        by_hand = reward_model(**enc).logits[0, 0].item()
+        by_hand = reward_model(torch.tensor([open_ids])).logits[0, 0].item()
     assert scores[0] == pytest.approx(by_hand, abs=1e-5) and scores[0] != pytest.approx(scores[1], abs=1e-4)

@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from alignment import losses
-from alignment.templates import render_exchange
+from alignment.templates import reward_ids
 from alignment.config import RecipeError, load_recipe
 from alignment.models import load_classifier, load_tokenizer, save_model
 from alignment.pipeline import run
@@ -418,9 +418,9 @@ def test_reward_model_with_another_tokenizer_scores_retokenised_text(in_tmp, tin
     torch.manual_seed(0)
     r = ppo.rollout(m, Accelerator(cpu=True), rendered[:4], prompts[:4], recipe, {"generation": 0.0, "scoring": 0.0})
     reply = m.tok.decode(r.response_ids[0, : r.response_mask[0].sum() - r.finished[0].long()], skip_special_tokens=True)
-    enc = other_tok(render_exchange(other_tok, prompts[0], reply, bool(r.finished[0])), return_tensors="pt", add_special_tokens=False)
+    ids = torch.tensor([reward_ids(other_tok, prompts[0], reply, bool(r.finished[0]))])
     with torch.no_grad():
-        expected = m.rewards.reward_model.classifier(**enc).logits[0, 0]
+        expected = m.rewards.reward_model(ids).logits[0, 0]
     assert ppo.source_scores(m, r, prompts[:4], [{}] * 4)["reward_model"][0].item() == pytest.approx(expected.item(), abs=1e-5)
 
     run(RECIPES / "ppo.yaml", [f"model={tiny_base}", "reward_model=other_rm", *MICRO_PPO, "output_dir=out/ppo"])

@@ -9,7 +9,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
-from alignment.templates import render_exchange, render_prompt
+from alignment.templates import render_prompt, reward_ids, reward_text
 from alignment.models import DEFAULT_CHAT_TEMPLATE, load_classifier, load_tokenizer, same_tokenizer
 from alignment.stages import ppo
 
@@ -28,7 +28,7 @@ def test_same_tokenizer_compares_chat_templates(tiny_base):
 def test_unfinished_reply_is_rendered_without_closing_eos(tiny_base):
     tok = load_tokenizer(str(tiny_base))
     tok.chat_template = OTHER_TEMPLATE
-    done, cut = render_exchange(tok, "hi", "a b", finished=True), render_exchange(tok, "hi", "a b", finished=False)
+    done, cut = reward_text(tok, "hi", "a b", finished=True), reward_text(tok, "hi", "a b", finished=False)
     assert done == cut + tok.eos_token
     assert cut == render_prompt(tok, "hi") + "a b"
 
@@ -60,9 +60,8 @@ def test_reward_model_with_another_template_sees_truncation(tiny_base, other_tem
     assert not r.finished.all()  # 3 tokens: some replies are cut off
     for i in range(8):
         reply = m.tok.decode(r.response_ids[i, : r.response_mask[i].sum() - r.finished[i].long()], skip_special_tokens=True)
-        text = render_exchange(rm_tok, prompts[i], reply, finished=bool(r.finished[i]))
-        assert text.endswith(rm_tok.eos_token) == bool(r.finished[i])
-        enc = rm_tok(text, return_tensors="pt", add_special_tokens=False)
+        ids = reward_ids(rm_tok, prompts[i], reply, finished=bool(r.finished[i]))
+        assert (ids[-1] == rm_tok.eos_token_id) == bool(r.finished[i])
         with torch.no_grad():
-            expected = m.rewards.reward_model.classifier(**enc).logits[0, 0]
+            expected = m.rewards.reward_model(torch.tensor([ids])).logits[0, 0]
         assert r.sources["reward_model"][i].item() == pytest.approx(expected.item(), abs=1e-5)

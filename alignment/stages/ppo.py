@@ -65,6 +65,7 @@ from ..models import (
     load_classifier,
     load_tokenizer,
     no_dropout,
+    per_token_head,
     same_tokenizer,
     save_model,
 )
@@ -132,16 +133,17 @@ class Models:
 def build_models(recipe: RLRecipe, inputs: dict, say) -> Models:
     o, options = recipe.rl, recipe.model_options
     tok = load_tokenizer(inputs["model"], options)
-    reward, reward_tok, shared = None, None, False
+    reward, reward_tok, critic_from_reward = None, None, False
     if inputs.get("reward_model"):
         check_reward_model(inputs["reward_model"])
-        reward_tok = load_tokenizer(inputs["reward_model"], options)
+        reward_tok = load_tokenizer(inputs["reward_model"], options, fallback_template=False)
+        reward = frozen(load_classifier(inputs["reward_model"], reward_tok, options))
         shared = same_tokenizer(tok, reward_tok)
-        if not shared:
-            say(f"{recipe.stage}: the reward model's tokenizer differs from the policy's (vocabulary, special tokens or "
-                "chat template): replies are decoded and re-rendered with the reward model's for scoring"
-                + ("; the critic starts from the policy with a new value head" if o.uses_critic else ""))
-        reward = PerTokenScores(frozen(load_classifier(inputs["reward_model"], reward_tok, options)))
+        critic_from_reward = shared and per_token_head(reward)
+        if o.uses_critic and not critic_from_reward:
+            why = ("its tokenizer differs from the policy's (vocabulary, special tokens or chat template)" if not shared
+                   else "its head pools the sequence itself, so it gives no value per token")
+            say(f"{recipe.stage}: the critic starts from the policy with a new value head, not from the reward model: {why}")
     policy = no_dropout(load_causal_lm(inputs["model"], tok, options))
     reference, kind = None, "copy"
     if o.kl_coef == 0 and o.kl_control == "fixed":
@@ -154,11 +156,11 @@ def build_models(recipe: RLRecipe, inputs: dict, say) -> Models:
         policy = no_dropout(apply_lora(policy, recipe.lora))
     critic = None
     if o.uses_critic:
-        critic = load_classifier(inputs["reward_model"] if shared else inputs["model"], tok, options)
+        critic = load_classifier(inputs["reward_model"] if critic_from_reward else inputs["model"], tok, options)
         if recipe.lora is not None:
             critic = apply_lora(critic, recipe.lora, task_type="SEQ_CLS")
         critic = PerTokenScores(no_dropout(critic))
-    rewards = Rewards(recipe, reward, tok, None if shared else reward_tok)
+    rewards = Rewards(recipe, reward, tok, reward_tok)
     return Models(policy, reference, critic, rewards, tok, kind)
 
 

@@ -8,9 +8,13 @@ enter that loss. About `data.eval_examples` pairs (whole prompts, chosen by a fi
 held out: their accuracy (how often s(chosen) > s(rejected)) and mean margin
 s(chosen) - s(rejected) end the run.
 
-TRL's RewardTrainer does the data work (chat template, padding chosen and rejected into one
-batch, margins), the loop, checkpoints and logging; we subclass it at its loss hook,
-`compute_loss`, so that our pure loss drives it rather than TRL's inline formula.
+Each reply is given to the model as `templates.reward_ids` renders it (the prompt with the
+generation prompt, the reply's own text, the template's turn-closing text; the plain text-pair
+form for a classifier without a chat template): the form the RL stages and `compare` score it in,
+so the model is read where it was trained. TRL's RewardTrainer gets these ids pre-tokenised and
+does the rest (padding chosen and rejected into one batch, margins, length filter), the loop,
+checkpoints and logging; we subclass it at its loss hook, `compute_loss`, so that our pure loss
+drives it rather than TRL's inline formula.
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ from pathlib import Path
 import torch
 from trl import RewardConfig, RewardTrainer
 
-from ..config import RewardRecipe
+from ..config import RecipeError, RewardRecipe
 from ..demo import world
 from ..losses import bradley_terry_loss
-from ..models import apply_lora, load_classifier, load_tokenizer
+from ..models import apply_lora, is_classifier, load_classifier, load_tokenizer
+from ..templates import reward_pair_ids
 from .common import MetricsFile, fit_and_save, pairs_after_filter, preference_datasets, require_rows, trainer_args
 
 DEFAULT_EXAMPLES = 4000
@@ -56,12 +61,36 @@ class BradleyTerryTrainer(RewardTrainer):
         return (loss, outputs) if return_outputs else loss
 
 
+def tokenized_pairs(tok, dataset, which: str):
+    """The pairs as RewardTrainer's pre-tokenised rows: chosen_ids, rejected_ids (`templates.reward_pair_ids`)
+    and the margin when there is one. A pair the chat template cannot render is one line naming it."""
+    if dataset is None:
+        return None
+    from datasets import Dataset
+    from jinja2 import TemplateError
+
+    columns = {"chosen_ids": [], "rejected_ids": [], **({"margin": []} if "margin" in dataset.column_names else {})}
+    for i, row in enumerate(dataset):
+        try:
+            ids = reward_pair_ids(tok, row)
+        except TemplateError as exc:
+            raise RecipeError(f"data: {which} pair {i} (prompt {str(row['prompt'])[:60]!r}): the chat template refuses "
+                              f"it ({exc})") from None
+        for key in columns:
+            columns[key].append(ids[key] if key in ids else row[key])
+    return Dataset.from_dict(columns)
+
+
 def run(recipe: RewardRecipe, inputs: dict, work_dir: Path) -> dict:
     train, held_out, counts = preference_datasets(
         recipe, inputs, world.preset(recipe.world).preference_pairs, DEFAULT_EXAMPLES, with_margin=True
     )
 
-    tok = load_tokenizer(inputs["model"], recipe.model_options)
+    # a causal LM without a chat template gets the toolkit's (saved with the model); a classifier keeps the
+    # plain form it was trained on
+    tok = load_tokenizer(inputs["model"], recipe.model_options,
+                         fallback_template=not is_classifier(inputs["model"], recipe.model_options))
+    train, held_out = tokenized_pairs(tok, train, "training"), tokenized_pairs(tok, held_out, "held-out")
     model = load_classifier(inputs["model"], tok, recipe.model_options)
     if recipe.lora is not None:
         model = apply_lora(model, recipe.lora, task_type="SEQ_CLS")
