@@ -151,6 +151,14 @@ class DataOptions(Section):
     on_bad_row: Literal["error", "drop"] = Field(
         "error", description="'error': stop at the first malformed row; 'drop': skip it and count it by reason."
     )
+    system_message: Literal["merge", "drop", "refuse"] = Field(
+        "merge",
+        description="What the data check does with a conversation whose system turn the model's chat template "
+        "refuses (Gemma-2, Mistral-Instruct): 'merge' its text into the next user turn (separated by a blank "
+        "line), 'drop' it, or 'refuse' (the row is bad, see on_bad_row). Found by rendering each row before "
+        "anything trains; a template that accepts system turns keeps them. Changed rows are counted in the "
+        "stage summary.",
+    )
 
 
 class PreferenceDataOptions(DataOptions):

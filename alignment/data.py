@@ -112,6 +112,31 @@ def messages_problem(messages_field: str) -> Callable[[dict], str | None]:
     return problem
 
 
+def fit_to_template(found: Rows, tok, system_message: str, on_bad_row: str, field: str,
+                    replies: tuple[str, ...] = ()) -> tuple[Rows, Counter]:
+    """Each checked row's conversation as the model's chat template takes it (templates.fit_roles), before
+    anything trains: a system turn the template refuses is merged or dropped (`data.system_message`)
+    and the row counted by what was done; a row the template still cannot render (turns that do not
+    alternate, a system turn under 'refuse') is a bad row, reported with its origin or dropped and counted
+    (`on_bad_row`). `field` holds the messages (sft) or the prompt's messages, which `replies` (chosen,
+    rejected) continue; the changes go to the prompt. Returns (rows, changed rows by change)."""
+    from .templates import fit_roles
+
+    changed: Counter = Counter()
+    fitted = Rows([], list(found.origins), Counter(found.dropped))
+    for row in found.rows:
+        reply = row[replies[0]] if replies else []
+        messages, change, problem = fit_roles(tok, row[field] + reply, system_message)
+        if problem is None and change is not None:
+            row = {**row, field: messages[: len(messages) - len(reply)]}
+        for other in replies[1:]:
+            problem = problem or fit_roles(tok, row[field] + row[other], system_message)[2]
+        if problem is None and change is not None:
+            changed[change] += 1
+        fitted.rows.append(row if problem is None else problem)
+    return check_rows(fitted, lambda row: None, on_bad_row), changed
+
+
 def preference_rows(found: Rows, options: DataOptions, margin_field: str | None = None) -> Rows:
     """Parse preference rows into the canonical form with data_prep's parser (the one parser):
     explicit rows (prompt/chosen/rejected as text or chat messages) or implicit-prompt rows

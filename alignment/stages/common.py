@@ -194,18 +194,20 @@ def write_resolved(out_dir: Path, recipe: BaseRecipe, upstream: dict) -> None:
     (out_dir / "recipe.resolved.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
 
 
-def train_causal_lm(recipe: BaseRecipe, inputs: dict, work_dir: Path, dataset, count=None, **sft_options) -> dict:
+def train_causal_lm(recipe: BaseRecipe, inputs: dict, work_dir: Path, dataset, count=None, tok=None,
+                    **sft_options) -> dict:
     """Fine-tune a causal LM on `dataset` with TRL's SFTTrainer and save it to `work_dir`.
 
-    Shared by `pretrain` (pre-tokenised blocks) and `sft` (conversations); returns the
-    final training metrics, after `count(trainer, tok)`'s counts of what the trainer's data
-    preparation did (it runs before training).
+    Shared by `pretrain` and `sft`, both of which hand it pre-tokenised rows (`input_ids`, and for
+    sft the `assistant_masks` TRL builds the labels from); `tok` is the tokenizer they used (loaded
+    here when not given). Returns the final training metrics, after `count(trainer, tok)`'s counts
+    of what the trainer's data preparation did (it runs before training).
     """
     from trl import SFTConfig, SFTTrainer
 
     from ..models import apply_lora, load_causal_lm, load_tokenizer
 
-    tok = load_tokenizer(inputs["model"], recipe.model_options)
+    tok = tok if tok is not None else load_tokenizer(inputs["model"], recipe.model_options)
     model = load_causal_lm(inputs["model"], tok, recipe.model_options)
     if recipe.lora is not None:
         model = apply_lora(model, recipe.lora)
