@@ -270,7 +270,8 @@ def run_sweep(path: str | Path, overrides: list[str] = (), dry_run: bool = False
     to_run = needed(sweep, is_current)
     check_outputs(sweep.nodes, to_run, probe=not dry_run)
     key = comparison_key(sweep)
-    compared = _read_json(sweep.out / "report.json").get("comparison_key") == key and (sweep.out / "compare" / "summary.json").is_file()
+    compared = _read_json(sweep.out / "report.json").get("comparison_key") == key and all(
+        (sweep.out / "compare" / name).is_file() for name in ("summary.json", "samples.jsonl"))
     if dry_run:
         say(f"sweep {sweep.path}: {len(sweep.points)} points, {len(to_run)} stages to run -> {sweep.out}")
         points, running = {id(p.nodes[-1]): p for p in sweep.points}, {id(n) for n in to_run}
@@ -344,7 +345,7 @@ def compare_and_report(sweep: Sweep, key: str, compared: bool, say=print) -> Non
     """One comparison of every point and the baseline (skipped when its inputs are unchanged),
     then the frontier report from its summary."""
     from .compare import CompareError, compare_models, load_prompts
-    from .frontier import write_frontier
+    from .frontier import per_reply_scores, write_frontier
     from .report import write_report_dir
 
     label, base_dir, _ = sweep.baseline
@@ -366,6 +367,8 @@ def compare_and_report(sweep: Sweep, key: str, compared: bool, say=print) -> Non
             raise RecipeError(f"{sweep.path}: {exc.arg}: {exc.message}") from None
         write_report_dir(comparison, compare_dir, heading=f"Sweep {sweep.path.stem}: every point side by side")
     summary = _read_json(compare_dir / "summary.json")
+    samples = [json.loads(line) for line in (compare_dir / "samples.jsonl").read_text().splitlines() if line.strip()]
     methods = {p.label: (p.method, p.varying) for p in sweep.points}
-    text = write_frontier(sweep.out, summary, methods, heading=f"Frontier: {sweep.path.stem}", extra={"comparison_key": key})
+    text = write_frontier(sweep.out, summary, methods, heading=f"Frontier: {sweep.path.stem}", extra={"comparison_key": key},
+                          replies=per_reply_scores(samples))
     say(text)

@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from alignment.cli import main
 from alignment.config import RecipeError
-from alignment.frontier import kl_spreads, overoptimisation, pareto_front, write_frontier
+from alignment.frontier import kl_spreads, pareto_front, write_frontier
 from alignment.sweep import expand, plan_sweep, run_sweep
 from tests.conftest import RECIPES
 from tests.test_compare_report import drawn_plots, rendered_dom
@@ -136,7 +137,14 @@ def test_sweep_runs_resumes_and_reuses_its_parents(in_tmp, tiny_base, monkeypatc
     out = in_tmp / "out" / "sweep"
     report = json.loads((out / "report.json").read_text())
     assert {p["label"] for p in report["points"]} == {"sft", "dpo beta=0.1", "dpo beta=1.0", "ipo loss_type=ipo beta=0.5"}
-    assert report["front"] and all(p["kl_mean"] is not None for p in report["points"])
+    assert all(p["kl_mean"] is not None for p in report["points"])
+    # the front is every point no other point beats on both axes (the baseline alone would not do)
+    at = {p["label"]: (max(p["kl_mean"], 0.0), p["gold_mean"]) for p in report["points"]}
+    undominated = [label for label, (k, s) in at.items()
+                   if not any(k2 <= k and s2 >= s and (k2 < k or s2 > s) for k2, s2 in at.values())]
+    assert report["front"] == undominated and max(at, key=lambda label: at[label][1]) in report["front"]
+    assert set(report["front_beyond_ci"]) <= set(report["front"])  # the replies' scores reached the report
+    assert all(p["front_beyond_ci"] is not None for p in report["points"])
     assert (out / "compare" / "report.html").is_file() and (out / "report.md").is_file()
     assert "Frontier: sweep" in capsys.readouterr().out
 
@@ -189,14 +197,9 @@ def test_pareto_front_by_hand():
     assert pareto_front([(1.0, 0.5)]) == [True]
 
 
-def test_kl_spread_and_overoptimisation_by_hand():
+def test_kl_spread_by_hand():  # over-optimisation and the front's intervals: tests/test_frontier.py
     assert not kl_spreads([(0.20, 0.30), (0.25, 0.35), (0.28, 0.31)])  # every interval overlaps
     assert kl_spreads([(0.20, 0.30), (0.25, 0.35), (0.40, 0.50)])  # the first and last are disjoint
-    row = lambda kl, gold, hi, reward: {"label": f"kl{kl}", "kl_mean": kl, "gold_mean": gold, "gold_hi": hi, "reward_mean": reward}
-    rising = [row(0.1, 0.80, 0.82, 1.0), row(1.0, 0.90, 0.92, 2.0), row(3.0, 0.84, 0.86, 3.0), row(5.0, 0.89, 0.91, 4.0)]
-    found = overoptimisation(rising)
-    assert found["peak"]["label"] == "kl1.0" and [r["label"] for r in found["past"]] == ["kl3.0"]  # kl5.0's CI reaches 0.90
-    assert overoptimisation([row(0.1, 0.8, 0.82, 1.0), row(1.0, 0.9, 0.92, 2.0)]) is None  # gold still rising
 
 
 def _summary():
@@ -210,15 +213,48 @@ def _summary():
             "settings": {"num_prompts": 10, "samples_per_prompt": 2, "decoding": "T=1"}}
 
 
+def _replies(summary: dict, spread: float = 0.1) -> dict:
+    """Per-reply gold and reward of 10 prompts x 2 samples whose means are the summary's: each
+    model's mean plus the same offsets on every prompt (+-spread), a small wobble between points."""
+    offsets = np.tile(np.linspace(-spread, spread, 10), (2, 1)).T.reshape(-1)  # prompt-major, 2 samples each
+    found = {}
+    for i, (label, m) in enumerate(summary["models"].items()):
+        wobble = 0.01 * np.where(np.arange(20) % 4 < 2, 1.0, -1.0) * (1 if i % 2 else -1)
+        for kind in ("gold", "reward"):
+            found.setdefault(kind, {})[label] = list(m[f"{kind}_mean"] + offsets + wobble)
+    return found
+
+
 def test_frontier_report_draws_a_curve_per_method_and_the_front(tmp_path):
     methods = {"dpo a": ("dpo", {"beta": 1}), "dpo b": ("dpo", {"beta": 0.1}), "ppo a": ("ppo", {}), "ppo b": ("ppo", {}),
                "ppo c": ("ppo", {})}
-    text = write_frontier(tmp_path, _summary(), methods, heading="Frontier: test")
+    summary = _summary()
+    text = write_frontier(tmp_path, summary, methods, heading="Frontier: test", replies=_replies(summary))
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["front"] == ["sft", "dpo a", "dpo b"]
-    assert any(n.startswith("ppo: over-optimised past KL 0.5") for n in report["notes"])
+    # paired on the same prompts, ppo b and ppo c fall below ppo a (0.84) while the reward rises; c also below b
+    falls = [n for n in report["notes"] if n.startswith("ppo: gold falls while the reward rises")]
+    assert len(falls) == 2 and "'ppo b' (KL 2) against 'ppo a' (KL 0.5): gold -0.040" in falls[0]
+    assert "'ppo c' (KL 4) against 'ppo a' (KL 0.5): gold -0.140" in falls[1] and "over the method's 3 pairs" in falls[1]
+    assert not any(n.startswith("dpo: gold falls") for n in report["notes"])
     assert "ppo: from KL 0.5 to 4, reward +1.800, gold -0.140" in report["notes"]
-    assert "dpo b" in text and "Pareto front by gold" in text
+    # dpo a's KL interval [0.16, 0.25] lies above the baseline's and below dpo b's [0.8, 1.21]; each scores
+    # beyond the paired intervals above every point that might have less KL: all three stay on the front
+    assert report["front_beyond_ci"] == ["sft", "dpo a", "dpo b"]
+    assert "dpo b" in text and "Pareto front by gold means" in text and "| dpo b | dpo | " in (tmp_path / "report.md").read_text()
+    # dpo b at 0.865: still on the front by means (above dpo a's 0.86), but dpo a's KL interval [0.16, 0.25]
+    # reaches below dpo b's and their paired gold difference (-0.005 +- 0.013) reaches 0
+    summary["models"]["dpo b"]["gold_mean"] = 0.865
+    (tmp_path / "close").mkdir()
+    write_frontier(tmp_path / "close", summary, methods, heading="Frontier: close", replies=_replies(summary))
+    close = json.loads((tmp_path / "close" / "report.json").read_text())
+    assert close["front"] == ["sft", "dpo a", "dpo b"] and close["front_beyond_ci"] == ["sft", "dpo a"]
+    marks = {p["label"]: p["front_beyond_ci"] for p in close["points"]}
+    assert marks == {"sft": True, "dpo a": True, "dpo b": False, "ppo a": False, "ppo b": False, "ppo c": False}
+    assert "beyond the 95% intervals (no other point's KL interval reaches below theirs with a paired gold difference " \
+           "whose interval reaches 0): sft, dpo a;" in " ".join(close["notes"])
+    md = (tmp_path / "close" / "report.md").read_text()
+    assert md.count("| ** |") == 2 and md.count("| * |") == 1
     plots = drawn_plots(rendered_dom(tmp_path / "report.html", tmp_path))
     assert len(plots) == 2  # gold against KL, reward against KL
     gold, reward = plots["plot0"], plots["plot1"]
