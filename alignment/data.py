@@ -123,8 +123,13 @@ def fit_to_template(found: Rows, tok, system_message: str, on_bad_row: str, fiel
     from .templates import fit_roles
 
     changed: Counter = Counter()
+    if not tok.chat_template:  # a classifier's plain text form: no roles to fit
+        return found, changed
     fitted = Rows([], list(found.origins), Counter(found.dropped))
     for row in found.rows:
+        if not isinstance(row[field], list):  # text, not messages: nothing a template could refuse
+            fitted.rows.append(row)
+            continue
         reply = row[replies[0]] if replies else []
         messages, change, problem = fit_roles(tok, row[field] + reply, system_message)
         if problem is None and change is not None:

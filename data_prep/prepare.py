@@ -533,9 +533,20 @@ def _summary(o: PrepOptions, run: _Run, names: list[str], splits: dict) -> dict:
         "extra": dict(total.extra),
         "splits": {k: len(v) for k, v in splits.items()},
         **({"labels": {k: label_counts(v) for k, v in splits.items()}} if o.kind == "binary" else {}),
+        "system_turns": {k: system_turn_rows(v) for k, v in splits.items()},
         "sources": {name: run.tallies[name].as_dict() for name in names},
         "options": o.model_dump(mode="json"),
     }
+
+
+def system_turn_rows(rows: list[dict]) -> int:
+    """Rows with a system turn: a model whose chat template refuses system turns (Gemma-2, Mistral-Instruct)
+    gets them merged into the next user turn, dropped or refused at training (`data.system_message`)."""
+    def turns(row):
+        found = row.get("messages") or row.get("prompt") or []
+        return found if isinstance(found, list) else []
+
+    return sum(any(isinstance(m, dict) and m.get("role") == "system" for m in turns(r)) for r in rows)
 
 
 def label_counts(rows: list[dict]) -> dict:
@@ -552,6 +563,10 @@ def summary_text(summary: dict) -> str:
     ]
     lines += [f"  labels   {split}: {c['desirable']} desirable, {c['undesirable']} undesirable"
               for split, c in summary.get("labels", {}).items()]
+    systems = {k: v for k, v in summary.get("system_turns", {}).items() if v}
+    if systems:
+        lines.append("  system turns: " + ", ".join(f"{k} {v} rows" for k, v in systems.items())
+                     + " (a chat template that refuses them: data.system_message merges, drops or refuses them)")
     lines += [f"  dropped  {v:>7}  {k}" for k, v in summary["dropped"].items()]
     lines += [f"  extra   +{v:>7}  {k}" for k, v in summary["extra"].items()]
     if len(summary["sources"]) > 1:

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -287,7 +288,7 @@ def split_rows(recipe, inputs: dict, demo, default_examples: int, parse):
     return hold_out(rows, d.eval_examples)
 
 
-def preference_datasets(recipe, inputs: dict, demo, default_examples: int, with_margin: bool = False):
+def preference_datasets(recipe, inputs: dict, demo, default_examples: int, with_margin: bool = False, tok=None):
     """Load, parse, check and split the recipe's preference rows (reward and dpo stages).
 
     Rows are read by data_prep's reader and parsed by its shape parser: explicit pairs (text or
@@ -296,7 +297,10 @@ def preference_datasets(recipe, inputs: dict, demo, default_examples: int, with_
 
     Returns (train, held_out or None, counts): datasets in TRL's conversational preference
     format, and the row counts (dropped rows by reason included). With `with_margin`, a margin
-    column the data carries (`data.margin_field`) is checked and kept as `margin`.
+    column the data carries (`data.margin_field`) is checked and kept as `margin`. With `tok`, every
+    pair is checked against its chat template (`data.fit_to_template`: a refused system turn merged or
+    dropped as `data.system_message` says and counted under changed/..., a pair it still cannot render
+    reported by file and row or dropped and counted).
     """
     from datasets import Dataset
 
@@ -312,6 +316,15 @@ def preference_datasets(recipe, inputs: dict, demo, default_examples: int, with_
         return preference_rows(found, d, margin)
 
     train, held = split_rows(recipe, inputs, demo, default_examples, parse)
+    changed: Counter = Counter()
+    if tok is not None:
+        from ..data import fit_to_template
+
+        train, changed = fit_to_template(train, tok, d.system_message, d.on_bad_row, "prompt", ("chosen", "rejected"))
+        if held is not None and len(held):
+            held, held_changed = fit_to_template(held, tok, d.system_message, d.on_bad_row, "prompt",
+                                                 ("chosen", "rejected"))
+            changed.update(held_changed)
 
     def to_dataset(found):
         columns = {k: [r[k] for r in found.rows] for k in ("prompt", "chosen", "rejected")}
@@ -323,6 +336,7 @@ def preference_datasets(recipe, inputs: dict, demo, default_examples: int, with_
         "train_pairs": len(train),
         **({"margin_column": margin} if margin else {}),
         **{f"dropped/{k}": v for k, v in train.dropped.items()},
+        **{f"changed/{k}": v for k, v in changed.items()},
     }
     return to_dataset(train), (to_dataset(held) if held is not None and len(held) else None), counts
 

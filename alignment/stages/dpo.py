@@ -135,9 +135,8 @@ def truncated_pairs(dataset, max_length: int) -> int:
 def run(recipe: DPORecipe, inputs: dict, work_dir: Path) -> dict:
     o = recipe.dpo
     pairs = world.preset(recipe.world).preference_pairs
-    train, held_out, counts = preference_datasets(recipe, inputs, pairs, DEFAULT_EXAMPLES)
-
     tok = load_tokenizer(inputs["model"], recipe.model_options)
+    train, held_out, counts = preference_datasets(recipe, inputs, pairs, DEFAULT_EXAMPLES, tok=tok)
     policy = load_causal_lm(inputs["model"], tok, recipe.model_options)
     if recipe.lora is not None:
         check_lora_targets(policy, recipe.lora)  # DPOTrainer adds the adapters itself

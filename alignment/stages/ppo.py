@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from .. import losses
-from ..templates import render_prompt
+from ..templates import render_prompt, template_complaint
 from ..config import RecipeError, RLRecipe
 from ..data import Rows, check_rows, load_rows
 from ..demo import world
@@ -89,7 +89,8 @@ def load_prompts(recipe: RLRecipe, tok) -> tuple[list[str], list[str], dict, lis
             return f"missing '{d.prompt_field}'"
         if not isinstance(value, str) or not value.strip():
             return f"'{d.prompt_field}' is not a non-empty string"
-        return None
+        complaint = template_complaint(tok, [{"role": "user", "content": value}], add_generation_prompt=True)
+        return f"the chat template cannot render this prompt ({complaint})" if complaint else None
 
     found = check_rows(load_rows(d, world.preset(recipe.world).train_prompts, DEFAULT_PROMPTS), problem, d.on_bad_row)
     kept = Rows([], [], found.dropped)

@@ -82,14 +82,13 @@ def tokenized_pairs(tok, dataset, which: str):
 
 
 def run(recipe: RewardRecipe, inputs: dict, work_dir: Path) -> dict:
-    train, held_out, counts = preference_datasets(
-        recipe, inputs, world.preset(recipe.world).preference_pairs, DEFAULT_EXAMPLES, with_margin=True
-    )
-
     # a causal LM without a chat template gets the toolkit's (saved with the model); a classifier keeps the
     # plain form it was trained on
     tok = load_tokenizer(inputs["model"], recipe.model_options,
                          fallback_template=not is_classifier(inputs["model"], recipe.model_options))
+    train, held_out, counts = preference_datasets(
+        recipe, inputs, world.preset(recipe.world).preference_pairs, DEFAULT_EXAMPLES, with_margin=True, tok=tok
+    )
     train, held_out = tokenized_pairs(tok, train, "training"), tokenized_pairs(tok, held_out, "held-out")
     model = load_classifier(inputs["model"], tok, recipe.model_options)
     if recipe.lora is not None:
