@@ -702,6 +702,14 @@ class PrepOptions(Section):
         description="Binary: a numeric label (a rating) or a rated completion is desirable when it is at least this. "
         "Null: labels must be true/false, 1/0 or words (up/down, accept/reject, ...).",
     )
+    keep_desirable: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="Binary: keep this share of the desirable rows (a fixed, hash-chosen subset; the rest counted as "
+        "'desirable not kept (keep_desirable)'), e.g. to make on-policy feedback as imbalanced as real feedback, "
+        "where problems are reported more often than successes.",
+    )
     strict: bool = Field(False, description="Any dropped row is an error naming its file and line.")
     seed: int = Field(0, description="Seed of the random rejected choice, of the weighted sampling and of demo sources.")
 
@@ -711,6 +719,9 @@ class PrepOptions(Section):
         if self.strict and low is not None:
             raise ValueError(f"strict (--strict) and a source weight below 1 ({low.weight:g}, --weights) conflict: "
                              "sampling by weight leaves rows out, and strict allows no dropped row")
+        if self.strict and self.keep_desirable < 1:
+            raise ValueError(f"strict (--strict) and keep_desirable {self.keep_desirable:g} (--keep-desirable) conflict: "
+                             "it leaves desirable rows out, and strict allows no dropped row")
         return self
 
 

@@ -133,6 +133,7 @@ def _add_sources(p: argparse.ArgumentParser, kind: str) -> None:
     if kind == "binary":
         d = PrepOptions.model_fields
         p.add_argument("--threshold", type=_finite, help=d["threshold"].description)
+        p.add_argument("--keep-desirable", type=_finite, default=1.0, help=d["keep_desirable"].description)
     if kind in ("pairs", "binary"):
         d = PrepOptions.model_fields
         p.add_argument("--rejected-choice", choices=("worst", "random"), default="worst", help=d["rejected_choice"].description)
@@ -167,7 +168,7 @@ def options_from(args: argparse.Namespace, kind: str) -> PrepOptions:
         extra = dict(rejected_choice=args.rejected_choice, min_margin=args.min_margin, min_ratio=args.min_ratio,
                      ranked_pairs=args.ranked_pairs, max_prompt_tokens=args.max_prompt_tokens)
     if kind == "binary":
-        extra["threshold"] = args.threshold
+        extra.update(threshold=args.threshold, keep_desirable=args.keep_desirable)
     return PrepOptions(
         kind=kind, sources=sources, test_fraction=args.test_fraction, split_seed=args.split_seed, dedup=args.dedup,
         max_turns=args.max_turns, max_length=args.max_length, strict=args.strict, seed=args.seed, **extra,

@@ -3,7 +3,7 @@
 `prepare(options)` runs the whole chain and returns the splits and a summary:
 
     read (read.py) -> parse the shape (shapes.py) -> row checks -> deduplicate -> token lengths
-    -> weighted sampling -> split by prompt hash
+    -> (binary) keep_desirable -> weighted sampling -> split by prompt hash
 
 Every row read is either kept (in train or test) or dropped under a named reason, so for each
 source and in total:  kept + sum(dropped) = rows read + sum(extra), where `extra` counts rows
@@ -319,6 +319,9 @@ def _prepare(o: PrepOptions, tokenizer, progress: bool, given: dict | None, num_
 
     if o.max_prompt_tokens or o.max_length:
         _token_limits(run, tokenizer)
+    if o.kind == "binary" and o.keep_desirable < 1:
+        keep = [not row["label"] or unit_hash(row["id"], f"keep-{o.seed}") < o.keep_desirable for row in run.rows]
+        run.keep_only(keep, lambda i: f"desirable not kept (keep_desirable {o.keep_desirable:g})")
     weights = {name: s.weight for s, name in zip(o.sources, names)}
     if any(w != 1.0 for w in weights.values()):
         _sample_by_weight(run, weights)
