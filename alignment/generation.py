@@ -296,12 +296,16 @@ def token_logprobs(
         pad = lambda x: torch.nn.functional.pad(x, (0, width - used))  # noqa: E731
         return tuple(map(pad, out)) if with_entropy else pad(out)
     labels = input_ids[:, context_length:]
+    check_logprob_support(model)
     parts = _trunk_and_head(model)
+    if parts is not None:
+        trunk, head = parts
+        hidden, amp, last = _trunk_output(model, trunk, input_ids, attention_mask, context_length)
+        if not _head_matches(model, head, last, amp):
+            parts = None
     if parts is None:
         logits = response_logits(model, input_ids, attention_mask, context_length)
         return _chunk_scores(logits, labels, response_mask, temperature, with_entropy)
-    trunk, head = parts
-    hidden, amp = _trunk_output(model, trunk, input_ids, attention_mask, context_length)
     flat = (hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1), response_mask.reshape(-1))
 
     def scores(h, y, m):
@@ -328,9 +332,30 @@ def _chunk_scores(logits, labels, mask, temperature: float, with_entropy: bool):
     return logp, losses.entropy_from_logits(logits.float() / temperature)
 
 
-# Config attributes of models that scale or cap their logits after the LM head (Gemma 2,
-# Cohere, Granite, Falcon-H1, ...): `token_logprobs` leaves those to the model's own forward.
-LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier")
+# Config attributes of models that scale or cap their logits after the LM head (Gemma 2/3, VaultGemma,
+# RecurrentGemma, Cohere, Granite, Falcon-H1, xLSTM, ...): `token_logprobs` leaves those to the model's own
+# forward. Any other transform is caught at run time (`_head_matches`).
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier",
+                    "logits_soft_cap", "output_logit_soft_cap", "logit_softcapping")
+_UNMATCHED: set[type] = set()  # model classes whose logits are not their LM head's output (found at run time)
+
+
+def check_logprob_support(model) -> None:
+    """Refuse, in one line, a model whose logits `token_logprobs` cannot reproduce: an encoder-decoder, or
+    a forward that takes neither `position_ids` and `logits_to_keep` nor further keywords (the forward
+    pass over sampled text passes both, so that left padding never changes a row's logits)."""
+    from .config import RecipeError
+
+    lm = base_lm(model)
+    name = type(lm).__name__
+    if getattr(lm.config, "is_encoder_decoder", False):
+        raise RecipeError(f"{name}: an encoder-decoder model; the toolkit's log-probs need a decoder-only causal LM")
+    params = inspect.signature(lm.forward).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    missing = [k for k in ("position_ids", "logits_to_keep") if k not in params and not takes_any]
+    if missing:
+        raise RecipeError(f"{name}: its forward takes no {' or '.join(missing)}, so the toolkit cannot compute its "
+                          "log-probs as the model's own logits give them; use a causal LM whose forward does")
 
 
 def _trunk_and_head(model):
@@ -344,7 +369,7 @@ def _trunk_and_head(model):
     config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
     if not isinstance(head, torch.nn.Module) or trunk is None or trunk is lm:
         return None
-    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in LOGIT_TRANSFORMS):
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in LOGIT_TRANSFORMS) or type(lm) in _UNMATCHED:
         return None
     weight = getattr(head, "weight", None)
     if weight is None or type(weight) is not torch.nn.Parameter or hasattr(weight, "ds_id"):
@@ -355,8 +380,9 @@ def _trunk_and_head(model):
 def _trunk_output(model, trunk, input_ids, attention_mask, context_length: int):
     """The trunk's last hidden state at the positions that predict the tokens after
     `context_length` (B, R, H), captured from the model's own forward (which computes the logits
-    of the last position only), and the autocast state it ran under. Rows that share a prompt:
-    it runs once (`shared_prompt_cache`), the rows' replies on top of its cache."""
+    of the last position only), the autocast state it ran under, and (hidden state, logits) of the
+    last position, for `_head_matches`. Rows that share a prompt: it runs once
+    (`shared_prompt_cache`), the rows' replies on top of its cache."""
     seen = {}
 
     def keep(module, args, output):
@@ -371,15 +397,36 @@ def _trunk_output(model, trunk, input_ids, attention_mask, context_length: int):
     handle = trunk.register_forward_hook(keep)
     try:
         if shared is None:
-            model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, logits_to_keep=1,
-                  use_cache=False)
+            out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, logits_to_keep=1,
+                        use_cache=False)
         else:
-            model(input_ids=input_ids[:, context_length:], attention_mask=attention_mask,
-                  position_ids=positions[:, context_length:], logits_to_keep=1, use_cache=True,
-                  **{cache_keyword(model): shared[0]})
+            out = model(input_ids=input_ids[:, context_length:], attention_mask=attention_mask,
+                        position_ids=positions[:, context_length:], logits_to_keep=1, use_cache=True,
+                        **{cache_keyword(model): shared[0]})
     finally:
         handle.remove()
+    last = (seen["hidden"][:, -1].detach(), out.logits[:, -1].detach())
     if shared is None:
-        return seen["hidden"][:, context_length - 1 : -1], seen["amp"]
+        return seen["hidden"][:, context_length - 1 : -1], seen["amp"], last
     _, prompt_last, inverse = shared  # the prompt's last position predicts the first reply token
-    return torch.cat([prompt_last[inverse], seen["hidden"][:, :-1]], 1), seen["amp"]
+    return torch.cat([prompt_last[inverse], seen["hidden"][:, :-1]], 1), seen["amp"], last
+
+
+def _head_matches(model, head, last, amp) -> bool:
+    """Whether the LM head applied to the trunk's output gives the model's own logits, checked at the last
+    position of the forward that just ran (its logits come with it): a model that transforms its logits in
+    a way `LOGIT_TRANSFORMS` does not name (a soft cap, a scale) fails here, is logged once, and its class
+    takes the unchunked path from then on. The tolerance is 16 rounding steps of the coarser dtype."""
+    hidden, want = last
+    with torch.no_grad(), torch.autocast(**amp):
+        got = head(hidden)
+    eps = max(torch.finfo(got.dtype).eps, torch.finfo(want.dtype).eps)
+    got, want = got.float(), want.float()
+    if (got - want).abs().max() <= 16 * eps * (1 + want.abs().max()):
+        return True
+    lm = base_lm(model)
+    if type(lm) not in _UNMATCHED:
+        _UNMATCHED.add(type(lm))
+        logger.warning("%s: its logits are not its LM head's output (a cap or scale the toolkit does not know by "
+                       "name); its log-probs come from its own forward, unchunked", type(lm).__name__)
+    return False

@@ -145,6 +145,82 @@ def test_models_that_cap_their_logits_take_the_unchunked_path():
         assert torch.allclose(logp, full_logprobs(model, ids, mask, response_mask, 1.0)[0], atol=1e-5)
 
 
+# Causal-LM architectures transformers ships, at a tiny size: every one that transforms its logits after the
+# LM head (soft caps: Gemma 2/3, VaultGemma, RecurrentGemma, NanoChat; scales: Cohere, Granite, Falcon-H1),
+# and a spread of the others (rotary, ALiBi, learned positions, parallel blocks, state-space models).
+SIZE = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, max_position_embeddings=128)
+ARCHITECTURES = {
+    "llama": {}, "qwen2": {}, "mistral": {}, "phi3": {"pad_token_id": 0}, "phi": {"num_key_value_heads": 2},
+    "gpt2": {"n_embd": 16, "n_layer": 2, "n_head": 2, "n_positions": 128, "bos_token_id": 0, "eos_token_id": 0},
+    "bloom": {"n_embed": 16, "n_layer": 2, "n_head": 2},
+    "mamba": {"state_size": 4, "expand": 2},
+    "gemma": {"head_dim": 8},
+    "gemma2": {"head_dim": 8, "final_logit_softcapping": 0.5},
+    "gemma3_text": {"head_dim": 8, "final_logit_softcapping": 0.5},
+    "vaultgemma": {"head_dim": 8, "final_logit_softcapping": 0.5},
+    "recurrent_gemma": {"head_dim": 8, "lru_width": 16, "attention_window_size": 16, "logits_soft_cap": 0.5,
+                        "block_types": ["recurrent", "attention"]},
+    "nanochat": {"final_logit_softcapping": 0.5},
+    "cohere": {"logit_scale": 0.0625, "eos_token_id": 1},
+    "granite": {"logits_scaling": 8.0},
+    "falcon_h1": {"lm_head_multiplier": 0.5, "head_dim": 8, "mamba_d_ssm": 16, "mamba_n_heads": 4, "mamba_d_head": 4,
+                  "mamba_n_groups": 1, "mamba_d_state": 8, "mamba_chunk_size": 16},
+}
+
+
+def tiny_causal_lm(model_type: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**SIZE, **ARCHITECTURES[model_type]})).eval()
+
+
+def own_logprobs(model, ids, context: int):
+    """log_softmax of the model's own logits (its plain forward) at the reply tokens."""
+    logits = model(input_ids=ids).logits
+    return torch.log_softmax(logits[:, context - 1 : -1].float(), -1).gather(-1, ids[:, context:, None])[..., 0]
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_log_probs_are_the_models_own_for_every_architecture(model_type):
+    model = tiny_causal_lm(model_type)
+    ids = torch.randint(3, VOCAB, (2, PROMPT + 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logp = token_logprobs(model, ids, torch.ones_like(ids), PROMPT, torch.ones(2, 7, dtype=torch.long), chunk_tokens=4)
+        assert torch.allclose(logp, own_logprobs(model, ids, PROMPT), atol=1e-5)
+
+
+def test_a_logit_transform_not_known_by_name_is_caught_at_run_time(monkeypatch):
+    """RecurrentGemma's soft cap, had the toolkit not listed its config name: the LM head's output at the last
+    position differs from the forward's logits there, so its log-probs come from the forward, the same values."""
+    from alignment import generation
+
+    monkeypatch.setattr(generation, "LOGIT_TRANSFORMS", tuple(n for n in generation.LOGIT_TRANSFORMS if n != "logits_soft_cap"))
+    monkeypatch.setattr(generation, "_UNMATCHED", set())
+    model = tiny_causal_lm("recurrent_gemma")
+    assert generation._trunk_and_head(model) is not None  # not known by name
+    ids = torch.randint(3, VOCAB, (2, PROMPT + 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logp = token_logprobs(model, ids, torch.ones_like(ids), PROMPT, torch.ones(2, 7, dtype=torch.long), chunk_tokens=4)
+        assert torch.allclose(logp, own_logprobs(model, ids, PROMPT), atol=1e-5)
+    assert generation._trunk_and_head(model) is None  # found: its class takes the forward's logits from now on
+
+
+def test_a_model_whose_logits_cannot_be_matched_is_refused_in_one_line():
+    from alignment.config import RecipeError
+
+    class NoPositions(torch.nn.Module):  # a forward that takes neither position_ids nor logits_to_keep
+        config = LlamaConfig()
+
+        def forward(self, input_ids, attention_mask=None):
+            raise AssertionError("not called")
+
+    ids = torch.ones(1, PROMPT + 2, dtype=torch.long)
+    with pytest.raises(RecipeError, match=r"^NoPositions: its forward takes no position_ids or logits_to_keep"):
+        token_logprobs(NoPositions(), ids, torch.ones_like(ids), PROMPT, torch.ones(1, 2, dtype=torch.long))
+
+
 class LargestTensor(TorchDispatchMode):
     """Records the element count of the largest tensor any operation produces."""
 
