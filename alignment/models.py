@@ -25,9 +25,9 @@ from transformers import (
 
 from .config import LoraOptions, ModelOptions, RecipeError
 
-# Used when a tokenizer ships no chat template. `{% generation %}` marks the assistant
-# tokens so that TRL can train on them alone; the assistant turn ends with EOS, so a model
-# trained on it learns to stop.
+# Used when a tokenizer ships no chat template. The assistant turn ends with EOS, so a model
+# trained on it learns to stop. SFT finds the assistant tokens by rendering turn by turn
+# (templates.assistant_mask); the `{% generation %}` markers are kept for TRL's own tools, not needed.
 DEFAULT_CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'assistant' -%}"
