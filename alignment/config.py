@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
 
+from .estimators import ADVANTAGE, KL
 from .paths import user_path
 
 STAGES = ("init", "pretrain", "sft", "reward", "ppo", "grpo", "rloo", "dpo", "kto", "prep", "compare")
@@ -184,8 +185,10 @@ class PreferenceDataOptions(DataOptions):
 class TrainingOptions(Section):
     """Passed to transformers' TrainingArguments under the same names."""
 
-    learning_rate: float = Field(5e-4, gt=0, description="Peak learning rate.")
-    per_device_train_batch_size: int = Field(16, gt=0, description="Batch size per process.")
+    learning_rate: float = Field(
+        2e-5, gt=0, description="Peak learning rate (a full fine-tune of a 0.5-8B checkpoint; TRL's SFT default)."
+    )
+    per_device_train_batch_size: int = Field(8, gt=0, description="Batch size per process.")
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     num_train_epochs: float = Field(1.0, gt=0, description="Epochs (ignored when max_steps > 0).")
     max_steps: int = Field(-1, description="Optimizer steps; -1: run num_train_epochs.")
@@ -193,7 +196,10 @@ class TrainingOptions(Section):
     warmup_steps: float = Field(0.0, ge=0, description="Warm-up steps (a value below 1 is a fraction of training).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    max_length: int = Field(128, gt=1, description="Sequence length (pretrain: the block size).")
+    max_length: int = Field(
+        1024, gt=1, description="Sequence length (pretrain: the block size); longer rows are dropped and counted "
+        "(reward, dpo, kto) or cut (sft)."
+    )
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         "auto", description="'auto': bf16 on a GPU that supports it, full precision otherwise."
     )
@@ -299,7 +305,7 @@ class InitOptions(Section):
 class GenerationOptions(Section):
     """How compared models answer: the same rule and the same seed for every model."""
 
-    max_new_tokens: int = Field(24, gt=0, description="Longest reply, in tokens.")
+    max_new_tokens: int = Field(512, gt=0, description="Longest reply, in tokens.")
     temperature: float = Field(
         1.0, ge=0.0, description="Sampling temperature; 1.0 shows each model's whole distribution, 0 is greedy."
     )
@@ -497,6 +503,14 @@ class DPOOptions(Section):
         return self
 
 
+class PolicyTrainingOptions(TrainingOptions):
+    """Passed to transformers' TrainingArguments under the same names (the RL stages read the learning rate,
+    schedule, warm-up, weight decay, clipping and accumulation). A policy trained against a reference
+    (dpo, kto, ppo, grpo, rloo) moves at a lower learning rate than SFT (TRL's DPO, GRPO and RLOO default)."""
+
+    learning_rate: float = Field(1e-6, gt=0, description="Peak learning rate (a full fine-tune of a 0.5-8B policy).")
+
+
 class DPORecipe(BaseRecipe):
     UNREAD = (*_unread_fields("prompt_field", "chosen_field", "rejected_field"), "data.margin_field")
     stage: Literal["dpo"]
@@ -506,6 +520,7 @@ class DPORecipe(BaseRecipe):
         "(`model`), the usual choice.",
     )
     data: PreferenceDataOptions = Field(default_factory=PreferenceDataOptions)
+    training: PolicyTrainingOptions = Field(default_factory=PolicyTrainingOptions)
     dpo: DPOOptions = Field(default_factory=DPOOptions)
 
     @model_validator(mode="after")
@@ -562,6 +577,7 @@ class KTORecipe(BaseRecipe):
         None, description="Reference policy: a local path, a hub id or {from: recipe.yaml}. Null: the starting model."
     )
     data: FeedbackDataOptions = Field(default_factory=FeedbackDataOptions)
+    training: PolicyTrainingOptions = Field(default_factory=PolicyTrainingOptions)
     kto: KTOOptions = Field(default_factory=KTOOptions)
 
     @model_validator(mode="after")
@@ -612,7 +628,7 @@ class PrepSamples(Section):
     )
     temperature: float = Field(1.0, gt=0.0, description="Sampling temperature.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling (1: off).")
-    max_new_tokens: int = Field(32, gt=0, description="Longest sampled reply, in tokens.")
+    max_new_tokens: int = Field(512, gt=0, description="Longest sampled reply, in tokens.")
     batch_size: int = Field(64, gt=0, description="Prompts generated at once.")
 
 
@@ -808,6 +824,20 @@ class CompareRecipe(BaseRecipe):
 # --------------------------------------------------------------------------- online RL: ppo, grpo, rloo
 
 
+KL_ESTIMATORS = tuple(KL)  # the schema's names come from the registries (alignment/estimators.py)
+ADVANTAGE_ESTIMATORS = tuple(ADVANTAGE)
+KLEstimatorName = Literal[KL_ESTIMATORS]
+AdvantageEstimatorName = Literal[ADVANTAGE_ESTIMATORS]
+KL_HELP = (
+    "Per-token estimator of KL(policy || reference) on sampled tokens, log r = ref_logp - logp; what its "
+    "expected gradient follows with the KL in the loss / in the reward: " + "; ".join(
+        f"'{name}' = {e.fn.__doc__.split('=', 1)[1].strip().rstrip('.')} ({e.estimates}; loss: "
+        f"{e.in_loss or 'expected gradient 0, refused'}; reward: {e.in_reward})"
+        for name, e in KL.items()
+    ) + "."
+)
+
+
 class RLOptions(Section):
     """What the one RL loop (alignment/stages/ppo.py) reads in every RL stage: rollouts, the clipped
     policy update and the KL leash. The stage's own section (ppo, grpo, rloo) adds the rest."""
@@ -825,7 +855,7 @@ class RLOptions(Section):
         "(training.gradient_accumulation_steps micro-batches inside each)."
     )
     ppo_epochs: int = Field(4, gt=0, description="Passes over each iteration's rollouts.")
-    response_length: int = Field(24, gt=0, description="Most new tokens per reply.")
+    response_length: int = Field(512, gt=0, description="Most new tokens per reply.")
     temperature: float = Field(
         0.7, gt=0.0, description="Sampling temperature of the rollouts; log-probs are taken at the same temperature."
     )
@@ -833,9 +863,7 @@ class RLOptions(Section):
     clip_range: float | None = Field(
         0.2, gt=0.0, description="Ratio clip epsilon of the policy loss (null: no clipping, the plain policy gradient)."
     )
-    kl_estimator: Literal["k1", "k3"] = Field(
-        "k1", description="Per-token KL estimator: 'k1' = logp - ref_logp, 'k3' = exp(r) - 1 - r with r = ref_logp - logp."
-    )
+    kl_estimator: KLEstimatorName = Field("k1", description=KL_HELP)
     kl_coef: float = Field(
         0.05, ge=0.0, description="KL coefficient beta (the starting value when adaptive). 0 with kl_control "
         "'fixed': no reference model is loaded at all."
@@ -849,7 +877,13 @@ class RLOptions(Section):
         None, ge=0.0, description="Subtracted from the score of replies that end without EOS (null: none)."
     )
     forward_batch_size: int | None = Field(
-        None, gt=0, description="Rows per no-grad forward pass during rollouts (null: the whole local batch)."
+        None, gt=0, description="Rows per no-grad forward pass during rollouts (null: the whole local batch); "
+        "reward functions are still called once per batch."
+    )
+    soft_punish_cache: int = Field(
+        0, ge=0, description="DAPO's overlong reward shaping (TRL's get_soft_overlong_punishment): a reply of more "
+        "than response_length - soft_punish_cache tokens gets a penalty falling linearly from 0 to -1 at "
+        "response_length, logged as rewards/overlong and added to the score (0: off)."
     )
 
     @model_validator(mode="after")
@@ -862,6 +896,28 @@ class RLOptions(Section):
             raise ValueError(f"total_episodes {self.total_episodes} is smaller than batch_size {self.batch_size}")
         if self.batch_size % self.group_size:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by num_generations {self.group_size}")
+        if self.soft_punish_cache > self.response_length:
+            raise ValueError(
+                f"soft_punish_cache {self.soft_punish_cache} is longer than response_length {self.response_length}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _kl_leash(self):
+        beta = type(self).model_fields["kl_coef"].alias or "kl_coef"
+        if self.kl_control == "adaptive" and self.kl_coef == 0:
+            raise ValueError(
+                f"kl_control 'adaptive' with {beta} 0 never moves (its update multiplies {beta}): start from a "
+                f"positive {beta}, or use kl_control 'fixed'"
+            )
+        leash = self.kl_coef > 0 or self.kl_control == "adaptive"
+        if leash and self.kl_in_loss and KL[self.kl_estimator].in_loss is None:
+            in_loss = [name for name, e in KL.items() if e.in_loss is not None]
+            raise ValueError(
+                f"kl_estimator '{self.kl_estimator}' in the loss has expected gradient 0 and pulls nothing toward the "
+                f"reference: use {' or '.join(repr(n) for n in in_loss)} (docs/rl.md says which KL each follows), or "
+                "kl_in 'reward'"
+            )
         return self
 
     @property
@@ -888,6 +944,21 @@ class RLOptions(Section):
         """The KL leash is a loss term (GRPO) rather than a reward term (PPO, RLOO)."""
         return False
 
+    @property
+    def ratio_clip_high(self) -> float | None:
+        """The upper ratio clip epsilon (None: the same as clip_range)."""
+        return None
+
+    @property
+    def ratio_level(self) -> str:
+        """'token' or 'sequence' (GSPO) importance ratios."""
+        return "token"
+
+    @property
+    def drops_equal_groups(self) -> bool:
+        """DAPO's dynamic sampling."""
+        return False
+
 
 class PPOOptions(RLOptions):
     """PPO with a KL penalty and a critic (see alignment/stages/ppo.py for one iteration step by step)."""
@@ -906,17 +977,21 @@ class CriticFreeOptions(RLOptions):
     num_generations: int = Field(
         4, ge=2, description="Replies sampled per prompt (G, RLOO's k); the group an advantage is measured in."
     )
-    advantage_estimator: Literal["grpo", "rloo", "reinforce_baseline"] = Field(
+    advantage_estimator: AdvantageEstimatorName = Field(
         "grpo",
         description="'grpo': (r - group mean) / group std (std only with scale_rewards); 'rloo': r - the mean of "
         "the other replies to the prompt; 'reinforce_baseline': r - group mean, then whitened over the batch "
         "(REINFORCE++-baseline).",
     )
-    scale_rewards: bool = Field(True, description="(grpo) Divide by the group's standard deviation (false: Dr. GRPO).")
+    scale_rewards: bool = Field(
+        True, description="(grpo) Divide by the group's standard deviation (false: Dr. GRPO); (reinforce_baseline) "
+        "whiten over the batch. Either way a KL in the reward keeps beta's scale: only the scores are rescaled."
+    )
     kl_in: Literal["loss", "reward"] = Field(
         "loss",
-        description="Where the KL leash acts: 'loss' adds beta * KL(policy || reference) per token to the loss "
-        "(GRPO); 'reward' subtracts beta * the reply's summed KL from its score before the advantages (RLOO).",
+        description="Where the KL leash acts: 'loss' adds beta * the per-token kl_estimator to the loss "
+        "(GRPO); 'reward' subtracts beta * the reply's summed KL from its score (RLOO): the advantage is the "
+        "estimator's on the scores minus beta * the estimator's, unscaled, on the summed KLs.",
     )
     loss_aggregation: Literal["token", "sequence", "dr_grpo"] = Field(
         "sequence",
@@ -926,6 +1001,22 @@ class CriticFreeOptions(RLOptions):
     )
     mask_truncated_completions: bool = Field(
         False, description="Leave replies cut off at response_length (no EOS) out of the loss."
+    )
+    clip_range_high: float | None = Field(
+        None, gt=0.0, alias="epsilon_high", description="Upper ratio clip: clip(ratio, 1 - epsilon, 1 + "
+        "epsilon_high) (DAPO's clip-higher; its paper uses 0.28 with epsilon 0.2). Null: epsilon."
+    )
+    importance_sampling_level: Literal["token", "sequence"] = Field(
+        "token", description="'token': one ratio per token; 'sequence': each reply's ratio is exp(mean over its "
+        "tokens of the log-ratio), on all its tokens (GSPO; its paper clips at epsilon 3e-4 / epsilon_high 4e-4)."
+    )
+    dynamic_sampling: bool = Field(
+        False, description="DAPO's dynamic sampling: groups whose scores are all equal are dropped and more prompts "
+        "sampled until the batch is full (at most dynamic_sampling_max_rounds rollout rounds per iteration)."
+    )
+    dynamic_sampling_max_rounds: int = Field(
+        4, gt=0, description="(dynamic_sampling) Rollout rounds per iteration at most; when they do not fill the "
+        "batch, it is topped up with dropped groups (advantage 0), counted as dynamic_sampling/topped_up."
     )
 
     @property
@@ -944,6 +1035,18 @@ class CriticFreeOptions(RLOptions):
     def kl_in_loss(self) -> bool:
         return self.kl_in == "loss"
 
+    @property
+    def ratio_clip_high(self) -> float | None:
+        return self.clip_range_high
+
+    @property
+    def ratio_level(self) -> str:
+        return self.importance_sampling_level
+
+    @property
+    def drops_equal_groups(self) -> bool:
+        return self.dynamic_sampling
+
 
 class GRPOOptions(CriticFreeOptions):
     """GRPO (DeepSeekMath): group-normalised rewards, per-token clipped surrogate, KL (k3) in the loss.
@@ -955,14 +1058,14 @@ class GRPOOptions(CriticFreeOptions):
     )
     clip_range: float | None = Field(0.2, gt=0.0, alias="epsilon", description="Ratio clip epsilon (null: no clipping).")
     ppo_epochs: int = Field(1, gt=0, alias="num_iterations", description="Updates per rollout batch (GRPO's mu).")
-    kl_estimator: Literal["k1", "k3"] = Field("k3", description="Per-token KL estimator of the KL term ('k3' as in GRPO).")
+    kl_estimator: KLEstimatorName = Field("k3", description=KL_HELP.replace("Per-token", "('k3' as GRPO, TRL) Per-token"))
     temperature: float = Field(1.0, gt=0.0, description="Sampling temperature; log-probs are taken at the same temperature.")
 
 
 class RLOOOptions(CriticFreeOptions):
     """RLOO (Ahmadian et al. 2024): k replies per prompt, leave-one-out baseline, KL in the reward."""
 
-    advantage_estimator: Literal["grpo", "rloo", "reinforce_baseline"] = Field(
+    advantage_estimator: AdvantageEstimatorName = Field(
         "rloo", description=CriticFreeOptions.model_fields["advantage_estimator"].description
     )
     kl_coef: float = Field(
@@ -984,10 +1087,12 @@ class PromptDataOptions(DataOptions):
     reward functions. demo: the demo world's training prompts (never the held-out ones the report uses)."""
 
     num_examples: int | None = Field(
-        2000, gt=0, description="Prompts to generate (demo) or to keep (first N of a file). Null: all."
+        None, gt=0, description="Prompts to generate (demo) or to keep (first N of a file). Null: all of a file; "
+        "2000 demo prompts."
     )
     max_prompt_length: int = Field(
-        64, gt=0, description="Prompts longer than this many tokens after the chat template are dropped and counted."
+        512, gt=0, description="Prompts longer than this many tokens after the chat template (its system prompt "
+        "included) are dropped and counted."
     )
 
 
@@ -1015,6 +1120,7 @@ class RLRecipe(BaseRecipe):
         "reward_fn. Null: all 1.",
     )
     data: PromptDataOptions = Field(default_factory=PromptDataOptions)
+    training: PolicyTrainingOptions = Field(default_factory=PolicyTrainingOptions)
 
     @field_validator("reward_fn", mode="before")
     @classmethod
@@ -1024,6 +1130,12 @@ class RLRecipe(BaseRecipe):
     @field_validator("reward_fn")
     @classmethod
     def _function_refs(cls, refs):
+        twice = sorted({ref for ref in refs if refs.count(ref) > 1})
+        if twice:
+            raise ValueError(
+                f"{twice[0]!r} is listed more than once; list it once and give it the sum of its weights in "
+                "reward_weights"
+            )
         for ref in refs:
             target, sep, name = ref.rpartition(":")
             if ref not in BUILTIN_REWARDS and not (sep and target and name.isidentifier()):

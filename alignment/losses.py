@@ -1,4 +1,5 @@
-"""Loss functions for preference optimisation, reward modelling and PPO.
+"""Loss functions for preference optimisation, reward modelling and online RL (PPO and the
+critic-free updates; their advantage and KL estimators are registries in estimators.py).
 
 Every function is pure: tensors in, tensors out, no module state. Shapes use
 B = batch, T = sequence length, V = vocabulary. Masks are 1 for real tokens
@@ -202,27 +203,6 @@ def bradley_terry_loss(
 # PPO helpers
 # --------------------------------------------------------------------------
 
-def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> torch.Tensor:
-    """Per-token estimators of KL(pi || ref) from samples drawn from pi.
-
-    With log r = ref_logp - logp (so E_pi[r] = 1):
-      k1  = -log r                 (unbiased, can be negative)
-      k3  = r - 1 - log r          (unbiased, always >= 0; Schulman's "k3")
-      abs = |log r|
-      mse = 0.5 (log r)^2          ("k2", biased but low variance)
-    """
-    logr = ref_logp - logp
-    if kind == "k1":
-        return -logr
-    if kind == "k3":
-        return torch.expm1(logr) - logr
-    if kind == "abs":
-        return logr.abs()
-    if kind == "mse":
-        return 0.5 * logr ** 2
-    raise ValueError(f"unknown kl kind {kind!r}; expected 'k1', 'k3', 'abs' or 'mse'")
-
-
 def gae(
     rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -252,6 +232,38 @@ def gae(
     return advantages, returns
 
 
+def clipped_surrogate(
+    new_logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: Optional[float],
+    clip_eps_high: Optional[float] = None,
+    level: str = "token",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-token PPO clipped surrogate loss (Schulman et al. 2017) and where the clip binds.
+
+    log_ratio = new - old per token ("token"), or with level "sequence" (GSPO, Zheng et al. 2025,
+    arXiv 2507.18071's sequence-level importance ratio) each reply's mean log-ratio over its real
+    tokens, s_i = exp(mean_t (new - old)), put on every token of the reply (gradient through the mean);
+    loss_t = max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps_high)), eps_high = eps unless given (DAPO's
+    clip-higher, Yu et al. 2025, arXiv 2503.14476). clip_eps None: no clipping, -A ratio.
+    Returns (per-token loss [B,T], clipped [B,T]: the clipped branch strictly larger), unmasked.
+    """
+    log_ratio = new_logp - old_logp
+    if level == "sequence":
+        log_ratio = masked_mean(log_ratio, mask, dim=1).unsqueeze(1).expand_as(new_logp)
+    elif level != "token":
+        raise ValueError(f"unknown importance sampling level {level!r}; expected 'token' or 'sequence'")
+    ratio = torch.exp(log_ratio)
+    pg1 = -advantages * ratio
+    if clip_eps is None:
+        return pg1, torch.zeros_like(pg1, dtype=torch.bool)
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    pg2 = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + high)
+    return torch.maximum(pg1, pg2), pg2 > pg1
+
+
 def ppo_policy_loss(
     new_logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -260,25 +272,32 @@ def ppo_policy_loss(
     clip_eps: Optional[float],
     aggregation: str = "token",
     max_length: Optional[int] = None,
+    clip_eps_high: Optional[float] = None,
+    level: str = "token",
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PPO clipped surrogate (Schulman et al. 2017), as a loss to minimise.
-
-    ratio = exp(new - old);
-    loss = aggregate(max(-A ratio, -A clip(ratio, 1-eps, 1+eps))), by default the token mean,
-    which is the negation of the pessimistic min(...) objective. clip_eps None: no clipping,
-    the plain policy gradient surrogate -A ratio (its gradient at ratio 1 is -A grad log pi).
+    """PPO clipped surrogate, as a loss to minimise: aggregate(clipped_surrogate(...)), by default the
+    token mean, the negation of the pessimistic min(...) objective. clip_eps None: the plain policy
+    gradient surrogate -A ratio (its gradient at ratio 1 is -A grad log pi).
     clipfrac = fraction of tokens where the clipped branch wins (strictly).
-    approxkl = 0.5 masked_mean((new - old)^2), the k2 estimate of KL(old || new).
+    approxkl = 0.5 masked_mean((new - old)^2), the k2 estimate of KL(old || new), per token.
     clipfrac and approxkl are detached token means.
     """
-    log_ratio = new_logp - old_logp
-    ratio = torch.exp(log_ratio)
-    pg1 = -advantages * ratio
-    pg2 = pg1 if clip_eps is None else -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss = aggregate(torch.maximum(pg1, pg2), mask, aggregation, max_length)
-    clipfrac = masked_mean((pg2 > pg1).to(pg1.dtype), mask).detach()
-    approxkl = (0.5 * masked_mean(log_ratio ** 2, mask)).detach()
+    per_token, clipped = clipped_surrogate(new_logp, old_logp, advantages, mask, clip_eps, clip_eps_high, level)
+    loss = aggregate(per_token, mask, aggregation, max_length)
+    clipfrac = masked_mean(clipped.to(per_token.dtype), mask).detach()
+    approxkl = (0.5 * masked_mean((new_logp - old_logp) ** 2, mask)).detach()
     return loss, clipfrac, approxkl
+
+
+def clipped_value_error(
+    new_values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip_eps: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-token clipped value loss: v_clip = v_old + clip(v - v_old, -eps, eps),
+    0.5 max((v - R)^2, (v_clip - R)^2). Returns (per-token loss, clipped: the clipped term strictly larger)."""
+    v_clip = old_values + torch.clamp(new_values - old_values, -clip_eps, clip_eps)
+    l1 = (new_values - returns) ** 2
+    l2 = (v_clip - returns) ** 2
+    return 0.5 * torch.maximum(l1, l2), l2 > l1
 
 
 def ppo_value_loss(
@@ -288,15 +307,12 @@ def ppo_value_loss(
     mask: torch.Tensor,
     clip_eps: float,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Clipped value loss: v_clip = v_old + clip(v - v_old, -eps, eps),
-    loss = 0.5 masked_mean(max((v - R)^2, (v_clip - R)^2)).
+    """Clipped value loss: masked_mean of clipped_value_error.
     clipfrac = fraction of tokens where the clipped term is strictly larger (detached).
     """
-    v_clip = old_values + torch.clamp(new_values - old_values, -clip_eps, clip_eps)
-    l1 = (new_values - returns) ** 2
-    l2 = (v_clip - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(l1, l2), mask)
-    clipfrac = masked_mean((l2 > l1).to(l1.dtype), mask).detach()
+    per_token, clipped = clipped_value_error(new_values, old_values, returns, clip_eps)
+    loss = masked_mean(per_token, mask)
+    clipfrac = masked_mean(clipped.to(per_token.dtype), mask).detach()
     return loss, clipfrac
 
 
@@ -309,29 +325,6 @@ def adaptive_kl_update(beta: float, kl_mean: Number, target: float, n_steps: int
     kl = float(kl_mean)
     err = min(max(kl / target - 1.0, -0.2), 0.2)
     return float(beta) * (1.0 + err * n_steps / horizon)
-
-
-def kl_shaped_rewards(
-    logp: torch.Tensor,
-    ref_logp: torch.Tensor,
-    mask: torch.Tensor,
-    scores: torch.Tensor,
-    beta: float,
-    kind: str = "k1",
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-token PPO rewards over [B,T] response tokens.
-
-    kl_t = kl_penalty(logp_t, ref_logp_t) on real tokens and 0 on masked ones;
-    r_t = -beta kl_t, plus scores[b] on row b's last real token.
-    Returns (rewards, kl), both [B,T] and 0 at masked positions.
-    """
-    kl = masked_kl(logp, ref_logp, mask, kind)
-    return rewards_from_kl(kl, mask, scores, beta), kl
-
-
-def masked_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, kind: str = "k1") -> torch.Tensor:
-    """[B,T] kl_penalty on real tokens, 0 on masked ones (nothing after EOS adds KL)."""
-    return torch.where(mask.bool(), kl_penalty(logp, ref_logp, kind), torch.zeros_like(logp))
 
 
 def rewards_from_kl(kl: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor, beta: float) -> torch.Tensor:
@@ -355,51 +348,9 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 
 
 # --------------------------------------------------------------------------
-# Critic-free advantage estimators (GRPO, RLOO, REINFORCE with a baseline)
+# Critic-free updates: loss aggregation, DAPO's shaping and filters
+# (the advantage and KL estimators are registries in alignment/estimators.py)
 # --------------------------------------------------------------------------
-
-def _groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
-    """[N] -> [N / G, G]: rows i*G .. i*G + G - 1 are the replies to one prompt."""
-    if scores.dim() != 1 or scores.numel() % group_size:
-        raise ValueError(f"expected [N] scores with N a multiple of the group size {group_size}, got {tuple(scores.shape)}")
-    return scores.float().view(-1, group_size)
-
-
-def grpo_advantages(scores: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
-    """GRPO (Shao et al. 2024, DeepSeekMath): each reply's score against its group's.
-
-    A_i = (r_i - mean_group(r)) / (std_group(r) + eps) with `scale`, else r_i - mean_group(r)
-    (Dr. GRPO, Liu et al. 2025, drops the std: it up-weights groups whose scores barely differ).
-    std is the unbiased one (torch.std), as TRL's GRPOTrainer takes it. A group whose scores
-    are all equal gets advantage 0 (no NaN). Returns [N], one advantage per reply.
-    """
-    g = _groups(scores, group_size)
-    centred = g - g.mean(dim=1, keepdim=True)
-    if scale:
-        std = g.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(g[:, :1])
-        centred = centred / (std + eps)
-    return centred.reshape(-1)
-
-
-def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
-    """RLOO (Kool et al. 2019; Ahmadian et al. 2024): each reply's score minus the mean of the
-    other G - 1 replies to the same prompt (the leave-one-out baseline):
-
-    A_i = r_i - (sum_j r_j - r_i) / (G - 1) = G / (G - 1) (r_i - mean_group(r)).
-    Needs G >= 2. Returns [N].
-    """
-    if group_size < 2:
-        raise ValueError("the leave-one-out baseline needs at least 2 replies per prompt")
-    g = _groups(scores, group_size)
-    baseline = (g.sum(dim=1, keepdim=True) - g) / (group_size - 1)
-    return (g - baseline).reshape(-1)
-
-
-def group_mean_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
-    """REINFORCE with the group mean as baseline: A_i = r_i - mean_group(r) (REINFORCE++-baseline,
-    as in OpenRLHF, then whitens these over the whole batch; the caller does that). Returns [N]."""
-    return grpo_advantages(scores, group_size, scale=False)
-
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, kind: str = "token", max_length: Optional[int] = None) -> torch.Tensor:
     """Reduce a [B,T] per-token loss to a scalar, the ways GRPO's variants do:
@@ -408,14 +359,56 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, kind: str = "token", 
     * "sequence" mean_b (sum_t l m / sum_t m): every reply weighs the same, long replies' tokens
                  less (the GRPO paper);
     * "dr_grpo"  sum_bt l m / (B * max_length): a constant normaliser, no length bias (Dr. GRPO).
-    Rows whose mask is all zero add 0.
+    Rows whose mask is all zero add 0. The same as `aggregate_loss` with this batch as the whole.
+    """
+    tokens = mask.to(per_token.dtype).sum().clamp_min(1e-8)
+    return aggregate_loss(per_token, mask, kind, tokens, per_token.shape[0], max_length)
+
+
+def aggregate_loss(
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    kind: str,
+    total_tokens: Number,
+    total_replies: Number,
+    max_length: Optional[int] = None,
+) -> torch.Tensor:
+    """One micro-batch's part of a loss aggregated over a whole minibatch that is split into
+    micro-batches (gradient accumulation) and processes: summed over every part, it is `aggregate`
+    over the whole minibatch. Normalisers are the minibatch's global totals, never a part's own
+    (a mean of per-part means weighs a short part's tokens more; OpenRLHF's aggregate_loss, PPO.md):
+
+    * "token"    sum_bt l m / total_tokens;
+    * "sequence" sum_b (sum_t l m / sum_t m) / total_replies;
+    * "dr_grpo"  sum_bt l m / (total_replies * max_length).
+    total_tokens: the real tokens of the whole minibatch (all parts); total_replies: its replies.
+    Under DDP, which averages gradients over processes, the caller multiplies by the process count.
     """
     m = mask.to(per_token.dtype)
     if kind == "token":
-        return masked_mean(per_token, m)
+        return masked_sum(per_token, m) / total_tokens
     if kind == "sequence":
-        return masked_mean(per_token, m, dim=1).mean()
+        return masked_mean(per_token, m, dim=1).sum() / total_replies
     if kind == "dr_grpo":
         width = max_length if max_length is not None else per_token.shape[1]
-        return masked_sum(per_token, m) / (per_token.shape[0] * width)
+        return masked_sum(per_token, m) / (total_replies * width)
     raise ValueError(f"unknown loss aggregation {kind!r}; expected 'token', 'sequence' or 'dr_grpo'")
+
+
+def overlong_penalty(lengths: torch.Tensor, max_length: int, cache: int) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, arXiv 2503.14476, eq. 13), per reply:
+    0 up to max_length - cache tokens, then falling linearly to -1 at max_length:
+    ((max_length - cache) - |y|) / cache, and -1 beyond max_length. cache 0: no shaping (all 0).
+    `lengths` [B]: each reply's tokens (its EOS included). Returns [B] floats."""
+    lengths = lengths.float()
+    if cache <= 0:
+        return torch.zeros_like(lengths)
+    start = max_length - cache
+    return torch.where(lengths <= start, torch.zeros_like(lengths), ((start - lengths) / cache).clamp_min(-1.0))
+
+
+def informative_groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[N / G] bool: the groups whose scores are not all equal (DAPO's dynamic sampling keeps only
+    these: an all-equal group has advantage 0 under every group baseline and teaches nothing)."""
+    g = scores.view(-1, group_size)
+    return g.max(dim=1).values > g.min(dim=1).values

@@ -13,8 +13,11 @@ A recipe names one or more sources, summed with `reward_weights`:
   (the same as completions);
 - `gold`: the demo world's gold oracle.
 
-Everything a function does wrong (raises, returns the wrong count, a non-number, NaN or inf) is a
-one-line RecipeError naming the function and the prompt.
+A function may return None for a reply it does not apply to (TRL's convention): that source then
+adds nothing to the reply's score (a NaN-aware weighted sum over the sources, as TRL 1.16's
+GRPOTrainer sums its functions) and is left out of its `rewards/<name>` mean. A reply that no
+source scores is refused. Everything else a function does wrong (raises, returns the wrong count, a
+non-number, NaN or inf) is a one-line RecipeError naming the function and the prompt.
 """
 
 from __future__ import annotations
@@ -103,7 +106,8 @@ def _accepted(fn: Callable, offered: dict) -> dict:
 
 
 def call_function(ref: str, fn: Callable, offered: dict) -> torch.Tensor:
-    """Call `fn` on a batch and check what comes back: one finite number per reply."""
+    """Call `fn` on a batch and check what comes back: one finite number (or None: not applicable, kept
+    as NaN) per reply."""
     prompts = offered["prompts"]
     n = len(prompts)
     try:
@@ -121,6 +125,9 @@ def call_function(ref: str, fn: Callable, offered: dict) -> torch.Tensor:
     if len(values) != n:
         raise RecipeError(f"reward_fn {ref!r} returned {len(values)} values for {n} replies; expected one per reply")
     for i, value in enumerate(values):
+        if value is None:  # not applicable to this reply (TRL's convention)
+            values[i] = math.nan
+            continue
         number = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
         if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
             raise RecipeError(
@@ -156,26 +163,41 @@ class Rewards:
         self.weights = dict(zip(self.names, weights))
 
     def scores(self, prompts: list[str], rows: list[dict], input_ids, attention_mask, response_ids, response_mask,
-               finished) -> dict[str, torch.Tensor]:
+               finished, which: str = "all") -> dict[str, torch.Tensor]:
         """Each source's score of each reply (B,), on the device of `input_ids`. `prompts` are the user
         prompts, `rows` their data rows; the tensors are prompt + reply as sampled (reply: everything
-        after its first EOS masked)."""
+        after its first EOS masked). `which`: 'model' (the reward model only, for a chunk of the batch),
+        'functions' (the Python functions only, called once on the whole batch) or 'all'. A function's
+        None is NaN here; with 'functions' or 'all', a reply that no source can score is refused."""
         lengths = (response_mask.sum(-1) - finished.long()).tolist()  # reply tokens before the EOS
         ids = [response_ids[i, : lengths[i]].tolist() for i in range(len(prompts))]
         replies = self.tok.batch_decode(ids, skip_special_tokens=True)
         out = {}
-        if self.reward_model is not None:
+        if self.reward_model is not None and which != "functions":
             scores = model_scores(self.reward_model, self.reward_tok, prompts, replies, finished.tolist())
             out["reward_model"] = scores.to(input_ids.device)
         columns = {k: [row.get(k) for row in rows] for k in (rows[0] if rows else {}) if k != self.prompt_field}
         offered = {**columns, "prompts": prompts, "completions": replies, "replies": replies,
                    "completion_ids": ids, "finished": finished.tolist()}
+        if which == "model":
+            return out
         for ref, fn in self.functions.items():
             out[ref] = call_function(ref, fn, offered).to(input_ids.device)
+        if self.functions and self.reward_model is None:
+            unscored = torch.stack([out[ref] for ref in self.functions]).isnan().all(0).nonzero()
+            if len(unscored):
+                i = int(unscored[0])
+                raise RecipeError(
+                    f"reward_fn: every function returned None for prompt {i} ({prompts[i][:60]!r}); None means 'not "
+                    "applicable', and each reply needs a score from at least one reward source"
+                )
         return out
 
     def total(self, per_source: dict[str, torch.Tensor]) -> torch.Tensor:
-        return sum(self.weights[name] * value for name, value in per_source.items())
+        """The weighted sum of the sources, NaN-aware: a source's None (NaN) adds 0 to that reply, as
+        TRL's GRPOTrainer sums its reward functions (nansum). Sources without a weight (the overlong
+        shaping) weigh 1."""
+        return sum(self.weights.get(name, 1.0) * value.nan_to_num(0.0) for name, value in per_source.items())
 
 
 def model_scores(model, tok, prompts: list, replies: list[str], finished: list[bool]) -> torch.Tensor:

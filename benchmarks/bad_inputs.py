@@ -312,8 +312,10 @@ def recipes_family() -> list[Case]:
              sft_with("report:\n  models: {a: models/base, b: r}\n  baseline: zz\n")),
         Case(F, "report.num_prompts: 1", run, ("num_prompts",), sft_with("report:\n  num_prompts: 1\n")),
         Case(F, "report.temperature: -1", run, ("temperature",), sft_with("report:\n  temperature: -1\n")),
-        Case(F, "ppo.kl_estimator: k2", run, ("kl_estimator",),
-             rec("stage: ppo\nmodel: models/base\nreward_model: models/rm\nppo:\n  kl_estimator: k2\n")),
+        Case(F, "ppo.kl_estimator: k4", run, ("kl_estimator",),
+             rec("stage: ppo\nmodel: models/base\nreward_model: models/rm\nppo:\n  kl_estimator: k4\n")),
+        Case(F, "grpo.kl_estimator: k1 (in the loss: no expected gradient)", run, ("kl_estimator", "k1"),
+             rec("stage: grpo\nmodel: models/base\nreward_fn: gold\ngrpo:\n  kl_estimator: k1\n")),
         Case(F, "ppo.top_p: 1.5", run, ("top_p",), rec("stage: ppo\nmodel: models/base\nreward_model: models/rm\nppo:\n  top_p: 1.5\n")),
         Case(F, "ppo.temperature: 0", run, ("temperature",),
              rec("stage: ppo\nmodel: models/base\nreward_model: models/rm\nppo:\n  temperature: 0\n")),
@@ -961,7 +963,7 @@ def rl_family() -> list[Case]:
     ]
     for stage, key, value in [
         ("grpo", "temperature", "0"), ("grpo", "top_p", "0"), ("grpo", "epsilon", "0"), ("grpo", "beta", "-1"), ("grpo", "beta", ".nan"),
-        ("grpo", "kl_estimator", "k2"), ("grpo", "loss_aggregation", "mean"), ("grpo", "advantage_estimator", "gae"),
+        ("grpo", "kl_estimator", "mse"), ("grpo", "loss_aggregation", "mean"), ("grpo", "advantage_estimator", "gae"),
         ("grpo", "kl_in", "both"), ("grpo", "missing_eos_penalty", "-1"), ("grpo", "response_length", "0"),
         ("grpo", "kl_target", "0"), ("grpo", "num_iterations", "0"), ("grpo", "forward_batch_size", "0"),
         ("grpo", "scale_rewards", "maybe"), ("rloo", "beta", ".inf"), ("rloo", "kl_in", "both"), ("rloo", "top_p", "1.5"),

@@ -135,3 +135,35 @@ def test_shipped_recipes_are_valid_and_launchable():
         _, embedded = module.body[0].value.values  # launch(__file__) or r"""..."""
         assert yaml.safe_load(embedded.value) == {k: v for k, v in yaml.safe_load(path.read_text()).items() if k != "launcher"}
         assert recipe.stage == yaml.safe_load(embedded.value)["stage"]
+
+
+@pytest.mark.parametrize("text, expected", [
+    # a KL term in the loss with k1: expected gradient 0 (tests/test_losses.py enumerates it)
+    ("stage: grpo\nmodel: m\nreward_fn: gold\ngrpo:\n  kl_estimator: k1\n",
+     "kl_estimator 'k1' in the loss has expected gradient 0 and pulls nothing toward the reference: use 'k2' or 'k3'"),
+    ("stage: rloo\nmodel: m\nreward_fn: gold\nrloo:\n  kl_in: loss\n", "kl_estimator 'k1' in the loss has expected gradient 0"),
+    ("stage: grpo\nmodel: m\nreward_fn: gold\ngrpo:\n  beta: 0\n  kl_control: adaptive\n",
+     "kl_control 'adaptive' with beta 0 never moves (its update multiplies beta)"),
+    ("stage: ppo\nmodel: m\nreward_model: r\nppo:\n  kl_coef: 0\n  kl_control: adaptive\n",
+     "kl_control 'adaptive' with kl_coef 0 never moves"),
+    ("stage: grpo\nmodel: m\nreward_fn: [gold, r.py:f, gold]\n",
+     "'gold' is listed more than once; list it once and give it the sum of its weights in reward_weights"),
+    ("stage: grpo\nmodel: m\nreward_fn: gold\ngrpo:\n  response_length: 8\n  soft_punish_cache: 9\n",
+     "soft_punish_cache 9 is longer than response_length 8"),
+    ("stage: grpo\nmodel: m\nreward_fn: gold\ngrpo:\n  kl_estimator: k4\n", "grpo.kl_estimator: expected 'k1', 'k2' or 'k3', got 'k4'"),
+])
+def test_rl_settings_without_a_meaning_are_refused_in_one_line(tmp_path, text, expected):
+    assert expected in error_of(write(tmp_path, text))
+
+
+def test_rl_settings_with_a_meaning_are_accepted(tmp_path):
+    """k1 with no KL at all (beta 0, fixed), k2/k3 in the loss, k1 in the reward; DAPO's and GSPO's keys
+    under TRL's names."""
+    for text in ("stage: grpo\nmodel: m\nreward_fn: gold\ngrpo:\n  kl_estimator: k1\n  beta: 0\n",
+                 "stage: rloo\nmodel: m\nreward_fn: gold\nrloo:\n  kl_in: loss\n  kl_estimator: k2\n",
+                 "stage: grpo\nmodel: m\nreward_fn: gold\ngrpo:\n  kl_in: reward\n  kl_estimator: k1\n"):
+        load_recipe(write(tmp_path, text))
+    recipe = load_recipe(write(tmp_path, "stage: grpo\nmodel: m\nreward_fn: gold\ngrpo:\n  epsilon_high: 0.28\n"
+                               "  importance_sampling_level: sequence\n  dynamic_sampling: true\n  soft_punish_cache: 4\n"))
+    o = recipe.rl
+    assert (o.ratio_clip_high, o.ratio_level, o.drops_equal_groups, o.soft_punish_cache) == (0.28, "sequence", True, 4)

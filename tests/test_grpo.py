@@ -12,7 +12,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from alignment import losses
+from alignment import estimators, losses
 from alignment.config import RecipeError, load_recipe, parse_override
 from alignment.pipeline import plan, run
 from alignment.stages import ppo
@@ -30,22 +30,22 @@ def test_grpo_advantages_by_hand():
     """Group [1, 0, 0, 1]: mean 0.5, unbiased std sqrt(1/3) = 0.57735, so +-0.5 / (0.57735 + 1e-4)
     = +-0.86588. Group [2, 2, 2, 2]: all equal, advantage exactly 0 (no NaN). Without the std
     (Dr. GRPO): [1, 2, 3, 6] - 3 = [-2, -1, 0, 3]."""
-    a = losses.grpo_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0]), 4)
+    a = estimators.grpo_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0]), 4)
     expected = 0.5 / (math.sqrt(1 / 3) + 1e-4)
     assert a[:4].tolist() == pytest.approx([expected, -expected, -expected, expected], rel=1e-6)
     assert a[4:].tolist() == [0.0, 0.0, 0.0, 0.0]
-    assert losses.grpo_advantages(torch.tensor([1.0, 2.0, 3.0, 6.0]), 4, scale=False).tolist() == [-2, -1, 0, 3]
+    assert estimators.grpo_advantages(torch.tensor([1.0, 2.0, 3.0, 6.0]), 4, scale=False).tolist() == [-2, -1, 0, 3]
 
 
 def test_rloo_advantages_by_hand():
     """[1, 2, 3, 6]: each minus the mean of the other three: 1 - 11/3, 2 - 10/3, 3 - 3, 6 - 2."""
-    a = losses.rloo_advantages(torch.tensor([1.0, 2.0, 3.0, 6.0, 5.0, 5.0, 5.0, 5.0]), 4)
+    a = estimators.rloo_advantages(torch.tensor([1.0, 2.0, 3.0, 6.0, 5.0, 5.0, 5.0, 5.0]), 4)
     assert a[:4].tolist() == pytest.approx([-8 / 3, -4 / 3, 0.0, 4.0])
     assert a[4:].tolist() == [0.0, 0.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="at least 2"):
-        losses.rloo_advantages(torch.tensor([1.0]), 1)
+        estimators.rloo_advantages(torch.tensor([1.0]), 1)
     with pytest.raises(ValueError, match="multiple of the group size 4"):
-        losses.rloo_advantages(torch.tensor([1.0, 2.0, 3.0]), 4)
+        estimators.rloo_advantages(torch.tensor([1.0, 2.0, 3.0]), 4)
 
 
 def test_loss_aggregations_by_hand():
@@ -107,7 +107,8 @@ def score(prompts, completions, target, **kwargs):
 
 def test_python_reward_function_gets_prompts_replies_and_columns_and_drives_the_advantages(in_tmp, tiny_base):
     (in_tmp / "my_rewards.py").write_text(REWARDS_FILE)
-    recipe = grpo_recipe(tiny_base, "reward_fn=my_rewards.py:score", "grpo.beta=0.5")
+    # forward passes in chunks of 3 rows: the function is still called once, on the whole batch (docs/rl.md)
+    recipe = grpo_recipe(tiny_base, "reward_fn=my_rewards.py:score", "grpo.beta=0.5", "grpo.forward_batch_size=3")
     m = ppo.build_models(recipe, {"model": str(tiny_base)}, print)
     accelerator = Accelerator(cpu=True)
     optimizer, scheduler = ppo.prepare_training(m, accelerator, recipe)
@@ -126,7 +127,7 @@ def test_python_reward_function_gets_prompts_replies_and_columns_and_drives_the_
     assert torch.equal(r.sources["my_rewards.py:score"], expected) and torch.equal(r.scores, expected)
     stats, kl, returns, per_reply = ppo.learn(m, accelerator, optimizer, scheduler, r, 0.5, recipe, 0)
     assert returns is None and "loss/kl" in stats  # no critic; GRPO's KL is in the loss
-    assert torch.allclose(per_reply, losses.grpo_advantages(expected, 4))  # KL in the loss: scores untouched
+    assert torch.allclose(per_reply, estimators.grpo_advantages(expected, 4))  # KL in the loss: scores untouched
 
 
 def test_rloo_puts_the_kl_in_the_reward(tiny_base, reward_dir):
@@ -142,7 +143,7 @@ def test_rloo_puts_the_kl_in_the_reward(tiny_base, reward_dir):
     r.ref_logp = r.logp - 0.1 * r.response_mask  # as if the policy had moved: k1 = 0.1 per token
     _, kl, _, per_reply = ppo.learn(m, accelerator, optimizer, scheduler, r, 0.5, recipe, 0)
     assert torch.allclose(kl.sum(-1), 0.1 * r.response_mask.sum(-1).float())
-    assert torch.allclose(per_reply, losses.rloo_advantages(r.scores - 0.5 * kl.sum(-1), 4), atol=1e-6)
+    assert torch.allclose(per_reply, estimators.rloo_advantages(r.scores - 0.5 * kl.sum(-1), 4), atol=1e-6)
 
 
 @pytest.mark.parametrize("extra, from_update", [
@@ -173,24 +174,158 @@ def test_on_policy_update_gives_the_old_log_probs_itself(tiny_base, extra, from_
     assert kl.abs().sum().item() == 0.0  # the policy that sampled is the reference
 
 
-def test_truncated_replies_can_be_left_out_of_the_loss(tiny_base):
-    recipe = grpo_recipe(tiny_base, "reward_fn=gold", "grpo.mask_truncated_completions=true", "grpo.response_length=2")
-    m = ppo.build_models(recipe, {"model": str(tiny_base)}, print)
-    accelerator = Accelerator(cpu=True)
-    optimizer, scheduler = ppo.prepare_training(m, accelerator, recipe)
-    seen = {}
-    real = ppo.ppo_update
-    ppo.ppo_update = lambda *a, **k: seen.update(advantages=a[5], loss_mask=a[7]) or real(*a, **k)
-    try:
+def test_truncated_replies_can_be_left_out_of_the_loss(tiny_base, monkeypatch):
+    """With mask_truncated_completions, no term of the update (the surrogate, the KL in the loss, the
+    clip and KL statistics) sees a token of a reply cut off without EOS, and the token totals the
+    parts divide by count only the finished replies' tokens; without it they are in."""
+    for masked in (True, False):
+        recipe = grpo_recipe(tiny_base, "reward_fn=gold", f"grpo.mask_truncated_completions={str(masked).lower()}",
+                             "grpo.response_length=2", "grpo.loss_aggregation=token", "grpo.beta=0.04",
+                             "grpo.num_minibatches=1", "training.gradient_accumulation_steps=1")  # one part: the batch
+        m = ppo.build_models(recipe, {"model": str(tiny_base)}, print)
+        accelerator = Accelerator(cpu=True)
+        optimizer, scheduler = ppo.prepare_training(m, accelerator, recipe)
+        parts = []
+        real = losses.aggregate_loss
+        monkeypatch.setattr(losses, "aggregate_loss", lambda x, mask, *a, **k: parts.append((mask, a[1])) or real(x, mask, *a, **k))
         prompts, rendered, *_ = ppo.load_prompts(recipe, m.tok)
         torch.manual_seed(0)
         r = ppo.rollout(m, accelerator, rendered[:8], prompts[:8], recipe, {"generation": 0.0, "scoring": 0.0})
         r.finished = torch.tensor([True, False] * 4)
-        ppo.learn(m, accelerator, optimizer, scheduler, r, 0.0, recipe, 0)
-    finally:
-        ppo.ppo_update = real
-    assert seen["loss_mask"][1::2].sum() == 0 and seen["loss_mask"][::2].sum() > 0
-    assert seen["advantages"][1::2].abs().sum() == 0
+        ppo.learn(m, accelerator, optimizer, scheduler, r, 0.04, recipe, 0)
+        monkeypatch.undo()
+        assert len(parts) >= 4  # surrogate, KL, clip and KL statistics
+        finished_tokens = r.response_mask[::2].sum().item()
+        for mask, tokens in parts:
+            if masked:
+                assert mask.sum().item() == finished_tokens and float(tokens) == finished_tokens
+            else:
+                assert mask.sum().item() == r.response_mask.sum().item() > finished_tokens
+
+
+def test_beta_zero_with_the_kl_in_the_reward_runs_on_policy(tiny_base, reward_dir):
+    """rloo (KL in the reward) and grpo with kl_in reward, beta 0, one pass over one minibatch: no
+    reference is loaded, the update gives the old log-probs, the KL is 0 and the advantages are the
+    scores' own (this crashed: the KL was read from log-probs the rollout left to the update)."""
+    for stage, extra in (("rloo", []), ("grpo", ["grpo.kl_in=reward"])):
+        recipe = grpo_recipe(tiny_base, f"reward_model={reward_dir}", f"{stage}.beta=0", f"{stage}.num_iterations=1",
+                             f"{stage}.num_minibatches=1", *extra, stage=stage)
+        m = ppo.build_models(recipe, {"model": str(tiny_base), "reward_model": str(reward_dir)}, print)
+        assert m.reference_kind == "none" and ppo.old_logprobs_from_update(m, recipe.rl)
+        accelerator = Accelerator(cpu=True)
+        optimizer, scheduler = ppo.prepare_training(m, accelerator, recipe)
+        prompts, rendered, *_ = ppo.load_prompts(recipe, m.tok)
+        torch.manual_seed(0)
+        r = ppo.rollout(m, accelerator, rendered[:8], prompts[:8], recipe, {"generation": 0.0, "scoring": 0.0})
+        stats, kl, _, per_reply = ppo.learn(m, accelerator, optimizer, scheduler, r, 0.0, recipe, 0)
+        assert kl.abs().sum().item() == 0.0 and r.logp is not None
+        want = estimators.ADVANTAGE[recipe.rl.estimator](r.scores, 4, scale=recipe.rl.scale_rewards)
+        assert torch.allclose(per_reply, want), stage
+
+
+def test_grpo_kl_in_the_reward_keeps_beta_s_scale(tiny_base):
+    """GRPO with the KL in the reward and std scaling: the scores are normalised by their group's std,
+    the summed KLs only centred, so beta sets the KL's weight against the scores. Group 0 scores all 1
+    (std 0): its advantages are -beta (KL - group mean KL), ten times larger at beta 0.5 than at 0.05
+    (dividing score - beta KL by its std made them the same, of order 1, whatever beta).
+    Group 1 [0, 1, 0, 1]: the GRPO advantages +-0.86588, minus beta times the centred KL."""
+    recipe = grpo_recipe(tiny_base, "reward_fn=gold", "grpo.kl_in=reward")
+    m = ppo.build_models(recipe, {"model": str(tiny_base)}, print)
+    accelerator = Accelerator(cpu=True)
+    optimizer, scheduler = ppo.prepare_training(m, accelerator, recipe)
+    prompts, rendered, *_ = ppo.load_prompts(recipe, m.tok)
+    mine = [i for i in range(2) for _ in range(4)]
+    torch.manual_seed(0)
+    r = ppo.rollout(m, accelerator, [rendered[i] for i in mine], [prompts[i] for i in mine], recipe,
+                    {"generation": 0.0, "scoring": 0.0})
+    r.scores = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0])
+    per_token = torch.tensor([0.1, 0.3, 0.2, 0.6, 0.1, 0.3, 0.2, 0.6])
+    r.ref_logp = r.logp - per_token[:, None] * r.response_mask  # k3 per token of the moved policy below
+    summed = estimators.masked_kl(r.logp, r.ref_logp, r.response_mask, "k3").sum(-1)
+    centred = summed - summed.view(2, 4).mean(1).repeat_interleave(4)
+    out = {}
+    for beta in (0.5, 0.05):
+        rollout = r.rows(torch.arange(8))
+        _, _, _, out[beta] = ppo.learn(m, accelerator, optimizer, scheduler, rollout, beta, recipe, 0)
+        score_part = torch.tensor([0.0] * 4 + [-1, 1, -1, 1]) * 0.5 / (math.sqrt(1 / 3) + 1e-4)
+        assert torch.allclose(out[beta], score_part - beta * centred, atol=1e-5), beta
+    assert torch.allclose(out[0.5][:4], 10 * out[0.05][:4], atol=1e-6) and out[0.5][:4].abs().max() > 0
+
+
+def fake_rollout(scores: list[float], context_length: int, reply_width: int, pad_id: int) -> "ppo.Rollout":
+    """A scored rollout of len(scores) rows: prompts of `context_length` tokens (the first left-padded
+    by one), replies of `reply_width` with the last column padding; ids tell rows apart."""
+    n = len(scores)
+    prompt = torch.arange(n)[:, None] * 100 + torch.arange(context_length) + 1
+    prompt_mask = torch.ones(n, context_length, dtype=torch.long)
+    prompt[0, 0], prompt_mask[0, 0] = pad_id, 0
+    reply = torch.arange(n)[:, None] * 100 + 50 + torch.arange(reply_width)
+    reply_mask = torch.ones(n, reply_width, dtype=torch.long)
+    reply[:, -1], reply_mask[:, -1] = pad_id, 0
+    return ppo.Rollout(torch.cat([prompt, reply], 1), torch.cat([prompt_mask, reply_mask], 1), context_length, reply,
+                       reply_mask, torch.ones(n, dtype=torch.bool), logp=-reply_mask.float(), ref_logp=None,
+                       scores=torch.tensor(scores), entropy=reply_mask.float(), sources={"f": torch.tensor(scores)})
+
+
+def test_dynamic_sampling_drops_all_equal_groups_and_samples_more(tiny_base, monkeypatch):
+    """Groups of 2, 2 groups a batch. Round 1 scores [1, 1 | 0, 1]: the first group is dropped; round 2
+    [0, 0 | 2, 3]: its second group fills the batch: scores [0, 1, 2, 3], 4 groups sampled, 2 dropped,
+    none topped up. Round 2's prompts are not round 1's. Rounds of other widths are padded: prompts on
+    the left, replies on the right, masks 0 there. With at most 1 round the batch is topped up with the
+    dropped group (advantage 0)."""
+    rounds = [([1.0, 1.0, 0.0, 1.0], 3, 4), ([0.0, 0.0, 2.0, 3.0], 2, 5)]
+    for max_rounds, want_scores, want_stats in (
+        (4, [0.0, 1.0, 2.0, 3.0], (2, 4, 2, 0)),
+        (1, [0.0, 1.0, 1.0, 1.0], (1, 2, 1, 1)),
+    ):
+        recipe = grpo_recipe(tiny_base, "reward_fn=gold", "grpo.batch_size=4", "grpo.num_generations=2",
+                             "grpo.dynamic_sampling=true", f"grpo.dynamic_sampling_max_rounds={max_rounds}")
+        tok = type("Tok", (), {"pad_token_id": 0})()
+        m = ppo.Models(policy=None, reference=None, critic=None, rewards=None, tok=tok)
+        asked = []
+
+        def rollout(m, accelerator, rendered, prompts, recipe, timer, rows):
+            asked.append(prompts)
+            return fake_rollout(*rounds[len(asked) - 1], pad_id=0)
+
+        monkeypatch.setattr(ppo, "rollout", rollout)
+        prompts = [f"p{i}" for i in range(32)]
+        r, stats = ppo.sample_batch(m, Accelerator(cpu=True), recipe, {}, (prompts, prompts, [{}] * 32), 0)
+        monkeypatch.undo()
+        assert r.scores.tolist() == want_scores
+        assert (stats["dynamic_sampling/rounds"], stats["dynamic_sampling/sampled_groups"],
+                stats["dynamic_sampling/dropped_groups"], stats["dynamic_sampling/topped_up"]) == want_stats
+        assert all(len(p) == 4 and p[0] == p[1] and p[2] == p[3] for p in asked)  # whole groups
+        if max_rounds == 1:
+            continue
+        assert asked[0] != asked[1]
+        assert r.context_length == 3 and r.input_ids.shape == (4, 3 + 5) and r.sources["f"].tolist() == want_scores
+        first, second = fake_rollout(*rounds[0], pad_id=0), fake_rollout(*rounds[1], pad_id=0)
+        assert torch.equal(r.input_ids[0], torch.cat([first.input_ids[2], torch.tensor([0])]))  # reply padded right
+        assert torch.equal(r.input_ids[2, 1:], second.input_ids[2]) and r.input_ids[2, 0] == 0  # prompt padded left
+        assert r.attention_mask[2].tolist() == [0, 1, 1, 1, 1, 1, 1, 0]
+        assert r.response_mask.tolist() == [[1, 1, 1, 0, 0]] * 2 + [[1, 1, 1, 1, 0]] * 2
+        assert r.logp[:2, 3:].abs().sum() == 0 and r.ref_logp is None
+
+
+def test_dapo_and_gspo_options_reach_the_update_and_the_log(in_tmp, tiny_base, monkeypatch):
+    """A micro run with every DAPO/GSPO option: the update's surrogate gets epsilon_high and the
+    sequence level, each iteration logs the dropped groups and the overlong penalty (a 6-token limit,
+    5 tokens of soft punishment: nearly every reply of the init model is punished)."""
+    seen = []
+    real = losses.clipped_surrogate
+    monkeypatch.setattr(losses, "clipped_surrogate", lambda *a: seen.append(a[4:]) or real(*a))
+    [node] = run(RECIPES / "grpo.yaml", [f"model={tiny_base}", *MICRO_GRPO, "reward_fn=gold", "grpo.epsilon_high=0.28",
+                                         "grpo.importance_sampling_level=sequence", "grpo.dynamic_sampling=true",
+                                         "grpo.soft_punish_cache=5", "output_dir=out/grpo"])
+    assert seen and all(args == (0.2, 0.28, "sequence") for args in seen)
+    rows = [json.loads(line) for line in (node.out_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [row for row in rows if "step" in row]
+    assert len(rows) == 2
+    for row in rows:
+        assert row["dynamic_sampling/sampled_groups"] >= 2 and row["dynamic_sampling/dropped_groups"] >= 0
+        assert -1.0 <= row["rewards/overlong"] < 0
+        assert row["objective/scores"] == pytest.approx(row["rewards/gold"] + row["rewards/overlong"], abs=1e-5)
 
 
 # --------------------------------------------------------------------------- bad reward functions
@@ -228,6 +363,38 @@ def test_bad_reward_functions_are_one_line_errors_and_leave_nothing(in_tmp, tiny
     if "on prompt " in message:  # the prompt named is one the function fails on
         assert err[-1].split("on prompt ", 1)[1].split(": ", 1)[1].startswith("'last:")
     assert not (in_tmp / "out").exists() or not any((in_tmp / "out").iterdir())
+
+
+NOT_APPLICABLE = """
+def first(prompts, completions, **kw):
+    return [1.0 if i % 2 == 0 else None for i in range(len(prompts))]
+
+def second(prompts, completions, **kw):
+    return [None if i % 4 == 0 else 2.0 for i in range(len(prompts))]
+
+def never(prompts, completions, **kw):
+    return [None] * len(prompts)
+"""
+
+
+def test_none_from_a_reward_function_means_not_applicable(in_tmp, tiny_base):
+    """As TRL's GRPOTrainer: a NaN-aware weighted sum over the functions. Weights 1 (first) and 3
+    (second); rows 0, 4: 1 + nothing = 1; rows 2, 6: 1 + 6 = 7; odd rows: nothing + 6 = 6. Each
+    function's logged mean leaves its None rows out. A reply no function scores is refused."""
+    (in_tmp / "na.py").write_text(NOT_APPLICABLE)
+    recipe = grpo_recipe(tiny_base, "reward_fn=[na.py:first, na.py:second]", "reward_weights=[1, 3]")
+    m = ppo.build_models(recipe, {"model": str(tiny_base)}, print)
+    prompts, rendered, *_ = ppo.load_prompts(recipe, m.tok)
+    torch.manual_seed(0)
+    r = ppo.rollout(m, Accelerator(cpu=True), rendered[:8], prompts[:8], recipe, {"generation": 0.0, "scoring": 0.0})
+    assert r.scores.tolist() == [1.0, 6.0, 7.0, 6.0, 1.0, 6.0, 7.0, 6.0]
+    metrics = ppo.iteration_metrics(Accelerator(cpu=True), m, r, torch.zeros_like(r.response_mask, dtype=torch.float),
+                                    None, None, 0.0, recipe.rl)
+    assert metrics["rewards/na.py:first"] == 1.0 and metrics["rewards/na.py:second"] == 2.0
+    recipe = grpo_recipe(tiny_base, "reward_fn=[na.py:never, na.py:first]")
+    m = ppo.build_models(recipe, {"model": str(tiny_base)}, print)
+    with pytest.raises(RecipeError, match=r"reward_fn: every function returned None for prompt 1 \("):
+        ppo.rollout(m, Accelerator(cpu=True), rendered[:8], prompts[:8], recipe, {"generation": 0.0, "scoring": 0.0})
 
 
 def test_a_reward_function_that_cannot_be_loaded_is_refused_before_any_stage_runs(in_tmp, capsys):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from alignment import estimators as E
 from alignment import losses as L
 
 LN2 = math.log(2.0)
@@ -105,6 +106,8 @@ def test_simpo():
     assert torch.allclose(cr, t(-2.0, -1.0)) and torch.allclose(rr, t(-3.0, -4.0))
     smoothed, _, _ = L.simpo_loss(c, r, beta=2.0, gamma_beta_ratio=0.5, label_smoothing=0.2)
     assert smoothed[1].item() == pytest.approx(0.8 * log1pexp(2.0) + 0.2 * log1pexp(-2.0))
+    # the default gamma_beta_ratio is the SimPO paper's 0.5: the same numbers without passing it
+    assert torch.allclose(L.simpo_loss(c, r, beta=2.0)[0], losses)
 
 
 # ---------------------------------------------------------------- reward model
@@ -189,21 +192,83 @@ def test_masked_stats():
     assert torch.allclose(rows, t(2.0, 0.0))  # an all-masked row gives 0, not NaN
 
 
+def test_masked_var_bessel_factor_at_one_and_two_elements():
+    """n = 2: [1, 3] has biased variance 1, unbiased 1 * 2 / 1 = 2. n = 1: the factor n / (n - 1) would
+    be infinite; it is 1 and the variance 0 (finite). n = 3: [1, 2, 3] -> 2/3 * 3/2 = 1."""
+    x = t(1.0, 3.0, 50.0)
+    assert L.masked_var(x, torch.tensor([1, 1, 0])).item() == pytest.approx(2.0)
+    assert L.masked_var(x, torch.tensor([1, 1, 0]), unbiased=False).item() == pytest.approx(1.0)
+    one = L.masked_var(x, torch.tensor([0, 1, 0]))
+    assert one.item() == 0.0 and torch.isfinite(one)
+    assert L.masked_var(t(1.0, 2.0, 3.0), torch.ones(3)).item() == pytest.approx(1.0)
+
+
+def test_last_real_index_of_rows_with_and_without_real_tokens():
+    """[0, 0, 0] has no real token: -1; [1, 1, 0]: 1; [0, 1, 1] (left padding): 2; [1, 0, 1]: 2."""
+    mask = torch.tensor([[0, 0, 0], [1, 1, 0], [0, 1, 1], [1, 0, 1]])
+    assert L.last_real_index(mask).tolist() == [-1, 1, 2, 2]
+
+
 # ---------------------------------------------------------------- KL
 
 def test_kl_estimators():
-    """logp=-1, ref=-1.5, so log r = -0.5: k1 = 0.5; k3 = e^-0.5 - 1 + 0.5 = 0.10653;
-    abs = 0.5; mse = 0.5*0.25 = 0.125. Every estimator is 0 when logp == ref."""
+    """logp=-1, ref=-1.5, so log r = -0.5: k1 = 0.5; k2 = 0.5*0.25 = 0.125; k3 = e^-0.5 - 1 + 0.5 = 0.10653.
+    Every estimator is 0 when logp == ref; the registry holds exactly these three names."""
     lp, ref = t(-1.0), t(-1.5)
-    assert L.kl_penalty(lp, ref, "k1").item() == pytest.approx(0.5)
-    assert round(L.kl_penalty(lp, ref, "k3").item(), 5) == 0.10653
-    assert L.kl_penalty(lp, ref, "abs").item() == pytest.approx(0.5)
-    assert L.kl_penalty(lp, ref, "mse").item() == pytest.approx(0.125)
+    assert E.kl_penalty(lp, ref, "k1").item() == pytest.approx(0.5)
+    assert E.kl_penalty(lp, ref, "k2").item() == pytest.approx(0.125)
+    assert round(E.kl_penalty(lp, ref, "k3").item(), 5) == 0.10653
+    assert list(E.KL) == ["k1", "k2", "k3"]
     same = t(-0.3, -2.0)
-    for kind in ("k1", "k3", "abs", "mse"):
-        assert torch.all(L.kl_penalty(same, same, kind) == 0)
+    for kind in E.KL:
+        assert torch.all(E.kl_penalty(same, same, kind) == 0)
     with pytest.raises(ValueError):
-        L.kl_penalty(lp, ref, "full")
+        E.kl_penalty(lp, ref, "full")
+    masked = E.masked_kl(t(-1.0, -1.0)[None], t(-1.5, -3.0)[None], torch.tensor([[1, 0]]), "k1")
+    assert masked.tolist() == [[0.5, 0.0]]  # nothing after EOS adds KL
+
+
+def _policy_and_reference():
+    """A 6-outcome categorical policy p = softmax(theta) and a fixed reference."""
+    theta = torch.tensor([0.3, -1.2, 0.8, 0.0, 1.5, -0.4], dtype=torch.float64, requires_grad=True)
+    ref = torch.log_softmax(torch.tensor([-0.5, 0.2, 1.0, -1.0, 0.4, 0.9], dtype=torch.float64), 0)
+    return theta, ref
+
+
+def _grad(f):
+    theta, ref = _policy_and_reference()
+    return torch.autograd.grad(f(torch.log_softmax(theta, 0), ref), theta)[0]
+
+
+def _kl(a, b):
+    return (a.exp() * (a - b)).sum()
+
+
+def test_each_kl_estimator_s_expected_gradient_by_enumeration():
+    """Exact expectations over the 6 outcomes x ~ p (no sampling). In the loss the tokens are fixed and
+    the gradient flows through log p: E_p[grad k]. In the reward -beta k is a detached reward:
+    REINFORCE's E_p[k grad log p]. What each gives, against the true gradients:
+      loss   k1: 0 (refused by the schema)   k2: grad KL(p||ref)   k3: grad KL(ref||p);
+      reward k1: grad KL(p||ref)   k2: grad E_p[k2] - grad KL(p||ref)   k3: grad KL(p||ref) - grad KL(ref||p)."""
+    forward = _grad(lambda lp, ref: _kl(lp, ref))  # KL(policy || ref)
+    reverse = _grad(lambda lp, ref: _kl(ref, lp))  # KL(ref || policy)
+    mean_k2 = _grad(lambda lp, ref: (lp.exp() * E.kl_penalty(lp, ref, "k2")).sum())
+    assert forward.abs().min() > 1e-3 and (forward - reverse).abs().max() > 1e-2  # the two directions differ here
+    want = {"k1": (torch.zeros(6, dtype=torch.float64), forward),
+            "k2": (forward, mean_k2 - forward),
+            "k3": (reverse, forward - reverse)}
+    for name, (in_loss, in_reward) in want.items():
+        loss = _grad(lambda lp, ref: (lp.exp().detach() * E.kl_penalty(lp, ref, name)).sum())
+        reward = _grad(lambda lp, ref: (lp.exp().detach() * E.kl_penalty(lp, ref, name).detach() * lp).sum())
+        assert torch.allclose(loss, in_loss, atol=1e-12), name
+        assert torch.allclose(reward, in_reward, atol=1e-12), name
+        assert (E.KL[name].in_loss is None) == (name == "k1")  # the schema refuses exactly the zero-gradient one
+    # what they estimate: k1 and k3 are unbiased for KL(p||ref); k2 is not
+    theta, ref = _policy_and_reference()
+    lp = torch.log_softmax(theta, 0).detach()
+    value = {name: (lp.exp() * E.kl_penalty(lp, ref, name)).sum().item() for name in E.KL}
+    assert value["k1"] == pytest.approx(_kl(lp, ref).item()) and value["k3"] == pytest.approx(_kl(lp, ref).item())
+    assert abs(value["k2"] - _kl(lp, ref).item()) > 1e-3
 
 
 # ---------------------------------------------------------------- GAE
@@ -284,6 +349,109 @@ def test_ppo_value_loss():
     assert clipfrac.item() == pytest.approx(0.5)
 
 
+def test_ppo_value_loss_clips_around_the_old_values():
+    """old [1, 1], new [0.9, 1.5], returns [0, 2], eps 0.2: v_clip = old + clip(new - old, -0.2, 0.2)
+    = [0.9, 1.2]; (v - R)^2 = [0.81, 0.25], (v_clip - R)^2 = [0.81, 0.64]; max [0.81, 0.64];
+    loss 0.5 * 1.45 / 2 = 0.3625; clipped strictly larger on the second token only: clipfrac 1/2."""
+    loss, clipfrac = L.ppo_value_loss(t(0.9, 1.5)[None], t(1.0, 1.0)[None], t(0.0, 2.0)[None], torch.ones(1, 2), 0.2)
+    assert loss.item() == pytest.approx(0.3625)
+    assert clipfrac.item() == pytest.approx(0.5)
+    per_token, clipped = L.clipped_value_error(t(0.9, 1.5)[None], t(1.0, 1.0)[None], t(0.0, 2.0)[None], 0.2)
+    assert torch.allclose(per_token, t(0.405, 0.32)[None]) and clipped.tolist() == [[False, True]]
+
+
+def test_clip_higher_widens_only_the_upper_side():
+    """DAPO's clip-higher, eps 0.2, eps_high 0.28. A = 1, ratio e^0.5 = 1.6487: clipped at 1.28, loss
+    -1.28 (-1.2 without eps_high). A = -1, ratio e^-0.5 = 0.6065: max(0.6065, 0.8) = 0.8 either way."""
+    mask = torch.ones(1, 1)
+    up = (t(0.5)[None], t(0.0)[None], t(1.0)[None])
+    assert L.ppo_policy_loss(*up, mask, 0.2, clip_eps_high=0.28)[0].item() == pytest.approx(-1.28)
+    assert L.ppo_policy_loss(*up, mask, 0.2)[0].item() == pytest.approx(-1.2)
+    down = (t(-0.5)[None], t(0.0)[None], t(-1.0)[None])
+    assert L.ppo_policy_loss(*down, mask, 0.2, clip_eps_high=0.28)[0].item() == pytest.approx(0.8)
+    assert L.ppo_policy_loss(*down, mask, 0.2)[0].item() == pytest.approx(0.8)
+
+
+def test_sequence_level_ratio_by_hand():
+    """GSPO: log-ratios [0.2, -0.1, (0.5 masked)], A = 1: the reply's ratio s = exp((0.2 - 0.1) / 2)
+    = e^0.05 = 1.051271 on both real tokens. Unclipped (eps 0.2) each token's loss is -s, and its
+    gradient wrt each real token's log-prob -s / 2 (through the mean), 0 on the masked one. With
+    GSPO's eps 3e-4 / 4e-4 the ratio clips at 1.0004: loss -1.0004, no gradient. Per token the
+    first token alone (ratio e^0.2) would give -1.2214."""
+    new = t(0.2, -0.1, 0.5)[None].requires_grad_()
+    old, adv, mask = torch.zeros(1, 3, dtype=torch.float64), torch.ones(1, 3, dtype=torch.float64), torch.tensor([[1, 1, 0]])
+    s = math.exp(0.05)
+    per_token, clipped = L.clipped_surrogate(new, old, adv, mask, 0.2, level="sequence")
+    assert per_token[0, :2].tolist() == pytest.approx([-s, -s]) and not clipped.any()
+    loss = L.aggregate(per_token, mask, "sequence")
+    loss.backward()
+    assert new.grad[0].tolist() == pytest.approx([-s / 2, -s / 2, 0.0])
+    tight, clipped = L.clipped_surrogate(new.detach(), old, adv, mask, 3e-4, 4e-4, level="sequence")
+    assert tight[0, :2].tolist() == pytest.approx([-1.0004, -1.0004]) and clipped[0, :2].all()
+    token, _ = L.clipped_surrogate(new.detach(), old, adv, mask, None)
+    assert token[0, 0].item() == pytest.approx(-math.exp(0.2))
+
+
+def test_loss_aggregation_over_micro_batches_and_processes_divides_by_global_totals():
+    """Per-token losses [[1, 2, 3], [4, x, x], [5, 6, x]] (x masked), split into part A (rows 0-1) and
+    part B (row 2), as two micro-batches or two processes. Totals: 6 tokens, 3 replies.
+    token:    A (1+2+3+4)/6 = 10/6, B (5+6)/6 = 11/6, sum 21/6 = 3.5 (a mean of the parts' own means,
+              (10/4 + 11/2) / 2 = 4.0, would weigh row 2's tokens more);
+    sequence: A (2 + 4)/3 = 2, B 5.5/3, sum 11.5/3 = 3.8333;
+    dr_grpo:  (10 + 11) / (3 replies x 3) = 21/9 = 2.3333. Each sum equals `aggregate` of the whole."""
+    x = t(1.0, 2.0, 3.0, 4.0, 9.0, 9.0, 5.0, 6.0, 9.0).view(3, 3)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0]])
+    want = {"token": (10 / 6, 11 / 6, 3.5), "sequence": (2.0, 5.5 / 3, 11.5 / 3), "dr_grpo": (10 / 9, 11 / 9, 21 / 9)}
+    for kind, (a, b, whole) in want.items():
+        part_a = L.aggregate_loss(x[:2], mask[:2], kind, total_tokens=6, total_replies=3, max_length=3)
+        part_b = L.aggregate_loss(x[2:], mask[2:], kind, total_tokens=6, total_replies=3, max_length=3)
+        assert (part_a.item(), part_b.item()) == (pytest.approx(a), pytest.approx(b)), kind
+        assert L.aggregate(x, mask, kind, max_length=3).item() == pytest.approx(whole), kind
+        assert (part_a + part_b).item() == pytest.approx(whole), kind
+
+
+def test_overlong_penalty_by_hand():
+    """DAPO eq. 13, max 20, cache 5: lengths 10, 15 -> 0; 16 -> (15 - 16)/5 = -0.2; 18 -> -0.6; 20 -> -1;
+    cache 0: no shaping."""
+    lengths = torch.tensor([10, 15, 16, 18, 20])
+    assert L.overlong_penalty(lengths, 20, 5).tolist() == pytest.approx([0.0, 0.0, -0.2, -0.6, -1.0])
+    assert L.overlong_penalty(lengths, 20, 0).tolist() == [0.0] * 5
+
+
+def test_informative_groups():
+    """Groups of 2: [1, 1] all equal (dropped by dynamic sampling), [0, 1] not, [0.5, 0.5] equal."""
+    assert L.informative_groups(t(1.0, 1.0, 0.0, 1.0, 0.5, 0.5), 2).tolist() == [False, True, False]
+
+
+# ---------------------------------------------------------------- critic-free advantage estimators
+
+def test_advantage_estimators_at_group_size_two():
+    """[1, 3]: GRPO's unbiased std is sqrt(2) = 1.41421, so +-1 / (1.41421 + 1e-4); RLOO: each minus the
+    other, [-2, 2]; reinforce_baseline unscaled: [-1, 1]. Group size 1: GRPO's std is 0 (advantage 0)."""
+    a = E.ADVANTAGE["grpo"](t(1.0, 3.0), 2)
+    expected = 1 / (math.sqrt(2) + 1e-4)
+    assert a.tolist() == pytest.approx([-expected, expected], rel=1e-6)
+    assert E.ADVANTAGE["rloo"](t(1.0, 3.0), 2).tolist() == pytest.approx([-2.0, 2.0])
+    assert E.ADVANTAGE["reinforce_baseline"](t(1.0, 3.0), 2, scale=False).tolist() == pytest.approx([-1.0, 1.0])
+    assert E.ADVANTAGE["grpo"](t(1.0, 3.0), 1).tolist() == [0.0, 0.0]
+
+
+def test_reinforce_baseline_whitens_over_the_batch_it_is_given():
+    """Groups [1, 3], [0, 4]: centred [-1, 1, -2, 2]; mean 0, unbiased var (1+1+4+4)/3 = 10/3, so
+    whitened x / sqrt(10/3 + 1e-8). A `whiten` callable (the loop's, over all processes) replaces that."""
+    a = E.ADVANTAGE["reinforce_baseline"](t(1.0, 3.0, 0.0, 4.0), 2)
+    assert a.tolist() == pytest.approx([v / math.sqrt(10 / 3) for v in (-1, 1, -2, 2)], rel=1e-6)
+    assert E.ADVANTAGE["reinforce_baseline"](t(1.0, 3.0), 2, whiten=lambda x: x * 10).tolist() == [-10.0, 10.0]
+
+
+def test_the_schema_takes_its_estimator_names_from_the_registries():
+    from alignment import config
+
+    assert config.KL_ESTIMATORS == tuple(E.KL) and config.ADVANTAGE_ESTIMATORS == tuple(E.ADVANTAGE)
+    assert set(config.ADVANTAGE_ESTIMATORS) == {"grpo", "rloo", "reinforce_baseline"}
+    assert config.GRPOOptions(kl_estimator="k2").kl_estimator == "k2"
+
+
 def test_adaptive_kl_update():
     """err = clip(12/6 - 1, -.2, .2) = .2; beta = 0.15 * (1 + .2*512/10000) = 0.15 * 1.01024 = 0.151536.
     KL 3 (err = -0.5, clipped to -0.2) gives 0.15 * (1 - 0.01024) = 0.148464."""
@@ -306,3 +474,15 @@ def test_losses_imports_only_torch():
             assert node.level == 0, "relative import"
             seen.add(node.module)
     assert seen and seen <= allowed, seen
+
+
+def test_estimators_import_nothing():
+    """The schema reads the registries' names before torch loads: estimators.py imports only typing."""
+    src = Path(__file__).resolve().parents[1] / "alignment" / "estimators.py"
+    seen = set()
+    for node in ast.walk(ast.parse(src.read_text())):
+        if isinstance(node, ast.Import):
+            seen.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            seen.add(node.module)
+    assert seen == {"typing"}, seen

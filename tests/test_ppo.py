@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from alignment import losses
+from alignment import estimators, losses
 from alignment.templates import reward_ids
 from alignment.config import RecipeError, load_recipe
 from alignment.models import load_classifier, load_tokenizer, save_model
@@ -53,13 +54,18 @@ def fresh_rollout(setup, seed=0):
     return ppo.rollout(m, accelerator, rendered, prompts, recipe, timer)
 
 
+def kl_shaped_rewards(logp, ref_logp, mask, scores, beta):
+    """PPO's per-token rewards: k1 on real tokens, -beta k1 per token plus the score on the last one."""
+    kl = estimators.masked_kl(logp, ref_logp, mask, "k1")
+    return losses.rewards_from_kl(kl, mask, scores, beta), kl
+
+
 def test_kl_shaped_rewards_by_hand():
     """logp [-1, -2, -3], ref [-1.5, -2, -1], mask [1, 1, 0], score 2, beta 0.1:
     k1 = logp - ref = [0.5, 0, 0 (masked)]; r = [-0.05, 0 + 2, 0]."""
-    rewards, kl = losses.kl_shaped_rewards(
-        torch.tensor([[-1.0, -2.0, -3.0]]), torch.tensor([[-1.5, -2.0, -1.0]]), torch.tensor([[1, 1, 0]]),
-        torch.tensor([2.0]), beta=0.1,
-    )
+    mask = torch.tensor([[1, 1, 0]])
+    kl = estimators.masked_kl(torch.tensor([[-1.0, -2.0, -3.0]]), torch.tensor([[-1.5, -2.0, -1.0]]), mask, "k1")
+    rewards = losses.rewards_from_kl(kl, mask, torch.tensor([2.0]), beta=0.1)
     assert kl.tolist() == [[0.5, 0.0, 0.0]]
     assert torch.allclose(rewards, torch.tensor([[-0.05, 2.0, 0.0]]))
 
@@ -80,7 +86,7 @@ def test_batch_indices_walk_through_the_data_then_reshuffle():
 def test_policy_equal_to_reference_gives_exactly_zero_kl(setup):
     r = fresh_rollout(setup)
     assert torch.equal(r.logp, r.ref_logp)
-    rewards, kl = losses.kl_shaped_rewards(r.logp, r.ref_logp, r.response_mask, r.scores, 0.5)
+    rewards, kl = kl_shaped_rewards(r.logp, r.ref_logp, r.response_mask, r.scores, 0.5)
     assert kl.abs().sum().item() == 0.0
     assert (rewards.sum(-1) == r.scores).all()  # non-score reward exactly 0
 
@@ -130,8 +136,8 @@ def test_nothing_after_the_first_eos_adds_kl_or_trains_the_value():
     mask = torch.tensor([[1, 1, 0, 0]])  # EOS at position 1
     logp, ref = torch.tensor([[-1.0, -2.0, -3.0, -4.0]]), torch.tensor([[-1.5, -2.5, -9.0, -9.0]])
     values = torch.tensor([[0.1, 0.2, 0.3, 0.4]], requires_grad=True)
-    rewards, kl = losses.kl_shaped_rewards(logp, ref, mask, torch.tensor([1.0]), 0.1)
-    changed, _ = losses.kl_shaped_rewards(logp, ref - 5 * (1 - mask), mask, torch.tensor([1.0]), 0.1)
+    rewards, kl = kl_shaped_rewards(logp, ref, mask, torch.tensor([1.0]), 0.1)
+    changed, _ = kl_shaped_rewards(logp, ref - 5 * (1 - mask), mask, torch.tensor([1.0]), 0.1)
     assert torch.equal(rewards, changed) and kl[0, 2:].abs().sum() == 0
     adv, returns = losses.gae(rewards, values, mask, 1.0, 0.95)
     loss, _ = losses.ppo_value_loss(values, values.detach(), returns, mask, 0.2)
@@ -139,10 +145,38 @@ def test_nothing_after_the_first_eos_adds_kl_or_trains_the_value():
     assert values.grad[0, 2:].abs().sum() == 0 and values.grad[0, :2].abs().sum() > 0
 
 
-def test_first_minibatch_ratio_is_one_and_only_policy_and_critic_learn(tiny_base, reward_dir):
-    recipe = recipe_for(tiny_base, reward_dir, "ppo.num_minibatches=2", "training.gradient_accumulation_steps=2")
-    inputs = {"model": str(tiny_base), "reward_model": str(reward_dir)}
+def with_dropout(src: Path, dst: Path, rate: float = 0.5) -> Path:
+    """A copy of a checkpoint whose config asks for attention dropout (Llama applies it in train mode)."""
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**config, "attention_dropout": rate}))
+    return dst
+
+
+def test_first_minibatch_ratio_is_one_and_only_policy_and_critic_learn(tiny_base, reward_dir, tmp_path, monkeypatch):
+    """Also: dropout is off throughout, during the update too. The checkpoints ask for attention dropout
+    0.5; the update runs in train mode (for activation checkpointing), and every forward pass of it,
+    policy and critic, gives the same numbers when run again."""
+    base, rm = with_dropout(tiny_base, tmp_path / "base"), with_dropout(reward_dir, tmp_path / "rm")
+    recipe = recipe_for(base, rm, "ppo.num_minibatches=2", "training.gradient_accumulation_steps=2")
+    inputs = {"model": str(base), "reward_model": str(rm)}
     m = ppo.build_models(recipe, inputs, print)
+    repeatable = {"policy": [], "critic": []}
+
+    def twice(real, name):
+        def spy(model, r, *args, **kwargs):
+            out = real(model, r, *args, **kwargs)
+            if torch.is_grad_enabled():  # the update's passes
+                assert model.training
+                with torch.no_grad():
+                    again = real(model, r, *args, **kwargs)
+                first, second = (x[0] if isinstance(x, tuple) else x for x in (out, again))
+                repeatable[name].append(torch.equal(first.detach(), second))
+            return out
+        return spy
+
+    monkeypatch.setattr(ppo, "reply_logprobs", twice(ppo.reply_logprobs, "policy"))
+    monkeypatch.setattr(ppo, "reply_values", twice(ppo.reply_values, "critic"))
     accelerator = Accelerator(cpu=True)
     optimizer, scheduler = ppo.prepare_training(m, accelerator, recipe)
     prompts, rendered, *_ = ppo.load_prompts(recipe, m.tok)
@@ -157,7 +191,9 @@ def test_first_minibatch_ratio_is_one_and_only_policy_and_critic_learn(tiny_base
         for n, p in model.named_parameters():
             assert p.grad is None and not p.requires_grad and torch.equal(p, frozen[n])
     assert any(not torch.equal(p, policy_before[n]) for n, p in m.policy.named_parameters())
-    assert not m.policy.training and not m.critic.training  # dropout off throughout
+    assert not m.policy.training and not m.critic.training  # eval mode again after the update
+    assert len(repeatable["policy"]) == len(repeatable["critic"]) == 8  # 2 epochs x 2 minibatches x 2 micro-batches
+    assert all(repeatable["policy"]) and all(repeatable["critic"])  # dropout off during the update
 
 
 def test_lora_policy_is_its_own_reference_and_only_adapters_learn(tiny_base, reward_dir, tmp_path):

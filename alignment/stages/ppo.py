@@ -14,24 +14,28 @@ head) and gives a value at every position. Dropout is off in all of them.
 
 One iteration, as the loop below reads:
 1. rollout: sample `num_generations` replies (1 for PPO) to each of batch_size / num_generations
-   prompts (temperature T, KV cache);
+   prompts (temperature T, KV cache); with `dynamic_sampling` (DAPO), groups whose scores are all
+   equal are dropped and more prompts sampled until the batch is full (`sample_batch`);
 2. score: log-probs of the reply tokens under the policy (the "old" log-probs) and the
    reference, at the same T; PPO's values; each reward source's score (minus
-   `missing_eos_penalty` for replies without EOS), summed with the recipe's weights. When the
+   `missing_eos_penalty` for replies without EOS, plus DAPO's overlong penalty with
+   `soft_punish_cache`), summed with the recipe's weights. When the
    update is on-policy (`old_logprobs_from_update`: one pass over one minibatch, nothing needs
    the old log-probs before it), the policy's pass is left out here: the update's own forward
    gives them, detached (ratio exactly 1), with the entropy, as TRL's GRPOTrainer does;
 3. advantages: PPO: r_t = -beta kl_t on every reply token plus the score on the last, GAE,
-   whitened over all real tokens. Critic-free: the reply's score (minus beta times its summed KL
-   when the KL is in the reward) against its group's (`losses.grpo_advantages`,
-   `rloo_advantages`, ...), the same advantage on every token of the reply;
+   whitened over all real tokens. Critic-free: the reply's score against its group's by the
+   registered estimator (`estimators.ADVANTAGE`: grpo, rloo, ...), minus beta times the
+   estimator's unscaled advantage of its summed KL when the KL is in the reward; the same
+   advantage on every token of the reply;
 4. policy epochs: `ppo_epochs` passes over `num_minibatches` minibatches, one optimizer step
-   each: the clipped surrogate (plus PPO's clipped value loss, or the KL term when the KL is in
-   the loss), aggregated over the whole minibatch (all micro-batches, all processes);
+   each: the clipped surrogate (per token, or GSPO's per-reply ratio; `epsilon_high`: DAPO's
+   clip-higher), plus PPO's clipped value loss, or the KL term when the KL is in the loss, each
+   aggregated over the whole minibatch (`losses.aggregate_loss`: global token/reply totals);
 5. log every metric, adapt beta (adaptive control), checkpoint every `training.save_steps`.
 
 Everything after a reply's first EOS is masked: it adds no KL and trains nothing. All math
-lives in `alignment/losses.py`, sampling and forward passes in `alignment/generation.py`,
+lives in `alignment/losses.py` and `alignment/estimators.py`, sampling and forward passes in `alignment/generation.py`,
 model plumbing in `alignment/models.py`, reward sources in `alignment/rewards.py`.
 """
 
@@ -50,7 +54,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .. import losses
+from .. import estimators, losses
 from ..templates import render_prompt, template_complaint
 from ..config import RecipeError, RLRecipe
 from ..data import Rows, check_rows, load_rows
@@ -265,15 +269,18 @@ def old_logprobs_from_update(m: Models, o) -> bool:
 
 
 def token_kl(r: Rollout, estimator: str) -> torch.Tensor:
-    """(B, R) per-token KL estimate to the reference: 0 after EOS, and everywhere without a reference."""
+    """(B, R) per-token KL estimate to the reference: 0 after EOS, and everywhere without a reference
+    (then the on-policy path may not have filled the old log-probs yet: the mask gives the shape)."""
     if r.ref_logp is None:
-        return torch.zeros_like(r.logp)
-    return losses.masked_kl(r.logp, r.ref_logp, r.response_mask, estimator)
+        return torch.zeros(r.response_mask.shape, device=r.response_mask.device)
+    return estimators.masked_kl(r.logp, r.ref_logp, r.response_mask, estimator)
 
 
-def source_scores(m: Models, r: Rollout, prompts: list[str], rows: list[dict]) -> dict[str, torch.Tensor]:
-    """Each reward source's score of the rollout's replies (no missing-EOS penalty)."""
-    return m.rewards.scores(prompts, rows, r.input_ids, r.attention_mask, r.response_ids, r.response_mask, r.finished)
+def source_scores(m: Models, r: Rollout, prompts: list[str], rows: list[dict], which: str = "all") -> dict[str, torch.Tensor]:
+    """Each reward source's score of the rollout's replies (no missing-EOS penalty); `which`: 'model' (the
+    reward model only), 'functions' (the Python functions only) or 'all'."""
+    return m.rewards.scores(prompts, rows, r.input_ids, r.attention_mask, r.response_ids, r.response_mask, r.finished,
+                            which=which)
 
 
 @torch.no_grad()
@@ -307,11 +314,15 @@ def rollout(m: Models, accelerator, rendered: list[str], prompts: list[str], rec
                 parts["ref_logp"].append(reference_logprobs(m, policy, chunk, o.temperature))
             if m.critic is not None:
                 parts["values"].append(reply_values(accelerator.unwrap_model(m.critic), chunk))
-            parts["sources"].append(source_scores(m, chunk, prompts[lo : lo + step], rows[lo : lo + step]))
+            if m.rewards.reward_model is not None:  # the model in chunks; functions below, once per batch
+                parts["sources"].append(source_scores(m, chunk, prompts[lo : lo + step], rows[lo : lo + step], "model"))
     for name in ("logp", "entropy", "ref_logp", "values"):
         if parts[name]:
             setattr(r, name, torch.cat(parts[name]).float())
-    r.sources = {k: torch.cat([p[k] for p in parts["sources"]]).float() for k in parts["sources"][0]}
+    r.sources = {k: torch.cat([p[k] for p in parts["sources"]]).float() for k in (parts["sources"] or [{}])[0]}
+    r.sources.update(source_scores(m, r, prompts, rows, "functions"))
+    if o.soft_punish_cache:
+        r.sources["overlong"] = losses.overlong_penalty(r.response_mask.sum(-1), o.response_length, o.soft_punish_cache)
     r.scores = m.rewards.total(r.sources)
     if o.missing_eos_penalty is not None:
         r.scores = r.scores - o.missing_eos_penalty * (~r.finished).float()
@@ -328,14 +339,103 @@ def global_whiten(accelerator, x: torch.Tensor, mask: torch.Tensor, shift_mean: 
     return everything[accelerator.process_index * n : (accelerator.process_index + 1) * n]
 
 
-def group_advantages(accelerator, scores: torch.Tensor, o) -> torch.Tensor:
-    """One advantage per reply from the scores of its group (a process holds whole groups)."""
-    if o.estimator == "grpo":
-        return losses.grpo_advantages(scores, o.group_size, scale=o.scale_rewards)
-    if o.estimator == "rloo":
-        return losses.rloo_advantages(scores, o.group_size)
-    centred = losses.group_mean_advantages(scores, o.group_size)  # reinforce_baseline
-    return global_whiten(accelerator, centred[:, None], torch.ones_like(centred[:, None]))[:, 0]
+def group_advantages(accelerator, scores: torch.Tensor, o, scale: bool) -> torch.Tensor:
+    """One advantage per reply from the scores of its group (a process holds whole groups), by the
+    registered estimator `o.estimator` (alignment/estimators.py); its batch-wide whitening, if any,
+    over every process's replies."""
+
+    def whiten(x: torch.Tensor) -> torch.Tensor:
+        return global_whiten(accelerator, x[:, None], torch.ones_like(x[:, None]))[:, 0]
+
+    return estimators.ADVANTAGE[o.estimator](scores, o.group_size, scale=scale, whiten=whiten)
+
+
+def cat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    """One Rollout of several (dynamic sampling's rounds): prompts left-padded to the longest
+    prompt, replies right-padded to the longest reply, with masks 0 there (position ids come from the
+    mask, so the padding changes no log-prob)."""
+    if len(parts) == 1:
+        return parts[0]
+    P = max(p.context_length for p in parts)
+    R = max(p.response_ids.shape[1] for p in parts)
+    pad = torch.nn.functional.pad
+
+    def widen(p: Rollout) -> dict:
+        left, right = P - p.context_length, R - p.response_ids.shape[1]
+        out = {}
+        for name, x in p.__dict__.items():
+            if name in ("input_ids", "attention_mask"):
+                fill = pad_id if name == "input_ids" else 0
+                x = torch.cat([pad(x[:, : p.context_length], (left, 0), value=fill),
+                               pad(x[:, p.context_length :], (0, right), value=fill)], 1)
+            elif isinstance(x, torch.Tensor) and x.dim() == 2:  # (B, R): reply ids, mask, log-probs, values
+                x = pad(x, (0, right), value=pad_id if name == "response_ids" else 0)
+            out[name] = x
+        return out
+
+    wide = [widen(p) for p in parts]
+    merged = {}
+    for name, first in wide[0].items():
+        if isinstance(first, torch.Tensor):
+            merged[name] = torch.cat([w[name] for w in wide])
+        elif isinstance(first, dict):
+            merged[name] = {k: torch.cat([w[name][k] for w in wide]) for k in first}
+        elif name == "context_length":
+            merged[name] = P
+        else:  # None (a pass the rollouts left out) everywhere
+            merged[name] = first
+    return Rollout(**merged)
+
+
+def sample_batch(m: Models, accelerator, recipe: RLRecipe, timer: dict, data: tuple, iteration: int) -> tuple[Rollout, dict]:
+    """This process's rollouts of iteration `iteration`: its share of the batch's prompts, each
+    num_generations times in a row (a group). With `dynamic_sampling` (DAPO, Yu et al. 2025), groups
+    whose scores are all equal are dropped and further rounds of prompts sampled (round k's prompts:
+    the iteration's slice of a permutation seeded by seed and k) until every process holds its share,
+    at most `dynamic_sampling_max_rounds` rounds; a batch the rounds do not fill is topped up with
+    dropped groups (advantage 0). Returns (rollout, dynamic-sampling metrics over all processes)."""
+    o = recipe.rl
+    prompts, rendered, prompt_rows = data
+    G = o.group_size
+    group_prompts = (o.batch_size // accelerator.num_processes) // G
+    me = accelerator.process_index
+
+    def one_round(k: int) -> Rollout:
+        seed = recipe.seed if k == 0 else recipe.seed + 100_003 * k
+        rows = batch_indices(len(prompts), o.batch_size // G, iteration, seed)
+        mine = [i for i in rows[me * group_prompts : (me + 1) * group_prompts] for _ in range(G)]
+        return rollout(m, accelerator, [rendered[i] for i in mine], [prompts[i] for i in mine], recipe, timer,
+                       [prompt_rows[i] for i in mine])
+
+    if not o.drops_equal_groups:
+        return one_round(0), {}
+    kept: list[Rollout] = []
+    spare: list[Rollout] = []
+    have = sampled = dropped = rounds = 0
+    while rounds < o.dynamic_sampling_max_rounds:
+        short = torch.tensor(float(group_prompts - have > 0), device=accelerator.device)
+        if accelerator.reduce(short, "sum").item() == 0:
+            break
+        rounds += 1
+        if have < group_prompts:
+            r = one_round(rounds - 1)
+            useful = losses.informative_groups(r.scores, G).tolist()
+            sampled += len(useful)
+            dropped += useful.count(False)
+            for group, ok in enumerate(useful):
+                rows = torch.arange(group * G, (group + 1) * G)
+                if ok and have < group_prompts:
+                    kept.append(r.rows(rows))
+                    have += 1
+                elif not ok:
+                    spare.append(r.rows(rows))
+    topped_up = group_prompts - have
+    kept += spare[:topped_up]
+    counts = accelerator.reduce(torch.tensor([float(sampled), float(dropped), float(topped_up)], device=accelerator.device), "sum")
+    sampled, dropped, topped_up = counts.tolist()
+    stats = {"dynamic_sampling/rounds": rounds, "dynamic_sampling/sampled_groups": sampled,
+             "dynamic_sampling/dropped_groups": dropped, "dynamic_sampling/topped_up": topped_up}
+    return cat_rollouts(kept, m.tok.pad_token_id), stats
 
 
 # --------------------------------------------------------------------------- optimisation
@@ -346,10 +446,9 @@ def ppo_update(
     recipe: RLRecipe, iteration: int,
 ) -> dict:
     """`ppo_epochs` passes of `num_minibatches` optimizer steps over the rollouts. Each loss is
-    aggregated over the whole minibatch: every micro-batch's loss (a token mean, or a reply mean for
-    'sequence' and 'dr_grpo') is weighted by its share of the minibatch's tokens (or replies), summed
-    over micro-batches and processes (DDP then averages the gradients over processes, hence the
-    factor num_processes)."""
+    aggregated over the whole minibatch: every micro-batch's part divides by the minibatch's token (or
+    reply) totals over all processes (`losses.aggregate_loss`), summed over micro-batches and
+    processes (DDP then averages the gradients over processes, hence the factor num_processes)."""
     o, t = recipe.rl, recipe.training
     n = r.input_ids.shape[0]
     aggregation = o.aggregation
@@ -376,7 +475,6 @@ def ppo_update(
                 b = r.rows(micro)
                 mask = loss_mask[micro]
                 token_share = mask.sum() / tokens  # this micro-batch's share of the minibatch's tokens
-                share = token_share if aggregation == "token" else len(micro) / replies
                 sync = contextlib.ExitStack()
                 if k < len(micros) - 1:
                     for model in trained_models(m):
@@ -388,23 +486,25 @@ def ppo_update(
                         b.logp = r.logp[micro]
                     else:
                         logp = reply_logprobs(m.policy, b, o.temperature)
-                    pg_loss, pg_clip, approxkl = losses.ppo_policy_loss(
-                        logp, b.logp, advantages[micro], mask, o.clip_range, aggregation, o.response_length
-                    )
-                    loss = pg_loss * share
-                    micro_stats = {"loss/policy": pg_loss * share, "policy/clipfrac": pg_clip * token_share,
-                                   "policy/approxkl": approxkl * token_share}
+                    # every term: this micro-batch's part of the minibatch's loss (global token/reply totals)
+                    part = lambda per_token, kind=aggregation: losses.aggregate_loss(  # noqa: E731
+                        per_token, mask, kind, tokens, replies, o.response_length)
+                    surrogate, clipped = losses.clipped_surrogate(
+                        logp, b.logp, advantages[micro], mask, o.clip_range, o.ratio_clip_high, o.ratio_level)
+                    loss = part(surrogate)
+                    micro_stats = {"loss/policy": loss, "policy/clipfrac": part(clipped.float(), "token"),
+                                   "policy/approxkl": part(0.5 * (logp - b.logp) ** 2, "token")}
                     if m.critic is not None:
-                        values = reply_values(m.critic, b)
-                        vf_loss, vf_clip = losses.ppo_value_loss(values, b.values, returns[micro], mask, o.value_clip_range)
-                        loss = loss + o.vf_coef * vf_loss * token_share
-                        micro_stats.update({"loss/value": vf_loss * token_share, "value/clipfrac": vf_clip * token_share})
+                        error, vf_clipped = losses.clipped_value_error(reply_values(m.critic, b), b.values, returns[micro],
+                                                                       o.value_clip_range)
+                        vf_loss = part(error, "token")
+                        loss = loss + o.vf_coef * vf_loss
+                        micro_stats.update({"loss/value": vf_loss, "value/clipfrac": part(vf_clipped.float(), "token")})
                     if kl_in_loss:
-                        kl = losses.aggregate(losses.kl_penalty(logp, b.ref_logp, o.kl_estimator), mask, aggregation,
-                                              o.response_length)
-                        loss = loss + beta * kl * share
-                        micro_stats["loss/kl"] = kl * share
-                    accelerator.backward(loss * accelerator.num_processes)
+                        kl = part(estimators.kl_penalty(logp, b.ref_logp, o.kl_estimator))
+                        loss = loss + beta * kl
+                        micro_stats["loss/kl"] = kl
+                    accelerator.backward(loss * accelerator.num_processes)  # DDP averages over processes
                 with torch.no_grad():
                     ratio = torch.exp(logp - b.logp)
                     micro_stats["val/ratio"] = losses.masked_mean(ratio, mask) * token_share
@@ -443,8 +543,9 @@ def learn(m: Models, accelerator, optimizer, scheduler, r: Rollout, beta: float,
         advantages = global_whiten(accelerator, advantages, mask) * mask
         loss_mask, per_reply = mask, None
     else:
-        scores = r.scores if o.kl_in_loss else r.scores - beta * token_kl(r, o.kl_estimator).sum(-1)
-        per_reply = group_advantages(accelerator, scores, o)
+        per_reply = group_advantages(accelerator, r.scores, o, scale=o.scale_rewards)
+        if not o.kl_in_loss and m.reference_kind != "none":  # the KL in the reward keeps beta's scale: unscaled
+            per_reply = per_reply - beta * group_advantages(accelerator, token_kl(r, o.kl_estimator).sum(-1), o, scale=False)
         loss_mask = mask * r.finished[:, None] if o.mask_truncated_completions else mask
         advantages, returns = per_reply[:, None] * loss_mask, None
     with train_mode(trained_models(m)):
@@ -505,7 +606,7 @@ def iteration_metrics(accelerator, m: Models, r: Rollout, kl, returns, per_reply
         "objective/non_score_reward": non_score.mean().item(),
         "objective/rlhf_reward": (scores + non_score).mean().item(),
         "objective/entropy": losses.masked_mean(g(r.entropy), all_mask).item(),
-        **{f"rewards/{name}": g(value).mean().item() for name, value in r.sources.items()},
+        **{f"rewards/{name}": g(value).nanmean().item() for name, value in r.sources.items()},  # None: not applicable
         "eos_fraction": g(r.finished).mean().item(),
         "response_length": all_mask.sum(-1).mean().item(),
     }
@@ -569,18 +670,12 @@ def run(recipe: RLRecipe, inputs: dict, work_dir: Path) -> dict:
                disable=not accelerator.is_main_process)
     started_at, started_iteration = time.perf_counter(), loop.iteration
     record: dict = {}
-    group_prompts = per_process // o.group_size  # prompts per process and iteration
     try:  # the bar is closed on an error too, so that the error's line is a line of its own
         while loop.iteration < iterations:
             it_started = time.perf_counter()
             timer = {"generation": 0.0, "scoring": 0.0, "optimisation": 0.0}
-            rows = batch_indices(len(prompts), o.batch_size // o.group_size, loop.iteration, recipe.seed)
-            mine = [i for i in rows[accelerator.process_index * group_prompts : (accelerator.process_index + 1) * group_prompts]
-                    for _ in range(o.group_size)]  # a group: the same prompt num_generations times in a row
-
-            # 1-2. rollout and scoring (no gradients anywhere)
-            r = rollout(m, accelerator, [rendered[i] for i in mine], [prompts[i] for i in mine], recipe, timer,
-                        [prompt_rows[i] for i in mine])
+            # 1-2. rollout and scoring (no gradients anywhere); a group: one prompt num_generations times in a row
+            r, sampling = sample_batch(m, accelerator, recipe, timer, (prompts, rendered, prompt_rows), loop.iteration)
 
             started = time.perf_counter()
             # 3-4. advantages, policy epochs
@@ -591,6 +686,7 @@ def run(recipe: RLRecipe, inputs: dict, work_dir: Path) -> dict:
             record = {
                 **iteration_metrics(accelerator, m, r, kl, returns, per_reply, loop.beta, o),
                 **stats,
+                **sampling,
                 "beta": loop.beta,
                 "lr": scheduler.get_last_lr()[0],
                 "episodes": (loop.iteration + 1) * o.batch_size,
