@@ -266,6 +266,8 @@ def plan(recipe_path: str | Path, overrides: list[str] = (), num_processes: int 
         return node
 
     visit(top, True, ())
+    for node in order:
+        check_reward_model_chain(node)
     unknown = {t for _, t, _, _ in parsed if t not in (None, "*")} - used_targets
     if unknown:
         names = ", ".join(n.name for n in order)
@@ -296,6 +298,33 @@ def plan(recipe_path: str | Path, overrides: list[str] = (), num_processes: int 
             },
         )
     return order
+
+
+def _chain_root(node: Node) -> tuple[Node, object]:
+    """The recipe a node's `model` chain starts from, following {from: ...} references, and that
+    recipe's own `model` (None for `init`, which builds the demo base from nothing)."""
+    while "model" in node.refs:
+        node = node.refs["model"]
+    return node, getattr(node.recipe, "model", None)
+
+
+def check_reward_model_chain(node: Node) -> None:
+    """A recipe whose policy is the user's checkpoint never silently gets the demo chain's reward model:
+    `reward_model: {from: reward.yaml}` trains one on the demo base (init.yaml) unless reward.yaml's own
+    chain is pointed at another model, and such a reward model knows neither the policy's vocabulary nor
+    its replies. Refused at plan time in one line that says what to set."""
+    reward = node.refs.get("reward_model")
+    if reward is None or getattr(node.recipe, "model", None) is None:
+        return
+    reward_root, _ = _chain_root(reward)
+    policy_root, policy_model = _chain_root(node)
+    if reward_root.recipe.stage == "init" and policy_root.recipe.stage != "init":
+        raise RecipeError(
+            f"{node.path}: reward_model: {{from: {reward.path.name}}} is the demo chain's reward model (trained from "
+            f"the demo base, {reward_root.path.name}), but the policy starts from {policy_model!r}: set reward_model to "
+            f"your reward model (a path or hub id), or train one for this policy ({reward.path.stem}:model=YOUR_SFT), "
+            "or set reward_model=null and give reward_fn"
+        )
 
 
 def check_rl_launcher(path: Path, recipe: BaseRecipe, distributed: str) -> None:

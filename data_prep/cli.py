@@ -11,7 +11,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from alignment.cli import Parser
-from alignment.config import PrepColumns, PrepOptions, PrepSource, RecipeError
+from alignment.config import PrepColumns, PrepOptions, PrepSamples, PrepSource, RecipeError
 from alignment.paths import user_path
 
 from .read import READ, DataError
@@ -326,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-margin", type=_finite, default=0.0, help="least score gap between chosen and rejected (ties always dropped)")
     p.add_argument("--temperature", type=_finite, default=1.0, help="sampling temperature (default 1.0)")
     p.add_argument("--top-p", type=_finite, default=1.0, help="nucleus sampling (default 1.0: off)")
-    p.add_argument("--max-new-tokens", type=_count, default=32, help="longest sample (default 32)")
+    longest = PrepSamples.model_fields["max_new_tokens"].default
+    p.add_argument("--max-new-tokens", type=_count, default=longest, help=f"longest sample (default {longest})")
     p.add_argument("--batch-size", type=_count, default=64, help="prompts generated at once (default 64)")
     _add_world(p)
     _add_cleaning(p, "onpolicy")

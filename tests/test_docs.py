@@ -29,7 +29,7 @@ def test_recipe_keys_page_lists_every_key():
                 assert f"| `{field.alias or name}` |" in text, (stage, name)
     for section in ("model_options", "lora", "training", "report", "dpo", "ppo", "prep.sources[].columns", "generation"):
         assert f"### `{section}`" in text
-    assert "| `learning_rate` | number, > 0 | `0.0005` |" in text  # type, bound and default of one key
+    assert "| `learning_rate` | number, > 0 | `2e-05` |" in text  # type, bound and default of one key
 
 
 def test_check_mode_reports_a_stale_page(tmp_path, capsys):
