@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import GenerationConfig
 
 from . import losses
+from .templates import encode
 
 logger = logging.getLogger(__name__)
 
@@ -209,8 +210,8 @@ def sample(
     distinct = {text: i for i, text in enumerate(dict.fromkeys(texts))}  # a prompt asked for G replies: tokenised once
     old_side = tok.padding_side
     tok.padding_side = "left"
-    try:
-        enc = tok(list(distinct), return_tensors="pt", padding=True, add_special_tokens=False)
+    try:  # as SFT tokenised them: exactly one BOS (templates.encode), left-padded
+        enc = tok.pad({"input_ids": [encode(tok, text) for text in distinct]}, return_tensors="pt", padding=True)
     finally:
         tok.padding_side = old_side
     rows = torch.tensor([distinct[text] for text in texts], dtype=torch.long)

@@ -120,6 +120,23 @@ def test_a_tokenizer_that_adds_bos_gets_it_once_when_its_template_does_not_write
     assert encode(tok, "plain") == tok("plain")["input_ids"]  # as the tokenizer encodes text itself
 
 
+@pytest.mark.parametrize("family", ["llama3", "mistral-without-bos-in-template", "qwen2_5"])
+def test_rollout_prompts_are_tokenised_as_sft_tokenises_them(zoo_checkpoint, family):
+    from alignment.generation import sample
+    from alignment.models import load_causal_lm
+    from alignment.templates import render_prompt
+
+    tok, _ = tokenizer_and_stops(zoo_checkpoint, family.split("-")[0])
+    if "without" in family:
+        tok.chat_template = tok.chat_template.replace("{{ bos_token }}", "")
+    model = load_causal_lm(str(zoo_checkpoint(family.split("-")[0])), tok)
+    texts = [render_prompt(tok, "repeat: cat"), render_prompt(tok, "last: kite jam bird")]
+    out = sample(model, tok, texts, max_new_tokens=2)
+    for row, mask, text in zip(out.prompt_ids.tolist(), out.prompt_mask.tolist(), texts):
+        assert [t for t, m in zip(row, mask) if m] == encode(tok, text)  # one BOS where SFT has one
+    assert (out.prompt_ids[:, -1] != tok.pad_token_id).all()  # left-padded
+
+
 # --------------------------------------------------------------------------- roles a template refuses
 
 

@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from .. import estimators, losses
-from ..templates import render_prompt, template_complaint
+from ..templates import encode, render_prompt, template_complaint
 from ..config import RecipeError, RLRecipe
 from ..data import Rows, check_rows, load_rows
 from ..demo import world
@@ -101,7 +101,7 @@ def load_prompts(recipe: RLRecipe, tok) -> tuple[list[str], list[str], dict, lis
     rendered = []
     for row, origin in zip(found.rows, found.origins):
         text = render_prompt(tok, row[d.prompt_field])
-        if len(tok(text, add_special_tokens=False)["input_ids"]) > d.max_prompt_length:
+        if len(encode(tok, text)) > d.max_prompt_length:  # as rollouts tokenise it
             kept.dropped[f"longer than data.max_prompt_length ({d.max_prompt_length} tokens)"] += 1
             continue
         kept.rows.append(row)
