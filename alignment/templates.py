@@ -78,14 +78,14 @@ def _plain_prompt(prompt) -> str:
 
 
 def reward_ids(tok, prompt, reply: str, finished: bool = True) -> list[int]:
-    """Token ids of an exchange as a reward model reads it: the chat form, with the special tokens
-    the tokenizer adds (its BOS, [CLS]...) unless the template already wrote BOS (exactly one BOS);
-    or the plain form. `prompt` is the user prompt or the conversation before the reply."""
+    """Token ids of an exchange as a reward model reads it: the chat form tokenised as every rendered
+    text is (`encode`: the special tokens the tokenizer puts in front, BOS or [CLS], unless the template
+    already wrote them, so exactly one BOS; nothing appended, so a cut-off reply stays open); or the plain
+    form with every special token the tokenizer adds to a text pair. `prompt` is the user prompt or the
+    conversation before the reply."""
     if reward_form(tok) == "plain":
         return tok(_plain_prompt(prompt), reply)["input_ids"]
-    text = reward_text(tok, prompt, reply, finished)
-    wrote_bos = bool(tok.bos_token) and text.startswith(tok.bos_token)
-    return tok(text, add_special_tokens=not wrote_bos)["input_ids"]
+    return encode(tok, reward_text(tok, prompt, reply, finished))
 
 
 def reward_batch(tok, prompts: list, replies: list[str], finished: list[bool]) -> dict:
