@@ -161,6 +161,47 @@ def test_reward_stage_rl_and_compare_read_the_same_position(zoo_checkpoint, fami
     assert all(abs(a - b) > 1e-4 for a, b in zip(cut_rl.tolist(), trained.tolist()))
 
 
+@pytest.mark.parametrize("family", ["gemma2", "chatml"])
+def test_a_reward_model_the_reward_stage_trained_is_read_in_rl_and_compare_where_it_learnt(in_tmp, zoo_checkpoint,
+                                                                                          family):
+    """Issue 25's measurement: a reward model trained by the reward stage (Gemma-style and ChatML, where
+    tokens follow the end-of-turn token), its held-out accuracy and mean margin as the stage reports them,
+    and the same numbers from the RL loop's and compare's scores of the same held-out pairs."""
+    import json
+
+    from alignment.config import load_recipe, parse_override
+    from alignment.demo import world
+    from alignment.pipeline import run
+    from alignment.stages.common import preference_datasets
+
+    from .conftest import RECIPES
+
+    overrides = [f"model={zoo_checkpoint(family)}", "data.num_examples=240", "data.eval_examples=40",
+                 "training.max_steps=12", "training.max_length=128", "training.learning_rate=3e-3",
+                 "training.per_device_train_batch_size=16", "output_dir=rm"]
+    [node] = run(RECIPES / "reward.yaml", overrides)
+    summary = json.loads((node.out_dir / "run_info.json").read_text())["summary"]
+    recipe = load_recipe(RECIPES / "reward.yaml", [(p, v, raw) for raw in overrides for _, p, v in [parse_override(raw)]])
+    _, held, _ = preference_datasets(recipe, {"model": str(zoo_checkpoint(family))},
+                                     world.preset(recipe.world).preference_pairs, reward.DEFAULT_EXAMPLES)
+    tok = load_tokenizer(str(node.out_dir), fallback_template=False)
+    model = load_classifier(str(node.out_dir), tok).eval()
+    prompts = [row["prompt"][0]["content"] for row in held]
+    chosen, rejected = ([row[side][-1]["content"] for row in held] for side in ("chosen", "rejected"))
+    assert len(prompts) == summary["eval_pairs"] > 20
+    done = [True] * len(prompts)
+    from alignment.rewards import model_scores
+
+    gap = model_scores(model, tok, prompts, chosen, done) - model_scores(model, tok, prompts, rejected, done)
+    assert (gap > 0).float().mean().item() == pytest.approx(summary["eval_accuracy"], abs=1e-6)
+    assert gap.mean().item() == pytest.approx(summary["eval_margin"], abs=1e-4)
+    assert summary["eval_accuracy"] > 0.6  # it learnt something to be read
+    gens = lambda replies: [Generation(p, r, True, 5) for p, r in zip(prompts, replies)]  # noqa: E731
+    in_compare = torch.tensor(compare.reward_scores(model, tok, gens(chosen))) - torch.tensor(
+        compare.reward_scores(model, tok, gens(rejected)))
+    assert in_compare.tolist() == pytest.approx(gap.tolist(), abs=1e-4)
+
+
 def test_qwen3_reply_holding_think_tags_reaches_the_scorer_unchanged(zoo_checkpoint):
     """Qwen3's template re-splits reasoning at `</think>`; a reply (finished or cut off) holding the tags
     as text is scored as its own text after the generation prompt (no continue_final_message)."""
