@@ -588,6 +588,60 @@ class KTORecipe(BaseRecipe):
         return self
 
 
+class OnlineOptions(Section):
+    """Iterative online DPO: each round samples k replies per prompt from the current policy, scores them, keeps
+    best vs worst and trains DPO on those pairs (alignment/rounds.py)."""
+
+    k: int = Field(4, ge=2, description="Replies sampled per prompt each round.")
+    prompts_per_round: int = Field(
+        256, gt=0, description="Prompts answered each round: the first N of data.source, or N demo-world training "
+        "prompts drawn with a seed of the round's own (seed + round), so each round sees other prompts."
+    )
+    scorer: Literal["oracle", "reward_model"] = Field(
+        "oracle", description="'oracle': the demo world's gold score (demo prompts only); 'reward_model': the "
+        "recipe's `reward_model`."
+    )
+    temperature: float = Field(1.0, gt=0.0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling (1: off).")
+    max_new_tokens: int = Field(32, gt=0, description="Longest sampled reply, in tokens.")
+    batch_size: int = Field(64, gt=0, description="Prompts generated at once.")
+    min_margin: float = Field(
+        0.0, ge=0.0, description="Best must beat worst by at least this; prompts whose samples tie or fall short "
+        "are dropped and counted."
+    )
+    test_fraction: float = Field(
+        0.05, ge=0.0, lt=1.0, description="Share of each round's prompts held out (by prompt hash) for DPO's "
+        "held-out metrics."
+    )
+    reference: Literal["previous", "start"] = Field(
+        "previous",
+        description="DPO reference of round r: 'previous': the model round r starts from (round r-1's output); "
+        "'start': the recipe's starting model (`model`, e.g. SFT) in every round.",
+    )
+
+
+class OnlineDPORecipe(BaseRecipe):
+    """Stage `online_dpo`: `rounds` rounds, each a prep stage (sample, score, best vs worst) and a dpo stage,
+    each an ordinary cached stage output under output_dir (round-1-pairs/, round-1/, ...)."""
+
+    UNREAD = (*_unread_fields("prompt_field"), "data.num_examples", "data.split", "data.on_bad_row")
+    stage: Literal["online_dpo"]
+    rounds: int = Field(2, ge=1, description="Rounds of sample -> score -> pairs -> DPO; adding one trains only it.")
+    reward_model: ModelRef | None = Field(
+        None, description="Scores the samples (online.scorer: reward_model): a path or {from: reward.yaml}."
+    )
+    online: OnlineOptions = Field(default_factory=OnlineOptions)
+    dpo: DPOOptions = Field(default_factory=DPOOptions)
+
+    @model_validator(mode="after")
+    def _sources(self):
+        if not isinstance(self.data.source, str):
+            raise ValueError("data.source: online_dpo reads prompts from 'demo' or a file of prompts, not a prep output")
+        if self.online.scorer == "reward_model" and self.reward_model is None:
+            raise ValueError("online.scorer 'reward_model' needs 'reward_model' (a path or {from: reward.yaml})")
+        return self
+
+
 # --------------------------------------------------------------------------- prep (data_prep)
 
 SHAPES = ("explicit", "implicit", "rated", "scored", "ranked", "binary", "sft", "text")
@@ -754,6 +808,10 @@ class PrepRecipe(BaseRecipe):
     )
     reward_model: ModelRef | None = Field(
         None, description="Scores sampled replies (sources with samples.scorer: reward_model): a path or {from: reward.yaml}."
+    )
+    ref_model: ModelRef | None = Field(
+        None, description="Sources with samples: also measure KL(model || ref_model) on the sampled replies (the "
+        "mean over replies of their summed log-ratio; summary: samples/<source>/kl). Null: not measured.",
     )
     prep: PrepOptions = Field(default_factory=PrepOptions)
 
@@ -1266,6 +1324,7 @@ RECIPE_CLASSES: dict[str, type[BaseRecipe]] = {
     "reward": RewardRecipe,
     "dpo": DPORecipe,
     "kto": KTORecipe,
+    "online_dpo": OnlineDPORecipe,
     "ppo": PPORecipe,
     "grpo": GRPORecipe,
     "rloo": RLOORecipe,

@@ -83,6 +83,7 @@ class Node:
     out_dir: Path
     refs: dict[str, "Node"] = field(default_factory=dict)
     hash: str = ""
+    rounds_of: str = ""  # the rounds recipe (online_dpo) this stage was expanded from, if any
 
     @property
     def name(self) -> str:
@@ -247,6 +248,10 @@ def plan(recipe_path: str | Path, overrides: list[str] = (), num_processes: int 
         if recipe.stage == "sweep":
             raise RecipeError(f"{path}: is a sweep recipe: run it with `alignment sweep {path}`"
                               + ("" if is_top else "; a sweep has no output another recipe can start from"))
+        if recipe.stage == "online_dpo":  # a recipe of rounds: ordinary prep and dpo stages, one pair per round
+            node = _plan_rounds(recipe, path, Path(runs_dir), lambda ref: visit(_resolve_ref(ref, path), False, (*stack, key)), order)
+            by_path[key] = node
+            return node
         node = Node(recipe, path, Path(recipe.output_dir or Path(runs_dir) / path.stem))
         for role, value in model_inputs(recipe).items():
             if isinstance(value, FromRecipe):
@@ -325,6 +330,22 @@ def check_reward_model_chain(node: Node) -> None:
             f"your reward model (a path or hub id), or train one for this policy ({reward.path.stem}:model=YOUR_SFT), "
             "or set reward_model=null and give reward_fn"
         )
+
+
+def _plan_rounds(recipe, path: Path, runs_dir: Path, visit_ref, order: list[Node]) -> Node:
+    """Append the stages of a rounds recipe (alignment/rounds.py) to `order`, each an ordinary node
+    whose references are the rounds recipe's own inputs or earlier rounds; return the last round's."""
+    from .rounds import expand
+
+    outer = {role: visit_ref(value.from_) for role, value in model_inputs(recipe).items() if isinstance(value, FromRecipe)}
+    made: dict[str, Node] = {}
+    for stage in expand(recipe, path.stem, Path(recipe.output_dir or runs_dir / path.stem)):
+        node = Node(stage.recipe, path.with_name(stage.name + path.suffix), stage.out_dir, rounds_of=path.stem)
+        for role, target in stage.refs.items():
+            node.refs[role] = outer[target.removeprefix("outer:")] if target.startswith("outer:") else made[target]
+        made[stage.name] = node
+        order.append(node)
+    return node
 
 
 def check_rl_launcher(path: Path, recipe: BaseRecipe, distributed: str) -> None:
@@ -629,6 +650,10 @@ def run(recipe_path: str | Path, overrides: list[str] = (), dry_run: bool = Fals
         say(f"[{node.name}] running stage '{node.recipe.stage}' -> {node.out_dir}")
         summary = run_node(node, state)
         say(f"[{node.name}] done: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    if nodes[-1].rounds_of and not dry_run:
+        from .rounds import round_table
+
+        say(f"\n{nodes[-1].rounds_of}: per round\n" + round_table([n for n in nodes if n.rounds_of == nodes[-1].rounds_of]))
     report = nodes[-1].recipe.report
     if reported and not dry_run:
         if state.is_main_process:

@@ -52,10 +52,16 @@ def sample_and_score(
     batch_size: int = 64,
     seed: int = 0,
     progress: bool = True,
+    kl_model: str | None = None,
+    stats: dict | None = None,
 ) -> list[list[tuple[float, str]]]:
     """For each user prompt, its k samples from `model_path` as (score, text), in sampling order
     (seeded, batched: `alignment.compare.generate`). No reward model: the demo gold oracle scores,
-    and prompts that are not demo-world tasks are a DataError."""
+    and prompts that are not demo-world tasks are a DataError.
+
+    `stats`, when given, receives `samples` (how many), `mean_score`, and with `kl_model` `kl`: the
+    mean over replies of their summed log-ratio log p_model - log p_kl_model (an estimate of
+    KL(model || kl_model) on the model's own samples, under the sampling temperature)."""
     from alignment import compare, models
 
     if reward_model is None and not compare.has_gold(prompts):
@@ -64,16 +70,27 @@ def sample_and_score(
     tok = models.load_tokenizer(model_path)
     policy = models.load_causal_lm(model_path, tok)
     asked = [p for p in prompts for _ in range(k)]
-    gens = compare.generate(
+    gens, batches = compare.generate_with_samples(
         policy, tok, asked, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-        batch_size=batch_size, seed=seed, progress=progress,
+        batch_size=batch_size, seed=seed, progress=progress, desc="sample",
     )
+    kl = None
+    if kl_model is not None and gens:
+        import torch
+
+        ref = models.load_causal_lm(kl_model, tok)
+        ratios = [compare.reply_logprobs(policy, b, temperature) - compare.reply_logprobs(ref, b, temperature) for b in batches]
+        kl = float(torch.cat(ratios).mean())
+        del ref
     del policy
     if reward_model is None:
         scores = compare.gold_scores(gens)
     else:
         rm_tok = models.load_tokenizer(reward_model, fallback_template=False)
         scores = compare.reward_scores(models.load_classifier(reward_model, rm_tok), rm_tok, gens, batch_size=batch_size)
+    if stats is not None:
+        stats.update(samples=len(scores), mean_score=sum(scores) / len(scores) if scores else float("nan"),
+                     **({"kl": kl} if kl is not None else {}))
     return [list(zip(scores[i * k : (i + 1) * k], (g.text for g in gens[i * k : (i + 1) * k]))) for i in range(len(prompts))]
 
 

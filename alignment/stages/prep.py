@@ -32,7 +32,8 @@ def run(recipe: PrepRecipe, inputs: dict, work_dir: Path) -> dict:
         from ..models import load_tokenizer
 
         tokenizer = load_tokenizer(inputs["model"], recipe.model_options)
-    prepared = prepare(recipe.prep, tokenizer, world=recipe.world, given=sampled_sources(recipe, inputs))
+    stats: dict[str, dict] = {}
+    prepared = prepare(recipe.prep, tokenizer, world=recipe.world, given=sampled_sources(recipe, inputs, stats))
     write_files(work_dir, prepared.kind, prepared.splits, prepared.summary)
     print(summary_text(prepared.summary))
     s = prepared.summary
@@ -43,11 +44,13 @@ def run(recipe: PrepRecipe, inputs: dict, work_dir: Path) -> dict:
         **{f"dropped/{k}": v for k, v in s["dropped"].items()},
         **{f"extra/{k}": v for k, v in s["extra"].items()},
         **{f"{split}_{label}": n for split, counts in s.get("labels", {}).items() for label, n in counts.items()},
+        **{f"samples/{name}/{key}": value for name, found in stats.items() for key, value in found.items()},
     }
 
 
-def sampled_sources(recipe: PrepRecipe, inputs: dict) -> dict:
-    """Source name -> rated rows (origin, row or Bad) sampled from `model` for each source with `samples`."""
+def sampled_sources(recipe: PrepRecipe, inputs: dict, stats: dict) -> dict:
+    """Source name -> rated rows (origin, row or Bad) sampled from `model` for each source with `samples`;
+    `stats[name]` receives how many replies, their mean score and (with `ref_model`) the KL to it."""
     from data_prep.onpolicy import rated_rows, read_prompts
     from data_prep.prepare import source_name
 
@@ -58,9 +61,11 @@ def sampled_sources(recipe: PrepRecipe, inputs: dict) -> dict:
         if s is None:
             continue
         prompts = read_prompts(source.path, source.columns.prompt, source.num_examples, o.seed, recipe.world)
-        given[source_name(source)] = rated_rows(
+        name = source_name(source)
+        stats[name] = {}
+        given[name] = rated_rows(
             prompts, inputs["model"], k=s.k, reward_model=inputs["reward_model"] if s.scorer == "reward_model" else None,
             temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size,
-            seed=o.seed,
+            seed=o.seed, kl_model=inputs.get("ref_model"), stats=stats[name],
         )
     return given
