@@ -8,6 +8,8 @@ what happens to a role the template refuses.
 
 from __future__ import annotations
 
+import weakref
+
 
 def render_prompt(tok, prompt: str) -> str:
     """A user prompt in `tok`'s chat template, ready for the assistant's reply."""
@@ -190,14 +192,22 @@ def encode(tok, text: str) -> list[int]:
     return ids if not lead or ids[: len(lead)] == lead else lead + ids
 
 
+_LEADING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def leading_special_ids(tok) -> list[int]:
-    """The special tokens `tok` puts in front of encoded text (BOS, CLS), often none."""
+    """The special tokens `tok` puts in front of encoded text (BOS, CLS), often none; found once per
+    tokenizer (and BOS), since every rendered text asks."""
+    key = (tok.bos_token_id, tok.cls_token_id)
+    cached = _LEADING.get(tok)
+    if cached is not None and cached[0] == key:
+        return cached[1]
     plain = tok("a", add_special_tokens=False)["input_ids"]
     full = tok("a", add_special_tokens=True)["input_ids"]
-    for start in range(len(full) - len(plain) + 1):
-        if full[start : start + len(plain)] == plain:
-            return full[:start]
-    return []
+    found = next((full[:start] for start in range(len(full) - len(plain) + 1)
+                  if full[start : start + len(plain)] == plain), [])
+    _LEADING[tok] = (key, found)
+    return found
 
 
 def generation_stop_ids(name_or_path: str, tok, options=None) -> list[int]:
