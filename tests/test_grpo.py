@@ -270,7 +270,7 @@ def fake_rollout(scores: list[float], context_length: int, reply_width: int, pad
 def test_dynamic_sampling_drops_all_equal_groups_and_samples_more(tiny_base, monkeypatch):
     """Groups of 2, 2 groups a batch. Round 1 scores [1, 1 | 0, 1]: the first group is dropped; round 2
     [0, 0 | 2, 3]: its second group fills the batch: scores [0, 1, 2, 3], 4 groups sampled, 2 dropped,
-    none topped up. Round 2's prompts are not round 1's. Rounds of other widths are padded: prompts on
+    none topped up; round 1's mean score (3/4) is logged, unbiased by the dropping. Round 2's prompts are not round 1's. Rounds of other widths are padded: prompts on
     the left, replies on the right, masks 0 there. With at most 1 round the batch is topped up with the
     dropped group (advantage 0)."""
     rounds = [([1.0, 1.0, 0.0, 1.0], 3, 4), ([0.0, 0.0, 2.0, 3.0], 2, 5)]
@@ -295,6 +295,7 @@ def test_dynamic_sampling_drops_all_equal_groups_and_samples_more(tiny_base, mon
         assert r.scores.tolist() == want_scores
         assert (stats["dynamic_sampling/rounds"], stats["dynamic_sampling/sampled_groups"],
                 stats["dynamic_sampling/dropped_groups"], stats["dynamic_sampling/topped_up"]) == want_stats
+        assert stats["dynamic_sampling/first_round_scores"] == 0.75  # round 1's mean, dropped group included
         assert all(len(p) == 4 and p[0] == p[1] and p[2] == p[3] for p in asked)  # whole groups
         if max_rounds == 1:
             continue

@@ -74,6 +74,7 @@ from ..models import (
     save_model,
 )
 from ..rewards import Rewards
+from .. import sharding
 from .common import append_metrics, drop_metrics_after, last_checkpoint, precision_flags, use_cpu
 
 DEFAULT_PROMPTS = 2000
@@ -189,13 +190,19 @@ def train_mode(models: list[torch.nn.Module]):
 
 def prepare_training(m: Models, accelerator, recipe: RLRecipe):
     """One AdamW over the policy's (and PPO's critic's) trainable weights, the LR schedule over every
-    optimizer step of the run; models placed (and wrapped for DDP) by accelerate."""
+    optimizer step of the run; models placed (and wrapped for DDP) by accelerate, or under an FSDP launch
+    all of them sharded by `sharding.shard_models` first."""
     o, t = recipe.rl, recipe.training
     optimizer_steps = (o.total_episodes // o.batch_size) * o.ppo_epochs * o.num_minibatches
+    fsdp = sharding.active(accelerator)
+    if fsdp:  # FSDP2 (alignment/sharding.py): every model sharded here, the optimizer then over the shards
+        sharding.shard_models(m, accelerator, precision_flags(recipe)["bf16"])
     params = [p for model in trained_models(m) for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
     warmup = t.warmup_steps if t.warmup_steps >= 1 else math.ceil(t.warmup_steps * optimizer_steps)
     scheduler = get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=int(warmup), num_training_steps=optimizer_steps)
+    if fsdp:
+        return optimizer, scheduler
     if m.critic is None:
         m.policy, optimizer = accelerator.prepare(m.policy, optimizer)
     else:
@@ -294,7 +301,7 @@ def rollout(m: Models, accelerator, rendered: list[str], prompts: list[str], rec
     rows = rows if rows is not None else [{recipe.data.prompt_field: p} for p in prompts]
     policy = accelerator.unwrap_model(m.policy)
     started = time.perf_counter()
-    with accelerator.autocast():  # peft's generate bypasses the autocast accelerate wraps around forward
+    with accelerator.autocast(), sharding.generation(policy, o.generation_gather):  # peft's generate bypasses the autocast accelerate wraps around forward
         s = sample(policy, m.tok, rendered, max_new_tokens=o.response_length, temperature=o.temperature, top_p=o.top_p)
     r = Rollout(s.input_ids, s.attention_mask, s.prompt_ids.shape[1], s.response_ids, s.response_mask, s.finished)
     timer["generation"] += time.perf_counter() - started
@@ -412,13 +419,17 @@ def sample_batch(m: Models, accelerator, recipe: RLRecipe, timer: dict, data: tu
     kept: list[Rollout] = []
     spare: list[Rollout] = []
     have = sampled = dropped = rounds = 0
+    first_round = 0.0  # the sum of round 1's scores: every group, before any is dropped (an unbiased mean)
     while rounds < o.dynamic_sampling_max_rounds:
         short = torch.tensor(float(group_prompts - have > 0), device=accelerator.device)
         if accelerator.reduce(short, "sum").item() == 0:
             break
         rounds += 1
-        if have < group_prompts:
+        if have < group_prompts or sharding.active(accelerator):  # FSDP2: a forward is collective, all sample
             r = one_round(rounds - 1)
+            if have >= group_prompts:
+                continue
+            first_round += r.scores.sum().item() if rounds == 1 else 0.0
             useful = losses.informative_groups(r.scores, G).tolist()
             sampled += len(useful)
             dropped += useful.count(False)
@@ -431,10 +442,12 @@ def sample_batch(m: Models, accelerator, recipe: RLRecipe, timer: dict, data: tu
                     spare.append(r.rows(rows))
     topped_up = group_prompts - have
     kept += spare[:topped_up]
-    counts = accelerator.reduce(torch.tensor([float(sampled), float(dropped), float(topped_up)], device=accelerator.device), "sum")
-    sampled, dropped, topped_up = counts.tolist()
+    counts = torch.tensor([float(sampled), float(dropped), float(topped_up), first_round], device=accelerator.device)
+    sampled, dropped, topped_up, first_round = accelerator.reduce(counts, "sum").tolist()
     stats = {"dynamic_sampling/rounds": rounds, "dynamic_sampling/sampled_groups": sampled,
-             "dynamic_sampling/dropped_groups": dropped, "dynamic_sampling/topped_up": topped_up}
+             "dynamic_sampling/dropped_groups": dropped, "dynamic_sampling/topped_up": topped_up,
+             # objective/scores is over the kept groups (all-equal ones dropped): this one is comparable to a run without
+             "dynamic_sampling/first_round_scores": first_round / o.batch_size}
     return cat_rollouts(kept, m.tok.pad_token_id), stats
 
 
@@ -571,16 +584,20 @@ class LoopState:
         self.__dict__.update(state)
 
 
-def save_checkpoint(accelerator, work_dir: Path, iteration: int) -> None:
-    """accelerate's save_state (models, optimizer, scheduler, loop state, every process's RNG)
-    into a temporary directory renamed when complete, so a kill never leaves a half checkpoint."""
+def save_checkpoint(accelerator, work_dir: Path, iteration: int, sharded: sharding.Checkpointer | None = None) -> None:
+    """accelerate's save_state (models, optimizer, scheduler, loop state, every process's RNG), or
+    under FSDP2 the sharded checkpoint (`sharded`), into a temporary directory renamed when complete,
+    so a kill never leaves a half checkpoint."""
     root = work_dir / "checkpoints"
     tmp = root / f"tmp-checkpoint-{iteration}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    if sharded is not None:
+        sharded.save(tmp)
+    else:
+        accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         tmp.rename(root / f"checkpoint-{iteration}")
@@ -656,10 +673,11 @@ def run(recipe: RLRecipe, inputs: dict, work_dir: Path) -> dict:
     optimizer, scheduler = prepare_training(m, accelerator, recipe)
     loop = LoopState(o.kl_coef)
     accelerator.register_for_checkpointing(scheduler, loop)
+    sharded = sharding.Checkpointer(accelerator, trained_models(m), optimizer, [scheduler, loop]) if sharding.active(accelerator) else None
 
     resume = last_checkpoint(work_dir)
     if resume:
-        accelerator.load_state(resume)
+        sharded.load(resume) if sharded else accelerator.load_state(resume)
         if accelerator.is_main_process:
             drop_metrics_after(work_dir / "metrics.jsonl", loop.iteration)
         say(f"{stage}: resumed from {Path(resume).name} (iteration {loop.iteration} of {iterations})")
@@ -704,13 +722,16 @@ def run(recipe: RLRecipe, inputs: dict, work_dir: Path) -> dict:
             bar.update(o.batch_size)
             bar.set_postfix(score=f"{record['objective/scores']:.3f}", kl=f"{record['objective/kl']:.3f}")
             if t.save_steps and loop.iteration % t.save_steps == 0 and loop.iteration < iterations:
-                save_checkpoint(accelerator, work_dir, loop.iteration)
+                save_checkpoint(accelerator, work_dir, loop.iteration, sharded)
     finally:
         bar.close()
     for tracker in accelerator.trackers:  # not end_training(): it also ends the process group the pipeline still uses
         tracker.finish()
 
-    if accelerator.is_main_process:
+    if sharded:  # gathered to the main process alone, which writes the directory
+        sharding.save_full(accelerator, m.policy, m.tok, work_dir, recipe.lora,
+                           lambda: apply_lora(load_causal_lm(inputs["model"], m.tok, recipe.model_options), recipe.lora))
+    elif accelerator.is_main_process:
         save_model(accelerator.unwrap_model(m.policy), m.tok, work_dir, recipe.lora)
     accelerator.wait_for_everyone()
     elapsed = time.perf_counter() - started_at
@@ -729,4 +750,5 @@ def run(recipe: RLRecipe, inputs: dict, work_dir: Path) -> dict:
                       "none": "none (KL coefficient 0)"}[m.reference_kind],
         "reward_sources": ", ".join(f"{m.rewards.weights[n]:g} x {n}" for n in m.rewards.names),
         "resumed_from": Path(resume).name if resume else "",
+        **sharding.summary(accelerator, trained_models(m), [m.reference, m.rewards.reward_model], optimizer),
     }
