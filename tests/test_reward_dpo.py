@@ -219,6 +219,7 @@ def test_dpo_family_first_loss_computed_by_hand(in_tmp, tiny_base, other_policy,
 def test_precompute_frees_an_explicit_reference_before_training(in_tmp, tiny_base, other_policy, monkeypatch):
     """With `dpo.reference: precompute` and a ref_model of its own, the reference model is gone
     (garbage, not just unreferenced by the trainer) once training starts."""
+    from alignment import models
     from alignment.stages import common, dpo
 
     loaded, alive_in_training = {}, []
@@ -233,7 +234,8 @@ def test_precompute_frees_an_explicit_reference_before_training(in_tmp, tiny_bas
         gc.collect()
         alive_in_training.append({key: ref() is not None for key, ref in loaded.items()})
 
-    monkeypatch.setattr(dpo, "load_causal_lm", tracked)
+    monkeypatch.setattr(dpo, "load_causal_lm", tracked)  # the policy
+    monkeypatch.setattr(models, "load_causal_lm", tracked)  # the reference (common.reference_model)
     monkeypatch.setattr(common.MetricsFile, "on_log", on_log)
     [node] = run(RECIPES / "dpo.yaml", [
         f"model={tiny_base}", f"ref_model={other_policy}", "dpo.reference=precompute", "data.num_examples=32",
