@@ -339,6 +339,25 @@ def _chunk_scores(logits, labels, mask, temperature: float, with_entropy: bool):
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier",
                     "logits_soft_cap", "output_logit_soft_cap", "logit_softcapping")
 _UNMATCHED: set[type] = set()  # model classes whose logits are not their LM head's output (found at run time)
+# Those TRL's fused LM head (the dpo stage's log-probs, `trl.trainer.utils.add_fused_lm_head`) does not apply:
+# it knows final_logit_softcapping and the scales, not these caps.
+NOT_FUSED = ("logits_soft_cap", "output_logit_soft_cap", "logit_softcapping")
+
+
+def check_fused_head(model, stage: str) -> None:
+    """Refuse, in one line, a model whose logits TRL's fused LM head would not reproduce (a soft cap it
+    does not apply): the stage's log-probs would not be the model's."""
+    from .config import RecipeError
+
+    lm = base_lm(model)
+    config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    found = [name for name in NOT_FUSED if getattr(config, name, None) not in (None, 1, 1.0)]
+    if found:
+        raise RecipeError(
+            f"{stage}: {type(lm).__name__} caps its logits ({found[0]}={getattr(config, found[0])}), which TRL's fused "
+            f"LM head (the {stage} loss's log-probs) does not apply, so its log-probs would not be the model's; train it "
+            "with ppo, grpo or rloo (their log-probs apply the cap), or use another model"
+        )
 
 
 def check_logprob_support(model) -> None:

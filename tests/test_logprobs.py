@@ -207,6 +207,32 @@ def test_a_logit_transform_not_known_by_name_is_caught_at_run_time(monkeypatch):
     assert generation._trunk_and_head(model) is None  # found: its class takes the forward's logits from now on
 
 
+@pytest.mark.parametrize("model_type", ["gemma2", "cohere", "granite", "falcon_h1", "recurrent_gemma"])
+def test_dpo_log_probs_are_the_models_own_or_the_model_is_refused(model_type):
+    """The dpo stage's log-probs come from TRL's fused LM head, which applies Gemma-2's soft cap and the
+    scales but not RecurrentGemma's cap: the others equal the model's own, that one is refused in one line."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    from alignment.config import RecipeError
+    from alignment.generation import check_fused_head
+    from alignment.stages.dpo import PreferenceTrainer
+
+    model = tiny_causal_lm(model_type)
+    if model_type == "recurrent_gemma":
+        with pytest.raises(RecipeError, match=r"^dpo: RecurrentGemmaForCausalLM caps its logits \(logits_soft_cap=0.5\)"):
+            check_fused_head(model, "dpo")
+        return
+    check_fused_head(model, "dpo")
+    ids = torch.randint(3, VOCAB, (2, PROMPT + 7), generator=torch.Generator().manual_seed(1))
+    completion = torch.cat([torch.zeros(2, PROMPT, dtype=torch.long), torch.ones(2, 7, dtype=torch.long)], 1)
+    with torch.no_grad():
+        want = own_logprobs(model, ids, PROMPT).sum(1)
+        add_fused_lm_head(model)
+        sums, _ = PreferenceTrainer._reply_logps(None, model, {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                                                               "completion_mask": completion})
+    assert torch.allclose(sums, want, atol=1e-4)
+
+
 def test_a_model_whose_logits_cannot_be_matched_is_refused_in_one_line():
     from alignment.config import RecipeError
 

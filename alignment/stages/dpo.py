@@ -29,6 +29,7 @@ from trl import DPOConfig, DPOTrainer
 
 from ..config import DPOOptions, DPORecipe
 from ..demo import world
+from ..generation import check_fused_head
 from ..losses import dpo_loss, simpo_loss
 from ..models import check_lora_targets, load_causal_lm, load_tokenizer, lora_config
 from .common import (
@@ -138,6 +139,7 @@ def run(recipe: DPORecipe, inputs: dict, work_dir: Path) -> dict:
     tok = load_tokenizer(inputs["model"], recipe.model_options)
     train, held_out, counts = preference_datasets(recipe, inputs, pairs, DEFAULT_EXAMPLES, tok=tok)
     policy = load_causal_lm(inputs["model"], tok, recipe.model_options)
+    check_fused_head(policy, "dpo")
     if recipe.lora is not None:
         check_lora_targets(policy, recipe.lora)  # DPOTrainer adds the adapters itself
 
