@@ -154,6 +154,7 @@ STAGE_DATA = {
     "sft": ["data.num_examples=64"],
     "reward": ["data.num_examples=72", "data.eval_examples=8"],
     "dpo": ["data.num_examples=72", "data.eval_examples=8"],
+    "kto": ["data.source=demo", "data.num_examples=36", "data.eval_examples=8"],  # demo pairs: two rows each
 }
 
 
