@@ -28,6 +28,7 @@ from trl import KTOConfig, KTOTrainer
 
 from ..config import KTORecipe
 from ..demo import world
+from ..generation import check_fused_head
 from ..models import check_lora_targets, load_causal_lm, load_tokenizer, lora_config
 from .common import (
     MetricsFile,
@@ -83,14 +84,15 @@ def label_counts(dataset) -> tuple[int, int]:
 def run(recipe: KTORecipe, inputs: dict, work_dir: Path) -> dict:
     o = recipe.kto
     # The demo's unpaired rows: its preference pairs, each one desirable and one undesirable row.
+    tok = load_tokenizer(inputs["model"], recipe.model_options)
     train, held_out, counts = feedback_datasets(recipe, inputs, world.preset(recipe.world).preference_pairs,
-                                                DEFAULT_EXAMPLES)
+                                                DEFAULT_EXAMPLES, tok=tok)
     # TRL reads the training rows in order (the KL estimate pairs each row with its neighbour's reply):
     # shuffled once here, with the recipe's seed, so that a file sorted by prompt or by label mixes.
     train = train.shuffle(seed=recipe.seed)
 
-    tok = load_tokenizer(inputs["model"], recipe.model_options)
     policy = load_causal_lm(inputs["model"], tok, recipe.model_options)
+    check_fused_head(policy, "kto")  # TRL's KTOTrainer takes its log-probs from the fused LM head too
     if recipe.lora is not None:
         check_lora_targets(policy, recipe.lora)  # KTOTrainer adds the adapters itself
     ref_model, reference = reference_model(recipe, inputs, tok, o.reference)
