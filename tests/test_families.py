@@ -249,6 +249,13 @@ def test_reward_stage_fits_gemma_system_turns_and_counts_them(zoo_checkpoint, da
     assert summary[f"changed/system turn {what}"] == 10  # train and held-out pairs
 
 
+def test_kto_fits_gemma_system_turns_and_counts_them(zoo_checkpoint, data_files, tmp_path):
+    [node] = run(RECIPES / "kto.yaml", micro("kto", zoo_checkpoint("gemma2"), data_files["pairs"], tmp_path,
+                                             "data.eval_examples=2"))
+    summary = json.loads((node.out_dir / "run_info.json").read_text())["summary"]
+    assert summary["changed/system turn merged into the next user turn"] == 20  # each pair: two unpaired rows
+
+
 def test_dpo_refuses_a_gemma_system_turn_by_row_when_asked(zoo_checkpoint, data_files, tmp_path):
     with pytest.raises(RecipeError, match=r"pairs\.jsonl:\d+: .*system turn"):
         run(RECIPES / "dpo.yaml", micro("dpo", zoo_checkpoint("gemma2"), data_files["pairs"], tmp_path,

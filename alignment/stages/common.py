@@ -341,21 +341,30 @@ def preference_datasets(recipe, inputs: dict, demo, default_examples: int, with_
     return to_dataset(train), (to_dataset(held) if held is not None and len(held) else None), counts
 
 
-def feedback_datasets(recipe, inputs: dict, demo, default_examples: int):
+def feedback_datasets(recipe, inputs: dict, demo, default_examples: int, tok=None):
     """Load, parse, check and split the recipe's unpaired feedback rows (kto stage): prompt / completion
     / label rows, or pairs split into a desirable and an undesirable row (data.unpaired_rows), split as
     `split_rows` says. Returns (train, held_out or None, counts), datasets in TRL's conversational
-    unpaired preference format (prompt, completion, label)."""
+    unpaired preference format (prompt, completion, label). With `tok`, roles are fitted to its chat
+    template as for preference pairs (`data.fit_to_template`, counted under changed/...)."""
     from datasets import Dataset
 
-    from ..data import unpaired_rows
+    from ..data import fit_to_template, unpaired_rows
 
+    d = recipe.data
     train, held = split_rows(recipe, inputs, demo, default_examples, lambda found: unpaired_rows(found, recipe.data))
+    changed: Counter = Counter()
+    if tok is not None:
+        train, changed = fit_to_template(train, tok, d.system_message, d.on_bad_row, "prompt", ("completion",))
+        if held is not None and len(held):
+            held, held_changed = fit_to_template(held, tok, d.system_message, d.on_bad_row, "prompt", ("completion",))
+            changed.update(held_changed)
 
     def to_dataset(found):
         return Dataset.from_dict({k: [r[k] for r in found.rows] for k in ("prompt", "completion", "label")})
 
-    counts = {"train_rows": len(train), **{f"dropped/{k}": v for k, v in train.dropped.items()}}
+    counts = {"train_rows": len(train), **{f"dropped/{k}": v for k, v in train.dropped.items()},
+              **{f"changed/{k}": v for k, v in changed.items()}}
     return to_dataset(train), (to_dataset(held) if held is not None and len(held) else None), counts
 
 
