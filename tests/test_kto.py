@@ -242,3 +242,22 @@ def test_prep_samples_on_policy_feedback_labelled_by_threshold(in_tmp, tiny_base
     assert len(rows) == summary["kept"] and all(0.0 <= r["score"] <= 1.0 for r in rows)
     assert all(r["label"] == (r["score"] >= 0.25) for r in rows)
     assert summary["labels"]["train"]["desirable"] == sum(r["label"] for r in rows)
+
+
+def test_kto_with_lora_uses_the_policy_without_adapters_as_reference(in_tmp, tiny_base):
+    """With lora and no ref_model, no second model: TRL disables the adapters for the reference pass.
+    At step 1 the adapters are zero-initialised (B = 0), so every log-ratio is 0 and the loss 0.5."""
+    src = write_jsonl(in_tmp / "thumbs.jsonl", THUMBS)
+    [node] = run(RECIPES / "kto.yaml", [
+        f"model={tiny_base}", f"data.source={src}", "data.eval_examples=0", "lora={}", "training.max_steps=2",
+        "training.per_device_train_batch_size=8", "training.logging_steps=1", "kto.desirable_weight=3",
+        "output_dir=out/kto"])
+    summary = summary_of(node)
+    assert summary["reference"] == "copy: adapters disabled" and summary["steps"] == 2
+    records = [json.loads(line) for line in (node.out_dir / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in records if "loss" in r)
+    assert first["loss"] == pytest.approx(0.5 * (3 * 2 + 6) / 8, abs=1e-5)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(node.out_dir)
+    assert not any("lora" in name for name, _ in model.named_parameters())
