@@ -226,7 +226,7 @@ def recipes_family() -> list[Case]:
              sft_with("model_options:\n  chat_template: \"{% for m in messages %}{{ m['content'] }}\"\n")),
         Case(F, "chat_template file with a Jinja syntax error", run, ("t.jinja", "chat_template"),
              {**sft_with("model_options:\n  chat_template: bad/t.jinja\n"), "bad/t.jinja": "{% for m in messages %}{{ m.content }\n"}),
-        Case(F, "chat_template without {% generation %} markers", run, ("chat_template",),
+        Case(F, "chat_template whose assistant turns end with no stop token", run, ("chat_template",),
              sft_with("model_options:\n  chat_template: \"{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\\n{% endfor %}\"\n")),
         Case(F, "chat_template file empty", run, ("t.jinja", "chat_template"),
              {**sft_with("model_options:\n  chat_template: bad/t.jinja\n"), "bad/t.jinja": ""}),
