@@ -308,7 +308,7 @@ def compare_models(
     if reward_model is not None:
         try:
             model_layer.check_reward_model(reward_model)
-            reward_tok = model_layer.load_tokenizer(reward_model, options, fallback_template=False)
+            reward_tok = model_layer.load_reward_tokenizer(reward_model, options)
         except RecipeError as exc:
             raise CompareError("reward_model", str(exc).removeprefix("reward_model: ")) from None
     toks = {}

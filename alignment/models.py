@@ -160,6 +160,14 @@ def load_tokenizer(
     return tok
 
 
+def load_reward_tokenizer(name_or_path: str, options: ModelOptions | None = None) -> PreTrainedTokenizerBase:
+    """A reward model's tokenizer, as the RL stages and `compare` read it: its own saved chat template (the
+    one it was trained on; `model_options.chat_template` is the policy's), none if it ships none (it then
+    reads the plain text-pair form, `templates.reward_form`), and a pad token as `load_tokenizer` gives."""
+    options = (options or ModelOptions()).model_copy(update={"chat_template": None})
+    return load_tokenizer(name_or_path, options, fallback_template=False)
+
+
 def _fit_to_tokenizer(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> PreTrainedModel:
     if model.get_input_embeddings().num_embeddings < len(tok):
         model.resize_token_embeddings(len(tok))

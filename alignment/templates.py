@@ -41,7 +41,7 @@ _CLOSES: dict[tuple, str] = {}  # (template, bos, eos) -> the text after an assi
 
 def reward_form(tok) -> str:
     """'chat' when `tok` has a chat template, 'plain' when it has none (load the reward model's
-    tokenizer with `models.load_tokenizer(..., fallback_template=False)` so that it knows)."""
+    tokenizer with `models.load_reward_tokenizer` so that it knows)."""
     return "chat" if tok.chat_template else "plain"
 
 

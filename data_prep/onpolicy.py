@@ -86,7 +86,7 @@ def sample_and_score(
     if reward_model is None:
         scores = compare.gold_scores(gens)
     else:
-        rm_tok = models.load_tokenizer(reward_model, fallback_template=False)
+        rm_tok = models.load_reward_tokenizer(reward_model)
         scores = compare.reward_scores(models.load_classifier(reward_model, rm_tok), rm_tok, gens, batch_size=batch_size)
     if stats is not None:
         stats.update(samples=len(scores), mean_score=sum(scores) / len(scores) if scores else float("nan"),

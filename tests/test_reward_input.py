@@ -17,7 +17,7 @@ from trl.trainer.reward_trainer import DataCollatorForPreference
 from alignment import compare, templates
 from alignment.compare import Generation
 from alignment.config import RecipeError
-from alignment.models import load_classifier, load_tokenizer, per_token_head, token_scores
+from alignment.models import load_classifier, load_reward_tokenizer, load_tokenizer, per_token_head, token_scores
 from alignment.rewards import Rewards
 from alignment.stages import ppo, reward
 
@@ -184,7 +184,7 @@ def test_a_reward_model_the_reward_stage_trained_is_read_in_rl_and_compare_where
     recipe = load_recipe(RECIPES / "reward.yaml", [(p, v, raw) for raw in overrides for _, p, v in [parse_override(raw)]])
     _, held, _ = preference_datasets(recipe, {"model": str(zoo_checkpoint(family))},
                                      world.preset(recipe.world).preference_pairs, reward.DEFAULT_EXAMPLES)
-    tok = load_tokenizer(str(node.out_dir), fallback_template=False)
+    tok = load_reward_tokenizer(str(node.out_dir))
     model = load_classifier(str(node.out_dir), tok).eval()
     prompts = [row["prompt"][0]["content"] for row in held]
     chosen, rejected = ([row[side][-1]["content"] for row in held] for side in ("chosen", "rejected"))
@@ -213,6 +213,18 @@ def test_qwen3_reply_holding_think_tags_reaches_the_scorer_unchanged(zoo_checkpo
     opened = templates.render_prompt(tok, PROMPT)
     assert tok.decode(cut) == opened + reply and tok.decode(done) == opened + reply + "<|im_end|>\n"
     assert scores[0] != pytest.approx(scores[1], abs=1e-4)
+
+
+def test_a_reward_model_reads_its_own_template_not_the_policys_override(zoo_checkpoint):
+    """`model_options.chat_template` is the policy's fix; the reward model was trained with the template saved
+    beside it, and the RL stages and compare load it with that one."""
+    from alignment.config import ModelOptions
+    from alignment.models import DEFAULT_CHAT_TEMPLATE, load_reward_tokenizer
+
+    path = zoo_checkpoint("chatml")
+    tok = load_reward_tokenizer(str(path), ModelOptions(chat_template=DEFAULT_CHAT_TEMPLATE))
+    assert tok.chat_template == load_tokenizer(str(path)).chat_template != DEFAULT_CHAT_TEMPLATE
+    assert load_reward_tokenizer(str(zoo_checkpoint("gpt2"))).chat_template is None  # no template: the plain form
 
 
 def test_a_template_that_does_not_render_the_reply_is_refused(zoo_checkpoint):
@@ -277,7 +289,7 @@ def encoder_rm(tmp_path_factory):
 @pytest.mark.parametrize("kind", ["deberta", "roberta"])
 def test_a_classifier_without_template_is_scored_by_its_own_forward_on_the_text_pair(encoder_rm, kind):
     path = encoder_rm(kind)
-    tok = load_tokenizer(str(path), fallback_template=False)
+    tok = load_reward_tokenizer(str(path))
     assert tok.chat_template is None and templates.reward_form(tok) == "plain"
     model = load_classifier(str(path), tok).eval()
     assert not per_token_head(model)
@@ -296,12 +308,12 @@ def test_a_classifier_without_template_is_scored_by_its_own_forward_on_the_text_
     assert compare.reward_scores(model, tok, gens) == pytest.approx(own, abs=1e-5)
     assert Rewards(recipe, model, tok, tok).reward_model is model
     # the reward stage, started from such a classifier, trains on the same form
-    rows = stage_rows(load_tokenizer(str(path), fallback_template=False), replies[:1])
+    rows = stage_rows(load_reward_tokenizer(str(path)), replies[:1])
     assert list(rows["chosen_ids"][0]) == ids
 
 
 def test_a_pooling_head_gives_no_per_token_values(encoder_rm):
-    tok = load_tokenizer(str(encoder_rm("deberta")), fallback_template=False)
+    tok = load_reward_tokenizer(str(encoder_rm("deberta")))
     model = load_classifier(str(encoder_rm("deberta")), tok)
     ids = torch.tensor([templates.reward_ids(tok, PROMPT, "x")])
     with pytest.raises(RecipeError, match="DebertaV2ForSequenceClassification: its head pools the sequence itself"):

@@ -67,6 +67,7 @@ from ..models import (
     frozen,
     load_causal_lm,
     load_classifier,
+    load_reward_tokenizer,
     load_tokenizer,
     no_dropout,
     per_token_head,
@@ -142,7 +143,7 @@ def build_models(recipe: RLRecipe, inputs: dict, say) -> Models:
     reward, reward_tok, critic_from_reward = None, None, False
     if inputs.get("reward_model"):
         check_reward_model(inputs["reward_model"])
-        reward_tok = load_tokenizer(inputs["reward_model"], options, fallback_template=False)
+        reward_tok = load_reward_tokenizer(inputs["reward_model"], options)
         reward = frozen(load_classifier(inputs["reward_model"], reward_tok, options))
         shared = same_tokenizer(tok, reward_tok)
         critic_from_reward = shared and per_token_head(reward)
