@@ -33,7 +33,8 @@ def render_prompt(tok, prompt: str) -> str:
 # encoding of the prompt's text and the reply, `tok(prompt, reply)`, with the special tokens it adds
 # ([CLS] ... [SEP] ... [SEP], <s> ... </s></s> ... </s>), the form such classifiers are trained on.
 # It carries no end-of-turn, so a finished and a cut-off reply read alike (`missing_eos_penalty`
-# is how to penalise a cut-off reply then).
+# is how to penalise a cut-off reply then). A tokenizer that marks nothing in a pair (GPT-2's) gets
+# the two texts separated by a blank line, and EOS after a finished reply, for a decoder to read.
 
 _SENTINEL = "<<reply-sentinel-7f3a>>"
 _CLOSES: dict[tuple, str] = {}  # (template, bos, eos) -> the text after an assistant reply
@@ -86,7 +87,9 @@ def reward_ids(tok, prompt, reply: str, finished: bool = True) -> list[int]:
     form with every special token the tokenizer adds to a text pair. `prompt` is the user prompt or the
     conversation before the reply."""
     if reward_form(tok) == "plain":
-        return tok(_plain_prompt(prompt), reply)["input_ids"]
+        if tok.num_special_tokens_to_add(pair=True):
+            return tok(_plain_prompt(prompt), reply)["input_ids"]
+        return tok(_plain_prompt(prompt) + "\n\n" + reply)["input_ids"] + ([tok.eos_token_id] if finished else [])
     return encode(tok, reward_text(tok, prompt, reply, finished))
 
 

@@ -312,6 +312,20 @@ def test_a_classifier_without_template_is_scored_by_its_own_forward_on_the_text_
     assert list(rows["chosen_ids"][0]) == ids
 
 
+def test_a_decoder_classifier_without_template_reads_the_texts_apart_and_whether_the_reply_finished(zoo_checkpoint):
+    """GPT-2's tokenizer marks nothing in a text pair: prompt and reply are separated by a blank line, and a
+    finished reply ends with EOS (a cut-off one does not), on every path."""
+    path = zoo_checkpoint("gpt2")
+    tok = load_reward_tokenizer(str(path))
+    done, cut = templates.reward_ids(tok, PROMPT, "Sure! pen"), templates.reward_ids(tok, PROMPT, "Sure! pen", False)
+    assert tok.decode(cut) == PROMPT + "\n\nSure! pen" and done == cut + [tok.eos_token_id]
+    model = load_classifier(str(path), tok).eval()
+    with torch.no_grad():
+        own = [model(torch.tensor([ids])).logits[0, 0].item() for ids in (done, cut)]
+    gens = [Generation(PROMPT, "Sure! pen", True, 4), Generation(PROMPT, "Sure! pen", False, 4)]
+    assert compare.reward_scores(model, tok, gens) == pytest.approx(own, abs=1e-5) and own[0] != own[1]
+
+
 def test_a_pooling_head_gives_no_per_token_values(encoder_rm):
     tok = load_reward_tokenizer(str(encoder_rm("deberta")))
     model = load_classifier(str(encoder_rm("deberta")), tok)
