@@ -1,8 +1,8 @@
 """Stage `reward`: a Bradley-Terry reward model trained on preference pairs.
 
-A one-label sequence classifier, initialised from `model` (usually the SFT output), scores a
-conversation (user prompt + assistant reply, rendered with the chat template) at its last
-non-pad token, the EOS that closes the reply. It learns s(chosen) > s(rejected) with
+A one-label sequence classifier, initialised from `model` (usually the SFT output), scores an
+exchange (user prompt + assistant reply, in the form below) through its own pooling: a decoder
+classifier at its last non-pad token, the last token of the template's turn-closing text. It learns s(chosen) > s(rejected) with
 `losses.bradley_terry_loss`; a per-pair margin column in the data and `reward.center_coef`
 enter that loss. About `data.eval_examples` pairs (whole prompts, chosen by a fixed hash) are
 held out: their accuracy (how often s(chosen) > s(rejected)) and mean margin
