@@ -256,6 +256,29 @@ def test_kto_fits_gemma_system_turns_and_counts_them(zoo_checkpoint, data_files,
     assert summary["changed/system turn merged into the next user turn"] == 20  # each pair: two unpaired rows
 
 
+@pytest.mark.parametrize("family", ["llama3", "mistral"])
+def test_dpo_end_to_end_with_one_bos_in_its_prompts(zoo_checkpoint, data_files, tmp_path, monkeypatch, family):
+    """TRL's DPOTrainer tokenises the rendered prompts itself: one BOS there too, system turns fitted first."""
+    from alignment.stages import dpo
+
+    seen = {}
+    real = dpo.fit_and_save
+
+    def keep(trainer, *args, **kwargs):
+        seen["trainer"] = trainer
+        return real(trainer, *args, **kwargs)
+
+    monkeypatch.setattr(dpo, "fit_and_save", keep)
+    [node] = run(RECIPES / "dpo.yaml", micro("dpo", zoo_checkpoint(family), data_files["pairs"], tmp_path,
+                                             "data.eval_examples=2"))
+    summary = json.loads((node.out_dir / "run_info.json").read_text())["summary"]
+    assert summary["steps"] == 2
+    assert summary.get("changed/system turn merged into the next user turn", 0) == (10 if family == "mistral" else 0)
+    bos = seen["trainer"].processing_class.bos_token_id
+    for row in seen["trainer"].train_dataset:
+        assert row["prompt_ids"][0] == bos and row["prompt_ids"][1] != bos
+
+
 def test_dpo_refuses_a_gemma_system_turn_by_row_when_asked(zoo_checkpoint, data_files, tmp_path):
     with pytest.raises(RecipeError, match=r"pairs\.jsonl:\d+: .*system turn"):
         run(RECIPES / "dpo.yaml", micro("dpo", zoo_checkpoint("gemma2"), data_files["pairs"], tmp_path,
