@@ -309,6 +309,37 @@ def test_dynamic_sampling_drops_all_equal_groups_and_samples_more(tiny_base, mon
         assert r.logp[:2, 3:].abs().sum() == 0 and r.ref_logp is None
 
 
+def test_dynamic_sampling_on_the_second_of_two_processes(tiny_base, monkeypatch):
+    """Process 1 of 2 samples the second half of each round's prompts (its own groups), and goes on
+    sampling rounds while any process is short: here process 0 reports itself short for every
+    round (the reduced count is 1 more than this process's), so process 1, full after round 1,
+    still takes part in every round's count (4 rounds) without sampling again. Counts are summed
+    over processes (the stand-in reduce adds process 0's as equal to process 1's)."""
+    recipe = grpo_recipe(tiny_base, "reward_fn=gold", "grpo.batch_size=8", "grpo.num_generations=2",
+                         "grpo.dynamic_sampling=true")
+
+    class TwoProcesses:
+        num_processes, process_index, device = 2, 1, "cpu"
+
+        def reduce(self, t, reduction):
+            return t + 1 if t.dim() == 0 else t * 2  # 'short' from process 0 too; counts of both
+
+    asked = []
+
+    def rollout(m, accelerator, rendered, prompts, recipe, timer, rows):
+        asked.append(prompts)
+        return fake_rollout([0.0, 1.0, 2.0, 3.0], 2, 3, pad_id=0)
+
+    monkeypatch.setattr(ppo, "rollout", rollout)
+    prompts = [f"p{i}" for i in range(32)]
+    m = ppo.Models(policy=None, reference=None, critic=None, rewards=None, tok=type("Tok", (), {"pad_token_id": 0})())
+    r, stats = ppo.sample_batch(m, TwoProcesses(), recipe, {}, (prompts, prompts, [{}] * 32), 0)
+    rows = ppo.batch_indices(32, 4, 0, recipe.seed)  # 4 prompts a batch: 2 per process
+    assert asked == [[prompts[i] for i in rows[2:] for _ in range(2)]]
+    assert r.scores.tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert stats["dynamic_sampling/rounds"] == 4 and stats["dynamic_sampling/sampled_groups"] == 4
+
+
 def test_dapo_and_gspo_options_reach_the_update_and_the_log(in_tmp, tiny_base, monkeypatch):
     """A micro run with every DAPO/GSPO option: the update's surrogate gets epsilon_high and the
     sequence level, each iteration logs the dropped groups and the overlong penalty (a 6-token limit,
