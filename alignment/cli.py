@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import RecipeError
+from .errors import RecipeError
 
 OVERRIDE_HELP = """\
 overrides:

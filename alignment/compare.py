@@ -21,7 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import models as model_layer
-from .config import DEMO_PROMPTS, DataOptions, GenerationOptions, ModelOptions, PromptOptions, RecipeError
+from .config import DEMO_PROMPTS, DataOptions, GenerationOptions, ModelOptions, PromptOptions
+from .errors import RecipeError
 from .data import check_rows, load_rows, text_problem
 from .demo import world
 from .generation import Samples, checkpoint_overrides, decoding, sample, token_logprobs

@@ -21,14 +21,11 @@ from typing import Any, ClassVar, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
 
+from .errors import RecipeError
 from .estimators import ADVANTAGE, KL
 from .paths import user_path
 
 STAGES = ("init", "pretrain", "sft", "reward", "ppo", "grpo", "rloo", "dpo", "kto", "prep", "compare")
-
-
-class RecipeError(Exception):
-    """A recipe (or an override, or a data file) is malformed; the message is one line."""
 
 
 class Section(BaseModel):

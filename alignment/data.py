@@ -18,7 +18,8 @@ from typing import Callable
 
 from data_prep.read import Bad
 
-from .config import DataOptions, RecipeError
+from .config import DataOptions
+from .errors import RecipeError
 
 DemoFactory = Callable[[int, int], list[dict]]
 

@@ -20,10 +20,8 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
+from .formatting import STYLE, ci, color, kl_floor, layout, md_table, table_html
 from .paths import write_atomic
-from .report import _ci, _md_table
-from .report_html import STYLE, _color, _layout, _table_html, kl_floor
-from .sweep import MARKER
 
 # --------------------------------------------------------------------------- math
 
@@ -239,7 +237,7 @@ def frontier_figure(rows: list[dict], kind: str, baseline: str, front: bool = Tr
     if base:
         fig.add_trace(trace(base, f"{baseline} (baseline)", "#000000", mode="markers"))
     for i, (method, points) in enumerate(by_method(with_kl).items()):
-        fig.add_trace(trace(points, method, _color(i)))
+        fig.add_trace(trace(points, method, color(i)))
     on_front = sorted((r for r in with_kl if r["on_front"]), key=lambda r: r["kl_mean"])
     if front and on_front:
         fig.add_trace(go.Scatter(
@@ -247,7 +245,7 @@ def frontier_figure(rows: list[dict], kind: str, baseline: str, front: bool = Tr
             line={"color": "#444444", "dash": "dash", "shape": "hv"}, hoverinfo="skip",
         ))
     x_title = f"KL(model || {baseline}) (nats, log scale; KL ≤ 0 drawn at {floor:g})"
-    return _layout(fig, f"{kind} against KL to {baseline}", x_title, f"mean {kind} (95% CI)", xaxis_type="log")
+    return layout(fig, f"{kind} against KL to {baseline}", x_title, f"mean {kind} (95% CI)", xaxis_type="log")
 
 
 def table_rows(rows: list[dict], kinds: list[str], parts: list[str]) -> list[list[str]]:
@@ -256,7 +254,7 @@ def table_rows(rows: list[dict], kinds: list[str], parts: list[str]) -> list[lis
     order = [r for r in rows if r["method"] is None] + [r for points in by_method(rows).values() for r in points]
     for r in order:
         body.append([
-            r["label"], r["method"] or "baseline", *(_ci(r, k) for k in kinds), _ci(r, "kl", 3),
+            r["label"], r["method"] or "baseline", *(ci(r, k) for k in kinds), ci(r, "kl", 3),
             *(f"{r[f'{p}_mean']:.3f}" for p in parts), f"{r['eos_rate']:.2f}", f"{r['length_mean']:.1f}",
             "**" if r["front_beyond_ci"] else "*" if r["on_front"] else "",
         ])
@@ -275,12 +273,13 @@ def per_reply_scores(samples: list[dict]) -> dict[str, dict[str, list[float]]]:
     return found
 
 
-def write_frontier(out: Path, summary: dict, methods: dict[str, tuple[str, dict]], heading: str,
+def write_frontier(out: Path, summary: dict, methods: dict[str, tuple[str, dict]], heading: str, *, generator: str,
                    extra: dict | None = None, replies: dict | None = None) -> str:
     """report.html, report.md and report.json in `out` from the comparison `summary`; `methods`:
     point label -> (method, its varying settings); `replies`: kind -> label -> per-reply scores
     (`per_reply_scores`), for the paired over-optimisation test and the front beyond its
-    intervals (both left out without them). Returns the text to print."""
+    intervals (both left out without them); `generator`: report.json's "generator", the mark by
+    which the caller (the sweep) knows the directory for its own. Returns the text to print."""
     kinds, parts, baseline = summary["score_kinds"], summary["parts"], summary["baseline"]
     n = summary.get("settings", {}).get("samples_per_prompt", 1)
     scores = None if replies is None else {
@@ -311,11 +310,11 @@ def write_frontier(out: Path, summary: dict, methods: dict[str, tuple[str, dict]
 <p>{html.escape(about)} Every reply side by side: <a href="compare/report.html">compare/report.html</a>.</p>
 <div class="grid">{plots}</div>
 <ul>{''.join(f'<li>{html.escape(n)}</li>' for n in said)}</ul>
-{_table_html(table)}
+{table_html(table)}
 </body></html>
 """
-    md = f"# {heading}\n\n{about}\n\n" + "".join(f"- {n}\n" for n in said) + "\n" + _md_table(table) + "\n"
-    data = {"generator": MARKER, "heading": heading, "baseline": baseline, "score_kinds": kinds, "notes": said,
+    md = f"# {heading}\n\n{about}\n\n" + "".join(f"- {n}\n" for n in said) + "\n" + md_table(table) + "\n"
+    data = {"generator": generator, "heading": heading, "baseline": baseline, "score_kinds": kinds, "notes": said,
             "front": [r["label"] for r in rows if r["on_front"]],
             "front_beyond_ci": [r["label"] for r in rows if r["front_beyond_ci"]], "points": rows, "settings": settings, **(extra or {})}
     write_atomic(out / "report.json", json.dumps(data, indent=2))

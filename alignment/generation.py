@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import GenerationConfig
 
 from . import losses
+from .errors import RecipeError
 from .templates import encode
 
 logger = logging.getLogger(__name__)
@@ -347,8 +348,6 @@ NOT_FUSED = ("logits_soft_cap", "output_logit_soft_cap", "logit_softcapping")
 def check_fused_head(model, stage: str) -> None:
     """Refuse, in one line, a model whose logits TRL's fused LM head would not reproduce (a soft cap it
     does not apply): the stage's log-probs would not be the model's."""
-    from .config import RecipeError
-
     lm = base_lm(model)
     config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
     found = [name for name in NOT_FUSED if getattr(config, name, None) not in (None, 1, 1.0)]
@@ -364,8 +363,6 @@ def check_logprob_support(model) -> None:
     """Refuse, in one line, a model whose logits `token_logprobs` cannot reproduce: an encoder-decoder, or
     a forward that takes neither `position_ids` and `logits_to_keep` nor further keywords (the forward
     pass over sampled text passes both, so that left padding never changes a row's logits)."""
-    from .config import RecipeError
-
     lm = base_lm(model)
     name = type(lm).__name__
     if getattr(lm.config, "is_encoder_decoder", False):

@@ -23,7 +23,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from .config import LoraOptions, ModelOptions, RecipeError
+from .config import LoraOptions, ModelOptions
+from .errors import RecipeError
 
 # Used when a tokenizer ships no chat template. The assistant turn ends with EOS, so a model
 # trained on it learns to stop. SFT finds the assistant tokens by rendering turn by turn

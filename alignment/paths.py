@@ -14,6 +14,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .errors import RecipeError
+
 
 def user_path(value: str) -> str:
     """`value` with a leading `~` or `~user` expanded; anything else unchanged."""
@@ -64,8 +66,6 @@ def keep_foreign(out: Path, new: Path, ours) -> list[str]:
     """Put into `new` every file under `out` that the toolkit did not write (not in `ours`), as a
     hard link (a copy where links are not possible), so that replacing `out` by `new` keeps them.
     A RecipeError, before anything is linked, if `new` already has a file of such a name."""
-    from .config import RecipeError  # config imports this module
-
     foreign = foreign_files(out, ours)
     for name in foreign:
         clash = next((p for p in [new / name, *(new / name).parents] if p.is_file() or p.is_symlink()), None)

@@ -48,7 +48,6 @@ from .config import (
     STAGES,
     BaseRecipe,
     FromRecipe,
-    RecipeError,
     RLRecipe,
     content_hash,
     data_files,
@@ -57,6 +56,7 @@ from .config import (
     parse_override,
     resolved_dict,
 )
+from .errors import RecipeError
 from .paths import keep_foreign, replace_dir
 
 if TYPE_CHECKING:

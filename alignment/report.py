@@ -18,71 +18,18 @@ import shutil
 from pathlib import Path
 
 from .compare import CompareError, Comparison, compare_models, demo_prompt_source
-from .config import GenerationOptions, RecipeError, ReportOptions
+from .config import GenerationOptions, ReportOptions
+from .errors import RecipeError
+from .formatting import KL_EXPLAINED, difference_lines, md_table, table_rows, title, win_rows
 from .models import check_model_kind
 from .demo import world
 from .paths import keep_foreign, output_problem, replace_dir, write_atomic
+from .report_html import render_html
 
 MARKER = "alignment compare"  # summary.json's "generator": an output directory this toolkit wrote
 
 
 # --------------------------------------------------------------------------- tables
-
-
-def _ci(row: dict, key: str, digits: int = 3) -> str:
-    if row.get(f"{key}_mean") is None:
-        return "-"
-    return f"{row[f'{key}_mean']:.{digits}f} [{row[f'{key}_lo']:.{digits}f}, {row[f'{key}_hi']:.{digits}f}]"
-
-
-def table_rows(summary: dict, brief: bool = False) -> list[list[str]]:
-    """Header and one row per model: scores with CIs, parts, EOS rate, length, KL and win rate
-    against the baseline (`brief`: scores, parts, EOS rate and length only)."""
-    base, kinds, parts = summary["baseline"], summary["score_kinds"], summary["parts"]
-    primary = kinds[0] if kinds else None
-    header = ["model", *(f"{k} [95% CI]" for k in kinds[:1]), *parts, *(f"{k} [95% CI]" for k in kinds[1:]),
-              "EOS", "tokens"]
-    if not brief:
-        header.append(f"KL to {base} [95% CI]")
-        if primary:
-            header.append(f"{primary} win vs {base} [95% CI]")
-    wins = {w["a"]: w for w in summary["win_rates"] if w["b"] == base and w["score"] == primary}
-    rows = [header]
-    for label, m in summary["models"].items():
-        row = [label, *(_ci(m, k) for k in kinds[:1]), *(f"{m[f'{p}_mean']:.3f}" for p in parts),
-               *(_ci(m, k) for k in kinds[1:]), f"{m['eos_rate']:.0%}", f"{m['length_mean']:.1f}"]
-        if not brief:
-            row.append("baseline" if label == base else _ci(m, "kl", 2))
-            if primary:
-                w = wins.get(label)
-                row.append(f"{w['win_rate']:.2f} [{w['lo']:.2f}, {w['hi']:.2f}]" if w else "-")
-        rows.append(row)
-    return rows
-
-
-def win_rows(summary: dict) -> list[list[str]]:
-    rows = [["a", "b", "score", "a wins", "tie", "b wins", "win rate of a [95% CI]"]]
-    return rows + [[w["a"], w["b"], w["score"], f"{w['win']:.0%}", f"{w['tie']:.0%}", f"{w['loss']:.0%}",
-                    f"{w['win_rate']:.2f} [{w['lo']:.2f}, {w['hi']:.2f}]"] for w in summary["win_rates"]]
-
-
-def difference_lines(summary: dict) -> list[str]:
-    """Each model minus the one before it, paired on the same prompts."""
-    lines = []
-    for d in summary["differences"]:
-        which = "" if d["score"] == summary["score_kinds"][0] else f" ({d['score']})"
-        lines.append(f"{d['a']} - {d['b']}{which}: {d['mean']:+.3f} [{d['lo']:.3f}, {d['hi']:.3f}]")
-    return lines
-
-
-def title(summary: dict) -> str:
-    s = summary["settings"]
-    what = "Gold score" if "gold" in summary["score_kinds"] else "Scores"
-    decoding = "greedy" if s["temperature"] == 0 else f"temperature {s['temperature']:g}"
-    if s["temperature"] and s["top_p"] < 1:
-        decoding += f", top-p {s['top_p']:g}"
-    per = f", {s['samples_per_prompt']} samples per prompt" if s["samples_per_prompt"] > 1 else ""
-    return f"{what} on {s['num_prompts']} {s['prompt_source']} ({decoding}, at most {s['max_new_tokens']} new tokens{per})"
 
 
 def text_table(summary: dict, brief: bool = False) -> str:
@@ -96,25 +43,20 @@ def text_table(summary: dict, brief: bool = False) -> str:
     return "\n".join(lines)
 
 
-def _md_table(rows: list[list[str]]) -> str:
-    out = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    return "\n".join(out + ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows[1:]])
-
-
 def markdown(summary: dict, samples: list[dict], heading: str = "Comparison", examples: int = 5) -> str:
     s = summary["settings"]
     parts = [f"# {heading}", "", title(summary) + f", seed {s['seed']}.", ""]
     if "decoding" in s:
         used = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in s["decoding"].items())
         parts += [f"Decoding, the same for every model: {used}; nothing else from the models' generation_config.", ""]
-    parts.append(_md_table(table_rows(summary)))
+    parts.append(md_table(table_rows(summary)))
     if summary["differences"]:
         parts += ["", "Paired differences (each model minus the one before it, same prompts):", ""]
         parts += [f"- {line}" for line in difference_lines(summary)]
     if summary["win_rates"]:
-        parts += ["", "## Win rates (ties count half)", "", _md_table(win_rows(summary))]
+        parts += ["", "## Win rates (ties count half)", "", md_table(win_rows(summary))]
     for extra in summary.get("also", []):
-        parts += ["", f"## {title(extra)}", "", _md_table(table_rows(extra, brief=True))]
+        parts += ["", f"## {title(extra)}", "", md_table(table_rows(extra, brief=True))]
     if summary["notes"]:
         parts += ["", "## Notes", "", *(f"- {n}" for n in summary["notes"])]
     parts += ["", KL_EXPLAINED, "", "## Examples", ""]
@@ -127,21 +69,12 @@ def markdown(summary: dict, samples: list[dict], heading: str = "Comparison", ex
     return "\n".join(parts) + "\n"
 
 
-KL_EXPLAINED = (
-    "KL(model || baseline) is estimated from the model's own replies: the mean over replies of the summed "
-    "per-token log-ratio log p_model(y_t) - log p_baseline(y_t), EOS included, both under softmax(logits / "
-    "temperature); its interval is a bootstrap over prompts."
-)
-
-
 # --------------------------------------------------------------------------- files
 
 
 def write_outputs(comparison: Comparison, out_dir: Path, *, prefix: str = "", heading: str = "Comparison",
                   summary_name: str = "summary.json", extra: dict | None = None) -> list[Path]:
     """report.html, report.md, samples.jsonl and the summary JSON, in `out_dir` (which exists)."""
-    from .report_html import render_html
-
     summary = {"generator": MARKER, **comparison.summary, **(extra or {})}
     files = {
         summary_name: json.dumps(summary, indent=2),

@@ -15,11 +15,9 @@ from collections import defaultdict
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
-COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
-
-
-def _color(i: int) -> str:
-    return COLORS[i % len(COLORS)]
+from .formatting import (
+    KL_EXPLAINED, STYLE, color, difference_lines, kl_floor, layout, table_html, table_rows, title, win_rows,
+)
 
 
 def _err(rows: list[dict], key: str) -> dict:
@@ -31,12 +29,6 @@ def _err(rows: list[dict], key: str) -> dict:
     }
 
 
-def _layout(fig: go.Figure, title: str, x: str, y: str, **more) -> go.Figure:
-    fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, template="plotly_white", height=380,
-                      margin={"l": 60, "r": 20, "t": 50, "b": 50}, **more)
-    return fig
-
-
 def score_distributions(summary: dict, samples: list[dict]) -> list[go.Figure]:
     figs = []
     for kind in summary["score_kinds"]:
@@ -46,11 +38,11 @@ def score_distributions(summary: dict, samples: list[dict]) -> list[go.Figure]:
             values = [row["replies"][label][kind] for row in samples]
             if kind == "gold":  # a few grades (multiples of 0.25): one bar per grade and model
                 fig.add_trace(go.Bar(x=[f"{g:g}" for g in grades], y=[values.count(g) for g in grades], name=label,
-                                     marker_color=_color(i)))
+                                     marker_color=color(i)))
             else:
                 fig.add_trace(go.Violin(y=values, name=label, box_visible=True, meanline_visible=True,
-                                        line_color=_color(i)))
-        figs.append(_layout(fig, f"{kind} score per reply", kind if kind == "gold" else "model",
+                                        line_color=color(i)))
+        figs.append(layout(fig, f"{kind} score per reply", kind if kind == "gold" else "model",
                             "replies" if kind == "gold" else kind, barmode="group"))
     return figs
 
@@ -61,11 +53,11 @@ def gold_parts(summary: dict) -> list[go.Figure]:
     fig = go.Figure()
     for i, (label, m) in enumerate(summary["models"].items()):
         parts = summary["parts"]
-        fig.add_trace(go.Bar(x=parts, y=[m[f"{p}_mean"] for p in parts], name=label, marker_color=_color(i),
+        fig.add_trace(go.Bar(x=parts, y=[m[f"{p}_mean"] for p in parts], name=label, marker_color=color(i),
                              error_y={"type": "data", "symmetric": False,
                                       "array": [m[f"{p}_hi"] - m[f"{p}_mean"] for p in parts],
                                       "arrayminus": [m[f"{p}_mean"] - m[f"{p}_lo"] for p in parts]}))
-    return [_layout(fig, "Gold score by part (mean, 95% CI)", "part", "mean score", barmode="group")]
+    return [layout(fig, "Gold score by part (mean, 95% CI)", "part", "mean score", barmode="group")]
 
 
 def win_rates(summary: dict) -> list[go.Figure]:
@@ -75,20 +67,13 @@ def win_rates(summary: dict) -> list[go.Figure]:
     names = [f"{w['a']} vs {w['b']} ({w['score']})" for w in wins]
     fig = go.Figure(go.Bar(
         x=[w["win_rate"] for w in wins], y=names, orientation="h",
-        marker_color=[_color(summary["score_kinds"].index(w["score"])) for w in wins],
+        marker_color=[color(summary["score_kinds"].index(w["score"])) for w in wins],
         error_x={"type": "data", "symmetric": False, "array": [w["hi"] - w["win_rate"] for w in wins],
                  "arrayminus": [w["win_rate"] - w["lo"] for w in wins]},
         hovertext=[f"win {w['win']:.0%}, tie {w['tie']:.0%}, loss {w['loss']:.0%}" for w in wins],
     ))
     fig.add_vline(x=0.5, line_dash="dash", line_color="gray")
-    return [_layout(fig, "Win rate (ties count half), 95% CI", "win rate of a over b", "", xaxis_range=[0, 1])]
-
-
-def kl_floor(rows: list[dict]) -> float:
-    """Where a KL at or below zero is drawn on the log axis: 0.01 nats, or half the smallest
-    positive mean or interval end when one is smaller (so that no real point lies below it)."""
-    positive = [m[k] for m in rows for k in ("kl_mean", "kl_lo") if m[k] is not None and m[k] > 0]
-    return min([0.01, *(v / 2 for v in positive)])
+    return [layout(fig, "Win rate (ties count half), 95% CI", "win rate of a over b", "", xaxis_range=[0, 1])]
 
 
 def score_vs_kl(summary: dict) -> list[go.Figure]:
@@ -114,7 +99,7 @@ def score_vs_kl(summary: dict) -> list[go.Figure]:
             where += f"; drawn at {floor:g} (log axis)"
         fig.add_trace(go.Scatter(
             x=[x], y=[m[f"{kind}_mean"]], mode="markers+text", name=label, text=[label], textposition="top center",
-            marker={"size": 12, "color": _color(i), "symbol": "circle-open" if clipped else "circle",
+            marker={"size": 12, "color": color(i), "symbol": "circle-open" if clipped else "circle",
                     "line": {"width": 2}},
             error_x={"type": "data", "symmetric": False, "array": [hi - x], "arrayminus": [x - lo]},
             error_y=_err([m], kind),
@@ -122,7 +107,7 @@ def score_vs_kl(summary: dict) -> list[go.Figure]:
         ))
     x_title = f"KL(model || {summary['baseline']}) (nats, log scale"
     x_title += f"; KL ≤ 0 drawn at {floor:g})" if any(m["kl_mean"] <= floor for m in rows.values()) else ")"
-    return [_layout(fig, f"{kind} score against KL to {summary['baseline']}", x_title, f"mean {kind}",
+    return [layout(fig, f"{kind} score against KL to {summary['baseline']}", x_title, f"mean {kind}",
                     xaxis_type="log")]
 
 
@@ -130,8 +115,8 @@ def lengths(summary: dict, samples: list[dict]) -> list[go.Figure]:
     fig = go.Figure()
     for i, label in enumerate(summary["models"]):
         fig.add_trace(go.Histogram(x=[row["replies"][label]["num_tokens"] for row in samples], name=label,
-                                   marker_color=_color(i), opacity=0.6, xbins={"size": 1}))
-    figs = [_layout(fig, "Reply length", "tokens (EOS included)", "replies", barmode="overlay")]
+                                   marker_color=color(i), opacity=0.6, xbins={"size": 1}))
+    figs = [layout(fig, "Reply length", "tokens (EOS included)", "replies", barmode="overlay")]
     if summary["score_kinds"]:
         kind = summary["score_kinds"][0]
         fig = go.Figure()
@@ -141,18 +126,12 @@ def lengths(summary: dict, samples: list[dict]) -> list[go.Figure]:
                 by_length[row["replies"][label]["num_tokens"]].append(row["replies"][label][kind])
             xs = sorted(by_length)
             fig.add_trace(go.Scatter(x=xs, y=[sum(by_length[x]) / len(by_length[x]) for x in xs], name=label,
-                                     mode="lines+markers", line_color=_color(i),
+                                     mode="lines+markers", line_color=color(i),
                                      marker={"size": [min(6 + len(by_length[x]) ** 0.5, 20) for x in xs]},
                                      hovertext=[f"{len(by_length[x])} replies" for x in xs]))
-        figs.append(_layout(fig, f"{kind} score against reply length (marker size: replies)", "tokens",
+        figs.append(layout(fig, f"{kind} score against reply length (marker size: replies)", "tokens",
                             f"mean {kind}"))
     return figs
-
-
-def _table_html(rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows[1:])
-    return f"<table class='summary'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def samples_table(summary: dict, samples: list[dict]) -> str:
@@ -178,19 +157,6 @@ def samples_table(summary: dict, samples: list[dict]) -> str:
     )
 
 
-STYLE = """
-body { font-family: system-ui, sans-serif; margin: 24px; color: #222; }
-h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.5em; }
-.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(520px, 1fr)); gap: 12px; }
-.plot { border: 1px solid #eee; min-width: 0; overflow: hidden; }
-table { border-collapse: collapse; font-size: 0.9em; }
-td, th { border: 1px solid #ddd; padding: 4px 8px; vertical-align: top; text-align: left; }
-th { background: #f4f4f4; position: sticky; top: 0; }
-.reply { font-family: ui-monospace, monospace; white-space: pre-wrap; }
-.tags { color: #666; font-size: 0.85em; } .prompt { font-family: ui-monospace, monospace; }
-#filter { width: 320px; padding: 4px; margin: 8px 0; }
-"""
-
 SCRIPT = """
 function filterRows(q) {
   q = q.toLowerCase(); let shown = 0; const rows = document.querySelectorAll('#samples tbody tr');
@@ -201,23 +167,21 @@ function filterRows(q) {
 
 
 def render_html(summary: dict, samples: list[dict], heading: str = "Comparison") -> str:
-    from .report import KL_EXPLAINED, difference_lines, table_rows, title, win_rows
-
     figs = [*score_distributions(summary, samples), *gold_parts(summary), *win_rates(summary),
             *score_vs_kl(summary), *lengths(summary, samples)]
     plots = "".join(
         f"<div class='plot'>{fig.to_html(full_html=False, include_plotlyjs=False, div_id=f'plot{i}', config={'responsive': True})}</div>"
         for i, fig in enumerate(figs)
     )
-    tables = _table_html(table_rows(summary))
+    tables = table_html(table_rows(summary))
     diffs = difference_lines(summary)
     if diffs:
         tables += "<p>Paired differences (each model minus the one before it, same prompts):</p><ul>"
         tables += "".join(f"<li>{html.escape(line)}</li>" for line in diffs) + "</ul>"
     if summary["win_rates"]:
-        tables += "<h3>Win rates (ties count half)</h3>" + _table_html(win_rows(summary))
+        tables += "<h3>Win rates (ties count half)</h3>" + table_html(win_rows(summary))
     for extra in summary.get("also", []):
-        tables += f"<h3>{html.escape(title(extra))}</h3>" + _table_html(table_rows(extra, brief=True))
+        tables += f"<h3>{html.escape(title(extra))}</h3>" + table_html(table_rows(extra, brief=True))
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in [*summary["notes"], KL_EXPLAINED])
     settings = html.escape(json.dumps(summary["settings"]))
     return f"""<!DOCTYPE html>

@@ -32,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from .config import RecipeError
+from .errors import RecipeError
 from .demo import world
 from .templates import reward_batch
 

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import FromRecipe, RecipeError, SweepRecipe, content_hash, load_recipe, parse_override, resolved_dict
+from .config import FromRecipe, SweepRecipe, content_hash, load_recipe, parse_override, resolved_dict
+from .errors import RecipeError
 from .paths import user_path, write_atomic
 
 MARKER = "alignment sweep"  # sweep.json's and report.json's "generator": a sweep's directory
@@ -344,6 +345,7 @@ def run_apart(sweep: Sweep, points: list[Point], jobs: int, say=print) -> None:
 def compare_and_report(sweep: Sweep, key: str, compared: bool, say=print) -> None:
     """One comparison of every point and the baseline (skipped when its inputs are unchanged),
     then the frontier report from its summary."""
+    # imported here for start-up time: compare loads torch and the reports plotly, which planning a sweep never needs
     from .compare import CompareError, compare_models, load_prompts
     from .frontier import per_reply_scores, write_frontier
     from .report import write_report_dir
@@ -369,6 +371,6 @@ def compare_and_report(sweep: Sweep, key: str, compared: bool, say=print) -> Non
     summary = _read_json(compare_dir / "summary.json")
     samples = [json.loads(line) for line in (compare_dir / "samples.jsonl").read_text().splitlines() if line.strip()]
     methods = {p.label: (p.method, p.varying) for p in sweep.points}
-    text = write_frontier(sweep.out, summary, methods, heading=f"Frontier: {sweep.path.stem}", extra={"comparison_key": key},
-                          replies=per_reply_scores(samples))
+    text = write_frontier(sweep.out, summary, methods, heading=f"Frontier: {sweep.path.stem}", generator=MARKER,
+                          extra={"comparison_key": key}, replies=per_reply_scores(samples))
     say(text)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import weakref
 
+from .errors import RecipeError
+
 
 def render_prompt(tok, prompt: str) -> str:
     """A user prompt in `tok`'s chat template, ready for the assistant's reply."""
@@ -60,8 +62,6 @@ def turn_close(tok) -> str:
         messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _SENTINEL}]
         full = tok.apply_chat_template(messages, tokenize=False)
         if full.count(_SENTINEL) != 1:
-            from .config import RecipeError
-
             raise RecipeError(
                 f"chat template of '{tok.name_or_path}': an assistant reply is not rendered as its own text once "
                 "(cannot tell what closes a turn); set model_options.chat_template: FILE"
@@ -219,7 +219,7 @@ def generation_stop_ids(name_or_path: str, tok, options=None) -> list[int]:
     a checkpoint without a generation config stops where its config.json's EOS says, as transformers does."""
     from transformers import AutoConfig, GenerationConfig
 
-    from .config import ModelOptions, RecipeError
+    from .config import ModelOptions
     from .models import _load
 
     options = options or ModelOptions()

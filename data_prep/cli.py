@@ -11,7 +11,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from alignment.cli import Parser
-from alignment.config import PrepColumns, PrepOptions, PrepSamples, PrepSource, RecipeError
+from alignment.config import PrepColumns, PrepOptions, PrepSamples, PrepSource
+from alignment.errors import RecipeError
 from alignment.paths import user_path
 
 from .read import READ, DataError

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from alignment.config import RecipeError
+from alignment.errors import RecipeError
 
 try:  # orjson parses JSON lines about 3x faster; the standard library is the fallback
     import orjson

@@ -13,7 +13,7 @@ import pytest
 
 from alignment import models
 from alignment.cli import main
-from alignment.config import RecipeError
+from alignment.errors import RecipeError
 
 from .conftest import RECIPES
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from alignment.config import RecipeError, load_recipe, parse_override
+from alignment.config import load_recipe, parse_override
+from alignment.errors import RecipeError
 from alignment.pipeline import plan
 
 from .conftest import RECIPES

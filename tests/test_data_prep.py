@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from alignment.config import DataOptions, PrepOptions, PrepSource, RecipeError
+from alignment.config import DataOptions, PrepOptions, PrepSource
+from alignment.errors import RecipeError
 from alignment.data import check_rows, load_rows, messages_problem, text_problem
 from alignment.demo import world
 from data_prep.cli import main

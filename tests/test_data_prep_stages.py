@@ -96,7 +96,7 @@ def test_dpo_reads_conversational_pairs_and_every_pair_too_long_is_one_line(in_t
     base = [f"model={tiny_base}", f"data.source={src}", "data.eval_examples=8", *STEPS]
     [node] = run(RECIPES / "dpo.yaml", [*base, "output_dir=out/d"])
     assert summary_of(node)["train_pairs"] == 40 and summary_of(node)["steps"] == 2
-    from alignment.config import RecipeError
+    from alignment.errors import RecipeError
 
     with pytest.raises(RecipeError, match=r"training.max_length: 4: all 40 training pairs were dropped"):
         run(RECIPES / "dpo.yaml", [*base, "training.max_length=4", "output_dir=out/short"])

@@ -25,7 +25,7 @@ def test_rl_stages_refuse_deepspeed_in_one_line(in_tmp, tiny_base, reward_dir, m
 
 def test_rl_stage_under_deepspeed_is_refused_before_the_chain_trains(in_tmp, tiny_base, reward_dir, monkeypatch):
     """The refusal comes at plan time: an sft -> ppo chain stops before sft runs."""
-    from alignment.config import RecipeError
+    from alignment.errors import RecipeError
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(RecipeError, match="stage 'ppo' does not run under DeepSpeed"):
@@ -34,7 +34,7 @@ def test_rl_stage_under_deepspeed_is_refused_before_the_chain_trains(in_tmp, tin
 
 
 def test_fsdp_is_refused_on_gpus_and_is_ddp_on_a_cpu(tiny_base, reward_dir, monkeypatch):
-    from alignment.config import RecipeError
+    from alignment.errors import RecipeError
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     args = [f"model={tiny_base}", f"reward_model={reward_dir}"]

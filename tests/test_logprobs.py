@@ -213,7 +213,7 @@ def test_dpo_log_probs_are_the_models_own_or_the_model_is_refused(model_type):
     scales but not RecurrentGemma's cap: the others equal the model's own, that one is refused in one line."""
     from trl.trainer.utils import add_fused_lm_head
 
-    from alignment.config import RecipeError
+    from alignment.errors import RecipeError
     from alignment.generation import check_fused_head
     from alignment.stages.dpo import PreferenceTrainer
 
@@ -234,7 +234,7 @@ def test_dpo_log_probs_are_the_models_own_or_the_model_is_refused(model_type):
 
 
 def test_a_model_whose_logits_cannot_be_matched_is_refused_in_one_line():
-    from alignment.config import RecipeError
+    from alignment.errors import RecipeError
 
     class NoPositions(torch.nn.Module):  # a forward that takes neither position_ids nor logits_to_keep
         config = LlamaConfig()

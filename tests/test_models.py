@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from alignment.config import LoraOptions, ModelOptions, RecipeError
+from alignment.config import LoraOptions, ModelOptions
+from alignment.errors import RecipeError
 from alignment.demo import world
 from alignment.models import (
     DEFAULT_CHAT_TEMPLATE,

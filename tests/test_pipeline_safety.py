@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from alignment.cli import main
-from alignment.config import RecipeError
+from alignment.errors import RecipeError
 from alignment.pipeline import complete_interrupted_swap, run, swap_into_place
 
 from .conftest import REPO, RECIPES

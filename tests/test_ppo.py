@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 from alignment import estimators, losses
 from alignment.templates import reward_ids
-from alignment.config import RecipeError, load_recipe
+from alignment.config import load_recipe
+from alignment.errors import RecipeError
 from alignment.models import load_classifier, load_tokenizer, save_model
 from alignment.pipeline import run
 from alignment.stages import ppo

@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from alignment.config import RecipeError, load_recipe, parse_override
+from alignment.config import load_recipe, parse_override
+from alignment.errors import RecipeError
 from alignment.models import load_tokenizer
 from alignment.pipeline import plan
 from alignment.stages import ppo

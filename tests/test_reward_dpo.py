@@ -12,7 +12,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from alignment.config import RecipeError, load_recipe
+from alignment.config import load_recipe
+from alignment.errors import RecipeError
 from alignment.demo import world
 from alignment.models import load_causal_lm, load_tokenizer
 from alignment.pipeline import run

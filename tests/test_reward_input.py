@@ -16,7 +16,7 @@ from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from alignment import compare, templates
 from alignment.compare import Generation
-from alignment.config import RecipeError
+from alignment.errors import RecipeError
 from alignment.models import load_classifier, load_reward_tokenizer, load_tokenizer, per_token_head, token_scores
 from alignment.rewards import Rewards
 from alignment.stages import ppo, reward

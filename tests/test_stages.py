@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import pipeline as hf_pipeline
 
-from alignment.config import RecipeError
+from alignment.errors import RecipeError
 from alignment.data import pack_blocks
 from alignment.models import load_causal_lm, load_tokenizer
 from alignment.pipeline import plan, run

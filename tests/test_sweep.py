@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from alignment.cli import main
-from alignment.config import RecipeError
+from alignment.errors import RecipeError
 from alignment.frontier import kl_spreads, pareto_front, write_frontier
-from alignment.sweep import expand, plan_sweep, run_sweep
+from alignment.sweep import MARKER, expand, plan_sweep, run_sweep
 from tests.conftest import RECIPES
 from tests.test_compare_report import drawn_plots, rendered_dom
 
@@ -229,7 +229,7 @@ def test_frontier_report_draws_a_curve_per_method_and_the_front(tmp_path):
     methods = {"dpo a": ("dpo", {"beta": 1}), "dpo b": ("dpo", {"beta": 0.1}), "ppo a": ("ppo", {}), "ppo b": ("ppo", {}),
                "ppo c": ("ppo", {})}
     summary = _summary()
-    text = write_frontier(tmp_path, summary, methods, heading="Frontier: test", replies=_replies(summary))
+    text = write_frontier(tmp_path, summary, methods, heading="Frontier: test", generator=MARKER, replies=_replies(summary))
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["front"] == ["sft", "dpo a", "dpo b"]
     # paired on the same prompts, ppo b and ppo c fall below ppo a (0.84) while the reward rises; c also below b
@@ -246,7 +246,7 @@ def test_frontier_report_draws_a_curve_per_method_and_the_front(tmp_path):
     # reaches below dpo b's and their paired gold difference (-0.005 +- 0.013) reaches 0
     summary["models"]["dpo b"]["gold_mean"] = 0.865
     (tmp_path / "close").mkdir()
-    write_frontier(tmp_path / "close", summary, methods, heading="Frontier: close", replies=_replies(summary))
+    write_frontier(tmp_path / "close", summary, methods, heading="Frontier: close", generator=MARKER, replies=_replies(summary))
     close = json.loads((tmp_path / "close" / "report.json").read_text())
     assert close["front"] == ["sft", "dpo a", "dpo b"] and close["front_beyond_ci"] == ["sft", "dpo a"]
     marks = {p["label"]: p["front_beyond_ci"] for p in close["points"]}

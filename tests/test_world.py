@@ -11,7 +11,8 @@ import random
 
 import pytest
 
-from alignment.config import CompareRecipe, PrepOptions, PrepSource, PromptOptions, RecipeError, ReportOptions
+from alignment.config import CompareRecipe, PrepOptions, PrepSource, PromptOptions, ReportOptions
+from alignment.errors import RecipeError
 from alignment.demo import world
 from alignment.demo.world import DEFAULT, HARD, PRESETS, World
 from alignment.pipeline import plan

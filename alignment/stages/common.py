@@ -13,7 +13,8 @@ import torch
 import yaml
 from transformers import TrainerCallback
 
-from ..config import BaseRecipe, RecipeError, resolved_dict
+from ..config import BaseRecipe, resolved_dict
+from ..errors import RecipeError
 from ..paths import replace_dir  # noqa: F401  (re-exported: the pipeline and the report use it)
 
 

@@ -15,8 +15,10 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from ..config import CompareRecipe, GenerationOptions, PromptOptions, RecipeError
+from ..config import CompareRecipe, GenerationOptions, PromptOptions
+from ..errors import RecipeError
 from ..demo.world import PRESETS
+from ..formatting import title
 from ..paths import user_path
 
 MAIN_PROCESS_ONLY = True  # generation runs once, on the main process
@@ -44,7 +46,7 @@ def _flat(summary: dict) -> dict:
 
 def run(recipe: CompareRecipe, inputs: dict, work_dir: Path) -> dict:
     from ..compare import CompareError
-    from ..report import text_table, title, write_outputs
+    from ..report import text_table, write_outputs
 
     models = {label: inputs[f"models.{label}"] for label in recipe.models}
     try:
@@ -127,7 +129,7 @@ def command(args: argparse.Namespace) -> int:
         comparison, out = _command(args)
     except CompareError as exc:
         raise RecipeError(f"{FLAGS.get(exc.arg, exc.arg)}: {exc.message}") from None
-    from ..report import text_table, title
+    from ..report import text_table
 
     print(f"{title(comparison.summary)}:\n{text_table(comparison.summary)}\n\nreport: {out / 'report.html'}")
     return 0

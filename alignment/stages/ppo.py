@@ -56,7 +56,8 @@ from transformers import get_scheduler
 
 from .. import estimators, losses
 from ..templates import encode, render_prompt, template_complaint
-from ..config import RecipeError, RLRecipe
+from ..config import RLRecipe
+from ..errors import RecipeError
 from ..data import Rows, check_rows, load_rows
 from ..demo import world
 from ..generation import position_ids, sample, token_logprobs

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from trl import RewardConfig, RewardTrainer
 
-from ..config import RecipeError, RewardRecipe
+from ..config import RewardRecipe
+from ..errors import RecipeError
 from ..demo import world
 from ..losses import bradley_terry_loss
 from ..models import apply_lora, is_classifier, load_classifier, load_tokenizer

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from datasets import Dataset
 
-from ..config import RecipeError, SFTRecipe
+from ..config import SFTRecipe
+from ..errors import RecipeError
 from ..data import check_rows, fit_to_template, load_rows, messages_problem
 from ..demo import world
 from ..models import load_tokenizer
