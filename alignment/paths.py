@@ -22,9 +22,11 @@ def user_path(value: str) -> str:
     return os.path.expanduser(value) if value.startswith("~") else value
 
 
-def output_problem(out: Path) -> str | None:
+def output_problem(out: Path, probe: bool = True) -> str | None:
     """Why a directory cannot be (re)written at `out`, or None: a file there or above it, or a
-    place this process may not write (checked by creating and removing a scratch directory)."""
+    place this process may not write (with `probe`: checked by creating and removing a scratch
+    directory in the nearest existing ancestor, and in `out` itself when it exists, since
+    replacing it removes what is inside)."""
     if out.exists() and not out.is_dir():
         return f"'{out}' is a file, expected a directory (or a path that does not exist yet)"
     parent = out.parent
@@ -32,6 +34,8 @@ def output_problem(out: Path) -> str | None:
         parent = parent.parent
     if not parent.is_dir():
         return f"'{parent}' is a file, not a directory"
+    if not probe:
+        return None
     for place in (parent, out) if out.is_dir() else (parent,):
         try:
             os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.write-test-", dir=place))

@@ -38,7 +38,6 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +56,7 @@ from .config import (
     resolved_dict,
 )
 from .errors import RecipeError
-from .paths import keep_foreign, replace_dir
+from .paths import keep_foreign, output_problem, replace_dir
 
 if TYPE_CHECKING:
     from accelerate import PartialState
@@ -451,14 +450,6 @@ def _read_paths(nodes: list[Node]) -> list[tuple[str, Path]]:
     return found
 
 
-def _writable_parent(out: Path) -> Path:
-    """The nearest existing ancestor of `out`, where its directories will be created."""
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    return parent
-
-
 def check_outputs(nodes: list[Node], to_run: list[Node], probe: bool = True) -> None:
     """Refuse, before anything is trained, every output location of `to_run` that would
     destroy or overwrite what the toolkit did not write, or that cannot be written.
@@ -487,14 +478,9 @@ def check_outputs(nodes: list[Node], to_run: list[Node], probe: bool = True) -> 
                     f"{where}: '{place}' holds files the toolkit did not write (no run_info.json of a run); "
                     "choose another output_dir or move them away"
                 )
-        parent = _writable_parent(out)
-        if not parent.is_dir():
-            raise RecipeError(f"{where}: '{parent}' is a file, not a directory")
-        if probe:
-            try:
-                os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.write-test-", dir=parent))
-            except OSError as exc:
-                raise RecipeError(f"{where}: cannot write in '{parent}' ({exc.strerror})") from None
+        problem = output_problem(out, probe)
+        if problem:
+            raise RecipeError(f"{where}: {problem}")
     for how, overlaps in (("is the same as", lambda a, b: a == b), ("lies inside", _inside), ("holds", lambda a, b: _inside(b, a))):
         for node in to_run:
             for other in nodes:

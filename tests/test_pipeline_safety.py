@@ -123,6 +123,26 @@ def test_read_only_location_is_refused_before_training(tmp_path):
     ro.chmod(0o755)
 
 
+def test_output_problem_writes_a_scratch_directory_only_when_asked(tmp_path, monkeypatch):
+    """The one output check (paths.output_problem, used by the pipeline, the sweep and the report):
+    with probe=False (a dry run) nothing is created, so a place that cannot be written passes; with
+    probe it is refused in the words the pipeline prints after `output_dir '...': `."""
+    from alignment import paths
+
+    made = []
+
+    def refuse(**kwargs):
+        made.append(kwargs["dir"])
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(paths.tempfile, "mkdtemp", refuse)
+    out = tmp_path / "a" / "out"
+    assert paths.output_problem(out, probe=False) is None and made == []
+    assert paths.output_problem(out) == f"cannot write in '{tmp_path}' (Permission denied)" and made == [tmp_path]
+    (tmp_path / "a").write_text("")
+    assert paths.output_problem(out, probe=False) == f"'{tmp_path / 'a'}' is a file, not a directory"
+
+
 def test_swap_keeps_one_output_whole_at_every_moment(tmp_path, monkeypatch):
     out, work = tmp_path / "sft", tmp_path / "sft.partial"
     for directory, text in ((out, "old"), (work, "new")):
