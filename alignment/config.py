@@ -940,6 +940,13 @@ class RLOptions(Section):
         "than response_length - soft_punish_cache tokens gets a penalty falling linearly from 0 to -1 at "
         "response_length, logged as rewards/overlong and added to the score (0: off)."
     )
+    generation_gather: Literal["full", "layer"] = Field(
+        "full", description="Rollouts from a policy sharded with FSDP2 (an FSDP launch; alignment/sharding.py): "
+        "'full' gathers the whole policy once per rollout and decodes without communication (faster; each process "
+        "then holds the policy's full weights while it samples), 'layer' gathers each layer as it runs at every "
+        "decoding step (holds one layer at a time: for a policy whose weights do not fit one device). Unused "
+        "without FSDP."
+    )
 
     @model_validator(mode="after")
     def _batch_splits(self):

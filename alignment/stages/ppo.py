@@ -77,6 +77,7 @@ from ..models import (
 )
 from ..rewards import Rewards
 from .. import sharding
+from .. import sharding
 from .common import append_metrics, drop_metrics_after, last_checkpoint, precision_flags, use_cpu
 
 DEFAULT_PROMPTS = 2000
@@ -493,7 +494,7 @@ def ppo_update(
                 sync = contextlib.ExitStack()
                 if k < len(micros) - 1:
                     for model in trained_models(m):
-                        sync.enter_context(accelerator.no_sync(model))
+                        sync.enter_context(sharding.no_sync(accelerator, model))
                 with sync, accelerator.autocast():
                     if on_policy:  # the weights that sampled: the old log-probs are these, detached
                         logp, entropy = reply_logprobs(m.policy, b, o.temperature, with_entropy=True)
