@@ -77,7 +77,6 @@ from ..models import (
 )
 from ..rewards import Rewards
 from .. import sharding
-from .. import sharding
 from .common import append_metrics, drop_metrics_after, last_checkpoint, precision_flags, use_cpu
 
 DEFAULT_PROMPTS = 2000
