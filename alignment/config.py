@@ -138,7 +138,8 @@ class DataOptions(Section):
     )
     split: str = Field("train", description="Split to read from a hub dataset or a saved DatasetDict.")
     num_examples: int | None = Field(
-        None, gt=0, description="Rows to generate (demo) or to keep (first N of a file). Null: the stage default / all."
+        None, gt=0, description="Rows to generate (demo: init.tokenizer_examples when null) or to keep (first N of a "
+        "file). Null: all of a file."
     )
     seed: int = Field(0, description="Seed of the demo-world generator.")
     text_field: str = Field("text", description="Column holding raw text (pretrain).")
@@ -158,9 +159,41 @@ class DataOptions(Section):
         "stage summary.",
     )
 
+    @model_validator(mode="after")
+    def _demo_rows(self):
+        """A stage's default num_examples is the number of demo rows it generates: a file or a prep output
+        is read whole unless the recipe sets num_examples, and demo with null generates the default."""
+        if self.source != "demo" and "num_examples" not in self.model_fields_set:
+            self.num_examples = None
+        elif self.source == "demo" and self.num_examples is None:
+            self.num_examples = type(self).model_fields["num_examples"].default
+        return self
+
+
+def _num_examples(default: int, rows: str) -> Any:
+    """The num_examples field of a stage whose demo data has `default` rows."""
+    return Field(
+        default, gt=0, description=f"{rows.capitalize()} to generate (demo) or to keep (first N of a file). A file "
+        f"or a prep output is read whole unless this is set; null: all of a file, {default} demo {rows}.",
+    )
+
+
+class PretrainDataOptions(DataOptions):
+    """Data of the pretrain stage: raw text rows."""
+
+    num_examples: int | None = _num_examples(20000, "documents")
+
+
+class SFTDataOptions(DataOptions):
+    """Data of the sft stage: conversations."""
+
+    num_examples: int | None = _num_examples(4000, "conversations")
+
 
 class PreferenceDataOptions(DataOptions):
     """Data of the preference stages (reward, dpo): prompt / chosen / rejected rows."""
+
+    num_examples: int | None = _num_examples(4000, "pairs")
 
     eval_examples: int = Field(
         200,
@@ -427,6 +460,7 @@ class InitRecipe(BaseRecipe):
 class PretrainRecipe(BaseRecipe):
     UNREAD = _unread_fields("text_field")
     stage: Literal["pretrain"]
+    data: PretrainDataOptions = Field(default_factory=PretrainDataOptions)
 
 
 class SFTOptions(Section):
@@ -445,6 +479,7 @@ class SFTOptions(Section):
 class SFTRecipe(BaseRecipe):
     UNREAD = _unread_fields("messages_field")
     stage: Literal["sft"]
+    data: SFTDataOptions = Field(default_factory=SFTDataOptions)
     sft: SFTOptions = Field(default_factory=SFTOptions)
 
 
@@ -1148,10 +1183,7 @@ class PromptDataOptions(DataOptions):
     """Prompts of the RL stages: rows with a user prompt (`prompt_field`); its other columns go to Python
     reward functions. demo: the demo world's training prompts (never the held-out ones the report uses)."""
 
-    num_examples: int | None = Field(
-        None, gt=0, description="Prompts to generate (demo) or to keep (first N of a file). Null: all of a file; "
-        "2000 demo prompts."
-    )
+    num_examples: int | None = _num_examples(2000, "prompts")
     max_prompt_length: int = Field(
         512, gt=0, description="Prompts longer than this many tokens after the chat template (its system prompt "
         "included) are dropped and counted."

@@ -34,11 +34,12 @@ class Rows:
         return len(self.rows)
 
 
-def load_rows(options: DataOptions, demo: DemoFactory, default_examples: int, source: str | None = None,
+def load_rows(options: DataOptions, demo: DemoFactory, demo_examples: int | None = None, source: str | None = None,
               split: str | None = None) -> Rows:
     """Read the recipe's data source through data_prep's reader (the one reader of data files);
-    `demo(n, seed)` makes rows when the source is 'demo'. `source` replaces `options.source`
-    (a prep stage's output directory when the recipe says {from: prep.yaml}).
+    `demo(n, seed)` makes `options.num_examples` rows when the source is 'demo' (the schema fills in
+    each stage's number; `demo_examples` for options whose schema has none: init's corpus). `source`
+    replaces `options.source` (a prep stage's output directory when the recipe says {from: prep.yaml}).
 
     Lines that cannot be rows (malformed JSON, a truncated last line, a ragged CSV row) stay in
     the rows as `Bad` items, so that `check_rows` stops on them or counts them.
@@ -47,7 +48,7 @@ def load_rows(options: DataOptions, demo: DemoFactory, default_examples: int, so
 
     source = source if source is not None else options.source
     if source == "demo":
-        rows = demo(options.num_examples or default_examples, options.seed)
+        rows = demo(options.num_examples or demo_examples, options.seed)
         return Rows(rows, [f"demo row {i + 1}" for i in range(len(rows))])
     found = Rows([], [])
     for origin, row in read_source(source, split or options.split):

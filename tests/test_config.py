@@ -168,3 +168,34 @@ def test_rl_settings_with_a_meaning_are_accepted(tmp_path):
                                "  importance_sampling_level: sequence\n  dynamic_sampling: true\n  soft_punish_cache: 4\n"))
     o = recipe.rl
     assert (o.ratio_clip_high, o.ratio_level, o.drops_equal_groups, o.soft_punish_cache) == (0.28, "sequence", True, 4)
+
+
+@pytest.mark.parametrize("stage, rows", [("pretrain", 20000), ("sft", 4000), ("reward", 4000), ("dpo", 4000),
+                                         ("kto", 4000), ("ppo", 2000), ("grpo", 2000), ("rloo", 2000), ("init", None)])
+def test_num_examples_default_is_the_stages_demo_size_and_a_file_is_read_whole(tmp_path, stage, rows):
+    """The schema holds each stage's demo size (docs/recipe_keys.md shows it); a file or a prep output
+    is read whole unless num_examples is set; null with demo is the stage's size again (init: its
+    tokenizer corpus, init.tokenizer_examples)."""
+    def data(*overrides):
+        more = {"ppo": "reward_fn: gold\n", "grpo": "reward_fn: gold\n", "rloo": "reward_fn: gold\n"}
+        text = f"stage: {stage}\n" + ("" if stage == "init" else "model: some/model\n") + more.get(stage, "")
+        path = write(tmp_path, text, f"{stage}.yaml")
+        return load_recipe(path, [(k, v, raw) for raw in overrides for (_, k, v) in [parse_override(raw)]]).data
+
+    assert data().num_examples == rows
+    assert data("data.num_examples=null").num_examples == rows
+    assert data("data.num_examples=7").num_examples == 7
+    (tmp_path / "rows.jsonl").write_text("{}\n")
+    assert data(f"data.source={tmp_path / 'rows.jsonl'}").num_examples is None
+    assert data(f"data.source={tmp_path / 'rows.jsonl'}", "data.num_examples=7").num_examples == 7
+
+
+def test_demo_rows_come_from_the_schema():
+    from alignment.config import SFTDataOptions
+    from alignment.data import load_rows
+
+    asked = []
+    rows = load_rows(SFTDataOptions(), lambda n, seed: asked.append(n) or [{"n": i} for i in range(n)])
+    assert asked == [4000] and len(rows) == 4000
+    load_rows(SFTDataOptions(num_examples=3), lambda n, seed: asked.append(n) or [])
+    assert asked[-1] == 3

@@ -43,7 +43,7 @@ def summary_of(node) -> dict:
 def test_demo_held_out_pairs_share_no_prompt_with_training():
     """Before: the last 200 rows were held out and 19 of their prompts were also trained on."""
     recipe = load_recipe(RECIPES / "dpo.yaml")
-    train, held, counts = preference_datasets(recipe, {}, world.preference_pairs, 4000)
+    train, held, counts = preference_datasets(recipe, {}, world.preference_pairs)
     keys = lambda ds: {prompt_key({"prompt": p}) for p in ds["prompt"]}  # noqa: E731
     assert not keys(train) & keys(held)
     assert 190 <= len(held) <= recipe.data.eval_examples and len(train) + len(held) == recipe.data.num_examples

@@ -47,7 +47,7 @@ def test_the_demo_recipes_set_the_demo_values_the_schema_does_not():
     for name in ("ppo.yaml", "grpo.yaml", "rloo.yaml"):
         r = recipe(name)
         assert r.rl.response_length == 24 and r.data.num_examples == 2000 and r.training.learning_rate > 1e-5
-        assert type(r.rl)().response_length == 512 and type(r.data)().num_examples is None
+        assert type(r.rl)().response_length == 512 and type(r.data)(source="prompts.jsonl").num_examples is None
     for name in ("sft.yaml", "reward.yaml", "dpo.yaml", "pretrain.yaml"):
         r = recipe(name)
         assert r.training.max_length == 64 and r.training.learning_rate >= 2e-4

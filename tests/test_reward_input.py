@@ -183,7 +183,7 @@ def test_a_reward_model_the_reward_stage_trained_is_read_in_rl_and_compare_where
     summary = json.loads((node.out_dir / "run_info.json").read_text())["summary"]
     recipe = load_recipe(RECIPES / "reward.yaml", [(p, v, raw) for raw in overrides for _, p, v in [parse_override(raw)]])
     _, held, _ = preference_datasets(recipe, {"model": str(zoo_checkpoint(family))},
-                                     world.preset(recipe.world).preference_pairs, reward.DEFAULT_EXAMPLES)
+                                     world.preset(recipe.world).preference_pairs)
     tok = load_reward_tokenizer(str(node.out_dir))
     model = load_classifier(str(node.out_dir), tok).eval()
     prompts = [row["prompt"][0]["content"] for row in held]

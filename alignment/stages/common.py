@@ -269,7 +269,7 @@ def last_logged(trainer, keys: tuple[str, ...]) -> dict:
 # --------------------------------------------------------------------------- preference data
 
 
-def split_rows(recipe, inputs: dict, demo, default_examples: int, parse):
+def split_rows(recipe, inputs: dict, demo, parse):
     """Load the recipe's rows, parse them with `parse(found) -> Rows` (data_prep's parser for the
     stage's shape), check them, and split them: a prep stage's output (`data.source: {from: prep.yaml}`,
     or its directory) brings its own held-out split; otherwise about `data.eval_examples` rows are held
@@ -280,16 +280,16 @@ def split_rows(recipe, inputs: dict, demo, default_examples: int, parse):
 
     d = recipe.data
     source = inputs.get("data", d.source)
-    rows = check_rows(parse(load_rows(d, demo, default_examples, source=source)), lambda row: None, d.on_bad_row)
+    rows = check_rows(parse(load_rows(d, demo, source=source)), lambda row: None, d.on_bad_row)
     prep_dir = source != "demo" and looks_like_path(source) and (Path(source) / "summary.json").is_file()
     if prep_dir and (Path(source) / "test.jsonl").is_file():
-        held = check_rows(parse(load_rows(d, demo, 0, source=source, split="test")), lambda row: None,
+        held = check_rows(parse(load_rows(d, demo, source=source, split="test")), lambda row: None,
                           d.on_bad_row) if (Path(source) / "test.jsonl").stat().st_size else None
         return rows, held
     return hold_out(rows, d.eval_examples)
 
 
-def preference_datasets(recipe, inputs: dict, demo, default_examples: int, with_margin: bool = False, tok=None):
+def preference_datasets(recipe, inputs: dict, demo, with_margin: bool = False, tok=None):
     """Load, parse, check and split the recipe's preference rows (reward and dpo stages).
 
     Rows are read by data_prep's reader and parsed by its shape parser: explicit pairs (text or
@@ -316,7 +316,7 @@ def preference_datasets(recipe, inputs: dict, demo, default_examples: int, with_
             margin = d.margin_field
         return preference_rows(found, d, margin)
 
-    train, held = split_rows(recipe, inputs, demo, default_examples, parse)
+    train, held = split_rows(recipe, inputs, demo, parse)
     changed: Counter = Counter()
     if tok is not None:
         from ..data import fit_to_template
@@ -342,7 +342,7 @@ def preference_datasets(recipe, inputs: dict, demo, default_examples: int, with_
     return to_dataset(train), (to_dataset(held) if held is not None and len(held) else None), counts
 
 
-def feedback_datasets(recipe, inputs: dict, demo, default_examples: int, tok=None):
+def feedback_datasets(recipe, inputs: dict, demo, tok=None):
     """Load, parse, check and split the recipe's unpaired feedback rows (kto stage): prompt / completion
     / label rows, or pairs split into a desirable and an undesirable row (data.unpaired_rows), split as
     `split_rows` says. Returns (train, held_out or None, counts), datasets in TRL's conversational
@@ -353,7 +353,7 @@ def feedback_datasets(recipe, inputs: dict, demo, default_examples: int, tok=Non
     from ..data import fit_to_template, unpaired_rows
 
     d = recipe.data
-    train, held = split_rows(recipe, inputs, demo, default_examples, lambda found: unpaired_rows(found, recipe.data))
+    train, held = split_rows(recipe, inputs, demo, lambda found: unpaired_rows(found, recipe.data))
     changed: Counter = Counter()
     if tok is not None:
         train, changed = fit_to_template(train, tok, d.system_message, d.on_bad_row, "prompt", ("completion",))

@@ -44,7 +44,6 @@ from .common import (
     trainer_args,
 )
 
-DEFAULT_EXAMPLES = 4000
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
 
 
@@ -137,7 +136,7 @@ def run(recipe: DPORecipe, inputs: dict, work_dir: Path) -> dict:
     o = recipe.dpo
     pairs = world.preset(recipe.world).preference_pairs
     tok = load_tokenizer(inputs["model"], recipe.model_options)
-    train, held_out, counts = preference_datasets(recipe, inputs, pairs, DEFAULT_EXAMPLES, tok=tok)
+    train, held_out, counts = preference_datasets(recipe, inputs, pairs, tok=tok)
     policy = load_causal_lm(inputs["model"], tok, recipe.model_options)
     check_fused_head(policy, "dpo")
     if recipe.lora is not None:

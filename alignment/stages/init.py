@@ -46,7 +46,7 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
 def run(recipe: InitRecipe, inputs: dict, work_dir: Path) -> dict:
     opts = recipe.init
     rows = check_rows(
-        load_rows(recipe.data, lambda n, seed: demo_corpus(n, seed, recipe.world), opts.tokenizer_examples,
+        load_rows(recipe.data, lambda n, seed: demo_corpus(n, seed, recipe.world), demo_examples=opts.tokenizer_examples,
                   source=inputs.get("data")),
         text_problem(recipe.data.text_field),
         recipe.data.on_bad_row,

@@ -41,7 +41,6 @@ from .common import (
     require_rows,
     trainer_args,
 )
-from .dpo import DEFAULT_EXAMPLES
 
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected", "kl")
 # The KTO paper (Ethayarajh et al. 2024, eq. 8): weight the losses so that
@@ -85,8 +84,7 @@ def run(recipe: KTORecipe, inputs: dict, work_dir: Path) -> dict:
     o = recipe.kto
     # The demo's unpaired rows: its preference pairs, each one desirable and one undesirable row.
     tok = load_tokenizer(inputs["model"], recipe.model_options)
-    train, held_out, counts = feedback_datasets(recipe, inputs, world.preset(recipe.world).preference_pairs,
-                                                DEFAULT_EXAMPLES, tok=tok)
+    train, held_out, counts = feedback_datasets(recipe, inputs, world.preset(recipe.world).preference_pairs, tok=tok)
     # TRL reads the training rows in order (the KL estimate pairs each row with its neighbour's reply):
     # shuffled once here, with the recipe's seed, so that a file sorted by prompt or by label mixes.
     train = train.shuffle(seed=recipe.seed)

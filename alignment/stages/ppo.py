@@ -79,9 +79,6 @@ from ..rewards import Rewards
 from .. import sharding
 from .common import append_metrics, drop_metrics_after, last_checkpoint, precision_flags, use_cpu
 
-DEFAULT_PROMPTS = 2000
-
-
 # --------------------------------------------------------------------------- inputs
 
 
@@ -99,7 +96,7 @@ def load_prompts(recipe: RLRecipe, tok) -> tuple[list[str], list[str], dict, lis
         complaint = template_complaint(tok, [{"role": "user", "content": value}], add_generation_prompt=True)
         return f"the chat template cannot render this prompt ({complaint})" if complaint else None
 
-    found = check_rows(load_rows(d, world.preset(recipe.world).train_prompts, DEFAULT_PROMPTS), problem, d.on_bad_row)
+    found = check_rows(load_rows(d, world.preset(recipe.world).train_prompts), problem, d.on_bad_row)
     kept = Rows([], [], found.dropped)
     rendered = []
     for row, origin in zip(found.rows, found.origins):

@@ -16,8 +16,6 @@ from ..demo import world
 from ..models import load_tokenizer
 from .common import train_causal_lm
 
-DEFAULT_EXAMPLES = 20000
-
 
 def demo_corpus(n: int, seed: int, preset: str = "default") -> list[dict]:
     return [{"text": t} for t in world.pretrain_corpus(n, seed, world=preset)]
@@ -25,8 +23,7 @@ def demo_corpus(n: int, seed: int, preset: str = "default") -> list[dict]:
 
 def run(recipe: PretrainRecipe, inputs: dict, work_dir: Path) -> dict:
     field = recipe.data.text_field
-    found = load_rows(recipe.data, lambda n, seed: demo_corpus(n, seed, recipe.world), DEFAULT_EXAMPLES,
-                      source=inputs.get("data"))
+    found = load_rows(recipe.data, lambda n, seed: demo_corpus(n, seed, recipe.world), source=inputs.get("data"))
     rows = check_rows(found, text_problem(field), recipe.data.on_bad_row)
     tok = load_tokenizer(inputs["model"], recipe.model_options)
     docs = tok([r[field] for r in rows.rows], add_special_tokens=False)["input_ids"]

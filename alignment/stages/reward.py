@@ -32,8 +32,6 @@ from ..models import apply_lora, is_classifier, load_classifier, load_tokenizer
 from ..templates import reward_pair_ids
 from .common import MetricsFile, fit_and_save, pairs_after_filter, preference_datasets, require_rows, trainer_args
 
-DEFAULT_EXAMPLES = 4000
-
 
 class BradleyTerryTrainer(RewardTrainer):
     """RewardTrainer whose loss is `losses.bradley_terry_loss`.
@@ -88,7 +86,7 @@ def run(recipe: RewardRecipe, inputs: dict, work_dir: Path) -> dict:
     tok = load_tokenizer(inputs["model"], recipe.model_options,
                          fallback_template=not is_classifier(inputs["model"], recipe.model_options))
     train, held_out, counts = preference_datasets(
-        recipe, inputs, world.preset(recipe.world).preference_pairs, DEFAULT_EXAMPLES, with_margin=True, tok=tok
+        recipe, inputs, world.preset(recipe.world).preference_pairs, with_margin=True, tok=tok
     )
     train, held_out = tokenized_pairs(tok, train, "training"), tokenized_pairs(tok, held_out, "held-out")
     model = load_classifier(inputs["model"], tok, recipe.model_options)

@@ -26,15 +26,13 @@ from ..models import load_tokenizer
 from ..templates import TemplateUnfit, assistant_mask, generation_stop_ids
 from .common import require_rows, train_causal_lm
 
-DEFAULT_EXAMPLES = 4000
-
 
 def run(recipe: SFTRecipe, inputs: dict, work_dir: Path) -> dict:
     d = recipe.data
     field = d.messages_field
     tok = load_tokenizer(inputs["model"], recipe.model_options)
     rows = check_rows(
-        load_rows(d, world.preset(recipe.world).sft_conversations, DEFAULT_EXAMPLES, source=inputs.get("data")),
+        load_rows(d, world.preset(recipe.world).sft_conversations, source=inputs.get("data")),
         messages_problem(field),
         d.on_bad_row,
     )
