@@ -285,7 +285,7 @@ def plan(recipe_path: str | Path, overrides: list[str] = (), num_processes: int 
     for node in order:
         path, recipe = node.path, node.recipe
         every_process = _runs_on_every_process(recipe.stage)
-        check_rl_launcher(path, recipe, common.distributed_type(num_processes))
+        check_rl_launcher(path, recipe, distributed(recipe, num_processes))
         check_reward_functions(path, recipe)
         node.hash = content_hash(
             _hashed_view(recipe),
@@ -295,7 +295,7 @@ def plan(recipe_path: str | Path, overrides: list[str] = (), num_processes: int 
             {
                 "chat_template_file": _chat_template_fingerprint(recipe.model_options.chat_template),
                 "num_processes": num_processes if every_process else 1,
-                "distributed": common.distributed_type(num_processes) if every_process else "single",
+                "distributed": distributed(recipe, num_processes) if every_process else "single",
                 "device": common.device_kind() if _stage_flag(recipe.stage, "USES_DEVICE", True) else None,
                 "mixed_precision": common.resolved_precision(recipe),
                 "toolkit": toolkit_fingerprint(),
@@ -347,17 +347,29 @@ def _plan_rounds(recipe, path: Path, runs_dir: Path, visit_ref, order: list[Node
     return node
 
 
+def distributed(recipe: BaseRecipe, num_processes: int) -> str:
+    """How a stage's processes share the work (part of its hash): the RL stages under an FSDP launch of
+    several processes shard their models themselves with FSDP2 (alignment/sharding.py), on a CPU too;
+    every other case as `common.distributed_type` says (accelerate's own FSDP runs on GPUs only)."""
+    from . import sharding
+    from .stages import common
+
+    if isinstance(recipe, RLRecipe) and sharding.requested():
+        return sharding.FSDP2 if num_processes > 1 else "single"
+    return common.distributed_type(num_processes)
+
+
 def check_rl_launcher(path: Path, recipe: BaseRecipe, distributed: str) -> None:
-    """The RL stages (ppo, grpo, rloo) run on one process or as DDP only. They train the policy (and
-    PPO's critic) beside frozen reference and reward models and generate from the policy in their own
-    loop: accelerate's DeepSpeed integration asserts on a second prepared model, its FSDP2 one takes
-    one model only, and saving from the main process alone assumes unsharded weights. Refused before
-    any stage trains rather than as a traceback when the RL stage starts."""
-    if isinstance(recipe, RLRecipe) and distributed in ("deepspeed", "fsdp"):
+    """The RL stages (ppo, grpo, rloo) run on one process, as DDP, or sharded with FSDP2 by the toolkit
+    (alignment/sharding.py). Under DeepSpeed they are refused before any stage trains, rather than as a
+    traceback when the RL stage starts: they train the policy (and PPO's critic) beside frozen reference
+    and reward models and generate in their own loop, and accelerate's DeepSpeed integration asserts on a
+    second prepared model."""
+    if isinstance(recipe, RLRecipe) and distributed == "deepspeed":
         raise RecipeError(
-            f"{path}: stage '{recipe.stage}' does not run under {'DeepSpeed' if distributed == 'deepspeed' else 'FSDP'}; "
-            "it runs on one process or as DDP (accelerate launch --multi_gpu, recipes/accelerate/multi_gpu.yaml or "
-            "cpu_2proc.yaml; lora for large models): launch the RL stage without the DeepSpeed/FSDP config"
+            f"{path}: stage '{recipe.stage}' does not run under DeepSpeed; to shard an RL stage use FSDP2 "
+            "(accelerate launch --config_file recipes/accelerate/fsdp.yaml), or run it as DDP (multi_gpu.yaml, "
+            "cpu_2proc.yaml; lora for large models)"
         )
 
 
@@ -612,7 +624,13 @@ def run(recipe_path: str | Path, overrides: list[str] = (), dry_run: bool = Fals
     say = print if state.is_main_process else (lambda *a, **k: None)
     check_precision(nodes, use_cpu(), say)
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and use_cpu():
-        say("note: accelerate applies FSDP on GPUs only; on this CPU machine the processes train as plain data parallel (DDP over gloo)")
+        trainers = [n.recipe.stage for n in nodes if not isinstance(n.recipe, RLRecipe) and _runs_on_every_process(n.recipe.stage)]
+        if trainers:
+            say(f"note: accelerate applies FSDP on GPUs only; on this CPU machine {', '.join(trainers)} train as plain "
+                "data parallel (DDP over gloo)")
+        if any(isinstance(n.recipe, RLRecipe) for n in nodes) and state.num_processes > 1:
+            say("note: the RL stages shard their models with FSDP2 themselves (fully_shard over gloo), on this CPU "
+                "machine as on GPUs")
     check_outputs(nodes, [n for n in nodes if not is_current(n)], probe=not dry_run)
     if state.is_main_process and not dry_run:
         for node in nodes:
