@@ -3,7 +3,7 @@ closing report of every pipeline share (rendering is in `report.py`).
 
 `generate` answers user prompts through the tokenizer's chat template; `gold_scores` grades
 the answers with the demo world's exact oracle (`gold_parts` part by part) and
-`reward_scores` with a trained reward model; `reply_logprobs` is the forward pass behind
+`reward_scores` with a trained reward model; `reply_logprob_sums` is the forward pass behind
 KL(model || baseline); `bootstrap_ci`, `paired_bootstrap_diff` and `win_rate` put
 confidence intervals on means, differences and win rates. `compare_models` runs all of it
 for a few models on the same prompts under the same seed and returns one `Comparison`
@@ -109,7 +109,7 @@ def _to(samples: Samples, device) -> Samples:
     return Samples(**{f.name: getattr(samples, f.name).to(device) for f in fields(Samples)})
 
 
-def reply_logprobs(model, samples: Samples, temperature: float) -> torch.Tensor:
+def reply_logprob_sums(model, samples: Samples, temperature: float) -> torch.Tensor:
     """(B,) summed log-probability of each sampled reply (its stop token included) under `model`.
 
     Log-probs are those of softmax(logits / temperature), the distribution the replies were
@@ -388,10 +388,10 @@ def _generate_all(models, toks, asked, gen: GenerationOptions, baseline, kl_able
             batch_size=gen.batch_size, seed=gen.seed, progress=progress, desc=f"generate {label}",
         )
         if label != baseline and kl_able[label]:
-            own[label] = torch.cat([reply_logprobs(model, b, gen.temperature) for b in batches[label]])
+            own[label] = torch.cat([reply_logprob_sums(model, b, gen.temperature) for b in batches[label]])
         if label == baseline:  # the last one: it scores the others' replies
             for other in own:
-                ref = torch.cat([reply_logprobs(model, b, gen.temperature) for b in batches[other]])
+                ref = torch.cat([reply_logprob_sums(model, b, gen.temperature) for b in batches[other]])
                 logratio[other] = (own[other] - ref).tolist()
             if kl_able[baseline]:
                 logratio[baseline] = [0.0] * len(asked)  # KL of a model to itself

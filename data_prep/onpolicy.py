@@ -79,7 +79,8 @@ def sample_and_score(
         import torch
 
         ref = models.load_causal_lm(kl_model, tok)
-        ratios = [compare.reply_logprobs(policy, b, temperature) - compare.reply_logprobs(ref, b, temperature) for b in batches]
+        ratios = [compare.reply_logprob_sums(policy, b, temperature) - compare.reply_logprob_sums(ref, b, temperature)
+                  for b in batches]
         kl = float(torch.cat(ratios).mean())
         del ref
     del policy

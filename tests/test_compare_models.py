@@ -131,13 +131,13 @@ def test_kl_is_exactly_zero_for_identical_models_and_positive_for_different_ones
     assert any(row["replies"]["b"]["text"] != row["replies"]["a"]["text"] for row in result.samples)
 
 
-def test_reply_logprobs_match_a_per_row_forward_pass(tok, dirs):
+def test_reply_logprob_sums_match_a_per_row_forward_pass(tok, dirs):
     """The batched, left-padded pass gives each reply the log-prob a single-row pass gives it."""
     model = LlamaForCausalLM.from_pretrained(dirs["b"]).eval()
     _, [batch] = compare.generate_with_samples(model, tok, PROMPTS[:4], max_new_tokens=5, temperature=1.0,
                                                progress=False)
     for temperature in (1.0, 2.0):
-        together = compare.reply_logprobs(model, batch, temperature)
+        together = compare.reply_logprob_sums(model, batch, temperature)
         for i in range(4):
             keep = batch.prompt_mask[i].bool()
             prompt, reply = batch.prompt_ids[i][keep][None], batch.response_ids[i][None]
