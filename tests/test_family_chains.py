@@ -43,9 +43,10 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("chain_data")
-    pairs = [{"prompt": [SYSTEM, {"role": "user", "content": f"repeat: cat {i}"}],
+    earlier = [{"role": "user", "content": "first: dog"}, {"role": "assistant", "content": "dog"}]
+    pairs = [{"prompt": [SYSTEM, *(earlier if i % 3 == 0 else []), {"role": "user", "content": f"repeat: cat {i}"}],
               "chosen": [{"role": "assistant", "content": "cat"}], "rejected": [{"role": "assistant", "content": "no"}]}
-             for i in range(6)]
+             for i in range(6)]  # a system turn in each, two of them multi-turn
     (d / "rewards.py").write_text(REWARD_FN)
     return {
         "sft": write_jsonl(d / "sft.jsonl", conversations(multi_turn=True)),
@@ -175,18 +176,18 @@ def test_outputs_reload_in_plain_transformers_with_template_and_stop_list(chain)
     )
 
     family, got = chain
-    template = AutoTokenizer.from_pretrained(got["base"]).chat_template
+    # the base's template, or (GPT-2, none) the toolkit's default that SFT trained with and saved
+    template = AutoTokenizer.from_pretrained(got["base"]).chat_template or AutoTokenizer.from_pretrained(got["sft"]).chat_template
+    assert template
     stops = GenerationConfig.from_pretrained(got["base"]).eos_token_id
-    for name in ("sft", "dpo", "ppo", "grpo", "rloo"):
+    for name in ("sft", "dpo", "kto", "ppo", "grpo", "rloo"):
         tok = AutoTokenizer.from_pretrained(got[name])
-        if template is not None:
-            assert tok.chat_template == template, name
+        assert tok.chat_template == template, name
         assert GenerationConfig.from_pretrained(got[name]).eos_token_id == stops, name
         model = AutoModelForCausalLM.from_pretrained(got[name])
         assert model.get_input_embeddings().num_embeddings >= len(tok), name
     tok = AutoTokenizer.from_pretrained(got["reward"])
-    if template is not None:
-        assert tok.chat_template == template
+    assert tok.chat_template == template
     rm = AutoModelForSequenceClassification.from_pretrained(got["reward"])
     assert rm.config.num_labels == 1 and rm.get_input_embeddings().num_embeddings >= len(tok)
 
