@@ -1,7 +1,8 @@
 """Every stage end to end on each family of the zoo (tests/zoo.py), at the smallest size: one chain per
 family, built once per module -- sft -> reward, dpo, kto; sft -> ppo (the family's reward model), grpo (its
 reward model and a reward function), rloo (a reward function); `alignment compare` of the family's sft
-against its base with its reward model; `python -m data_prep` with its tokenizer. The tests read what
+against its base with its reward model; `python -m data_prep` with its tokenizer, and `data_prep onpolicy`
+sampling from its sft and scoring with its reward model. The tests read what
 the chain left: replies stop at the family's stop tokens, every output reloads in plain transformers with
 the chat template and the stop list. Where the reward model is read is tested in test_reward_input.py."""
 
@@ -127,6 +128,10 @@ def chain(request, files, tmp_path_factory, zoo_checkpoint):
     got["data_prep"] = out / "data_prep"
     assert data_prep(["sft", str(files["prep"]), "--out", str(got["data_prep"]), "--tokenizer", str(sft),
                       "--max-length", "64", "--test-fraction", "0", "--quiet"]) in (0, None)
+    got["onpolicy"] = out / "onpolicy"
+    assert data_prep(["onpolicy", "--model", str(sft), "--prompts", str(files["prompts"]), "--k", "2",
+                      "--reward-model", str(rm), "--max-new-tokens", "6", "--test-fraction", "0", "--quiet",
+                      "--out", str(got["onpolicy"])]) in (0, None)
     return family, got
 
 
@@ -205,3 +210,12 @@ def test_data_prep_with_the_family_s_tokenizer(chain):
     summary = json.loads((got["data_prep"] / "summary.json").read_text())
     assert summary["kept"] == 8 and summary["dropped"] == {"longer than 64 tokens": 1}
     assert summary["system_turns"]["train"] == 4
+
+
+def test_data_prep_onpolicy_samples_from_the_family_s_sft_and_scores_with_its_reward_model(chain):
+    family, got = chain
+    summary = json.loads((got["onpolicy"] / "summary.json").read_text())
+    assert summary["rows_read"] == 4 and summary["kept"] + sum(summary["dropped"].values()) == 4
+    for line in (got["onpolicy"] / "train.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        assert row["score_chosen"] > row["score_rejected"]  # both replies of the prompt scored, best vs worst
