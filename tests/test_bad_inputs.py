@@ -186,3 +186,97 @@ def test_hub_id_without_network_fails_at_once(fails_cleanly, monkeypatch):
 def test_every_row_too_long_for_max_length(fails_cleanly, tiny_base, argv, rows):
     fails_cleanly([*argv, f"model={tiny_base}", "training.max_length=4"],
                   f"training.max_length: 4: all {rows} were dropped")
+
+
+# ------------------------------------------------------------------ recipes, checked at plan time (before any stage runs)
+
+
+def test_missing_chat_template_file(fails_cleanly, tiny_base):
+    fails_cleanly([*SFT, f"model={tiny_base}", "model_options.chat_template=missing.jinja"],
+                  "model_options.chat_template: 'missing.jinja': no such file")
+
+
+def test_weights_that_do_not_match_config_json(fails_cleanly, tiny_base, in_tmp):
+    bad = in_tmp / "bad"
+    shutil.copytree(tiny_base, bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "intermediate_size": 2 * config["intermediate_size"]}))
+    fails_cleanly([*SFT, f"model={bad}"], f"model: {bad / 'model.safetensors'}: tensor 'model.layers.0.mlp.",
+                  "the weights do not match config.json")
+
+
+def test_data_from_a_recipe_that_is_not_prep_is_refused_before_it_is_built(fails_cleanly, in_tmp):
+    (in_tmp / "r.yaml").write_text(f"stage: dpo\nmodel: {{from: {RECIPES / 'sft.yaml'}}}\ndata:\n  source: {{from: {RECIPES / 'sft.yaml'}}}\n")
+    fails_cleanly([str(in_tmp / "r.yaml")], "data.source: from: sft.yaml is a 'sft' recipe", "output of a 'prep' recipe")
+
+
+def test_data_from_a_prep_recipe_of_another_kind_is_refused_before_it_is_built(fails_cleanly, in_tmp):
+    (in_tmp / "p.yaml").write_text("stage: prep\nprep: {kind: sft}\n")
+    (in_tmp / "r.yaml").write_text(f"stage: dpo\nmodel: {{from: {RECIPES / 'sft.yaml'}}}\ndata:\n  source: {{from: p.yaml}}\n")
+    fails_cleanly([str(in_tmp / "r.yaml")], "r.yaml: data.source: from: p.yaml makes 'sft' rows (its prep.kind)",
+                  "a dpo recipe reads 'pairs' rows")
+
+
+def test_a_report_model_directory_that_does_not_exist_is_refused_before_training(fails_cleanly, tiny_base, in_tmp):
+    missing = in_tmp / "nonexistent" / "model"
+    fails_cleanly([*SFT, f"model={tiny_base}", f"report.models={{x: {missing}, y: sft}}"],
+                  f"report.models.x: '{missing}': no such directory")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="fp16 is refused on a CPU only")
+def test_fp16_on_a_cpu_is_refused_before_training(fails_cleanly, tiny_base):
+    fails_cleanly([*SFT, f"model={tiny_base}", "training.mixed_precision=fp16"],
+                  "sft.yaml: training.mixed_precision: fp16 needs a GPU")
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("training.learning_rate=.inf", "training.learning_rate: expected a finite number, got inf"),
+    ("training.max_grad_norm=.nan", "training.max_grad_norm: expected a finite number, got nan"),
+])
+def test_non_finite_numbers(fails_cleanly, tiny_base, override, expected):
+    fails_cleanly([*SFT, f"model={tiny_base}", override], expected)
+
+
+def test_non_finite_dpo_beta(fails_cleanly, tiny_base):
+    fails_cleanly([str(RECIPES / "dpo.yaml"), f"model={tiny_base}", "dpo.beta=.inf"], "dpo.beta: expected a finite number, got inf")
+
+
+@pytest.mark.parametrize("recipe, override, key", [
+    ("sft.yaml", "data.prompt_field=q", "data.prompt_field"),
+    ("prep.yaml", "lora={}", "lora"),
+    ("prep.yaml", "training.max_steps=3", "training"),
+    ("init.yaml", "model=x", "model"),
+    ("init.yaml", "lora={r: 4}", "lora"),
+])
+def test_keys_a_stage_never_reads(fails_cleanly, recipe, override, key):
+    stage = recipe.removesuffix(".yaml")
+    fails_cleanly([str(RECIPES / recipe), override], f"{key}: the {stage} stage never reads this key")
+
+
+def test_split_of_a_data_file(fails_cleanly, tiny_base, in_tmp):
+    (in_tmp / "d.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}) + "\n")
+    fails_cleanly([*SFT, f"model={tiny_base}", f"data.source={in_tmp / 'd.jsonl'}", "data.split=test"],
+                  "data.split: ", "d.jsonl is a file, which has no splits")
+
+
+def test_empty_output_dir(fails_cleanly, tiny_base):
+    fails_cleanly([*SFT, f"model={tiny_base}", "output_dir=''"], "output_dir: expected a directory path, got ''")
+
+
+def test_home_in_output_dir_is_expanded(in_tmp, tiny_base, monkeypatch, capsys):
+    monkeypatch.setenv("HOME", str(in_tmp / "home"))
+    assert main(["run", *SFT, f"model={tiny_base}", "output_dir=~/runs/x", "--dry-run"]) == 0
+    assert f"-> {in_tmp / 'home' / 'runs' / 'x'}" in capsys.readouterr().out
+    assert not (in_tmp / "~").exists()
+
+
+def test_typo_inside_a_list_item_names_the_valid_keys(fails_cleanly, in_tmp):
+    (in_tmp / "r.yaml").write_text("stage: prep\nprep:\n  sources:\n    - path: demo\n      xyz: 2\n")
+    line = fails_cleanly([str(in_tmp / "r.yaml")], "r.yaml:5: prep.sources.0.xyz: unknown key (valid keys: path, shape")
+    assert "weight" in line
+
+
+def test_a_chain_wide_override_is_not_an_unread_key(in_tmp, capsys):
+    """`*:training.logging_steps=1` sets init's training too, which init never reads: let through."""
+    assert main(["run", str(RECIPES / "sft.yaml"), "*:training.logging_steps=1", "--dry-run"]) == 0
+    assert "init" in capsys.readouterr().out

@@ -1,3 +1,8 @@
+"""The demo world (alignment/demo/world.py): its tasks and words, the gold oracle's scores worked by
+hand, prompt parsing, the data generators (SFT conversations, preference pairs, held-out prompts,
+the pretraining corpus and its defect rates), determinism, and that a micro chain learns content the
+base model lacks. Presets and the recipes' `world` key: tests/test_world_presets.py."""
+
 import random
 
 import pytest

@@ -1,4 +1,4 @@
-"""The package's shape: no import circle among the toolkit's modules.
+"""The package's shape: docs/layout.md lists every module, and no import circle joins them.
 
 An import inside a function counts too: one that only hides a circle would pass a test over
 module-level imports alone. Imports kept inside functions for start-up time (torch, plotly) join
@@ -73,6 +73,31 @@ def circles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
                 stack.append((nxt, iter(sorted(graph[nxt]))))
                 path.append(nxt)
     return found
+
+
+def layout_entries(text: str) -> dict[str, str]:
+    """docs/layout.md's code block: entry path -> its text (continuation lines, indented, included)."""
+    block = text.split("```")[1]
+    entries: dict[str, str] = {}
+    head = None
+    for line in block.splitlines():
+        if line.strip() and not line[0].isspace():
+            head = line.split()[0]
+            entries[head] = line[len(head):].strip()
+        elif line.strip() and head is not None:
+            entries[head] += " " + line.strip()
+    return entries
+
+
+def test_layout_page_lists_every_module_and_nothing_that_is_gone():
+    entries = layout_entries((ROOT / "docs" / "layout.md").read_text())
+    missing = [str(path.relative_to(ROOT)) for path in modules().values()
+               if path.name not in ("__init__.py", "__main__.py") and str(path.relative_to(ROOT)) not in entries]
+    assert not missing, f"docs/layout.md does not list {', '.join(missing)}: add a line saying what each holds"
+    gone = [head for head in entries if not (ROOT / head.rstrip("/").split("/")[0]).exists() or
+            (head.endswith((".py", "/")) and not (ROOT / head).exists())]
+    assert not gone, f"docs/layout.md lists {', '.join(gone)}, which no longer exist"
+    assert all(entries[head] for head in entries), "every entry says what the file holds"
 
 
 def test_the_circle_finder_finds_a_circle_through_a_function_level_import(tmp_path):

@@ -164,9 +164,10 @@ def test_reward_stage_rl_and_compare_read_the_same_position(zoo_checkpoint, fami
 @pytest.mark.parametrize("family", ["gemma2", "chatml"])
 def test_a_reward_model_the_reward_stage_trained_is_read_in_rl_and_compare_where_it_learnt(in_tmp, zoo_checkpoint,
                                                                                           family):
-    """Issue 25's measurement: a reward model trained by the reward stage (Gemma-style and ChatML, where
-    tokens follow the end-of-turn token), its held-out accuracy and mean margin as the stage reports them,
-    and the same numbers from the RL loop's and compare's scores of the same held-out pairs."""
+    """A reward model trained by the reward stage (Gemma-style and ChatML, where tokens follow the
+    end-of-turn token) must score the same held-out pairs alike on every path: its held-out accuracy and
+    mean margin as the stage reports them equal those from the RL loop's and compare's scores, so the
+    model is read where it learnt, whichever path reads it."""
     import json
 
     from alignment.config import load_recipe, parse_override

@@ -1,6 +1,6 @@
-"""Bad inputs, measured: how many of several hundred realistic mistakes end cleanly.
+"""The bad-input table: several hundred realistic mistakes, each of which must end cleanly.
 
-What it measures (issue 15, "Measure"): a table of bad inputs, grouped by family (recipes,
+A table of bad inputs, grouped by family (recipes,
 overrides, data files, models, output directories, data_prep, compare, launch, and the online
 RL stages grpo/rloo/ppo), each a command line plus the files it needs, run in a subprocess. A
 case is *clean* when
@@ -37,14 +37,16 @@ does). `accelerate launch` cases always run the real `accelerate` command, and a
 other cases is run again as real commands (`alignment ...`, `python -m data_prep ...`) to check
 that both ways give the same verdict. `--exec` runs every case as a real command (slow).
 
-Command (core 0 is busy with other measurements, so one core, one thread):
+Two ways to run it, both on one core and one thread (it takes minutes, so `make test` leaves
+it out: pytest marker `bad_inputs`, deselected in pyproject.toml's addopts):
 
-    OMP_NUM_THREADS=1 taskset -c 1 .venv/bin/python benchmarks/bad_inputs.py
+    OMP_NUM_THREADS=1 .venv/bin/pytest -m bad_inputs tests/test_bad_input_table.py   # one test per case
+    OMP_NUM_THREADS=1 .venv/bin/python tests/test_bad_input_table.py                 # the table, per family
 
-Options: `--family NAME` (repeatable), `-k TEXT` (cases whose name contains TEXT), `--exec`,
-`--no-crosscheck`, `--keep` (keep the temporary directory), `--json FILE` (every verdict).
-Prints per family clean/total, each unclean case with its command and last stderr lines, and
-the overall clean/total.
+The script's options: `--family NAME` (repeatable), `-k TEXT` (cases whose name contains TEXT),
+`--exec`, `--no-crosscheck`, `--keep` (keep the temporary directory), `--json FILE` (every
+verdict). It prints per family clean/total, each unclean case with its command and last stderr
+lines, and the overall clean/total.
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -1168,6 +1172,8 @@ def run_forked(entries: dict, argv: list[str], cwd: Path, timeout: float, out_di
             fd2 = os.open(stderr, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             sys.stdout.flush(), sys.stderr.flush()
             os.dup2(fd1, 1), os.dup2(fd2, 2)
+            # Python's streams onto those descriptors: under pytest, sys.stdout/stderr are its capture objects
+            sys.stdout, sys.stderr = open(1, "w", closefd=False), open(2, "w", closefd=False)
             entry = entries[argv[0]]
             sys.argv = ["alignment" if argv[0] == "alignment" else str(REPO / "data_prep" / "__main__.py"), *argv[1:]]
             try:
@@ -1308,6 +1314,20 @@ def run_case(case: Case, root: Path, tpl: Path, env: dict, entries: dict | None,
             "seconds": round(secs, 2)}
 
 
+def environment(root: Path) -> dict:
+    """The environment every case runs in: HOME and HF_HOME inside `root`, the hub offline."""
+    env = dict(os.environ)
+    env.update(HOME=str(root / "home"), HF_HOME=str(root / "hf"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               HF_DATASETS_OFFLINE="1", PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONWARNINGS="ignore::DeprecationWarning")
+    (root / "home").mkdir(exist_ok=True)
+    return env
+
+
+def all_cases() -> list[Case]:
+    return [c for make in FAMILIES.values() for c in make()]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--family", action="append", help="run only this family (repeatable)")
@@ -1329,11 +1349,7 @@ def main() -> int:
 
     t_start = time.time()
     root = Path(tempfile.mkdtemp(prefix="bad_inputs."))
-    env = dict(os.environ)
-    env.update(HOME=str(root / "home"), HF_HOME=str(root / "hf"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               HF_DATASETS_OFFLINE="1", PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONWARNINGS="ignore::DeprecationWarning")
-    (root / "home").mkdir()
+    env = environment(root)
     os.environ.clear()
     os.environ.update(env)
     print(f"{len(cases)} cases; temporary directory {root}", flush=True)
@@ -1392,6 +1408,32 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"results": results, "crosschecks": crosschecks}, indent=1))
     return 0
+
+
+# ---------------------------------------------------------------------------- under pytest
+
+
+@pytest.fixture(scope="module")
+def workplace(tmp_path_factory):
+    """The template working directory (built once) and the toolkit imported once for the forked cases;
+    the process's environment is the cases' while they run, and restored after."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    env, saved = environment(root), dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        yield root, build_world(root, env), env, preload()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.mark.bad_inputs
+@pytest.mark.parametrize("case", all_cases(), ids=lambda c: f"{c.family}: {c.name}")
+def test_a_bad_input_ends_in_one_line_and_leaves_every_file(workplace, case):
+    root, tpl, env, entries = workplace
+    r = run_case(case, root, tpl, env, entries, "fork")
+    assert r["clean"], f"$ {r['command']}: exit {r['rc']}; {'; '.join(r['problems'])}; stderr ends: {r['tail']}"
 
 
 if __name__ == "__main__":

@@ -1,0 +1,141 @@
+"""Bad command lines, as users type them: `python -m data_prep` (model layer, numbers, flags),
+`alignment compare`, and usage errors of `alignment`. Each is one line naming the flag, file or
+line, exit status 2, no traceback, and leaves every file as it was."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from alignment.cli import main as alignment_main
+from data_prep.cli import main as data_prep_main
+
+from .conftest import RECIPES
+from .test_bad_inputs import tree
+
+
+def one_line(code, err: str) -> str:
+    """Assert exit status 2 and a single error line without a traceback; return the line."""
+    assert code == 2 and "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def data_prep(args: list, capsys, tmp_path) -> str:
+    """Run `python -m data_prep ARGS` expecting a refusal; check nothing under tmp_path changed."""
+    before = tree(tmp_path)
+    try:
+        code = data_prep_main([str(a) for a in args])
+    except SystemExit as exc:
+        code = exc.code
+    line = one_line(code, capsys.readouterr().err)
+    assert tree(tmp_path) == before
+    return line
+
+
+def alignment(args: list, capsys, *roots) -> str:
+    before = tree(*roots)
+    try:
+        code = alignment_main([str(a) for a in args])
+    except SystemExit as exc:
+        code = exc.code
+    line = one_line(code, capsys.readouterr().err)
+    assert tree(*roots) == before
+    return line
+
+
+@pytest.fixture
+def pairs(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "a", "rejected": "b"}) + "\n" for i in range(4)))
+    return path
+
+
+# ------------------------------------------------------------------ data_prep: model layer, numbers, flags
+
+
+def test_data_prep_missing_tokenizer_is_one_line(tmp_path, capsys, pairs):
+    line = data_prep(["pairs", pairs, "--max-length", "9", "--tokenizer", tmp_path / "nope", "--quiet", "--out", tmp_path / "o"],
+                     capsys, tmp_path)
+    assert "cannot load tokenizer" in line and "nope" in line
+
+
+def test_onpolicy_missing_model_is_one_line(tmp_path, capsys):
+    line = data_prep(["onpolicy", "--model", tmp_path / "nope", "--prompts", "demo", "--oracle", "--out", tmp_path / "o"],
+                     capsys, tmp_path)
+    assert "cannot load model config" in line and "nope" in line
+
+
+def test_onpolicy_causal_lm_as_reward_model_is_refused_before_sampling(tmp_path, capsys, tiny_base):
+    line = data_prep(["onpolicy", "--model", tiny_base, "--prompts", "demo", "--reward-model", tiny_base,
+                      "--out", tmp_path / "o"], capsys, tmp_path)
+    assert f"--reward-model: {tiny_base} is a causal language model" in line
+    assert "expected a one-label sequence classifier" in line
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--temperature", "-1", "--temperature: Input should be greater than or equal to 0"),
+    ("--temperature", "inf", "argument --temperature: expected a finite number, got inf"),
+    ("--top-p", "0", "--top-p: Input should be greater than 0"),
+    ("--top-p", "2", "--top-p: Input should be less than or equal to 1"),
+])
+def test_onpolicy_sampling_settings_out_of_range(tmp_path, capsys, tiny_base, flag, value, expected):
+    line = data_prep(["onpolicy", "--model", tiny_base, "--prompts", "demo", "--oracle", flag, value,
+                      "--out", tmp_path / "o"], capsys, tmp_path)
+    assert expected in line
+
+
+def test_data_prep_infinite_weight_is_one_line(tmp_path, capsys, pairs):
+    line = data_prep(["pairs", pairs, "--weights", "inf", "--quiet", "--out", tmp_path / "o"], capsys, tmp_path)
+    assert line.endswith("argument --weights: expected a finite number, got inf")
+
+
+def test_two_roles_on_one_column_are_refused(tmp_path, capsys):
+    src = tmp_path / "x.jsonl"
+    src.write_text(json.dumps({"prompt": "p", "x": "a"}) + "\n")
+    line = data_prep(["pairs", src, "--column", "chosen=x", "--column", "rejected=x", "--quiet", "--out", tmp_path / "o"],
+                     capsys, tmp_path)
+    assert "columns: chosen and rejected both name the column 'x'" in line
+
+
+def test_strict_with_a_weight_below_one_names_the_conflict(tmp_path, capsys, pairs):
+    line = data_prep(["pairs", pairs, "--weights", "0.5", "--strict", "--quiet", "--out", tmp_path / "o"], capsys, tmp_path)
+    assert "strict (--strict) and a source weight below 1 (0.5, --weights) conflict" in line
+    assert "p.jsonl:" not in line  # no valid row is blamed
+
+
+# ------------------------------------------------------------------ compare
+
+
+def test_compare_prompt_file_not_utf8(tmp_path, capsys, tiny_base):
+    (tmp_path / "p.txt").write_bytes("first\nsecond \xe9\n".encode("latin-1"))
+    line = alignment(["compare", f"a={tiny_base}", f"b={tiny_base}", "--prompts", tmp_path / "p.txt",
+                      "--out", tmp_path / "o"], capsys, tmp_path)
+    assert line == f"error: --prompts: {tmp_path / 'p.txt'}:2: not UTF-8 text (byte 0xe9)"
+
+
+def test_compare_infinite_temperature(tmp_path, capsys, tiny_base):
+    line = alignment(["compare", f"a={tiny_base}", f"b={tiny_base}", "--temperature", "inf", "--out", tmp_path / "o"],
+                     capsys, tmp_path)
+    assert line.startswith("error: --temperature: ") and "finite number" in line
+
+
+# ------------------------------------------------------------------ alignment: usage
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], "error: alignment: the following arguments are required: COMMAND"),
+    (["run"], "error: alignment run: the following arguments are required: recipe"),
+    (["compare"], "error: alignment compare: the following arguments are required: MODEL"),
+    (["nope"], "error: alignment: argument COMMAND: invalid choice: 'nope'"),
+    (["run", "r.yaml", "--nope"], "error: alignment: unrecognized arguments: --nope"),
+])
+def test_usage_errors_are_one_line(in_tmp, capsys, argv, expected):
+    assert alignment(argv, capsys, in_tmp).startswith(expected)
+
+
+def test_overrides_after_dry_run_are_applied(in_tmp, capsys):
+    assert alignment_main(["run", str(RECIPES / "sft.yaml"), "--dry-run", "output_dir=elsewhere"]) == 0
+    assert "-> elsewhere" in capsys.readouterr().out
