@@ -47,6 +47,15 @@ does it: trl==1.9.0 with this environment's torch and transformers versions.
     python benchmarks/bench_scale.py --only sft,dpo --variants full,lora_gc --steps 3 --seq 512
     python benchmarks/bench_scale.py --bf16 --batch 8 --steps 10  # on a GPU (benchmarks/gpu_check.sh)
 
+--fsdp instead runs ppo and grpo (ours, full fine-tuning) on 2 processes, sharded with FSDP2 (the RL
+loop's own, alignment/sharding.py) against DDP, --batch episodes per process: peak RSS per process (the
+larger of the two), episodes/s, and the bytes of parameters and optimizer states each process held (the
+run's summary). On GPUs the launches take recipes/accelerate/fsdp.yaml and multi_gpu.yaml with
+--num_processes 2; on CPUs `--multi_gpu` over gloo, with ACCELERATE_USE_FSDP set for the FSDP2 runs.
+--tiny shrinks the model to 2 layers of width 64 (same vocabulary) for a smoke run:
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_scale.py --fsdp --tiny --steps 2 --batch 2 --seq 64 --prompt-len 32 --reply-len 16 --work /tmp/bench_fsdp
+
 Figures: docs/benchmarks.md ("Realistic-size benchmark on CPUs").
 """
 
@@ -71,6 +80,8 @@ TASKS = ("sft", "sft_varied", "sft_packed", "reward", "dpo", "ppo")
 VARIANTS = ("full", "full_gc", "lora", "lora_gc")
 SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
              num_attention_heads=9, num_key_value_heads=3)
+TINY = dict(SHAPE, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+RL_TASKS = ("ppo", "grpo")  # --fsdp
 LR = 1e-5
 CHAT_OVERHEAD = 6  # <|user|> \n ... \n <|assistant|> \n ... </s>: tokens the template adds to a conversation
 
@@ -113,9 +124,10 @@ def build_inputs(work: Path, a) -> None:
 
     tok = build_tokenizer()
     longest = max(a.seq, a.prompt_len + a.reply_len) + 8
-    if not (work / "policy" / "model.safetensors").exists() or json.loads(
-            (work / "policy" / "config.json").read_text())["max_position_embeddings"] < longest:
-        config = LlamaConfig(**SHAPE, max_position_embeddings=max(2048, longest), tie_word_embeddings=True,
+    shape = TINY if a.tiny else SHAPE
+    saved = json.loads((work / "policy" / "config.json").read_text()) if (work / "policy" / "model.safetensors").exists() else {}
+    if saved.get("max_position_embeddings", 0) < longest or saved.get("hidden_size") != shape["hidden_size"]:
+        config = LlamaConfig(**shape, max_position_embeddings=max(2048, longest), tie_word_embeddings=True,
                              pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                              eos_token_id=tok.eos_token_id)
         torch.manual_seed(0)
@@ -234,11 +246,11 @@ def our_worker(work: Path, task: str, variant: str, a, out: Path, meter: Meter) 
             f"data.source={work / 'pairs.jsonl'}", "data.num_examples=null", "data.eval_examples=0",
             "dpo.loss_type=sigmoid", "dpo.beta=0.1", "dpo.reference=copy"])
     else:
-        return our_ppo(work, a, out, common)
+        return our_ppo(work, a, out, common, task)
     return meter.result()
 
 
-def our_ppo(work: Path, a, out: Path, common: list[str]) -> dict:
+def our_ppo(work: Path, a, out: Path, common: list[str], task: str = "ppo") -> dict:
     import torch
 
     import alignment.stages.ppo as loop
@@ -251,22 +263,32 @@ def our_ppo(work: Path, a, out: Path, common: list[str]) -> dict:
         write(path, record)
 
     loop.append_metrics = append_metrics
-    run(REPO / "recipes" / "ppo.yaml", common + [
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # --fsdp: --batch episodes per process
+    batch = a.batch * processes
+    own = ([f"ppo.ppo_epochs={a.ppo_epochs}", "ppo.kl_estimator=k1", "ppo.kl_coef=0.05"] if task == "ppo"
+           else ["grpo.num_generations=2", "grpo.beta=0.05", "reward_fn=[]"])
+    run(REPO / "recipes" / f"{task}.yaml", common + own + [
         f"reward_model={work / 'reward'}", f"data.source={work / 'prompts.jsonl'}", "data.num_examples=null",
-        f"data.max_prompt_length={a.prompt_len}", f"ppo.batch_size={a.batch}",
-        f"ppo.total_episodes={a.batch * a.steps}", f"ppo.response_length={a.reply_len}",
-        f"ppo.ppo_epochs={a.ppo_epochs}", "ppo.num_minibatches=1", "ppo.temperature=1.0",
-        "ppo.kl_coef=0.05", "ppo.kl_control=fixed", "ppo.kl_estimator=k1",
-        "ppo.missing_eos_penalty=null", "training.logging_steps=1"])
-    peak = {"rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        f"data.max_prompt_length={a.prompt_len}", f"{task}.batch_size={batch}",
+        f"{task}.total_episodes={batch * a.steps}", f"{task}.response_length={a.reply_len}",
+        f"{task}.num_minibatches=1", f"{task}.temperature=1.0", f"{task}.kl_control=fixed",
+        f"{task}.missing_eos_penalty=null", "training.logging_steps=1"])
+    peak = {"rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "process": int(os.environ.get("RANK", "0"))}
     if torch.cuda.is_available():
         peak["cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    if peak["process"] != 0:  # the main process reads the run's files
+        return peak
+    summary = json.loads((out / "run_info.json").read_text())["summary"]
+    peak.update({k: summary[k] for k in ("distributed", "trained_parameter_bytes_per_process",
+                                         "optimizer_state_bytes_per_process", "frozen_parameter_bytes_per_process")
+                 if k in summary})
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "objective/kl" in r]
     if len(stamps) > 1:
-        eps = (len(stamps) - 1) * a.batch / (stamps[-1] - stamps[0])
+        eps = (len(stamps) - 1) * batch / (stamps[-1] - stamps[0])
     else:  # one iteration: its own time, warm-up included
-        eps = a.batch / sum(steps[0][f"time/{k}"] for k in ("generation", "scoring", "optimisation"))
+        eps = batch / sum(steps[0][f"time/{k}"] for k in ("generation", "scoring", "optimisation"))
     reply = statistics.mean(r["response_length"] for r in steps)
     timed = steps[1:] or steps
     split = {k: statistics.mean(r[f"time/{k}"] for r in timed) for k in ("generation", "scoring", "optimisation")}
@@ -436,7 +458,10 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/bench_scale", help="scratch directory")
     parser.add_argument("--trl19-venv", default="/tmp/trl19-venv",
                         help="virtual environment with trl==1.9.0 for PPO's peer (installed if missing)")
+    parser.add_argument("--fsdp", action="store_true", help="instead: ppo and grpo on 2 processes, FSDP2 against DDP")
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer, 64-wide model (smoke runs only)")
     parser.add_argument("--worker", nargs=3, metavar=("SIDE", "TASK", "VARIANT"), help=argparse.SUPPRESS)
+    parser.add_argument("--launched", choices=("ddp", "fsdp2"), help=argparse.SUPPRESS)
     a = parser.parse_args()
     tasks, variants, sides = a.only.split(","), a.variants.split(","), a.sides.split(",")
     for given, allowed, what in ((tasks, TASKS, "--only"), (variants, VARIANTS, "--variants"),
@@ -454,11 +479,14 @@ def main() -> None:
 
         meter = Meter(AutoTokenizer.from_pretrained(work / "policy").pad_token_id)
         patch_trainer_callbacks(meter)
-        out = work / f"{side}-{task}-{variant}"
-        shutil.rmtree(out, ignore_errors=True)
+        out = work / (f"{side}-{task}-{variant}" + (f"-{a.launched}" if a.launched else ""))
+        main_process = os.environ.get("RANK", "0") == "0"
+        if main_process:
+            shutil.rmtree(out, ignore_errors=True)
         result = (our_worker if side == "ours" else trl_worker)(work, task, variant, a, out, meter)
-        shutil.rmtree(out, ignore_errors=True)
-        print(MARK + json.dumps(result))
+        if main_process:
+            shutil.rmtree(out, ignore_errors=True)
+        print(MARK + json.dumps(result), flush=True)
         return
 
     work.mkdir(parents=True, exist_ok=True)
@@ -468,6 +496,9 @@ def main() -> None:
     passthrough = ["--work", str(work), "--steps", str(a.steps), "--seq", str(a.seq), "--batch", str(a.batch),
                    "--prompt-len", str(a.prompt_len), "--reply-len", str(a.reply_len),
                    "--ppo-epochs", str(a.ppo_epochs), "--trl19-venv", a.trl19_venv] + (["--bf16"] if a.bf16 else [])
+    passthrough += ["--tiny"] if a.tiny else []
+    if a.fsdp:
+        return compare_sharding(a, passthrough)
     for task in tasks:
         for variant in variants:
             for side in sides:
@@ -515,6 +546,52 @@ def main() -> None:
             print(line)
     print("  tokens/s: non-pad tokens through the trained model per second; RSS in MiB (peak, end of training); "
           "ratios ours / TRL (targets: tokens/s >= 0.95x, RSS <= 1.05x)")
+
+
+def compare_sharding(a, passthrough: list[str]) -> None:
+    """--fsdp: ppo and grpo on 2 processes, DDP then FSDP2, each a fresh `accelerate launch`."""
+    import torch
+
+    gpu = torch.cuda.is_available()
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    results = {}
+    for task in RL_TASKS:
+        for mode in ("ddp", "fsdp2"):
+            env = {**os.environ, "PYTHONPATH": str(REPO)}
+            launch = [accelerate, "launch", "--num_processes", "2", "--num_machines", "1", "--dynamo_backend", "no",
+                      "--mixed_precision", "bf16" if a.bf16 else "no"]
+            if gpu:
+                launch += ["--config_file", str(REPO / "recipes" / "accelerate" / ("fsdp.yaml" if mode == "fsdp2" else "multi_gpu.yaml"))]
+            else:
+                launch += ["--multi_gpu"]
+                if mode == "fsdp2":
+                    env.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2")
+            started = time.perf_counter()
+            done = subprocess.run([*launch, __file__, "--worker", "ours", task, "full", "--launched", mode, *passthrough],
+                                  capture_output=True, text=True, env=env)
+            # the two processes' result lines may interleave in the launcher's stdout: decode each object after MARK
+            decoder, text = json.JSONDecoder(), done.stdout
+            lines = [decoder.raw_decode(text, i + len(MARK))[0] for i in range(len(text)) if text.startswith(MARK, i)]
+            if done.returncode or len(lines) != 2:
+                print(f"  {task} {mode}: FAILED\n{done.stderr[-3000:]}", file=sys.stderr)
+                continue
+            main_row = next(r for r in lines if r["process"] == 0)
+            r = results[task, mode] = {**main_row, "rss_mib": max(r["rss_mib"] for r in lines),
+                                       "cuda_mib": max((r.get("cuda_mib", 0) for r in lines), default=0)}
+            print(f"  {task} {mode}: {r['episodes_per_second']:.3f} episodes/s, peak RSS {r['rss_mib']:.0f} MiB per process "
+                  f"({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+    shape = TINY if a.tiny else SHAPE
+    print(f"\n2 processes, {'GPU' if gpu else 'CPU'}; Llama of {shape['num_hidden_layers']} layers x {shape['hidden_size']} "
+          f"(vocabulary {shape['vocab_size']}), random weights; {a.batch} episodes per process, prompts {a.prompt_len} + "
+          f"replies {a.reply_len}, {a.steps} iterations, ppo {a.ppo_epochs} epochs, grpo groups of 2; "
+          f"{'bf16' if a.bf16 else 'float32'}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'default')}")
+    mib = lambda r, k: f"{r[k] / 2**20:8.1f}" if k in r else "       -"  # noqa: E731
+    print(f"  {'task':<5} {'launch':<6} {'episodes/s':>10} {'peak RSS':>9} {'GPU peak':>9}   MiB held per process: "
+          f"{'trained':>8} {'optim':>8} {'frozen':>8}")
+    for (task, mode), r in results.items():
+        print(f"  {task:<5} {mode:<6} {r['episodes_per_second']:10.3f} {r['rss_mib']:9.0f} "
+              f"{r['cuda_mib'] or float('nan'):9.0f}   {'':>21}{mib(r, 'trained_parameter_bytes_per_process')} "
+              f"{mib(r, 'optimizer_state_bytes_per_process')} {mib(r, 'frozen_parameter_bytes_per_process')}")
 
 
 if __name__ == "__main__":

@@ -13,11 +13,14 @@
 #      (model FLOPs / the GPU's peak bf16 FLOPs; pass PEAK_TFLOPS=... for a GPU it does not know).
 #   2. With more than one GPU: our stages on the same model and data under
 #      `accelerate launch --config_file recipes/accelerate/<config> --num_processes <GPUs>`:
-#      multi_gpu.yaml (sft, reward, dpo, ppo with LoRA), fsdp.yaml (sft, dpo), and
-#      deepspeed_zero2.yaml (sft, dpo) when deepspeed is installed. RL stages are not run under
-#      FSDP/DeepSpeed: they refuse them (docs/launching.md). Printed per run: tokens/s over all
-#      GPUs (steps/s from the trainer, warm-up step included, x tokens per step), the highest
-#      memory.used nvidia-smi saw on any GPU, and MFU.
+#      multi_gpu.yaml (sft, reward, dpo, ppo with LoRA), fsdp.yaml (sft, dpo; ppo and grpo with full
+#      parameters, sharded by the RL loop's own FSDP2, alignment/sharding.py, with both
+#      rl.generation_gather settings), and deepspeed_zero2.yaml (sft, dpo) when deepspeed is installed
+#      (RL stages refuse DeepSpeed). Printed per run: tokens/s over all GPUs (steps/s from the
+#      trainer, warm-up step included, x tokens per step; RL: episodes/s), the highest memory.used
+#      nvidia-smi saw on any GPU, MFU, and for RL the parameter bytes each process held (summary).
+#   3. With more than one GPU: benchmarks/bench_scale.py --fsdp on GPUs 0-1: ppo and grpo, FSDP2
+#      against DDP, 2 processes: peak GPU memory and episodes/s.
 # It trains a 135M model for a few steps per run: minutes on one recent GPU.
 # No GPU has been available to this project yet: this script has not been run on one.
 set -euo pipefail
@@ -73,7 +76,7 @@ EOF
 )
 
 run_one() {  # config stage variant
-    local config=$1 stage=$2 variant=$3 out="$WORK/multi-$1-$2-$3" log="$WORK/multi-$1-$2-$3.log"
+    local config=$1 stage=$2 variant=$3 out="$WORK/multi-$1-$2-$3${4:+-$4}" log="$WORK/multi-$1-$2-$3${4:+-$4}.log"
     local extra=(training.max_steps="$STEPS" training.per_device_train_batch_size="$BATCH" training.max_length="$SEQ")
     case $stage in
         sft) extra+=(data.source="$WORK/sft.jsonl") ;;
@@ -82,7 +85,11 @@ run_one() {  # config stage variant
         ppo) extra=(reward_model="$WORK/reward" data.source="$WORK/prompts.jsonl" data.max_prompt_length=256
                     ppo.batch_size=$((BATCH * GPUS)) ppo.total_episodes=$((BATCH * GPUS * STEPS))
                     ppo.response_length=256 ppo.num_minibatches=1 ppo.missing_eos_penalty=null) ;;
+        grpo) extra=(reward_model="$WORK/reward" reward_fn="[]" data.source="$WORK/prompts.jsonl" data.max_prompt_length=256
+                     grpo.batch_size=$((BATCH * GPUS)) grpo.total_episodes=$((BATCH * GPUS * STEPS)) grpo.num_generations=2
+                     grpo.response_length=256 grpo.num_minibatches=1 grpo.missing_eos_penalty=null) ;;
     esac
+    [ -n "${4:-}" ] && extra+=("$stage.generation_gather=$4")
     [ "$variant" = lora ] && extra+=("lora={}")
     rm -rf "$out" "$out.partial"
     nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$log.mem" &
@@ -106,12 +113,13 @@ gpus, batch, seq, steps = int(gpus), int(batch), int(seq), int(steps)
 summary = json.load(open(f"{out}/run_info.json"))["summary"]
 used = [int(x) for x in open(mem).read().split() if x.isdigit()]
 params = 134_515_008
-if stage == "ppo":
+if stage in ("ppo", "grpo"):
     rows = [json.loads(l) for l in open(f"{out}/metrics.jsonl") if "objective/kl" in l]
     t = rows[-1]["time"] - rows[0]["time"] if len(rows) > 1 else float("nan")
     eps = (len(rows) - 1) * batch * gpus / t
     line = f"{eps:9.2f} episodes/s ({eps * 512:9.0f} tokens/s)"
-    mfu = ""
+    mfu = (f", {summary.get('distributed', '?')}: {summary.get('trained_parameter_bytes_per_process', 0) / 2**30:.2f} GiB "
+           f"trained + {summary.get('frozen_parameter_bytes_per_process', 0) / 2**30:.2f} GiB frozen parameters per process")
 else:
     per_step = batch * gpus * seq * (2 if stage in ("reward", "dpo") else 1)  # a pair is two sequences
     tps = summary["steps_per_second"] * per_step
@@ -127,9 +135,16 @@ for stage in sft reward dpo; do
 done
 run_one multi_gpu.yaml ppo lora
 for stage in sft dpo; do run_one fsdp.yaml "$stage" full; done
+for stage in ppo grpo; do
+    for gather in full layer; do run_one fsdp.yaml "$stage" full "$gather"; done
+done
 if [ "$HAVE_DS" = 1 ]; then
     for stage in sft dpo; do run_one deepspeed_zero2.yaml "$stage" full; done
 else
     echo "  deepspeed_zero2.yaml: skipped (deepspeed not installed: pip install deepspeed)"
 fi
 echo "(multi-GPU tokens/s from the trainer's steps/s, which includes the first step; logs in $WORK/multi-*.log)"
+
+echo
+echo "== 3. GPUs 0-1: ppo and grpo, FSDP2 against DDP (benchmarks/bench_scale.py --fsdp, bf16)"
+CUDA_VISIBLE_DEVICES=0,1 $PY benchmarks/bench_scale.py --fsdp --bf16 --steps "$STEPS" --batch "$BATCH" --work "$WORK"
