@@ -17,6 +17,7 @@ from alignment.pipeline import run
 
 from . import zoo
 from .conftest import RECIPES
+from .test_families import END
 
 pytestmark = pytest.mark.families
 
@@ -154,12 +155,12 @@ def test_every_stage_ran(chain):
 def test_rollouts_stop_at_the_family_s_stop_tokens(chain):
     """A reply that finished ends with a token of the generation config's EOS list, and nothing of it
     follows; SFT taught the stop token, so some replies finish."""
-    from transformers import GenerationConfig
+    from transformers import AutoTokenizer, GenerationConfig
 
     family, got = chain
     stops = GenerationConfig.from_pretrained(got["base"]).eos_token_id
     stops = set(stops if isinstance(stops, list) else [stops])
-    finished = 0
+    finished, ends = 0, set()
     for name, batches in got["rollouts"].items():
         for ids, mask, done in batches:
             for row, row_mask, row_done in zip(ids.tolist(), mask.tolist(), done.tolist()):
@@ -167,10 +168,13 @@ def test_rollouts_stop_at_the_family_s_stop_tokens(chain):
                 hits = [i for i, t in enumerate(reply) if t in stops]
                 if row_done:
                     finished += 1
+                    ends.add(reply[-1])
                     assert hits == [len(reply) - 1], (name, reply)
                 else:
                     assert not hits and len(reply) == 8, (name, reply)
     assert finished > 0, family
+    # among them the token the family's template closes a turn with, the one SFT labelled
+    assert AutoTokenizer.from_pretrained(got["sft"]).convert_tokens_to_ids(END[family]) in ends
 
 
 def test_outputs_reload_in_plain_transformers_with_template_and_stop_list(chain):
