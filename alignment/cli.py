@@ -73,6 +73,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="print which stages would run or be skipped, and stop")
     run.add_argument("--runs-dir", default="runs", metavar="DIR",
                      help="where recipes without output_dir write (DIR/<recipe name>; default: runs)")
+    show = sub.add_parser(
+        "show",
+        help="print every key of every recipe the run would build, defaults and overrides applied (YAML)",
+        description="Resolve a recipe and the recipes it refers to as `alignment run` would, and print each one's "
+        "keys, every default included and output_dir where it writes, in the order they run. Nothing runs, no "
+        "model is loaded and torch is not imported, so what the installed libraries accept (scheduler, tracker and "
+        "attention names) is checked by `alignment run`.",
+        epilog=OVERRIDE_HELP.split("\nexamples:")[0] + "\n\nexamples:\n  alignment show recipes/dpo.yaml\n"
+        "  alignment show recipes/dpo.yaml dpo.beta=0.05 '*:seed=1'",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    show.add_argument("recipe", help="path of the recipe YAML file")
+    show.add_argument("overrides", nargs="*", help="KEY=VALUE overrides, as for `alignment run`")
+    show.add_argument("--runs-dir", default="runs", metavar="DIR",
+                      help="where recipes without output_dir write (DIR/<recipe name>; default: runs)")
     sweep = sub.add_parser(
         "sweep",
         help="run a sweep recipe: every method at every strength, one comparison, the frontier report",
@@ -165,18 +180,36 @@ def _end_process_group() -> None:
         dist.destroy_process_group()
 
 
+def show_text(recipe: str, overrides: list[str], runs_dir: str) -> str:
+    """`alignment show`: each recipe of the chain in the order it runs, every key after defaults and
+    overrides (output_dir: where it writes), as YAML. Recipes are read, nothing else: torch is not imported,
+    so what the installed libraries accept (scheduler, tracker and attention names) is left to `alignment run`."""
+    import yaml
+
+    from .config import resolved_dict
+    from .pipeline import resolve
+
+    parts = [f"# {recipe}: the recipes a run builds, in order, every key after defaults and overrides\n"]
+    for node in resolve(recipe, overrides, runs_dir, check_software=False):
+        keys = {**resolved_dict(node.recipe), "output_dir": str(node.out_dir)}
+        parts.append(f"\n# {node.path}\n" + yaml.safe_dump({node.name: keys}, sort_keys=False, allow_unicode=True, width=100))
+    return "".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0].endswith((".yaml", ".yml")):
         argv = ["run", *argv]  # `python -m alignment recipe.yaml` (what `accelerate launch -m alignment` runs)
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command in ("run", "sweep") and not any(a.startswith("-") for a in rest):
+    if args.command in ("run", "sweep", "show") and not any(a.startswith("-") for a in rest):
         args.overrides += rest  # overrides written after an option, e.g. `run r.yaml --dry-run key=value`
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
-        if args.command in ("run", "sweep"):
+        if args.command == "show":
+            print(show_text(args.recipe, args.overrides, args.runs_dir), end="")
+        elif args.command in ("run", "sweep"):
             use_launcher_cores()
             from .pipeline import run
             from .sweep import is_sweep, run_sweep

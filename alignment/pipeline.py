@@ -210,19 +210,13 @@ def launched_processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def plan(recipe_path: str | Path, overrides: list[str] = (), num_processes: int | None = None,
-         runs_dir: str | Path = "runs") -> list[Node]:
-    """Load the recipe and everything it refers to; return them in the order to run.
-
-    `num_processes` (default: the launcher's WORLD_SIZE, else 1) enters the hash of every stage
-    that trains on all processes: it sets the global batch and how the data is split; so does
-    how they share the work (DDP, DeepSpeed, FSDP). The device (GPU model or CPU kernel family)
-    enters the hash of every stage that computes on it. A recipe without `output_dir` writes
-    to `runs_dir`/<recipe name>.
-    """
+def resolve(recipe_path: str | Path, overrides: list[str] = (), runs_dir: str | Path = "runs",
+            check_software: bool = True) -> list[Node]:
+    """Load the recipe and everything it refers to, overrides applied, and check how they chain;
+    return them in the order to run, not yet hashed. Reads recipes only, no model files; without
+    `check_software` (config.load_recipe) not even transformers or torch is imported. A recipe
+    without `output_dir` writes to `runs_dir`/<recipe name>."""
     top = Path(recipe_path)
-    if num_processes is None:
-        num_processes = launched_processes()
     parsed = [(raw, *parse_override(raw)) for raw in overrides]
     used_targets: set[str] = set()
 
@@ -243,7 +237,7 @@ def plan(recipe_path: str | Path, overrides: list[str] = (), num_processes: int 
             raise RecipeError(f"{path}: recipes refer to each other in a cycle: {' -> '.join(p.name for p in (*stack, key))}")
         if key in by_path:
             return by_path[key]
-        recipe = load_recipe(path, overrides_for(path, is_top))
+        recipe = load_recipe(path, overrides_for(path, is_top), check_software)
         if recipe.stage == "sweep":
             raise RecipeError(f"{path}: is a sweep recipe: run it with `alignment sweep {path}`"
                               + ("" if is_top else "; a sweep has no output another recipe can start from"))
@@ -278,7 +272,21 @@ def plan(recipe_path: str | Path, overrides: list[str] = (), num_processes: int 
         target = sorted(unknown)[0]
         typed = next(raw for raw, t, _, _ in parsed if t == target)
         raise RecipeError(f"override {typed!r}: no recipe '{target}' in this run ({names})")
+    return order
 
+
+def plan(recipe_path: str | Path, overrides: list[str] = (), num_processes: int | None = None,
+         runs_dir: str | Path = "runs") -> list[Node]:
+    """The resolved chain (`resolve`) with each stage's content hash, in the order to run.
+
+    `num_processes` (default: the launcher's WORLD_SIZE, else 1) enters the hash of every stage
+    that trains on all processes: it sets the global batch and how the data is split; so does
+    how they share the work (DDP, DeepSpeed, FSDP). The device (GPU model or CPU kernel family)
+    enters the hash of every stage that computes on it.
+    """
+    order = resolve(recipe_path, overrides, runs_dir)
+    if num_processes is None:
+        num_processes = launched_processes()
     # Every recipe is valid: now what needs torch (the device) and the inputs' files, parents first.
     from .stages import common
 
