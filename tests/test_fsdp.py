@@ -124,11 +124,14 @@ def test_fsdp2_rl_stages_train_like_one_process(tmp_path, tiny_base, reward_dir,
     """Two FSDP2 processes (gloo): two iterations of ppo and grpo (both ways of generating) end with the
     weights and metrics of one process; each process holds about half of the trained parameters, of the
     optimizer's states and of the frozen models; the stages run by the pipeline record how they trained
-    and save a full Hugging Face directory; grpo with LoRA trains its adapters over a sharded base."""
+    and save a full Hugging Face directory; grpo with LoRA trains its adapters over a sharded base; grpo
+    with dynamic sampling runs (every process samples each round: a forward is collective)."""
     stage = ["stage", "ppo", str(RECIPES / "ppo.yaml"), stage_args(tiny_base, reward_dir, "ppo", tmp_path / "ppo")]
     lora = ["stage", "grpo lora", str(RECIPES / "grpo.yaml"),
             stage_args(tiny_base, reward_dir, "grpo", tmp_path / "lora", "lora={r: 4}", "training.learning_rate=0.05")]
-    launch(tmp_path, [*update_cases(tmp_path, tiny_base, reward_dir, 2), stage, lora])
+    dynamic = ["stage", "grpo dynamic sampling", str(RECIPES / "grpo.yaml"),  # processes may need different rounds
+               stage_args(tiny_base, reward_dir, "grpo", tmp_path / "dynamic", "grpo.dynamic_sampling=true")]
+    launch(tmp_path, [*update_cases(tmp_path, tiny_base, reward_dir, 2), stage, lora, dynamic])
 
     script = tmp_path / "fsdp_cases.py"
     monkeypatch.setattr(sys, "argv", [str(script), json.dumps(update_cases(tmp_path, tiny_base, reward_dir, 1))])
@@ -168,6 +171,8 @@ def test_fsdp2_rl_stages_train_like_one_process(tmp_path, tiny_base, reward_dir,
     merged = load_file(tmp_path / "lora" / "model.safetensors")
     assert merged.keys() == start.keys()  # merged into the base: no adapter weights left
     assert max((merged[k] - start[k]).abs().max().item() for k in start) > 1e-5  # the adapters trained
+    rounds = [json.loads(line) for line in (tmp_path / "dynamic" / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["dynamic_sampling/rounds"] >= 1 for row in rounds if "step" in row)
 
 
 def test_fsdp2_killed_run_resumes_to_the_same_weights(tmp_path, tiny_base, reward_dir):
