@@ -131,7 +131,8 @@ def test_fsdp2_rl_stages_train_like_one_process(tmp_path, tiny_base, reward_dir,
             stage_args(tiny_base, reward_dir, "grpo", tmp_path / "lora", "lora={r: 4}", "training.learning_rate=0.05")]
     dynamic = ["stage", "grpo dynamic sampling", str(RECIPES / "grpo.yaml"),  # processes may need different rounds
                stage_args(tiny_base, reward_dir, "grpo", tmp_path / "dynamic", "grpo.dynamic_sampling=true")]
-    launch(tmp_path, [*update_cases(tmp_path, tiny_base, reward_dir, 2), stage, lora, dynamic])
+    done = launch(tmp_path, [*update_cases(tmp_path, tiny_base, reward_dir, 2), stage, lora, dynamic])
+    assert "the RL stages shard their models with FSDP2 themselves" in done.stdout  # the runner's note, not DDP's
 
     script = tmp_path / "fsdp_cases.py"
     monkeypatch.setattr(sys, "argv", [str(script), json.dumps(update_cases(tmp_path, tiny_base, reward_dir, 1))])

@@ -156,14 +156,19 @@ def test_help_explains_overrides():
 
 
 def test_fsdp_config_on_cpu_is_said_to_run_as_ddp(in_tmp, monkeypatch, capsys):
-    """accelerate ignores an FSDP launcher config on CPUs (plain DDP): the runner says so."""
+    """accelerate ignores an FSDP launcher config on CPUs (plain DDP): the runner names the training stages
+    that run so; a chain of main-process stages only (init) gets no note. (The RL stages shard themselves:
+    their note, with several processes, is checked in tests/test_fsdp.py's launches.)"""
     from alignment.pipeline import run
     from alignment.stages import common
 
     monkeypatch.setattr(common, "use_cpu", lambda: True)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `--config_file recipes/accelerate/fsdp.yaml` sets
+    run(RECIPES / "sft.yaml", dry_run=True)
+    out = capsys.readouterr().out
+    assert "FSDP on GPUs only" in out and "pretrain, sft train as plain data parallel" in out
     run(RECIPES / "init.yaml", dry_run=True)
-    assert "FSDP on GPUs only" in capsys.readouterr().out
+    assert "FSDP" not in capsys.readouterr().out
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
-    run(RECIPES / "init.yaml", dry_run=True)
+    run(RECIPES / "sft.yaml", dry_run=True)
     assert "FSDP" not in capsys.readouterr().out
