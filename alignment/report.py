@@ -17,7 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .compare import CompareError, Comparison, compare_models, demo_prompt_source
+from .evaluation import CompareError, Comparison, compare_models, demo_prompt_source
 from .config import GenerationOptions, ReportOptions
 from .errors import RecipeError
 from .formatting import KL_EXPLAINED, difference_lines, md_table, table_rows, title, win_rows

@@ -346,7 +346,7 @@ def compare_and_report(sweep: Sweep, key: str, compared: bool, say=print) -> Non
     """One comparison of every point and the baseline (skipped when its inputs are unchanged),
     then the frontier report from its summary."""
     # imported here for start-up time: compare loads torch and the reports plotly, which planning a sweep never needs
-    from .compare import CompareError, compare_models, load_prompts
+    from .evaluation import CompareError, compare_models, load_prompts
     from .frontier import per_reply_scores, write_frontier
     from .report import write_report_dir
 

@@ -5,7 +5,7 @@ wall time of the whole command on three demo models and 300 prompts.
 
 1. Builds the demo chain in a temporary directory (init -> pretrain -> sft -> dpo, each stage
    shortened to --steps optimizer steps so that the models stop like trained ones do).
-2. Tokens/s of the compare path (`compare.generate`: left-padded batches of 64, KV cache) vs
+2. Tokens/s of the compare path (`evaluation.generate`: left-padded batches of 64, KV cache) vs
    a loop calling `model.generate` one prompt at a time (KV cache too), on the sft model and the
    same held-out demo prompts, sampling at temperature 1 with up to 24 new tokens; reply tokens
    (EOS included) per second of generation. Both run in this process, alternating, best of 3.
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from alignment import compare, templates
+from alignment import evaluation, templates
 from alignment import models as model_layer
 from alignment.demo import world
 from alignment.pipeline import run
@@ -58,7 +58,7 @@ def per_prompt_loop(model, tok, prompts: list[str]) -> int:
 
 
 def batched(model, tok, prompts: list[str]) -> int:
-    gens = compare.generate(model, tok, prompts, max_new_tokens=MAX_NEW_TOKENS, temperature=1.0, batch_size=64,
+    gens = evaluation.generate(model, tok, prompts, max_new_tokens=MAX_NEW_TOKENS, temperature=1.0, batch_size=64,
                             seed=0, progress=False)
     return sum(g.num_tokens for g in gens)
 

@@ -38,7 +38,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from transformers import set_seed  # noqa: E402
 
 from alignment import models as model_layer  # noqa: E402
-from alignment.compare import generate  # noqa: E402
+from alignment.evaluation import generate  # noqa: E402
 from alignment.config import load_recipe, parse_override  # noqa: E402
 from alignment.demo import world  # noqa: E402
 from alignment.pipeline import run  # noqa: E402

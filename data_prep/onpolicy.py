@@ -2,7 +2,7 @@
 with a reward model or the demo world's gold oracle, keep best vs worst when the margin clears
 a threshold.
 
-Generation and scoring are the toolkit's (`alignment.compare.generate`, `reward_scores`,
+Generation and scoring are the toolkit's (`alignment.evaluation.generate`, `reward_scores`,
 `gold_scores`): batched, left-padded, seeded, with a progress bar. The pairs come out as rows
 of the explicit shape with scores, and go through the same cleaning and accounting as any
 other source (a prompt whose samples do not clear the margin is a counted drop).
@@ -56,21 +56,21 @@ def sample_and_score(
     stats: dict | None = None,
 ) -> list[list[tuple[float, str]]]:
     """For each user prompt, its k samples from `model_path` as (score, text), in sampling order
-    (seeded, batched: `alignment.compare.generate`). No reward model: the demo gold oracle scores,
+    (seeded, batched: `alignment.evaluation.generate`). No reward model: the demo gold oracle scores,
     and prompts that are not demo-world tasks are a DataError.
 
     `stats`, when given, receives `samples` (how many), `mean_score`, and with `kl_model` `kl`: the
     mean over replies of their summed log-ratio log p_model - log p_kl_model (an estimate of
     KL(model || kl_model) on the model's own samples, under the sampling temperature)."""
-    from alignment import compare, models
+    from alignment import evaluation, models
 
-    if reward_model is None and not compare.has_gold(prompts):
+    if reward_model is None and not evaluation.has_gold(prompts):
         raise DataError("the gold oracle (--oracle, scorer: oracle) grades demo-world prompts only; "
                         "these are not: score with a reward model")
     tok = models.load_tokenizer(model_path)
     policy = models.load_causal_lm(model_path, tok)
     asked = [p for p in prompts for _ in range(k)]
-    gens, batches = compare.generate_with_samples(
+    gens, batches = evaluation.generate_with_samples(
         policy, tok, asked, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
         batch_size=batch_size, seed=seed, progress=progress, desc="sample",
     )
@@ -79,16 +79,16 @@ def sample_and_score(
         import torch
 
         ref = models.load_causal_lm(kl_model, tok)
-        ratios = [compare.reply_logprob_sums(policy, b, temperature) - compare.reply_logprob_sums(ref, b, temperature)
+        ratios = [evaluation.reply_logprob_sums(policy, b, temperature) - evaluation.reply_logprob_sums(ref, b, temperature)
                   for b in batches]
         kl = float(torch.cat(ratios).mean())
         del ref
     del policy
     if reward_model is None:
-        scores = compare.gold_scores(gens)
+        scores = evaluation.gold_scores(gens)
     else:
         rm_tok = models.load_reward_tokenizer(reward_model)
-        scores = compare.reward_scores(models.load_classifier(reward_model, rm_tok), rm_tok, gens, batch_size=batch_size)
+        scores = evaluation.reward_scores(models.load_classifier(reward_model, rm_tok), rm_tok, gens, batch_size=batch_size)
     if stats is not None:
         stats.update(samples=len(scores), mean_score=sum(scores) / len(scores) if scores else float("nan"),
                      **({"kl": kl} if kl is not None else {}))

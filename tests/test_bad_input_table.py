@@ -1134,7 +1134,7 @@ def preload() -> dict:
     import importlib
 
     for name in ["torch", "transformers", "accelerate", "peft", "trl", "datasets", "pyarrow.parquet", "pyarrow.json",
-                 "plotly.graph_objects", "alignment.cli", "alignment.pipeline", "alignment.compare", "alignment.report",
+                 "plotly.graph_objects", "alignment.cli", "alignment.pipeline", "alignment.evaluation", "alignment.report",
                  "alignment.report_html", "alignment.rewards", "alignment.models", "alignment.generation",
                  "transformers.integrations", "transformers.trainer_utils", "data_prep.cli", "data_prep.prepare",
                  "data_prep.onpolicy", "data_prep.read", "data_prep.write", "safetensors.torch"]:

@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
-from alignment import cli, compare, report
-from alignment.compare import CompareError, Generation, win_rate
+from alignment import cli, evaluation, report
+from alignment.evaluation import CompareError, Generation, win_rate
 from alignment.config import GenerationOptions, PromptOptions
 from alignment.demo import world
 from alignment.report_html import render_html
@@ -82,14 +82,14 @@ def test_win_rate_resamples_prompts_not_replies():
 
 
 def test_per_prompt_means_are_prompt_major():
-    assert compare.per_prompt([1, 3, 5, 7, 0, 2], 2).tolist() == [2.0, 6.0, 1.0]
+    assert evaluation.per_prompt([1, 3, 5, 7, 0, 2], 2).tolist() == [2.0, 6.0, 1.0]
 
 
 def test_summary_on_hand_made_scores():
     gens = {label: [Generation(p, "x", True, n) for p, n in zip(PROMPTS[:4], lengths)]
             for label, lengths in (("base", [2, 4, 6, 8]), ("sft", [2, 2, 2, 2]))}
     scores = {"gold": {"base": [0.0, 0.25, 0.5, 0.25], "sft": [0.5, 0.25, 1.0, 0.75]}}
-    summary = compare.summarize(gens, scores, {"sft": [1.0, 2.0, 3.0, 6.0], "base": [0.0] * 4},
+    summary = evaluation.summarize(gens, scores, {"sft": [1.0, 2.0, 3.0, 6.0], "base": [0.0] * 4},
                                 {"samples_per_prompt": 1, "seed": 0}, baseline="base")
     sft = summary["models"]["sft"]
     assert sft["gold_mean"] == pytest.approx(0.625) and sft["kl_mean"] == pytest.approx(3.0)
@@ -110,16 +110,16 @@ def test_gold_parts_sum_to_the_gold_score():
     good = world.good_response(world.parse_prompt(prompt))
     gens = [Generation(prompt, good, True, 5), Generation(prompt, good, False, 9), Generation(prompt, "Ugh. " + good[6:], True, 4),
             Generation(prompt, "Sure! nope nope nope nope", True, 6), Generation(prompt, "", True, 1)]
-    parts = compare.gold_parts(gens)
+    parts = evaluation.gold_parts(gens)
     assert list(parts) == ["polite", "content", "concise"]
-    assert [sum(p) for p in zip(*parts.values())] == compare.gold_scores(gens)
+    assert [sum(p) for p in zip(*parts.values())] == evaluation.gold_scores(gens)
     assert parts["polite"] == [0.25, 0.25, 0.0, 0.25, 0.0] and parts["content"][:3] == [0.5, 0.5, 0.5]
 
 
 # ---------------------------------------------------------------- generation, KL, seeds
 
 def test_kl_is_exactly_zero_for_identical_models_and_positive_for_different_ones(dirs):
-    result = compare.compare_models({"a": dirs["a"], "same": dirs["a_copy"], "b": dirs["b"]}, PROMPTS, SAMPLED,
+    result = evaluation.compare_models({"a": dirs["a"], "same": dirs["a_copy"], "b": dirs["b"]}, PROMPTS, SAMPLED,
                                     baseline="a", progress=False)
     models = result.summary["models"]
     assert (models["same"]["kl_mean"], models["same"]["kl_lo"], models["same"]["kl_hi"]) == (0.0, 0.0, 0.0)
@@ -134,10 +134,10 @@ def test_kl_is_exactly_zero_for_identical_models_and_positive_for_different_ones
 def test_reply_logprob_sums_match_a_per_row_forward_pass(tok, dirs):
     """The batched, left-padded pass gives each reply the log-prob a single-row pass gives it."""
     model = LlamaForCausalLM.from_pretrained(dirs["b"]).eval()
-    _, [batch] = compare.generate_with_samples(model, tok, PROMPTS[:4], max_new_tokens=5, temperature=1.0,
+    _, [batch] = evaluation.generate_with_samples(model, tok, PROMPTS[:4], max_new_tokens=5, temperature=1.0,
                                                progress=False)
     for temperature in (1.0, 2.0):
-        together = compare.reply_logprob_sums(model, batch, temperature)
+        together = evaluation.reply_logprob_sums(model, batch, temperature)
         for i in range(4):
             keep = batch.prompt_mask[i].bool()
             prompt, reply = batch.prompt_ids[i][keep][None], batch.response_ids[i][None]
@@ -151,9 +151,9 @@ def test_generation_stops_at_every_eos_id_of_the_generation_config(tok):
     """A model whose generation config lists a second EOS id (as Qwen's does) stops there too."""
     word_id = tok.encode(" cat", add_special_tokens=False)[0]
     model = forced_lm(tok, word_id)
-    assert compare.generate(model, tok, PROMPTS[:2], max_new_tokens=4, progress=False)[0].finished is False
+    assert evaluation.generate(model, tok, PROMPTS[:2], max_new_tokens=4, progress=False)[0].finished is False
     model.generation_config.eos_token_id = [tok.eos_token_id, word_id]
-    for g in compare.generate(model, tok, PROMPTS[:2], max_new_tokens=4, progress=False):
+    for g in evaluation.generate(model, tok, PROMPTS[:2], max_new_tokens=4, progress=False):
         assert (g.finished, g.num_tokens) == (True, 1)
 
 
@@ -164,7 +164,7 @@ def test_checkpoint_generation_settings_are_not_applied_and_the_report_says_so(t
     config = LlamaForCausalLM.from_pretrained(path).generation_config
     config.do_sample, config.no_repeat_ngram_size, config.min_p = True, 1, 0.5
     config.save_pretrained(path)
-    result = compare.compare_models({"a": dirs["a"], "set": path}, PROMPTS, SAMPLED, baseline="a", progress=False)
+    result = evaluation.compare_models({"a": dirs["a"], "set": path}, PROMPTS, SAMPLED, baseline="a", progress=False)
     assert all(row["replies"]["set"]["text"] == row["replies"]["a"]["text"] for row in result.samples)
     assert result.summary["models"]["set"]["kl_mean"] == 0.0
     settings = result.summary["settings"]
@@ -180,7 +180,7 @@ def test_checkpoint_generation_settings_are_not_applied_and_the_report_says_so(t
 def test_same_seed_same_samples_other_seed_other_samples(dirs):
     def texts(seed):
         gen = SAMPLED.model_copy(update={"seed": seed, "samples_per_prompt": 2})
-        result = compare.compare_models({"a": dirs["a"], "b": dirs["b"]}, PROMPTS[:3], gen, baseline="a", progress=False)
+        result = evaluation.compare_models({"a": dirs["a"], "b": dirs["b"]}, PROMPTS[:3], gen, baseline="a", progress=False)
         return [(row["prompt"], row["sample"], row["replies"]["b"]["text"]) for row in result.samples]
 
     first = texts(0)
@@ -191,7 +191,7 @@ def test_same_seed_same_samples_other_seed_other_samples(dirs):
 
 
 def test_reward_model_scores_and_per_part_means(dirs):
-    result = compare.compare_models({"a": dirs["a"], "b": dirs["b"]}, PROMPTS, SAMPLED, baseline="a",
+    result = evaluation.compare_models({"a": dirs["a"], "b": dirs["b"]}, PROMPTS, SAMPLED, baseline="a",
                                     reward_model=dirs["rm"], progress=False)
     s = result.summary
     assert s["score_kinds"] == ["gold", "reward"] and s["parts"] == ["polite", "content", "concise"]
@@ -203,7 +203,7 @@ def test_reward_model_scores_and_per_part_means(dirs):
 
 
 def test_different_tokenizers_compare_text_but_not_kl(dirs):
-    result = compare.compare_models({"a": dirs["a"], "other": dirs["other_tok"]}, PROMPTS[:3], SAMPLED,
+    result = evaluation.compare_models({"a": dirs["a"], "other": dirs["other_tok"]}, PROMPTS[:3], SAMPLED,
                                     baseline="a", progress=False)
     other = result.summary["models"]["other"]
     assert other["kl_mean"] is None and other["gold_mean"] is not None
@@ -212,9 +212,9 @@ def test_different_tokenizers_compare_text_but_not_kl(dirs):
 
 def test_no_gold_for_prompts_outside_the_demo_world(dirs, tmp_path):
     (tmp_path / "p.txt").write_text("Tell me a story\nWhat is 2+2?\n")
-    prompts, source = compare.load_prompts(PromptOptions(source=str(tmp_path / "p.txt")))
+    prompts, source = evaluation.load_prompts(PromptOptions(source=str(tmp_path / "p.txt")))
     assert prompts == ["Tell me a story", "What is 2+2?"] and source.endswith("p.txt")
-    result = compare.compare_models({"a": dirs["a"], "b": dirs["b"]}, prompts, SAMPLED, baseline="a",
+    result = evaluation.compare_models({"a": dirs["a"], "b": dirs["b"]}, prompts, SAMPLED, baseline="a",
                                     prompt_source=source, progress=False)
     assert result.summary["score_kinds"] == [] and result.summary["win_rates"] == []
     assert result.summary["models"]["b"]["kl_mean"] > 0
@@ -231,12 +231,12 @@ def test_no_gold_for_prompts_outside_the_demo_world(dirs, tmp_path):
 def test_prompt_files(tmp_path):
     rows = [{"prompt": "one"}, {"prompt": "two"}, {"prompt": "three"}]
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert compare.load_prompts(PromptOptions(source=str(tmp_path / "p.jsonl"), num_prompts=2))[0] == ["one", "two"]
+    assert evaluation.load_prompts(PromptOptions(source=str(tmp_path / "p.jsonl"), num_prompts=2))[0] == ["one", "two"]
     from datasets import Dataset
 
     Dataset.from_dict({"question": ["a?", "b?"]}).save_to_disk(str(tmp_path / "saved"))
-    assert compare.load_prompts(PromptOptions(source=str(tmp_path / "saved"), field="question"))[0] == ["a?", "b?"]
-    demo, what = compare.load_prompts(PromptOptions(num_prompts=5))
+    assert evaluation.load_prompts(PromptOptions(source=str(tmp_path / "saved"), field="question"))[0] == ["a?", "b?"]
+    demo, what = evaluation.load_prompts(PromptOptions(num_prompts=5))
     assert demo == world.eval_prompts(5, 0) and what == "held-out demo prompts"
 
 
@@ -250,7 +250,7 @@ def test_prompt_files(tmp_path):
 def test_bad_prompt_files_name_the_line(tmp_path, name, text, expected):
     (tmp_path / name).write_text(text)
     with pytest.raises(CompareError) as err:
-        compare.load_prompts(PromptOptions(source=str(tmp_path / name)))
+        evaluation.load_prompts(PromptOptions(source=str(tmp_path / name)))
     assert err.value.arg == "prompts" and expected in err.value.message
 
 

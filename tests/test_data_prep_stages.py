@@ -153,7 +153,7 @@ def test_onpolicy_keeps_best_against_worst_when_the_margin_clears(tiny_base, rew
     """k=3 replies per prompt from a tiny real policy, scored by a tiny real reward model: each
     prompt's pair is its best reply against its worst, kept when the gap clears min_margin; a bad
     prompt passes through with its reason; identical samples tie."""
-    from alignment import compare
+    from alignment import evaluation
     from alignment.models import load_causal_lm, load_classifier, load_tokenizer
     from data_prep.onpolicy import onpolicy_rows
     from data_prep.read import Bad
@@ -163,9 +163,9 @@ def test_onpolicy_keeps_best_against_worst_when_the_margin_clears(tiny_base, rew
     sampling = {"max_new_tokens": 6, "temperature": 1.0, "seed": 0, "progress": False}
     # What onpolicy_rows sees: the toolkit's seeded sampler (same seed, same replies) and reward model.
     tok = load_tokenizer(str(tiny_base))
-    replies = compare.generate(load_causal_lm(str(tiny_base), tok), tok, [t for t in texts for _ in range(3)], **sampling)
+    replies = evaluation.generate(load_causal_lm(str(tiny_base), tok), tok, [t for t in texts for _ in range(3)], **sampling)
     rm_tok = load_tokenizer(str(reward_dir))
-    scores = compare.reward_scores(load_classifier(str(reward_dir), rm_tok), rm_tok, replies)
+    scores = evaluation.reward_scores(load_classifier(str(reward_dir), rm_tok), rm_tok, replies)
     groups = [sorted(zip(scores[3 * i : 3 * i + 3], (r.text for r in replies[3 * i : 3 * i + 3]))) for i in range(len(texts))]
     gaps = sorted(group[-1][0] - group[0][0] for group in groups)
     min_margin = (gaps[2] + gaps[3]) / 2  # half the prompts clear it

@@ -220,7 +220,7 @@ def test_corpus_threads_and_lists_repeat_what_came_before():
 
 def _content_rate(path, prompts):
     from alignment import models as model_layer
-    from alignment.compare import generate
+    from alignment.evaluation import generate
 
     tok = model_layer.load_tokenizer(str(path))
     model = model_layer.load_causal_lm(str(path), tok)

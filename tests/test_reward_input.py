@@ -14,8 +14,8 @@ import torch
 from datasets import Dataset
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
-from alignment import compare, templates
-from alignment.compare import Generation
+from alignment import evaluation, templates
+from alignment.evaluation import Generation
 from alignment.errors import RecipeError
 from alignment.models import load_classifier, load_reward_tokenizer, load_tokenizer, per_token_head, token_scores
 from alignment.rewards import Rewards
@@ -136,7 +136,7 @@ def test_reward_stage_rl_and_compare_read_the_same_position(zoo_checkpoint, fami
     rl_ids = [real(row, tok.pad_token_id) for row in seen.ids[0]]
     seen.ids.clear()
     gens = [Generation(PROMPT, r, True, 5) for r in REPLIES]
-    compared = compare.reward_scores(model, tok, gens)
+    compared = evaluation.reward_scores(model, tok, gens)
     compare_ids = [real(row, tok.pad_token_id) for row in seen.ids[0]]
 
     assert rl_ids == stage_ids and compare_ids == stage_ids
@@ -154,7 +154,7 @@ def test_reward_stage_rl_and_compare_read_the_same_position(zoo_checkpoint, fami
     seen.ids.clear()
     cut_rl = rl_scores(model, tok, REPLIES, [False] * len(REPLIES))
     cut_ids = [real(row, tok.pad_token_id) for row in seen.ids[0]]
-    cut_compare = compare.reward_scores(model, tok, [Generation(PROMPT, r, False, 32) for r in REPLIES])
+    cut_compare = evaluation.reward_scores(model, tok, [Generation(PROMPT, r, False, 32) for r in REPLIES])
     assert cut_compare == pytest.approx(cut_rl.tolist(), abs=1e-5)
     for ids, done, reply in zip(cut_ids, stage_ids, REPLIES):
         assert tok.decode(ids).endswith(reply) and done[: len(ids)] == ids and len(ids) < len(done)
@@ -198,8 +198,8 @@ def test_a_reward_model_the_reward_stage_trained_is_read_in_rl_and_compare_where
     assert gap.mean().item() == pytest.approx(summary["eval_margin"], abs=1e-4)
     assert summary["eval_accuracy"] > 0.6  # it learnt something to be read
     gens = lambda replies: [Generation(p, r, True, 5) for p, r in zip(prompts, replies)]  # noqa: E731
-    in_compare = torch.tensor(compare.reward_scores(model, tok, gens(chosen))) - torch.tensor(
-        compare.reward_scores(model, tok, gens(rejected)))
+    in_compare = torch.tensor(evaluation.reward_scores(model, tok, gens(chosen))) - torch.tensor(
+        evaluation.reward_scores(model, tok, gens(rejected)))
     assert in_compare.tolist() == pytest.approx(gap.tolist(), abs=1e-4)
 
 
@@ -209,7 +209,7 @@ def test_qwen3_reply_holding_think_tags_reaches_the_scorer_unchanged(zoo_checkpo
     model, tok = reward_model_of(zoo_checkpoint("qwen3"))
     reply = "<think>\nthe pen\n</think>\n\nSure! pen"
     seen = Seen(model)
-    scores = compare.reward_scores(model, tok, [Generation(PROMPT, reply, False, 32), Generation(PROMPT, reply, True, 9)])
+    scores = evaluation.reward_scores(model, tok, [Generation(PROMPT, reply, False, 32), Generation(PROMPT, reply, True, 9)])
     cut, done = (real(row, tok.pad_token_id) for row in seen.ids[0])
     opened = templates.render_prompt(tok, PROMPT)
     assert tok.decode(cut) == opened + reply and tok.decode(done) == opened + reply + "<|im_end|>\n"
@@ -306,7 +306,7 @@ def test_a_classifier_without_template_is_scored_by_its_own_forward_on_the_text_
 
     assert model_scores(model, tok, [PROMPT] * 2, replies, finished).tolist() == pytest.approx(own, abs=1e-5)
     gens = [Generation(PROMPT, r, f, 4) for r, f in zip(replies, finished)]
-    assert compare.reward_scores(model, tok, gens) == pytest.approx(own, abs=1e-5)
+    assert evaluation.reward_scores(model, tok, gens) == pytest.approx(own, abs=1e-5)
     assert Rewards(recipe, model, tok, tok).reward_model is model
     # the reward stage, started from such a classifier, trains on the same form
     rows = stage_rows(load_reward_tokenizer(str(path)), replies[:1])
@@ -324,7 +324,7 @@ def test_a_decoder_classifier_without_template_reads_the_texts_apart_and_whether
     with torch.no_grad():
         own = [model(torch.tensor([ids])).logits[0, 0].item() for ids in (done, cut)]
     gens = [Generation(PROMPT, "Sure! pen", True, 4), Generation(PROMPT, "Sure! pen", False, 4)]
-    assert compare.reward_scores(model, tok, gens) == pytest.approx(own, abs=1e-5) and own[0] != own[1]
+    assert evaluation.reward_scores(model, tok, gens) == pytest.approx(own, abs=1e-5) and own[0] != own[1]
 
 
 def test_a_pooling_head_gives_no_per_token_values(encoder_rm):

@@ -150,12 +150,12 @@ def test_compare_rerun_keeps_a_users_file_in_its_output(tmp_path, tiny_base, cap
 
 @pytest.mark.parametrize("where", ["a_file", "a_file/sub"])
 def test_compare_out_that_cannot_be_written_is_refused_before_generating(tmp_path, tiny_base, capsys, monkeypatch, where):
-    from alignment import compare
+    from alignment import evaluation
 
     def never(*args, **kwargs):
         raise AssertionError("generated before checking --out")
 
-    monkeypatch.setattr(compare, "compare_models", never)
+    monkeypatch.setattr(evaluation, "compare_models", never)
     (tmp_path / "a_file").write_text("mine")
     code = cli.main([*COMPARE, f"a={tiny_base}", f"b={tiny_base}", "--out", str(tmp_path / where)])
     err = capsys.readouterr().err.strip().splitlines()

@@ -89,7 +89,7 @@ def test_oracle_grades_prompts_of_every_preset():
             assert world.score_parts(prompt, good + " owl") == {"polite": 0.25, "content": 0.5, "concise": 0.0}
             assert world.gold_score(prompt, "Ugh. " + task.answer, finished=False) == 0.5
     # the rewards' 'gold' function and compare's check take them too
-    from alignment.compare import has_gold
+    from alignment.evaluation import has_gold
     from alignment.rewards import gold
 
     hard = [c["messages"] for c in HARD.sft_conversations(300, 0)]
@@ -197,7 +197,7 @@ def _seen_demo_rows(monkeypatch, target: str) -> dict:
     """Replace `target` (a load_rows) by a stand-in that records the rows its demo factory makes."""
     seen = {}
 
-    def fake(options, demo, default_examples, *args, **kwargs):
+    def fake(options, demo, *args, **kwargs):
         seen["rows"] = demo(6, 3)
         raise _Stop
 
@@ -206,7 +206,7 @@ def _seen_demo_rows(monkeypatch, target: str) -> dict:
 
 
 @pytest.mark.parametrize("preset", ["hard", "probe"])
-def test_the_world_key_reaches_the_data_of_every_training_stage(preset, probe, in_tmp, monkeypatch, tmp_path):
+def test_the_world_key_reaches_the_data_of_every_training_stage(preset, probe, in_tmp, monkeypatch, tmp_path, tiny_base):
     from alignment.stages import dpo, init, ppo, pretrain, reward, sft
 
     w = world.preset(preset)
@@ -226,7 +226,7 @@ def test_the_world_key_reaches_the_data_of_every_training_stage(preset, probe, i
         assert recipe.world == preset
         seen = _seen_demo_rows(monkeypatch, target)
         with pytest.raises(_Stop):
-            stage.run(recipe, {}, tmp_path)
+            stage.run(recipe, {"model": str(tiny_base)}, tmp_path)  # sft and dpo load the tokenizer first
         assert seen["rows"] == rows, name
     seen = _seen_demo_rows(monkeypatch, "alignment.stages.ppo.load_rows")  # ppo, grpo and rloo load prompts here
     with pytest.raises(_Stop):
@@ -242,7 +242,7 @@ def test_the_world_key_reaches_the_data_of_every_training_stage(preset, probe, i
 def test_the_world_key_reaches_the_report_and_compare(probe, in_tmp, monkeypatch, tmp_path):
     from types import SimpleNamespace
 
-    from alignment import compare, report
+    from alignment import evaluation, report
     from alignment.stages import compare as compare_stage
 
     seen = {}
@@ -264,10 +264,10 @@ def test_the_world_key_reaches_the_report_and_compare(probe, in_tmp, monkeypatch
     assert "build_report(report, nodes, reported, nodes[-1].recipe.world)" in inspect.getsource(pipeline.run)
 
     # compare: the function, the stage (its recipe's world) and the command line (--world)
-    assert compare.load_prompts(PromptOptions(num_prompts=7), "probe") == (PROBE.eval_prompts(7, 0),
+    assert evaluation.load_prompts(PromptOptions(num_prompts=7), "probe") == (PROBE.eval_prompts(7, 0),
                                                                            "held-out demo prompts (probe world)")
-    assert compare.load_prompts(PromptOptions(num_prompts=7)) == (DEFAULT.eval_prompts(7, 0), "held-out demo prompts")
-    monkeypatch.setattr(compare, "compare_models", fake_compare)
+    assert evaluation.load_prompts(PromptOptions(num_prompts=7)) == (DEFAULT.eval_prompts(7, 0), "held-out demo prompts")
+    monkeypatch.setattr(evaluation, "compare_models", fake_compare)
     recipe = CompareRecipe(stage="compare", models={"a": "x", "b": "y"}, world="probe", prompts=PromptOptions(num_prompts=5))
     with pytest.raises(_Stop):
         compare_stage.run(recipe, {"models.a": "x", "models.b": "y"}, tmp_path / "cmp")

@@ -31,7 +31,7 @@ KEYS = {"prompts": "prompts.source"}
 
 
 def _compare(models, prompts_options, generation, baseline, reward_model, model_options=None, world="default"):
-    from ..compare import compare_models, load_prompts
+    from ..evaluation import compare_models, load_prompts
 
     prompts, source = load_prompts(prompts_options, world)
     return compare_models(models, prompts, generation, baseline=baseline, reward_model=reward_model,
@@ -45,7 +45,7 @@ def _flat(summary: dict) -> dict:
 
 
 def run(recipe: CompareRecipe, inputs: dict, work_dir: Path) -> dict:
-    from ..compare import CompareError
+    from ..evaluation import CompareError
     from ..report import text_table, write_outputs
 
     models = {label: inputs[f"models.{label}"] for label in recipe.models}
@@ -109,7 +109,7 @@ def _resolve(spec: str) -> tuple[str, str]:
     """(default label, model path or hub id) of a MODEL argument."""
     spec = user_path(spec)
     if spec.endswith((".yaml", ".yml")):
-        from ..compare import CompareError
+        from ..evaluation import CompareError
         from ..pipeline import is_current, plan
 
         if not Path(spec).is_file():
@@ -123,7 +123,7 @@ def _resolve(spec: str) -> tuple[str, str]:
 
 
 def command(args: argparse.Namespace) -> int:
-    from ..compare import CompareError
+    from ..evaluation import CompareError
 
     try:
         comparison, out = _command(args)
@@ -136,7 +136,7 @@ def command(args: argparse.Namespace) -> int:
 
 
 def _command(args: argparse.Namespace):
-    from ..compare import CompareError
+    from ..evaluation import CompareError
     from ..report import check_out_dir, write_report_dir
 
     models: dict[str, str] = {}
@@ -167,7 +167,7 @@ def _command(args: argparse.Namespace):
         name = str(err["loc"][0]) if err["loc"] else "samples_per_prompt"  # the one cross-field check
         message = err["msg"].removeprefix("Value error, ")
         raise CompareError(f"--{name.replace('_', '-')}", message) from None
-    from ..compare import compare_models, load_prompts
+    from ..evaluation import compare_models, load_prompts
 
     if args.no_progress:
         from transformers.utils import logging
