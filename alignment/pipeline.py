@@ -41,22 +41,12 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from .config import (
-    STAGES,
-    BaseRecipe,
-    FromRecipe,
-    RLRecipe,
-    content_hash,
-    data_files,
-    load_recipe,
-    model_inputs,
-    parse_override,
-    resolved_dict,
-)
+from .config import STAGES, BaseRecipe, FromRecipe, RLRecipe, data_files, model_inputs, resolved_dict
 from .errors import RecipeError
 from .paths import keep_foreign, output_problem, replace_dir
+from .recipe_file import load_recipe, parse_override
 
 if TYPE_CHECKING:
     from accelerate import PartialState
@@ -111,6 +101,12 @@ PREP_KINDS = {"pretrain": ("text",), "sft": ("sft",), "reward": ("pairs",), "dpo
 # weights and data files); larger ones by name, size and modification time, read without
 # opening them (a multi-gigabyte weight shard would cost seconds per run).
 CONTENT_HASH_MAX_BYTES = 64 << 20
+
+
+def content_hash(*parts: Any) -> str:
+    """16 hex digits of the SHA-256 of `parts` as sorted JSON: a stage's identity in the cache."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def _file_digest(path: Path) -> str:
@@ -214,7 +210,7 @@ def resolve(recipe_path: str | Path, overrides: list[str] = (), runs_dir: str | 
             check_software: bool = True) -> list[Node]:
     """Load the recipe and everything it refers to, overrides applied, and check how they chain;
     return them in the order to run, not yet hashed. Reads recipes only, no model files; without
-    `check_software` (config.load_recipe) not even transformers or torch is imported. A recipe
+    `check_software` (recipe_file.load_recipe) not even transformers or torch is imported. A recipe
     without `output_dir` writes to `runs_dir`/<recipe name>."""
     top = Path(recipe_path)
     parsed = [(raw, *parse_override(raw)) for raw in overrides]

@@ -26,9 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import FromRecipe, SweepRecipe, content_hash, load_recipe, parse_override, resolved_dict
+from . import pipeline
+from .config import FromRecipe, SweepRecipe, resolved_dict
 from .errors import RecipeError
 from .paths import user_path, write_atomic
+from .recipe_file import load_recipe, parse_override
 
 MARKER = "alignment sweep"  # sweep.json's and report.json's "generator": a sweep's directory
 
@@ -124,8 +126,6 @@ class Sweep:
 
 
 def plan_sweep(path: str | Path, overrides: list[str] = (), num_processes: int = 1) -> Sweep:
-    from .pipeline import _resolve_ref, plan
-
     path = Path(path)
     parsed = [(raw, *parse_override(raw)) for raw in overrides]
     # KEY=VALUE: the sweep's own keys; NAME:KEY / *:KEY: every point's chain (*:KEY the sweep too, e.g. *:world)
@@ -154,7 +154,7 @@ def plan_sweep(path: str | Path, overrides: list[str] = (), num_processes: int =
 
     for point in points:
         try:
-            nodes = plan(point.recipe, [*point.overrides(), *chain], num_processes, runs_dir=chain_dir)
+            nodes = pipeline.plan(point.recipe, [*point.overrides(), *chain], num_processes, runs_dir=chain_dir)
         except RecipeError as exc:
             raise RecipeError(f"{path}: point '{point.label}': {exc}") from None
         point.nodes = add(nodes, f"point '{point.label}'")
@@ -163,10 +163,10 @@ def plan_sweep(path: str | Path, overrides: list[str] = (), num_processes: int =
         """(directory or hub id, node or None) of the sweep's baseline or reward model."""
         if not isinstance(value, FromRecipe):
             return value, None
-        target = _resolve_ref(value.from_, path)
+        target = pipeline._resolve_ref(value.from_, path)
         shared = [*_chain_overrides(recipe.set), *chain]
         try:
-            nodes = plan(target, shared, num_processes, runs_dir=chain_dir)
+            nodes = pipeline.plan(target, shared, num_processes, runs_dir=chain_dir)
         except RecipeError as exc:
             raise RecipeError(f"{path}: {key}: {exc}") from None
         return str(nodes[-1].out_dir), add(nodes, key)[-1]
@@ -186,7 +186,7 @@ def needed(sweep: Sweep, is_current) -> list:
     want: set[int] = set()
 
     def need(node) -> None:
-        if id(node) in want or is_current(node):
+        if id(node) in want or pipeline.is_current(node):
             return
         want.add(id(node))
         for ref in node.refs.values():
@@ -204,16 +204,14 @@ def comparison_key(sweep: Sweep) -> str:
     """What the comparison depends on: every model's content hash and the comparison's settings.
     A baseline or reward model given as a path is keyed by its files' content (as the pipeline
     keys a stage's inputs given as paths), so a model retrained in place is compared again."""
-    from .pipeline import _fingerprint, toolkit_fingerprint
-
     def ident(directory, node):
-        return node.hash if node is not None else _fingerprint(directory, sweep.recipe.model_options.revision)
+        return node.hash if node is not None else pipeline._fingerprint(directory, sweep.recipe.model_options.revision)
 
     models = {p.label: p.nodes[-1].hash for p in sweep.points}
     models[sweep.baseline[0]] = ident(sweep.baseline[1], sweep.baseline[2])
     reward = ident(*sweep.reward) if sweep.reward else None
     settings = {k: resolved_dict(sweep.recipe)[k] for k in ("world", "prompts", "generation", "model_options")}
-    return content_hash(models, reward, settings, toolkit_fingerprint())
+    return pipeline.content_hash(models, reward, settings, pipeline.toolkit_fingerprint())
 
 
 def _check_sweep_dir(sweep: Sweep) -> None:
@@ -248,16 +246,14 @@ def _read_json(path: Path) -> dict:
 
 
 def run_sweep(path: str | Path, overrides: list[str] = (), dry_run: bool = False, jobs: int | None = None) -> Sweep:
-    from .pipeline import check_outputs, check_precision, complete_interrupted_swap, is_current, launched_processes, run_node
-
-    sweep = plan_sweep(path, overrides, num_processes=launched_processes())  # a recipe's mistake: refused before accelerate starts
+    sweep = plan_sweep(path, overrides, num_processes=pipeline.launched_processes())  # a recipe's mistake: refused before accelerate starts
     from accelerate import PartialState
 
     from .models import check_local_inputs
     from .stages.common import use_cpu
 
     state = PartialState(cpu=use_cpu())
-    if state.num_processes != launched_processes():  # a launcher that sets no WORLD_SIZE (mpirun)
+    if state.num_processes != pipeline.launched_processes():  # a launcher that sets no WORLD_SIZE (mpirun)
         sweep = plan_sweep(path, overrides, num_processes=state.num_processes)
     say = print if state.is_main_process else (lambda *a, **k: None)
     jobs = sweep.recipe.jobs if jobs is None else jobs
@@ -266,10 +262,10 @@ def run_sweep(path: str | Path, overrides: list[str] = (), dry_run: bool = False
                           "multi-process launch (its processes share each point)")
     for node in sweep.nodes:
         check_local_inputs(node.recipe.stage, {r: p for r, p in node.inputs().items() if r not in node.refs})
-    check_precision(sweep.nodes, use_cpu(), say)
+    pipeline.check_precision(sweep.nodes, use_cpu(), say)
     _check_sweep_dir(sweep)
-    to_run = needed(sweep, is_current)
-    check_outputs(sweep.nodes, to_run, probe=not dry_run)
+    to_run = needed(sweep, pipeline.is_current)
+    pipeline.check_outputs(sweep.nodes, to_run, probe=not dry_run)
     key = comparison_key(sweep)
     compared = _read_json(sweep.out / "report.json").get("comparison_key") == key and all(
         (sweep.out / "compare" / name).is_file() for name in ("summary.json", "samples.jsonl"))
@@ -278,7 +274,7 @@ def run_sweep(path: str | Path, overrides: list[str] = (), dry_run: bool = False
         points, running = {id(p.nodes[-1]): p for p in sweep.points}, {id(n) for n in to_run}
         for node in sweep.nodes:
             what = f"point '{points[id(node)].label}'" if id(node) in points else "shared"
-            status = "will run" if id(node) in running else "up to date" if is_current(node) else "not needed"
+            status = "will run" if id(node) in running else "up to date" if pipeline.is_current(node) else "not needed"
             say(f"  {node.name:>10}  {node.recipe.stage:<8} {status:<10}  {what}  -> {node.out_dir}")
         say(f"  comparison and frontier report: {'up to date' if compared else 'will run'}  -> {sweep.out / 'report.html'}")
         return sweep
@@ -289,7 +285,7 @@ def run_sweep(path: str | Path, overrides: list[str] = (), dry_run: bool = False
                               for p in sweep.points]}
         write_atomic(sweep.out / "sweep.json", json.dumps(listing, indent=2))
         for node in sweep.nodes:
-            complete_interrupted_swap(node)
+            pipeline.complete_interrupted_swap(node)
     state.wait_for_everyone()
     points = {id(p.nodes[-1]): p for p in sweep.points}
     apart = [points[id(n)] for n in to_run if id(n) in points] if jobs > 1 else []  # points run in processes of their own
@@ -297,7 +293,7 @@ def run_sweep(path: str | Path, overrides: list[str] = (), dry_run: bool = False
     for i, node in enumerate(in_here, 1):
         what = f"point '{points[id(node)].label}'" if id(node) in points else f"shared stage '{node.name}'"
         say(f"[sweep {i}/{len(in_here)}] {what}: running stage '{node.recipe.stage}' -> {node.out_dir}")
-        summary = run_node(node, state)
+        summary = pipeline.run_node(node, state)
         say(f"[sweep {i}/{len(in_here)}] done: " + ", ".join(
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     if apart and state.is_main_process:

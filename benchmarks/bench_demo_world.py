@@ -39,7 +39,7 @@ from transformers import set_seed  # noqa: E402
 
 from alignment import models as model_layer  # noqa: E402
 from alignment.evaluation import generate  # noqa: E402
-from alignment.config import load_recipe, parse_override  # noqa: E402
+from alignment.recipe_file import load_recipe, parse_override  # noqa: E402
 from alignment.demo import world  # noqa: E402
 from alignment.pipeline import run  # noqa: E402
 from alignment.stages import sft as sft_stage  # noqa: E402

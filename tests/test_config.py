@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from alignment.config import load_recipe, parse_override
+from alignment.recipe_file import load_recipe, parse_override
 from alignment.errors import RecipeError
 from alignment.pipeline import plan
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from alignment.config import load_recipe
+from alignment.recipe_file import load_recipe
 from alignment.demo import world
 from alignment.pipeline import plan, run
 from alignment.stages.common import preference_datasets

@@ -26,7 +26,7 @@ SCRIPT = """
 import json, sys, torch
 from accelerate import Accelerator
 from alignment import sharding
-from alignment.config import load_recipe, parse_override
+from alignment.recipe_file import load_recipe, parse_override
 from alignment.pipeline import run
 from alignment.stages import ppo
 

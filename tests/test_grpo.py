@@ -13,7 +13,7 @@ import torch
 from accelerate import Accelerator
 
 from alignment import estimators, losses
-from alignment.config import load_recipe, parse_override
+from alignment.recipe_file import load_recipe, parse_override
 from alignment.errors import RecipeError
 from alignment.pipeline import plan, run
 from alignment.stages import ppo

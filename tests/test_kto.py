@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from alignment.config import PrepOptions, PrepSource, load_recipe
+from alignment.config import PrepOptions, PrepSource
+from alignment.recipe_file import load_recipe
 from alignment.errors import RecipeError
 from alignment.pipeline import run
 from alignment.stages.kto import balance_warning, weighted_ratio

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from alignment.config import load_recipe
+from alignment.recipe_file import load_recipe
 from alignment.errors import RecipeError
 from alignment.pipeline import is_current, plan, run
 from alignment.rounds import expand

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from alignment import estimators, losses
 from alignment.templates import reward_ids
-from alignment.config import load_recipe
+from alignment.recipe_file import load_recipe
 from alignment.errors import RecipeError
 from alignment.models import load_classifier, load_tokenizer, save_model
 from alignment.pipeline import run
@@ -33,7 +33,7 @@ MICRO_PPO = ["ppo.total_episodes=32", "ppo.batch_size=8", "ppo.response_length=6
 
 def recipe_for(tiny_base, reward_dir, *extra):
     overrides = [f"model={tiny_base}", f"reward_model={reward_dir}", *MICRO_PPO, *extra]
-    from alignment.config import parse_override
+    from alignment.recipe_file import parse_override
 
     return load_recipe(RECIPES / "ppo.yaml", [(p, v, raw) for raw in overrides for _, p, v in [parse_override(raw)]])
 
@@ -349,7 +349,7 @@ def test_killed_run_resumes_to_bit_identical_weights(in_tmp, tiny_base, reward_d
 TWO_PROCESS_SCRIPT = """
 import json, sys, torch
 from accelerate import Accelerator
-from alignment.config import load_recipe, parse_override
+from alignment.recipe_file import load_recipe, parse_override
 from alignment.stages import ppo
 accelerator = Accelerator(cpu=True)
 for recipe_path, *overrides in json.loads(sys.argv[1]):

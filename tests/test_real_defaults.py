@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from alignment.config import load_recipe, parse_override
+from alignment.recipe_file import load_recipe, parse_override
 from alignment.errors import RecipeError
 from alignment.models import load_tokenizer
 from alignment.pipeline import plan

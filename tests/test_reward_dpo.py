@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from alignment.config import load_recipe
+from alignment.recipe_file import load_recipe
 from alignment.errors import RecipeError
 from alignment.demo import world
 from alignment.models import load_causal_lm, load_tokenizer

@@ -170,7 +170,7 @@ def test_a_reward_model_the_reward_stage_trained_is_read_in_rl_and_compare_where
     model is read where it learnt, whichever path reads it."""
     import json
 
-    from alignment.config import load_recipe, parse_override
+    from alignment.recipe_file import load_recipe, parse_override
     from alignment.demo import world
     from alignment.pipeline import run
     from alignment.stages.common import preference_datasets

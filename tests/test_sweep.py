@@ -48,7 +48,7 @@ def sweep_file(directory: Path, tiny_base: Path, **more) -> Path:
 
 def test_grid_and_list_expand_per_method_then_cross_the_sweep_grid(tmp_path, tiny_base):
     path = sweep_file(tmp_path, tiny_base, grid={"seed": [1, 2]})
-    from alignment.config import load_recipe
+    from alignment.recipe_file import load_recipe
 
     points = expand(load_recipe(path), path, tmp_path / "s")
     assert [p.label for p in points] == [

@@ -121,7 +121,7 @@ def test_oracle_rejects_what_no_preset_makes_in_one_line(junk):
 
 def test_unknown_world_is_a_one_line_error(tmp_path, capsys):
     from alignment import cli
-    from alignment.config import load_recipe
+    from alignment.recipe_file import load_recipe
 
     with pytest.raises(ValueError) as info:
         world.preset("nope")
