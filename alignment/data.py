@@ -16,10 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from data_prep.read import Bad
+from data_prep.prepare import hold_out_by_prompt, prompt_key, row_problem
+from data_prep.read import Bad, read_source
+from data_prep.shapes import detect_shape, make_parser
 
-from .config import DataOptions
+from .config import DataOptions, PrepColumns, PrepOptions
 from .errors import RecipeError
+from .templates import fit_roles
 
 DemoFactory = Callable[[int, int], list[dict]]
 
@@ -44,8 +47,6 @@ def load_rows(options: DataOptions, demo: DemoFactory, demo_examples: int | None
     Lines that cannot be rows (malformed JSON, a truncated last line, a ragged CSV row) stay in
     the rows as `Bad` items, so that `check_rows` stops on them or counts them.
     """
-    from data_prep.read import read_source
-
     source = source if source is not None else options.source
     if source == "demo":
         rows = demo(options.num_examples or demo_examples, options.seed)
@@ -122,8 +123,6 @@ def fit_to_template(found: Rows, tok, system_message: str, on_bad_row: str, fiel
     alternate, a system turn under 'refuse') is a bad row, reported with its origin or dropped and counted
     (`on_bad_row`). `field` holds the messages (sft) or the prompt's messages, which `replies` (chosen,
     rejected) continue; the changes go to the prompt. Returns (rows, changed rows by change)."""
-    from .templates import fit_roles
-
     changed: Counter = Counter()
     if not tok.chat_template:  # a classifier's plain text form: no roles to fit
         return found, changed
@@ -151,11 +150,6 @@ def preference_rows(found: Rows, options: DataOptions, margin_field: str | None 
     the row cannot be one (a string), for `check_rows`; with `margin_field`, the row's margin
     is kept as `margin` and must be a finite number.
     """
-    from data_prep.prepare import row_problem
-    from data_prep.shapes import detect_shape, make_parser
-
-    from .config import PrepColumns, PrepOptions
-
     columns = PrepColumns(prompt=options.prompt_field, chosen=options.chosen_field, rejected=options.rejected_field)
     keys = set().union(*(r.keys() for r in found.rows[:100] if isinstance(r, dict)))
     where = found.origins[0].rsplit(":", 1)[0] if found.origins else str(options.source)
@@ -180,11 +174,6 @@ def unpaired_rows(found: Rows, options) -> Rows:
     (label true/false, 1/0 or a word such as up/down or accept/reject), or preference pairs (explicit or
     implicit), each of which becomes one desirable and one undesirable row. Each result is a canonical
     binary row, or the reason the row cannot be one, for `check_rows`."""
-    from data_prep.prepare import row_problem
-    from data_prep.shapes import detect_shape, make_parser
-
-    from .config import PrepColumns, PrepOptions
-
     columns = PrepColumns(prompt=options.prompt_field, chosen=options.chosen_field, rejected=options.rejected_field,
                           completion=options.completion_field, label=options.label_field)
     keys = set().union(*(r.keys() for r in found.rows[:100] if isinstance(r, dict)))
@@ -226,8 +215,6 @@ def hold_out(found: Rows, n: int) -> tuple[Rows, Rows]:
     (data_prep.prepare.hold_out_by_prompt), so no prompt is on both sides and the choice does
     not depend on row order.
     """
-    from data_prep.prepare import hold_out_by_prompt, prompt_key
-
     if n and n >= len(found):
         raise RecipeError(
             f"data.eval_examples: {n} held-out rows leave none to train on ({len(found)} usable rows); "
