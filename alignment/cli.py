@@ -16,6 +16,9 @@ from pathlib import Path
 
 from .errors import RecipeError
 
+# Each command's modules are imported when it runs, for start-up time: `alignment --help` and a
+# usage error answer at once, and `run` refuses a recipe's mistake before torch loads.
+
 OVERRIDE_HELP = """\
 overrides:
   KEY=VALUE            set a key of the recipe given, e.g. training.learning_rate=1e-4

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from data_prep.read import read_text
 from tqdm.auto import tqdm
 
 from . import models as model_layer
@@ -213,8 +214,6 @@ def load_prompts(options: PromptOptions, world_name: str = "default") -> tuple[l
         prompts = world.eval_prompts(options.num_prompts or DEMO_PROMPTS, options.seed, world=world_name)
         return prompts, demo_prompt_source(world_name)
     if source.endswith(".txt"):
-        from data_prep.read import read_text
-
         path = Path(source)
         if not path.is_file():
             raise CompareError("prompts", f"{source}: no such file")

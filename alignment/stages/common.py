@@ -17,6 +17,9 @@ from ..config import BaseRecipe, resolved_dict
 from ..errors import RecipeError
 from ..paths import replace_dir  # noqa: F401  (re-exported: the pipeline and the report use it)
 
+# models (peft) and data (datasets) are imported inside the functions that use them, for start-up time:
+# pipeline.plan imports this module before any stage runs.
+
 
 def use_cpu() -> bool:
     return not torch.cuda.is_available()

@@ -21,6 +21,9 @@ from ..demo.world import PRESETS
 from ..formatting import title
 from ..paths import user_path
 
+# evaluation (torch), report (plotly) and pipeline are imported inside the functions that run a
+# comparison, for start-up time: `alignment --help` and a bad flag answer without loading them.
+
 MAIN_PROCESS_ONLY = True  # generation runs once, on the main process
 WRITES_MODEL = False  # the output is a report, not a model: no model card
 
