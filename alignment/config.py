@@ -35,9 +35,12 @@ class Section(BaseModel):
     def _expand_home(cls, value, info):
         if info.field_name not in cls.PATHS:
             return value
-        if isinstance(value, dict):
-            return {k: user_path(v) if isinstance(v, str) else v for k, v in value.items()}
-        return user_path(value) if isinstance(value, str) else value
+        try:
+            if isinstance(value, dict):
+                return {k: user_path(v) if isinstance(v, str) else v for k, v in value.items()}
+            return user_path(value) if isinstance(value, str) else value
+        except RecipeError as exc:  # pydantic names the key of a ValueError
+            raise ValueError(str(exc)) from None
 
     @field_validator("*", mode="before")
     @classmethod

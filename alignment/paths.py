@@ -18,8 +18,15 @@ from .errors import RecipeError
 
 
 def user_path(value: str) -> str:
-    """`value` with a leading `~` or `~user` expanded; anything else unchanged."""
-    return os.path.expanduser(value) if value.startswith("~") else value
+    """`value` with a leading `~` or `~user` expanded; anything else unchanged. A `~user` that names
+    no user of this machine is an error: left as it is, it would become a directory called `~user`."""
+    if not value.startswith("~"):
+        return value
+    expanded = os.path.expanduser(value)
+    if expanded == value:
+        name = value[1:].split("/", 1)[0]
+        raise RecipeError(f"'{value}': no user '{name}' on this machine (a path that starts with ~ names a home directory)")
+    return expanded
 
 
 def output_problem(out: Path, probe: bool = True) -> str | None:

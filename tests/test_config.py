@@ -199,3 +199,11 @@ def test_demo_rows_come_from_the_schema():
     assert asked == [4000] and len(rows) == 4000
     load_rows(SFTDataOptions(num_examples=3), lambda n, seed: asked.append(n) or [])
     assert asked[-1] == 3
+
+
+def test_a_home_of_no_user_is_refused_not_made_a_directory(tmp_path):
+    """`~nosuchuser/x` is not expanded by the system; kept as it is, it would become a directory
+    literally called `~nosuchuser` under the current one."""
+    with pytest.raises(RecipeError, match=r"output_dir: '~nosuchuser/x': no user 'nosuchuser' on this machine"):
+        load_recipe(RECIPES / "sft.yaml", [(["output_dir"], "~nosuchuser/x", "output_dir=~nosuchuser/x")])
+    assert load_recipe(RECIPES / "sft.yaml", [(["output_dir"], "~/x", "output_dir=~/x")]).output_dir == str(Path.home() / "x")
