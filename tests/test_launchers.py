@@ -4,9 +4,12 @@ trains, in one line naming what works."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from alignment.cli import main
+from alignment.errors import RecipeError
 from alignment.pipeline import distributed, plan
 from alignment.stages import common
 
@@ -27,7 +30,6 @@ def test_rl_stages_refuse_deepspeed_in_one_line(in_tmp, tiny_base, reward_dir, m
 
 def test_rl_stage_under_deepspeed_is_refused_before_the_chain_trains(in_tmp, tiny_base, reward_dir, monkeypatch):
     """The refusal comes at plan time: an sft -> ppo chain stops before sft runs."""
-    from alignment.errors import RecipeError
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(RecipeError, match="stage 'ppo' does not run under DeepSpeed"):
@@ -52,3 +54,39 @@ def test_rl_stages_under_fsdp_are_sharded_by_the_toolkit_on_cpus_and_gpus(tiny_b
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
     [ddp] = plan(RECIPES / "ppo.yaml", args, num_processes=2)
     assert ddp.hash != fsdp2.hash
+
+
+class _ShardedTrainer:
+    """What fit_and_save sees of a Trainer under accelerate's FSDP (GPUs only, so a stand-in here): the
+    weights are shards, so only Trainer.save_model (which gathers them on every process) may save."""
+
+    is_fsdp_enabled = True
+
+    def __init__(self, rank: int):
+        self.rank, self.saved, self.model = rank, [], object()
+        self.state = type("State", (), {"log_history": [{"loss": 1.0}]})()
+
+    def is_world_process_zero(self):
+        return self.rank == 0
+
+    def train(self, resume_from_checkpoint=None):
+        return type("Result", (), {"training_loss": 1.0, "global_step": 1, "metrics": {}})()
+
+    def save_model(self, directory):
+        self.saved.append(directory)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_trainer_stages_under_fsdp_save_through_the_trainer_on_every_process(tmp_path, monkeypatch, rank):
+    from alignment import models
+    from alignment.config import LoraOptions, SFTRecipe
+    from alignment.stages import common
+
+    monkeypatch.setattr(models, "save_model", lambda *a, **k: pytest.fail("a shard saved as if it were the model"))
+    tok = type("Tok", (), {"save_pretrained": lambda self, d: (Path(d) / "tokenizer.json").write_text("{}")})()
+    trainer = _ShardedTrainer(rank)
+    summary = common.fit_and_save(trainer, tok, SFTRecipe(stage="sft", model="m"), tmp_path)
+    assert trainer.saved == [str(tmp_path)] and summary["steps"] == 1  # every process takes part in the gather
+    assert (tmp_path / "tokenizer.json").exists() == (rank == 0)
+    with pytest.raises(RecipeError, match="lora.merge_on_save: under FSDP the trainer stages save the adapter only"):
+        common.fit_and_save(_ShardedTrainer(rank), tok, SFTRecipe(stage="sft", model="m", lora=LoraOptions()), tmp_path)

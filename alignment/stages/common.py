@@ -233,12 +233,25 @@ def fit_and_save(trainer, tok, recipe: BaseRecipe, work_dir: Path, evaluate: boo
     if asked, save the model on the main process; return the summary every stage reports."""
     from ..models import save_model
 
+    # Under accelerate's FSDP (GPUs) each process holds a shard of the weights: Trainer.save_model gathers
+    # the full state dict (every process takes part) and the main process writes it. Merging LoRA adapters
+    # into the base would need the whole model on one process, so that case is refused before training.
+    sharded = getattr(trainer, "is_fsdp_enabled", False)
+    if sharded and recipe.lora is not None and recipe.lora.merge_on_save:
+        raise RecipeError(
+            "lora.merge_on_save: under FSDP the trainer stages save the adapter only (merging needs the whole "
+            "model on one process); set lora.merge_on_save: false, or train without FSDP"
+        )
     resume = last_checkpoint(work_dir)
     if resume and trainer.is_world_process_zero():
         drop_metrics_after(work_dir / "metrics.jsonl", checkpoint_step(resume))
     result = trainer.train(resume_from_checkpoint=resume)
     held_out = trainer.evaluate() if evaluate else {}
-    if trainer.is_world_process_zero():
+    if sharded:
+        trainer.save_model(str(work_dir))
+        if trainer.is_world_process_zero():
+            tok.save_pretrained(work_dir)
+    elif trainer.is_world_process_zero():
         save_model(trainer.model, tok, work_dir, recipe.lora)
     history = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {
