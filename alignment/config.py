@@ -584,13 +584,23 @@ class KTOOptions(Section):
         "'apo_zero_unpaired': the unpaired APO-zero loss (no KL term).",
     )
     beta: float = Field(0.1, gt=0.0, description="Strength of the implicit KL leash to the reference.")
-    desirable_weight: float = Field(
+    desirable_weight: float | Literal["auto"] = Field(
         1.0,
-        gt=0.0,
-        description="Weight of the desirable rows' losses. The KTO paper recommends desirable_weight * n_desirable / "
-        "(undesirable_weight * n_undesirable) in [1, 4/3]; the stage says so, with the numbers, when it is not.",
+        description="Weight of the desirable rows' losses (> 0). The KTO paper recommends desirable_weight * "
+        "n_desirable / (undesirable_weight * n_undesirable) in [1, 4/3]; the stage says so, with the numbers, when "
+        "it is not. 'auto': the weight that puts this ratio in the middle of that range (7/6), from the training "
+        "rows' counts, so that feedback whose balance varies (new samples, another seed) stays weighted as the "
+        "paper recommends; the summary records the weight used.",
     )
     undesirable_weight: float = Field(1.0, gt=0.0, description="Weight of the undesirable rows' losses.")
+
+    @field_validator("desirable_weight")
+    @classmethod
+    def _positive_weight(cls, value):
+        if value != "auto" and not value > 0:
+            raise ValueError(f"{value}: expected a number > 0, or 'auto'")
+        return value
+
     reference: Literal["copy", "precompute"] = Field(
         "copy",
         description="'copy': a frozen reference model runs beside the policy; 'precompute': reference log-probs are "

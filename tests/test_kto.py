@@ -12,7 +12,7 @@ from alignment.config import PrepOptions, PrepSource
 from alignment.recipe_file import load_recipe
 from alignment.errors import RecipeError
 from alignment.pipeline import run
-from alignment.stages.kto import balance_warning, weighted_ratio
+from alignment.stages.kto import balance_warning, balanced_desirable_weight, weighted_ratio
 from data_prep.cli import main as data_prep
 from data_prep.prepare import prepare
 from data_prep.shapes import binary_label
@@ -68,6 +68,15 @@ def test_warning_names_the_counts_weights_ratio_and_the_weight_to_set():
     assert "= 2," in line and "kto.desirable_weight in [1, 1.33]" in line
     # the undesirable weight enters the advice: 0.5 * 30 / 10 = 1.5 -> [1.5, 2]
     assert "kto.desirable_weight in [1.5, 2]" in balance_warning(10, 30, 1.0, 0.5)
+
+
+def test_auto_desirable_weight_is_the_middle_of_the_range_by_hand():
+    # (1 + 4/3) / 2 = 7/6; 10 desirable, 30 undesirable at weight 1: 7/6 * 30 / 10 = 3.5
+    assert balanced_desirable_weight(10, 30, 1.0) == pytest.approx(3.5)
+    assert balanced_desirable_weight(30, 10, 0.5) == pytest.approx(7 / 6 * 0.5 * 10 / 30)
+    assert weighted_ratio(10, 30, balanced_desirable_weight(10, 30, 1.0), 1.0) == pytest.approx(7 / 6)
+    with pytest.raises(RecipeError, match="kto.desirable_weight: auto: the training rows are 0 desirable and 12"):
+        balanced_desirable_weight(0, 12, 1.0)
 
 
 def test_warning_when_one_kind_is_missing():
@@ -205,6 +214,21 @@ def test_kto_stage_end_to_end_warns_trains_and_reloads(in_tmp, tiny_base, capsys
                                   return_tensors="pt", return_dict=True)
     assert model.generate(**ids, max_new_tokens=3, do_sample=False).shape[1] > ids["input_ids"].shape[1]
     assert (node.out_dir / "recipe.resolved.yaml").is_file() and (node.out_dir / "README.md").is_file()
+
+
+def test_kto_stage_with_auto_weight_trains_at_the_balanced_weight(in_tmp, tiny_base, capsys):
+    """2 up, 6 down: 'auto' gives desirable_weight 7/6 * 6 / 2 = 3.5 (ratio 7/6, no warning), and step 1's
+    loss is 0.5 * (3.5 * 2 + 1 * 6) / 8, as in the end-to-end test above."""
+    src = write_jsonl(in_tmp / "thumbs.jsonl", THUMBS)
+    assert data_prep(["binary", str(src), "--out", "fb", "--test-fraction", "0", "--quiet"]) == 0
+    [node] = run(RECIPES / "kto.yaml", [
+        f"model={tiny_base}", "data.source=fb", "data.eval_examples=0", "training.max_steps=1", "training.per_device_train_batch_size=8",
+        "training.logging_steps=1", "kto.desirable_weight=auto", "output_dir=out/kto"])
+    assert "recommends" not in capsys.readouterr().out
+    summary = summary_of(node)
+    assert summary["desirable_weight"] == pytest.approx(3.5) and summary["weighted_ratio"] == pytest.approx(7 / 6)
+    [first] = [json.loads(line) for line in (node.out_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line][:1]
+    assert first["loss"] == pytest.approx(0.5 * (3.5 * 2 + 6) / 8, abs=1e-5)
 
 
 def test_kto_stage_reads_pairs_as_two_rows_each_without_a_warning(in_tmp, tiny_base, capsys):

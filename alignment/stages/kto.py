@@ -11,7 +11,8 @@ pairs, each of which becomes one desirable and one undesirable row.
 
 The paper weights the two kinds so that desirable_weight * n_desirable / (undesirable_weight *
 n_undesirable) lies in [1, 4/3]; when it does not, the stage says so in one line, with the numbers
-and the weights that would bring it there (`balance_warning`).
+and the weights that would bring it there (`balance_warning`); `desirable_weight: auto` sets the
+weight from the training rows' counts (`balanced_desirable_weight`).
 
 TRL's KTOTrainer does the data work (chat template, prompt/completion masks, the mismatched KL
 rows), the reference bookkeeping (a frozen copy, precomputed log-probs, or with LoRA the policy
@@ -27,6 +28,7 @@ from pathlib import Path
 from trl import KTOConfig, KTOTrainer
 
 from ..config import KTORecipe
+from ..errors import RecipeError
 from ..demo import world
 from ..generation import check_fused_head
 from ..models import check_lora_targets, load_causal_lm, load_tokenizer, lora_config
@@ -74,6 +76,17 @@ def balance_warning(n_desirable: int, n_undesirable: int, desirable_weight: floa
             f"set kto.desirable_weight in [{lo * base:.3g}, {hi * base:.3g}]")
 
 
+def balanced_desirable_weight(n_desirable: int, n_undesirable: int, undesirable_weight: float) -> float:
+    """desirable_weight 'auto': the weight that puts the weighted ratio in the middle of RECOMMENDED_RATIO,
+    (lo + hi) / 2 * undesirable_weight * n_U / n_D."""
+    if n_desirable == 0 or n_undesirable == 0:
+        raise RecipeError(
+            f"kto.desirable_weight: auto: the training rows are {n_desirable} desirable and {n_undesirable} undesirable; "
+            "KTO needs both kinds"
+        )
+    return sum(RECOMMENDED_RATIO) / 2 * undesirable_weight * n_undesirable / n_desirable
+
+
 def label_counts(dataset) -> tuple[int, int]:
     """(desirable, undesirable) rows of a dataset with a boolean `label` column."""
     desirable = sum(bool(x) for x in dataset["label"])
@@ -94,6 +107,9 @@ def run(recipe: KTORecipe, inputs: dict, work_dir: Path) -> dict:
     if recipe.lora is not None:
         check_lora_targets(policy, recipe.lora)  # KTOTrainer adds the adapters itself
     ref_model, reference = reference_model(recipe, inputs, tok, o.reference)
+    desirable_weight = o.desirable_weight
+    if desirable_weight == "auto":
+        desirable_weight = balanced_desirable_weight(*label_counts(train), o.undesirable_weight)
 
     args = trainer_args(
         recipe,
@@ -101,7 +117,7 @@ def run(recipe: KTORecipe, inputs: dict, work_dir: Path) -> dict:
         KTOConfig,
         beta=o.beta,
         loss_type=o.loss_type,
-        desirable_weight=o.desirable_weight,
+        desirable_weight=desirable_weight,
         undesirable_weight=o.undesirable_weight,
         precompute_ref_log_probs=o.reference == "precompute",
         precompute_ref_batch_size=o.precompute_batch_size,
@@ -125,13 +141,14 @@ def run(recipe: KTORecipe, inputs: dict, work_dir: Path) -> dict:
     kept = pairs_after_filter(trainer, train, held_out, "prompt fills max_length", unit="rows")
 
     n_desirable, n_undesirable = label_counts(trainer.train_dataset)
-    warning = balance_warning(n_desirable, n_undesirable, o.desirable_weight, o.undesirable_weight)
+    warning = balance_warning(n_desirable, n_undesirable, desirable_weight, o.undesirable_weight)
     if warning and trainer.is_world_process_zero():
         print(warning, flush=True)
     balance = {
         "desirable_rows": n_desirable,
         "undesirable_rows": n_undesirable,
-        "weighted_ratio": weighted_ratio(n_desirable, n_undesirable, o.desirable_weight, o.undesirable_weight),
+        "desirable_weight": desirable_weight,
+        "weighted_ratio": weighted_ratio(n_desirable, n_undesirable, desirable_weight, o.undesirable_weight),
     }
     summary = fit_and_save(trainer, tok, recipe, work_dir, evaluate=held_out is not None)
     return {**counts, **kept, **balance, "reference": reference, **summary, **last_logged(trainer, METRICS)}
