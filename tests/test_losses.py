@@ -486,3 +486,107 @@ def test_estimators_import_nothing():
         elif isinstance(node, ast.ImportFrom):
             seen.add(node.module)
     assert seen == {"typing"}, seen
+
+
+# ------------------------------------------- gaps a mutation run of losses.py found (mutmut)
+
+def test_clipped_value_error_clips_a_fall_as_well_as_a_rise():
+    """v_old = 1, v = 0, R = 0, eps = 0.2: v - v_old = -1 clips to -0.2, v_clip = 0.8;
+    (v - R)^2 = 0, (v_clip - R)^2 = 0.64, so the loss is 0.5 * 0.64 = 0.32 and the clip binds.
+    Without the lower bound v_clip would be 0 and the loss 0."""
+    per_token, clipped = L.clipped_value_error(t(0.0), t(1.0), t(0.0), 0.2)
+    assert per_token.item() == pytest.approx(0.32)
+    assert clipped.tolist() == [True]
+
+
+def test_rewards_from_kl_adds_the_score_to_the_last_tokens_penalty():
+    """kl = [0.5, 1.0, 7.0], mask [1, 1, 0], score 2, beta 0.1: r = [-0.05, -0.1 + 2, -0.7] =
+    [-0.05, 1.9, -0.7] (the score is added to the last real token's -beta kl, not put in its place)."""
+    r = L.rewards_from_kl(t(0.5, 1.0, 7.0).view(1, 3), torch.tensor([[1, 1, 0]]), t(2.0), 0.1)
+    assert r.tolist()[0] == pytest.approx([-0.05, 1.9, -0.7])
+
+
+def test_dr_grpo_divides_by_the_length_limit_not_the_batch_width():
+    """l = [[1, 2, 0]], m = [[1, 1, 0]], B = 1. Dr. GRPO with max_length 4: (1 + 2) / (1 * 4) = 0.75;
+    with no max_length the batch width 3 is used: 3 / 3 = 1. Through aggregate, aggregate_loss
+    and ppo_policy_loss (new = old so ratio 1 and l = -A: A = [-1, -2, 0])."""
+    per_token, mask = t(1.0, 2.0, 0.0).view(1, 3), torch.tensor([[1, 1, 0]])
+    assert L.aggregate(per_token, mask, "dr_grpo", max_length=4).item() == pytest.approx(0.75)
+    assert L.aggregate(per_token, mask, "dr_grpo").item() == pytest.approx(1.0)
+    assert L.aggregate_loss(per_token, mask, "dr_grpo", 2, 1, 4).item() == pytest.approx(0.75)
+    assert L.aggregate_loss(per_token, mask, "dr_grpo", 2, 1).item() == pytest.approx(1.0)
+    logp = torch.zeros(1, 3, dtype=torch.float64)
+    loss, _, _ = L.ppo_policy_loss(logp, logp, -per_token, mask, 0.2, aggregation="dr_grpo", max_length=4)
+    assert loss.item() == pytest.approx(0.75)
+
+
+def test_ppo_policy_loss_passes_the_mask_and_gspos_sequence_level_on():
+    """new - old = [0.2, 0.4, 9.0], m = [1, 1, 0], A = 1, no clipping. Sequence level: the reply's
+    mean log-ratio over its real tokens is 0.3, ratio e^0.3 on each token, token-mean loss -e^0.3.
+    (Token level would give -(e^0.2 + e^0.4) / 2; the padded 9.0 must not enter the mean.)"""
+    new = t(0.2, 0.4, 9.0).view(1, 3)
+    old = torch.zeros(1, 3, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0]])
+    adv = torch.ones(1, 3, dtype=torch.float64)
+    loss, _, _ = L.ppo_policy_loss(new, old, adv, mask, None, level="sequence")
+    assert loss.item() == pytest.approx(-math.exp(0.3))
+    loss_tok, _, _ = L.ppo_policy_loss(new, old, adv, mask, None)
+    assert loss_tok.item() == pytest.approx(-(math.exp(0.2) + math.exp(0.4)) / 2)
+
+
+def test_unclipped_surrogate_says_nothing_was_clipped_as_a_bool_mask():
+    """clip_eps None: loss -A ratio, and the clipped mask is all False, a bool tensor like the
+    clipped branch's `pg2 > pg1` (callers index and negate it)."""
+    per_token, clipped = L.clipped_surrogate(t(0.0, 0.0).view(1, 2), t(0.0, 0.0).view(1, 2),
+                                             t(1.0, -2.0).view(1, 2), torch.ones(1, 2), None)
+    assert per_token.tolist() == [[-1.0, 2.0]]
+    assert clipped.dtype == torch.bool and not clipped.any()
+
+
+def test_overlong_penalty_boundaries():
+    """max_length 4. cache 0: no shaping at all, even past the limit: [0, 0] for lengths [3, 5].
+    cache 1: start 3; lengths [3, 4, 5] give [0, (3 - 4) / 1 = -1, -1]. cache 2: start 2; length 3
+    gives (2 - 3) / 2 = -0.5, length 6 gives (2 - 6) / 2 = -2, floored at -1."""
+    assert L.overlong_penalty(torch.tensor([3, 5]), 4, 0).tolist() == [0.0, 0.0]
+    assert L.overlong_penalty(torch.tensor([3, 4, 5]), 4, 1).tolist() == [0.0, -1.0, -1.0]
+    assert L.overlong_penalty(torch.tensor([2, 3, 6]), 4, 2).tolist() == [0.0, -0.5, -1.0]
+
+
+def test_explained_variance_with_returns_of_small_variance():
+    """R = [0, 0.2], V = [0, 0.1]. Unbiased var(R): mean 0.1, squared deviations 0.01 each, mean
+    0.01, times n / (n - 1) = 2: 0.02. R - V = [0, 0.1]: mean 0.05, 0.0025 each, times 2: 0.005.
+    EV = 1 - 0.005 / 0.02 = 0.75 (the 1e-8 guard must not act on a variance below 1)."""
+    ev = L.explained_variance(t(0.0, 0.1), t(0.0, 0.2), torch.ones(2))
+    assert ev.item() == pytest.approx(0.75)
+
+
+def test_masked_whiten_of_a_constant_is_zero_not_nan():
+    """x = [3, 3, 3]: mean 3, var 0, (x - 3) / sqrt(0 + 1e-8) = 0; shift_mean False adds 3 back."""
+    x, mask = t(3.0, 3.0, 3.0), torch.ones(3)
+    assert L.masked_whiten(x, mask).tolist() == [0.0, 0.0, 0.0]
+    assert L.masked_whiten(x, mask, shift_mean=False).tolist() == [3.0, 3.0, 3.0]
+
+
+def test_sequence_logprobs_at_temperature_two():
+    """logits [0, 2], label 1, temperature 2: z = [0, 1], log p = 1 - log(1 + e)."""
+    logp = L.sequence_logprobs(torch.tensor([[[0.0, 2.0]]]), torch.tensor([[1]]), torch.ones(1, 1), 2.0)
+    assert logp.item() == pytest.approx(1.0 - math.log1p(math.e), abs=1e-6)
+
+
+def test_aggregate_defaults_to_the_token_mean():
+    """l = [[1, 2], [3, 0]], m = [[1, 1], [1, 0]]: token mean (1 + 2 + 3) / 3 = 2
+    (the sequence mean would be (1.5 + 3) / 2 = 2.25)."""
+    assert L.aggregate(t(1.0, 2.0, 3.0, 0.0).view(2, 2), torch.tensor([[1, 1], [1, 0]])).item() == pytest.approx(2.0)
+
+
+def test_unknown_names_are_refused_naming_what_was_given():
+    """Each ValueError quotes the bad value and the accepted ones."""
+    x = torch.zeros(1, 2)
+    with pytest.raises(ValueError, match=r"'mean'.*'token', 'sequence' or 'dr_grpo'"):
+        L.aggregate_loss(x, torch.ones(1, 2), "mean", 2, 1)
+    with pytest.raises(ValueError, match=r"'tokens'.*'token' or 'sequence'"):
+        L.clipped_surrogate(x, x, x, torch.ones(1, 2), 0.2, level="tokens")
+    with pytest.raises(ValueError, match=r"label_smoothing.*'ipo'"):
+        L.dpo_loss(t(0.0), t(0.0), t(0.0), t(0.0), 0.1, loss_type="ipo", label_smoothing=0.1)
+    with pytest.raises(ValueError, match=r"'bogus'.*'sigmoid', 'ipo' or 'hinge'"):
+        L.dpo_loss(t(0.0), t(0.0), t(0.0), t(0.0), 0.1, loss_type="bogus")
