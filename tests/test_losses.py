@@ -590,3 +590,11 @@ def test_unknown_names_are_refused_naming_what_was_given():
         L.dpo_loss(t(0.0), t(0.0), t(0.0), t(0.0), 0.1, loss_type="ipo", label_smoothing=0.1)
     with pytest.raises(ValueError, match=r"'bogus'.*'sigmoid', 'ipo' or 'hinge'"):
         L.dpo_loss(t(0.0), t(0.0), t(0.0), t(0.0), 0.1, loss_type="bogus")
+
+
+def test_last_real_index_stays_on_the_masks_device():
+    """The positions are made on the mask's device: with a mask on the meta device (a stand-in for
+    a GPU on a CPU-only machine) a CPU arange would raise a device mismatch in torch.where."""
+    mask = torch.ones(2, 3, dtype=torch.long, device="meta")
+    assert L.last_real_index(mask).device.type == "meta"
+    assert L.last_real_index(torch.tensor([[1, 1, 0], [0, 0, 0]])).tolist() == [1, -1]
