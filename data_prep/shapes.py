@@ -353,24 +353,34 @@ def _rng(prompt: list[dict], seed: int) -> random.Random:
     return random.Random(zlib.crc32(repr((seed, prompt)).encode()))
 
 
+def _rated_completions(row: dict, c: PrepColumns) -> tuple[list, list[float]] | str:
+    """(completion texts, their ratings as numbers) of a rated row, as a list of {response, rating}
+    objects or as two parallel lists; or why the row has none."""
+    completions = _as_list(row.get(c.completions))
+    if not isinstance(completions, list):
+        return f"'{c.completions}' is not a list"
+    if completions and all(isinstance(x, dict) for x in completions):
+        texts = [x.get(c.response_key) for x in completions]
+        ratings = [x.get(c.rating_key) for x in completions]
+    else:
+        texts, ratings = completions, _as_list(row.get(c.ratings))
+        if not isinstance(ratings, list) or len(ratings) != len(texts):
+            return f"'{c.ratings}' is not a list as long as '{c.completions}'"
+    ratings = [_number(r) for r in ratings]
+    if any(r is None for r in ratings):
+        return "a rating is not a number"
+    return texts, ratings
+
+
 def _rated(c: PrepColumns, o: PrepOptions):
     def parse(row: dict):
         prompt = _prompt(row, c.prompt)
         if isinstance(prompt, str):
             return prompt
-        completions = _as_list(row.get(c.completions))
-        if not isinstance(completions, list):
-            return f"'{c.completions}' is not a list"
-        if completions and all(isinstance(x, dict) for x in completions):
-            texts = [x.get(c.response_key) for x in completions]
-            ratings = [x.get(c.rating_key) for x in completions]
-        else:
-            texts, ratings = completions, _as_list(row.get(c.ratings))
-            if not isinstance(ratings, list) or len(ratings) != len(texts):
-                return f"'{c.ratings}' is not a list as long as '{c.completions}'"
-        ratings = [_number(r) for r in ratings]
-        if any(r is None for r in ratings):
-            return "a rating is not a number"
+        rated = _rated_completions(row, c)
+        if isinstance(rated, str):
+            return rated
+        texts, ratings = rated
         if len(texts) < 2:
             return "fewer than two rated completions"
         best = max(range(len(texts)), key=lambda i: ratings[i])
@@ -529,19 +539,10 @@ def _rated_binary(c: PrepColumns, o: PrepOptions):
         prompt = _prompt(row, c.prompt)
         if isinstance(prompt, str):
             return prompt
-        completions = _as_list(row.get(c.completions))
-        if not isinstance(completions, list):
-            return f"'{c.completions}' is not a list"
-        if completions and all(isinstance(x, dict) for x in completions):
-            texts = [x.get(c.response_key) for x in completions]
-            ratings = [x.get(c.rating_key) for x in completions]
-        else:
-            texts, ratings = completions, _as_list(row.get(c.ratings))
-            if not isinstance(ratings, list) or len(ratings) != len(texts):
-                return f"'{c.ratings}' is not a list as long as '{c.completions}'"
-        ratings = [_number(r) for r in ratings]
-        if any(r is None for r in ratings):
-            return "a rating is not a number"
+        rated = _rated_completions(row, c)
+        if isinstance(rated, str):
+            return rated
+        texts, ratings = rated
         if not texts:
             return "no rated completions"
         rows = []
