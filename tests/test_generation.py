@@ -39,3 +39,50 @@ def test_a_prompt_asked_for_several_replies_runs_once_and_samples_as_alone(tiny_
     alone = generation.sample(model, tok, texts, max_new_tokens=8, temperature=1.0)
     for name in ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "finished"):
         assert torch.equal(getattr(shared, name), getattr(alone, name)), name
+
+
+def test_stop_ids_join_the_tokenizers_eos_and_the_models_own():
+    """EOS 2 from the tokenizer; the generation config adds 9 (an int) or [7, 2] (a list, Qwen's
+    way); no generation config adds nothing. Sorted, each once."""
+    from types import SimpleNamespace as NS
+
+    from alignment.generation import stop_ids
+
+    tok = NS(eos_token_id=2)
+    assert stop_ids(NS(generation_config=NS(eos_token_id=9)), tok) == [2, 9]
+    assert stop_ids(NS(generation_config=NS(eos_token_id=[7, 2])), tok) == [2, 7]
+    assert stop_ids(NS(generation_config=NS(eos_token_id=None)), tok) == [2]
+    assert stop_ids(NS(), tok) == [2]
+
+
+def test_decoding_is_plain_sampling_or_greedy():
+    """temperature > 0: sampling from softmax(z / T), top_k 0 (off), top_p 1 unless given; 0: greedy."""
+    from alignment.generation import decoding
+
+    assert decoding(0.7) == {"do_sample": True, "temperature": 0.7, "top_k": 0, "top_p": 1.0}
+    assert decoding(1.0, 0.9) == {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 0.9}
+    assert decoding(0.0) == {"do_sample": False}
+
+
+def test_checkpoint_overrides_of_a_model_without_a_generation_config_are_none():
+    from types import SimpleNamespace as NS
+
+    from alignment.generation import checkpoint_overrides
+
+    assert checkpoint_overrides(NS(), 0.7) == {}
+
+
+def test_cache_keyword_follows_the_forward_signature():
+    """A forward taking `cache` gets it under that name; one taking `past_key_values` under that."""
+    from alignment.generation import cache_keyword
+
+    class New:
+        def forward(self, input_ids, cache=None):
+            return None
+
+    class Old:
+        def forward(self, input_ids, past_key_values=None):
+            return None
+
+    assert cache_keyword(New()) == "cache"
+    assert cache_keyword(Old()) == "past_key_values"

@@ -598,3 +598,29 @@ def test_last_real_index_stays_on_the_masks_device():
     mask = torch.ones(2, 3, dtype=torch.long, device="meta")
     assert L.last_real_index(mask).device.type == "meta"
     assert L.last_real_index(torch.tensor([[1, 1, 0], [0, 0, 0]])).tolist() == [1, -1]
+
+
+def test_estimator_registries_hold_what_was_registered_and_refuse_a_name_twice():
+    """Each KL entry keeps its function and the three descriptions the schema's help and refusals
+    read; registering an existing name is refused naming it, and leaves the entry as it was."""
+    assert E.KL["k1"] == (E.kl_k1, "KL(policy || ref), unbiased, can be negative per token", None,
+                          "the gradient of KL(policy || ref)")
+    assert E.KL["k3"].fn is E.kl_k3 and E.KL["k3"].in_loss == "the gradient of KL(ref || policy), the other direction"
+    with pytest.raises(ValueError, match=r"KL estimator 'k1' is registered twice"):
+        E.register_kl("k1", "x", None, "y")(lambda logr: logr)
+    assert E.KL["k1"].fn is E.kl_k1
+    with pytest.raises(ValueError, match=r"advantage estimator 'grpo' is registered twice"):
+        E.register_advantage("grpo")(lambda *a: None)
+    assert E.ADVANTAGE["grpo"] is E.grpo_advantages
+
+
+def test_kl_penalty_defaults_to_k1_and_masked_kl_passes_its_kind_on():
+    """logp -1.0, ref -1.5 (PPO.md's check): k1 = 0.5, k2 = 0.25 / 2 = 0.125; masked tokens 0.
+    An unknown name is refused listing the known ones."""
+    logp, ref = t(-1.0, -1.0), t(-1.5, -1.5)
+    mask = torch.tensor([1, 0])
+    assert E.kl_penalty(logp, ref).tolist() == [0.5, 0.5]
+    assert E.masked_kl(logp, ref, mask).tolist() == [0.5, 0.0]
+    assert E.masked_kl(logp, ref, mask, "k2").tolist() == [0.125, 0.0]
+    with pytest.raises(ValueError, match=r"unknown KL estimator 'k4'; expected one of k1, k2, k3"):
+        E.kl_penalty(logp, ref, "k4")
