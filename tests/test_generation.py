@@ -86,3 +86,27 @@ def test_cache_keyword_follows_the_forward_signature():
 
     assert cache_keyword(New()) == "cache"
     assert cache_keyword(Old()) == "past_key_values"
+
+
+def test_clean_generation_config_keeps_ids_and_drops_decoding():
+    """A checkpoint's config with eos 5, pad 0, temperature 0.3 and top_k 7: the clean one keeps the
+    ids and leaves every decoding field unset (temperature, top_k None); None gives an empty one
+    with no ids either."""
+    from transformers import GenerationConfig
+
+    from alignment.generation import _clean_generation_config
+
+    clean = _clean_generation_config(GenerationConfig(eos_token_id=5, pad_token_id=0, temperature=0.3, top_k=7))
+    assert (clean.eos_token_id, clean.pad_token_id, clean.temperature, clean.top_k) == (5, 0, None, None)
+    empty = _clean_generation_config(None)
+    assert (empty.eos_token_id, empty.temperature) == (None, None)
+
+
+def test_hidden_of_reads_a_tuple_or_an_output_object():
+    from types import SimpleNamespace as NS
+
+    from alignment.generation import _hidden_of
+
+    h, other = torch.ones(1), torch.zeros(1)
+    assert _hidden_of((h, other)) is h
+    assert _hidden_of(NS(last_hidden_state=h)) is h
