@@ -90,3 +90,27 @@ def test_rewards_hand_each_function_the_reply_before_its_eos_and_the_rows_other_
     assert set(rew.scores(["P0", "P1"], rows, response, mask, response, mask, finished, which="model")) == set()
     one = rew.scores(["P0"], rows[:1], response[:1], mask[:1], response[:1], mask[:1], finished[:1])
     assert got["answer"] == ["A0"] and one["f"].tolist() == [1.0]
+
+
+def test_reward_functions_load_from_a_module_or_a_file_whose_path_holds_a_colon(tmp_path):
+    """'package.module:name' imports the module; 'dir:x/f.py:name' splits at the last colon."""
+    import math
+
+    assert R.load_function("math:sqrt") is math.sqrt
+    folder = tmp_path / "a:b"
+    folder.mkdir()
+    (folder / "f.py").write_text("def score(prompts, **kw):\n    return [1.0] * len(prompts)\n")
+    assert R.load_function(f"{folder}/f.py:score")(["p"]) == [1.0]
+
+
+def test_two_reward_files_of_the_same_size_and_time_are_two_modules(tmp_path):
+    """The cache key holds the resolved path: files alike in size and mtime are not confused; a file
+    defining a dataclass loads (the module is in sys.modules under its own name while it runs)."""
+    import os
+
+    body = "from dataclasses import dataclass\n@dataclass\nclass C:\n    v: float = {v}\ndef score(prompts, **kw):\n    return [C().v] * len(prompts)\n"
+    for name, v in (("x.py", "1.0"), ("y.py", "2.0")):
+        (tmp_path / name).write_text(body.format(v=v))
+        os.utime(tmp_path / name, ns=(10**18, 10**18))
+    assert R.load_function(f"{tmp_path}/x.py:score")(["p"]) == [1.0]
+    assert R.load_function(f"{tmp_path}/y.py:score")(["p"]) == [2.0]
