@@ -114,3 +114,42 @@ def test_two_reward_files_of_the_same_size_and_time_are_two_modules(tmp_path):
         os.utime(tmp_path / name, ns=(10**18, 10**18))
     assert R.load_function(f"{tmp_path}/x.py:score")(["p"]) == [1.0]
     assert R.load_function(f"{tmp_path}/y.py:score")(["p"]) == [2.0]
+
+
+def test_gold_grades_whether_the_reply_finished():
+    """The same reply, finished and cut off: only the gold rule's 'concise' part (0.25) depends on
+    whether the reply ended with EOS, so the two scores differ by exactly 0.25."""
+    p, r = "reverse: cat dog sun", "Sure! sun dog cat"
+    done, cut = R.gold(prompts=[p, p], completions=[r, r], finished=[True, False])
+    assert (done, cut) == (1.0, 0.75)  # polite 0.25 + right 0.5 + concise 0.25 only when finished
+
+
+def test_rewards_with_a_reward_model_score_what_is_asked(tmp_path, monkeypatch):
+    """A reward model (its scores stubbed: [0.5, -0.5]) and a function: which='model' gives the model
+    only, 'functions' the function only, 'all' both. The function's None is allowed here (the model
+    scores that reply). A special token inside a reply (id 1, not a stop) is left out of its text."""
+    monkeypatch.setattr(R, "model_scores", lambda *a: torch.tensor([0.5, -0.5]))
+    got = {}
+
+    def f(completions):
+        got["completions"] = completions
+        return [1.0, None]
+
+    rew = _rewards(tmp_path, [], reward_model=object())
+    rew.functions, rew.names, rew.weights = {"f": f}, ["reward_model", "f"], {"reward_model": 1.0, "f": 1.0}
+    rew.tok = SpecialTok()
+    response = torch.tensor([[5, 1, 6], [7, 8, 9]])
+    mask, finished = torch.ones(2, 3, dtype=torch.long), torch.tensor([False, False])
+    args = (["P0", "P1"], [{"prompt": "P0"}, {"prompt": "P1"}], response, mask, response, mask, finished)
+    assert list(rew.scores(*args, which="model")) == ["reward_model"]
+    assert list(rew.scores(*args, which="functions")) == ["f"]
+    out = rew.scores(*args)
+    assert sorted(out) == ["f", "reward_model"] and rew.total(out).tolist() == [1.5, -0.5]
+    assert got["completions"] == ["w5 w6", "w7 w8 w9"]
+
+
+class SpecialTok(WordTok):
+    """Ids 0 and 1 are both special tokens."""
+
+    def batch_decode(self, ids, skip_special_tokens=False):
+        return [" ".join(f"w{i}" for i in row if not (skip_special_tokens and i in (0, 1))) for row in ids]
