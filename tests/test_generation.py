@@ -110,3 +110,17 @@ def test_hidden_of_reads_a_tuple_or_an_output_object():
     h, other = torch.ones(1), torch.zeros(1)
     assert _hidden_of((h, other)) is h
     assert _hidden_of(NS(last_hidden_state=h)) is h
+
+
+def test_checkpoint_overrides_list_only_what_sample_does_not_apply():
+    """A checkpoint saying do_sample, temperature 0.7, top_k 0 and top_p 1.0 (what `sample` uses at
+    0.7 with the default top_p of 1) plus repetition_penalty 1.3 and eos 5: only the penalty is an
+    override (eos is not about decoding)."""
+    from types import SimpleNamespace as NS
+
+    from transformers import GenerationConfig
+
+    from alignment.generation import checkpoint_overrides
+
+    config = GenerationConfig(do_sample=True, temperature=0.7, top_k=0, top_p=1.0, repetition_penalty=1.3, eos_token_id=5)
+    assert checkpoint_overrides(NS(generation_config=config), 0.7) == {"repetition_penalty": 1.3}
