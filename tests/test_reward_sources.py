@@ -153,3 +153,12 @@ class SpecialTok(WordTok):
 
     def batch_decode(self, ids, skip_special_tokens=False):
         return [" ".join(f"w{i}" for i in row if not (skip_special_tokens and i in (0, 1))) for row in ids]
+
+
+def test_a_reward_source_that_cannot_be_imported_is_named_with_the_error(tmp_path):
+    (tmp_path / "broken.py").write_text("def score(:\n")
+    ref = f"{tmp_path}/broken.py:score"
+    with pytest.raises(RecipeError, match=rf"reward_fn '{ref}': importing {tmp_path}/broken.py failed \(SyntaxError: "):
+        R.load_function(ref)
+    with pytest.raises(RecipeError, match=r"reward_fn 'no_such_module_q:f': cannot import module 'no_such_module_q' \(ModuleNotFoundError: "):
+        R.load_function("no_such_module_q:f")
