@@ -939,7 +939,7 @@ KL_HELP = (
 
 
 class RLOptions(Section):
-    """What the one RL loop (alignment/stages/ppo.py) reads in every RL stage: rollouts, the clipped
+    """What the one RL loop (alignment/stages/rl.py) reads in every RL stage: rollouts, the clipped
     policy update and the KL leash. The stage's own section (ppo, grpo, rloo) adds the rest."""
 
     total_episodes: int = Field(
@@ -1068,7 +1068,7 @@ class RLOptions(Section):
 
 
 class PPOOptions(RLOptions):
-    """PPO with a KL penalty and a critic (see alignment/stages/ppo.py for one iteration step by step)."""
+    """PPO with a KL penalty and a critic (see alignment/stages/rl.py for one iteration step by step)."""
 
     value_clip_range: float = Field(0.2, gt=0.0, description="Clip of the value update around the rollout's values.")
     vf_coef: float = Field(0.1, ge=0.0, description="Weight of the value loss in the total loss.")

@@ -140,7 +140,7 @@ def distinct_characters(prompts: list, completions: list, **_) -> list[float]:
 
 def our_worker(work: Path, iterations: int, s: dict, out: Path) -> dict:
     """Our side, in its own process: the grpo recipe through our pipeline, stamped at each iteration's end."""
-    import alignment.stages.ppo as loop
+    import alignment.stages.rl as loop
     from alignment.pipeline import run
 
     stamps = []

@@ -253,7 +253,7 @@ def our_worker(work: Path, task: str, variant: str, a, out: Path, meter: Meter) 
 def our_ppo(work: Path, a, out: Path, common: list[str], task: str = "ppo") -> dict:
     import torch
 
-    import alignment.stages.ppo as loop
+    import alignment.stages.rl as loop
     from alignment.pipeline import run
 
     stamps, write = [], loop.append_metrics

@@ -10,7 +10,7 @@ from accelerate.state import AcceleratorState
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from alignment.models import no_dropout
-from alignment.stages import ppo
+from alignment.stages import rl
 
 from .test_ppo import recipe_for
 
@@ -44,13 +44,13 @@ def one_update(tiny_base, reward_dir, checkpointing: bool):
     and the critic's first MLP ran during the epochs."""
     recipe = recipe_for(tiny_base, reward_dir, f"model_options.gradient_checkpointing={str(checkpointing).lower()}")
     torch.manual_seed(0)
-    m = ppo.build_models(recipe, {"model": str(tiny_base), "reward_model": str(reward_dir)}, print)
+    m = rl.build_models(recipe, {"model": str(tiny_base), "reward_model": str(reward_dir)}, print)
     AcceleratorState._reset_state()
     accelerator = Accelerator(cpu=True)
-    optimizer, scheduler = ppo.prepare_training(m, accelerator, recipe)
-    prompts, rendered, *_ = ppo.load_prompts(recipe, m.tok)
+    optimizer, scheduler = rl.prepare_training(m, accelerator, recipe)
+    prompts, rendered, *_ = rl.load_prompts(recipe, m.tok)
     torch.manual_seed(0)
-    r = ppo.rollout(m, accelerator, rendered[:8], prompts[:8], recipe, {"generation": 0.0, "scoring": 0.0})
+    r = rl.rollout(m, accelerator, rendered[:8], prompts[:8], recipe, {"generation": 0.0, "scoring": 0.0})
     saved = saved_bytes(m, r, recipe)
     calls = {"policy": 0, "critic": 0}
     mlps = {"policy": m.policy.model.layers[0].mlp, "critic": m.critic.classifier.model.layers[0].mlp}
@@ -60,7 +60,7 @@ def one_update(tiny_base, reward_dir, checkpointing: bool):
             return _forward(*args, **kwargs)
 
         mlp.forward = counted
-    stats, *_ = ppo.learn(m, accelerator, optimizer, scheduler, r, 0.05, recipe, 0)
+    stats, *_ = rl.learn(m, accelerator, optimizer, scheduler, r, 0.05, recipe, 0)
     assert not m.policy.training and not m.critic.training  # back in eval mode for the next rollout
     weights = {f"{k}.{n}": p.detach().clone() for k, model in (("policy", m.policy), ("critic", m.critic))
                for n, p in model.named_parameters()}
@@ -77,8 +77,8 @@ def saved_bytes(m, r, recipe) -> int:
         total += t.numel() * t.element_size()
         return t
 
-    with ppo.train_mode([m.policy]), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        ppo.reply_logprobs(m.policy, r, recipe.rl.temperature)
+    with rl.train_mode([m.policy]), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        rl.reply_logprobs(m.policy, r, recipe.rl.temperature)
     return total
 
 

@@ -28,38 +28,38 @@ from accelerate import Accelerator
 from alignment import sharding
 from alignment.recipe_file import load_recipe, parse_override
 from alignment.pipeline import run
-from alignment.stages import ppo
+from alignment.stages import rl
 
 accelerator = Accelerator(cpu=True)
 
 
 def update(recipe_path, overrides, out):
     recipe = load_recipe(recipe_path, [(p, v, raw) for raw in overrides for _, p, v in [parse_override(raw)]])
-    m = ppo.build_models(recipe, {"model": str(recipe.model), "reward_model": str(recipe.reward_model)}, print)
-    ppo.prepare_training(m, accelerator, recipe)
-    params = [p for model in ppo.trained_models(m) for p in model.parameters() if p.requires_grad]
+    m = rl.build_models(recipe, {"model": str(recipe.model), "reward_model": str(recipe.reward_model)}, print)
+    rl.prepare_training(m, accelerator, recipe)
+    params = [p for model in rl.trained_models(m) for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    prompts, rendered, *_ = ppo.load_prompts(recipe, m.tok)
+    prompts, rendered, *_ = rl.load_prompts(recipe, m.tok)
     G, n = recipe.rl.group_size, 8 // accelerator.num_processes
     records = []
     for it in range(2):
         mine = [i for i in range(it * 8 // G, (it + 1) * 8 // G) for _ in range(G)]
         torch.manual_seed(it)  # the same global batch in every process; each then keeps its share
-        r = ppo.rollout(m, accelerator, [rendered[i] for i in mine], [prompts[i] for i in mine], recipe,
+        r = rl.rollout(m, accelerator, [rendered[i] for i in mine], [prompts[i] for i in mine], recipe,
                         {"generation": 0.0, "scoring": 0.0})
         r = r.rows(slice(accelerator.process_index * n, (accelerator.process_index + 1) * n))
-        stats, kl, returns, per_reply = ppo.learn(m, accelerator, optimizer, scheduler, r, 0.05, recipe, it)
-        records.append({**stats, **ppo.iteration_metrics(accelerator, m, r, kl, returns, per_reply, 0.05, recipe.rl)})
+        stats, kl, returns, per_reply = rl.learn(m, accelerator, optimizer, scheduler, r, 0.05, recipe, it)
+        records.append({**stats, **rl.iteration_metrics(accelerator, m, r, kl, returns, per_reply, 0.05, recipe.rl)})
     sharded = accelerator.num_processes > 1
     state = sharding.full_state_dict(m.policy) if sharded else m.policy.state_dict()
-    held = sharding.summary(accelerator, ppo.trained_models(m), [m.reference, m.rewards.reward_model], optimizer)
+    held = sharding.summary(accelerator, rl.trained_models(m), [m.reference, m.rewards.reward_model], optimizer)
     if accelerator.is_main_process:
         torch.save({"state": state, "records": records, "held": held}, out)
 
 
 def killed(recipe_path, overrides, after):
-    metrics = ppo.iteration_metrics
+    metrics = rl.iteration_metrics
 
     def stop(*args, **kwargs):
         stop.calls += 1
@@ -68,13 +68,13 @@ def killed(recipe_path, overrides, after):
         return metrics(*args, **kwargs)
 
     stop.calls = 0
-    ppo.iteration_metrics = stop
+    rl.iteration_metrics = stop
     try:
         run(recipe_path, overrides)
     except KeyboardInterrupt:
         pass
     finally:
-        ppo.iteration_metrics = metrics
+        rl.iteration_metrics = metrics
     run(recipe_path, overrides)
 
 

@@ -16,7 +16,7 @@ from alignment import estimators, losses
 from alignment.recipe_file import load_recipe, parse_override
 from alignment.errors import RecipeError
 from alignment.pipeline import plan, run
-from alignment.stages import ppo
+from alignment.stages import rl
 
 from .conftest import RECIPES
 
@@ -88,12 +88,12 @@ def test_grpo_keys_take_trl_names_and_a_typo_is_named(tiny_base):
 
 def test_beta_zero_loads_no_reference(tiny_base, monkeypatch):
     loaded = []
-    real = ppo.load_causal_lm
-    monkeypatch.setattr(ppo, "load_causal_lm", lambda *a, **k: loaded.append(a[0]) or real(*a, **k))
-    m = ppo.build_models(grpo_recipe(tiny_base, "grpo.beta=0"), {"model": str(tiny_base)}, print)
+    real = rl.load_causal_lm
+    monkeypatch.setattr(rl, "load_causal_lm", lambda *a, **k: loaded.append(a[0]) or real(*a, **k))
+    m = rl.build_models(grpo_recipe(tiny_base, "grpo.beta=0"), {"model": str(tiny_base)}, print)
     assert m.reference is None and m.reference_kind == "none" and m.critic is None and len(loaded) == 1
     loaded.clear()
-    m = ppo.build_models(grpo_recipe(tiny_base), {"model": str(tiny_base)}, print)
+    m = rl.build_models(grpo_recipe(tiny_base), {"model": str(tiny_base)}, print)
     assert m.reference is not None and len(loaded) == 2  # beta > 0: a frozen copy
 
 
@@ -110,14 +110,14 @@ def test_python_reward_function_gets_prompts_replies_and_columns_and_drives_the_
     (in_tmp / "my_rewards.py").write_text(REWARDS_FILE)
     # forward passes in chunks of 3 rows: the function is still called once, on the whole batch (docs/rl.md)
     recipe = grpo_recipe(tiny_base, "reward_fn=my_rewards.py:score", "grpo.beta=0.5", "grpo.forward_batch_size=3")
-    m = ppo.build_models(recipe, {"model": str(tiny_base)}, print)
+    m = rl.build_models(recipe, {"model": str(tiny_base)}, print)
     accelerator = Accelerator(cpu=True)
-    optimizer, scheduler = ppo.prepare_training(m, accelerator, recipe)
-    prompts, rendered, _, rows = ppo.load_prompts(recipe, m.tok)
+    optimizer, scheduler = rl.prepare_training(m, accelerator, recipe)
+    prompts, rendered, _, rows = rl.load_prompts(recipe, m.tok)
     mine = [i for i in range(2) for _ in range(4)]
     columns = [{**rows[i], "target": "x" if i == 0 else "y"} for i in mine]
     torch.manual_seed(0)
-    r = ppo.rollout(m, accelerator, [rendered[i] for i in mine], [prompts[i] for i in mine], recipe,
+    r = rl.rollout(m, accelerator, [rendered[i] for i in mine], [prompts[i] for i in mine], recipe,
                     {"generation": 0.0, "scoring": 0.0}, columns)
     [call] = m.rewards.functions["my_rewards.py:score"].__globals__["calls"]
     assert call["prompts"] == [prompts[i] for i in mine] and call["target"] == ["x"] * 4 + ["y"] * 4
@@ -126,7 +126,7 @@ def test_python_reward_function_gets_prompts_replies_and_columns_and_drives_the_
     assert call["completions"] == replies
     expected = torch.tensor([len(c) + (i < 4) for i, c in enumerate(replies)], dtype=torch.float32)
     assert torch.equal(r.sources["my_rewards.py:score"], expected) and torch.equal(r.scores, expected)
-    stats, kl, returns, per_reply = ppo.learn(m, accelerator, optimizer, scheduler, r, 0.5, recipe, 0)
+    stats, kl, returns, per_reply = rl.learn(m, accelerator, optimizer, scheduler, r, 0.5, recipe, 0)
     assert returns is None and "loss/kl" in stats  # no critic; GRPO's KL is in the loss
     assert torch.allclose(per_reply, estimators.grpo_advantages(expected, 4))  # KL in the loss: scores untouched
 
@@ -134,15 +134,15 @@ def test_python_reward_function_gets_prompts_replies_and_columns_and_drives_the_
 def test_rloo_puts_the_kl_in_the_reward(tiny_base, reward_dir):
     """rloo: the score minus beta x the reply's summed KL, then the leave-one-out baseline."""
     recipe = grpo_recipe(tiny_base, f"reward_model={reward_dir}", stage="rloo")
-    m = ppo.build_models(recipe, {"model": str(tiny_base), "reward_model": str(reward_dir)}, print)
+    m = rl.build_models(recipe, {"model": str(tiny_base), "reward_model": str(reward_dir)}, print)
     accelerator = Accelerator(cpu=True)
-    optimizer, scheduler = ppo.prepare_training(m, accelerator, recipe)
-    prompts, rendered, *_ = ppo.load_prompts(recipe, m.tok)
+    optimizer, scheduler = rl.prepare_training(m, accelerator, recipe)
+    prompts, rendered, *_ = rl.load_prompts(recipe, m.tok)
     mine = [i for i in range(2) for _ in range(4)]
     torch.manual_seed(0)
-    r = ppo.rollout(m, accelerator, [rendered[i] for i in mine], [prompts[i] for i in mine], recipe, {"generation": 0.0, "scoring": 0.0})
+    r = rl.rollout(m, accelerator, [rendered[i] for i in mine], [prompts[i] for i in mine], recipe, {"generation": 0.0, "scoring": 0.0})
     r.ref_logp = r.logp - 0.1 * r.response_mask  # as if the policy had moved: k1 = 0.1 per token
-    _, kl, _, per_reply = ppo.learn(m, accelerator, optimizer, scheduler, r, 0.5, recipe, 0)
+    _, kl, _, per_reply = rl.learn(m, accelerator, optimizer, scheduler, r, 0.5, recipe, 0)
     assert torch.allclose(kl.sum(-1), 0.1 * r.response_mask.sum(-1).float())
     assert torch.allclose(per_reply, estimators.rloo_advantages(r.scores - 0.5 * kl.sum(-1), 4), atol=1e-6)
 
@@ -159,17 +159,17 @@ def test_on_policy_update_gives_the_old_log_probs_itself(tiny_base, extra, from_
     ratio exactly 1 and KL exactly 0 against the reference it equals at the start."""
     recipe = grpo_recipe(tiny_base, "reward_fn=gold", "grpo.num_iterations=1", "grpo.num_minibatches=1",
                          "training.gradient_accumulation_steps=2", *extra)
-    m = ppo.build_models(recipe, {"model": str(tiny_base)}, print)
+    m = rl.build_models(recipe, {"model": str(tiny_base)}, print)
     accelerator = Accelerator(cpu=True)
-    optimizer, scheduler = ppo.prepare_training(m, accelerator, recipe)
-    prompts, rendered, *_ = ppo.load_prompts(recipe, m.tok)
-    assert ppo.old_logprobs_from_update(m, recipe.rl) == from_update
+    optimizer, scheduler = rl.prepare_training(m, accelerator, recipe)
+    prompts, rendered, *_ = rl.load_prompts(recipe, m.tok)
+    assert rl.old_logprobs_from_update(m, recipe.rl) == from_update
     torch.manual_seed(0)
-    r = ppo.rollout(m, accelerator, rendered[:8], prompts[:8], recipe, {"generation": 0.0, "scoring": 0.0})
+    r = rl.rollout(m, accelerator, rendered[:8], prompts[:8], recipe, {"generation": 0.0, "scoring": 0.0})
     assert (r.logp is None and r.entropy is None) == from_update
     with torch.no_grad():
-        want_logp, want_entropy = ppo.reply_logprobs(m.policy, r, recipe.rl.temperature, with_entropy=True)
-    stats, kl, *_ = ppo.learn(m, accelerator, optimizer, scheduler, r, 0.04, recipe, 0)
+        want_logp, want_entropy = rl.reply_logprobs(m.policy, r, recipe.rl.temperature, with_entropy=True)
+    stats, kl, *_ = rl.learn(m, accelerator, optimizer, scheduler, r, 0.04, recipe, 0)
     assert torch.allclose(r.logp, want_logp, atol=1e-6) and torch.allclose(r.entropy, want_entropy, atol=1e-6)
     assert stats["policy/ratio_first_minibatch"] == 1.0 and stats["policy/clipfrac_first_minibatch"] == 0.0
     assert kl.abs().sum().item() == 0.0  # the policy that sampled is the reference
@@ -183,17 +183,17 @@ def test_truncated_replies_can_be_left_out_of_the_loss(tiny_base, monkeypatch):
         recipe = grpo_recipe(tiny_base, "reward_fn=gold", f"grpo.mask_truncated_completions={str(masked).lower()}",
                              "grpo.response_length=2", "grpo.loss_aggregation=token", "grpo.beta=0.04",
                              "grpo.num_minibatches=1", "training.gradient_accumulation_steps=1")  # one part: the batch
-        m = ppo.build_models(recipe, {"model": str(tiny_base)}, print)
+        m = rl.build_models(recipe, {"model": str(tiny_base)}, print)
         accelerator = Accelerator(cpu=True)
-        optimizer, scheduler = ppo.prepare_training(m, accelerator, recipe)
+        optimizer, scheduler = rl.prepare_training(m, accelerator, recipe)
         parts = []
         real = losses.aggregate_loss
         monkeypatch.setattr(losses, "aggregate_loss", lambda x, mask, *a, **k: parts.append((mask, a[1])) or real(x, mask, *a, **k))
-        prompts, rendered, *_ = ppo.load_prompts(recipe, m.tok)
+        prompts, rendered, *_ = rl.load_prompts(recipe, m.tok)
         torch.manual_seed(0)
-        r = ppo.rollout(m, accelerator, rendered[:8], prompts[:8], recipe, {"generation": 0.0, "scoring": 0.0})
+        r = rl.rollout(m, accelerator, rendered[:8], prompts[:8], recipe, {"generation": 0.0, "scoring": 0.0})
         r.finished = torch.tensor([True, False] * 4)
-        ppo.learn(m, accelerator, optimizer, scheduler, r, 0.04, recipe, 0)
+        rl.learn(m, accelerator, optimizer, scheduler, r, 0.04, recipe, 0)
         monkeypatch.undo()
         assert len(parts) >= 4  # surrogate, KL, clip and KL statistics
         finished_tokens = r.response_mask[::2].sum().item()
@@ -211,14 +211,14 @@ def test_beta_zero_with_the_kl_in_the_reward_runs_on_policy(tiny_base, reward_di
     for stage, extra in (("rloo", []), ("grpo", ["grpo.kl_in=reward"])):
         recipe = grpo_recipe(tiny_base, f"reward_model={reward_dir}", f"{stage}.beta=0", f"{stage}.num_iterations=1",
                              f"{stage}.num_minibatches=1", *extra, stage=stage)
-        m = ppo.build_models(recipe, {"model": str(tiny_base), "reward_model": str(reward_dir)}, print)
-        assert m.reference_kind == "none" and ppo.old_logprobs_from_update(m, recipe.rl)
+        m = rl.build_models(recipe, {"model": str(tiny_base), "reward_model": str(reward_dir)}, print)
+        assert m.reference_kind == "none" and rl.old_logprobs_from_update(m, recipe.rl)
         accelerator = Accelerator(cpu=True)
-        optimizer, scheduler = ppo.prepare_training(m, accelerator, recipe)
-        prompts, rendered, *_ = ppo.load_prompts(recipe, m.tok)
+        optimizer, scheduler = rl.prepare_training(m, accelerator, recipe)
+        prompts, rendered, *_ = rl.load_prompts(recipe, m.tok)
         torch.manual_seed(0)
-        r = ppo.rollout(m, accelerator, rendered[:8], prompts[:8], recipe, {"generation": 0.0, "scoring": 0.0})
-        stats, kl, _, per_reply = ppo.learn(m, accelerator, optimizer, scheduler, r, 0.0, recipe, 0)
+        r = rl.rollout(m, accelerator, rendered[:8], prompts[:8], recipe, {"generation": 0.0, "scoring": 0.0})
+        stats, kl, _, per_reply = rl.learn(m, accelerator, optimizer, scheduler, r, 0.0, recipe, 0)
         assert kl.abs().sum().item() == 0.0 and r.logp is not None
         want = estimators.ADVANTAGE[recipe.rl.estimator](r.scores, 4, scale=recipe.rl.scale_rewards)
         assert torch.allclose(per_reply, want), stage
@@ -231,13 +231,13 @@ def test_grpo_kl_in_the_reward_keeps_beta_s_scale(tiny_base):
     (dividing score - beta KL by its std made them the same, of order 1, whatever beta).
     Group 1 [0, 1, 0, 1]: the GRPO advantages +-0.86588, minus beta times the centred KL."""
     recipe = grpo_recipe(tiny_base, "reward_fn=gold", "grpo.kl_in=reward")
-    m = ppo.build_models(recipe, {"model": str(tiny_base)}, print)
+    m = rl.build_models(recipe, {"model": str(tiny_base)}, print)
     accelerator = Accelerator(cpu=True)
-    optimizer, scheduler = ppo.prepare_training(m, accelerator, recipe)
-    prompts, rendered, *_ = ppo.load_prompts(recipe, m.tok)
+    optimizer, scheduler = rl.prepare_training(m, accelerator, recipe)
+    prompts, rendered, *_ = rl.load_prompts(recipe, m.tok)
     mine = [i for i in range(2) for _ in range(4)]
     torch.manual_seed(0)
-    r = ppo.rollout(m, accelerator, [rendered[i] for i in mine], [prompts[i] for i in mine], recipe,
+    r = rl.rollout(m, accelerator, [rendered[i] for i in mine], [prompts[i] for i in mine], recipe,
                     {"generation": 0.0, "scoring": 0.0})
     r.scores = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0])
     per_token = torch.tensor([0.1, 0.3, 0.2, 0.6, 0.1, 0.3, 0.2, 0.6])
@@ -247,13 +247,13 @@ def test_grpo_kl_in_the_reward_keeps_beta_s_scale(tiny_base):
     out = {}
     for beta in (0.5, 0.05):
         rollout = r.rows(torch.arange(8))
-        _, _, _, out[beta] = ppo.learn(m, accelerator, optimizer, scheduler, rollout, beta, recipe, 0)
+        _, _, _, out[beta] = rl.learn(m, accelerator, optimizer, scheduler, rollout, beta, recipe, 0)
         score_part = torch.tensor([0.0] * 4 + [-1, 1, -1, 1]) * 0.5 / (math.sqrt(1 / 3) + 1e-4)
         assert torch.allclose(out[beta], score_part - beta * centred, atol=1e-5), beta
     assert torch.allclose(out[0.5][:4], 10 * out[0.05][:4], atol=1e-6) and out[0.5][:4].abs().max() > 0
 
 
-def fake_rollout(scores: list[float], context_length: int, reply_width: int, pad_id: int) -> "ppo.Rollout":
+def fake_rollout(scores: list[float], context_length: int, reply_width: int, pad_id: int) -> "rl.Rollout":
     """A scored rollout of len(scores) rows: prompts of `context_length` tokens (the first left-padded
     by one), replies of `reply_width` with the last column padding; ids tell rows apart."""
     n = len(scores)
@@ -263,7 +263,7 @@ def fake_rollout(scores: list[float], context_length: int, reply_width: int, pad
     reply = torch.arange(n)[:, None] * 100 + 50 + torch.arange(reply_width)
     reply_mask = torch.ones(n, reply_width, dtype=torch.long)
     reply[:, -1], reply_mask[:, -1] = pad_id, 0
-    return ppo.Rollout(torch.cat([prompt, reply], 1), torch.cat([prompt_mask, reply_mask], 1), context_length, reply,
+    return rl.Rollout(torch.cat([prompt, reply], 1), torch.cat([prompt_mask, reply_mask], 1), context_length, reply,
                        reply_mask, torch.ones(n, dtype=torch.bool), logp=-reply_mask.float(), ref_logp=None,
                        scores=torch.tensor(scores), entropy=reply_mask.float(), sources={"f": torch.tensor(scores)})
 
@@ -282,16 +282,16 @@ def test_dynamic_sampling_drops_all_equal_groups_and_samples_more(tiny_base, mon
         recipe = grpo_recipe(tiny_base, "reward_fn=gold", "grpo.batch_size=4", "grpo.num_generations=2",
                              "grpo.dynamic_sampling=true", f"grpo.dynamic_sampling_max_rounds={max_rounds}")
         tok = type("Tok", (), {"pad_token_id": 0})()
-        m = ppo.Models(policy=None, reference=None, critic=None, rewards=None, tok=tok)
+        m = rl.Models(policy=None, reference=None, critic=None, rewards=None, tok=tok)
         asked = []
 
         def rollout(m, accelerator, rendered, prompts, recipe, timer, rows):
             asked.append(prompts)
             return fake_rollout(*rounds[len(asked) - 1], pad_id=0)
 
-        monkeypatch.setattr(ppo, "rollout", rollout)
+        monkeypatch.setattr(rl, "rollout", rollout)
         prompts = [f"p{i}" for i in range(32)]
-        r, stats = ppo.sample_batch(m, Accelerator(cpu=True), recipe, {}, (prompts, prompts, [{}] * 32), 0)
+        r, stats = rl.sample_batch(m, Accelerator(cpu=True), recipe, {}, (prompts, prompts, [{}] * 32), 0)
         monkeypatch.undo()
         assert r.scores.tolist() == want_scores
         assert (stats["dynamic_sampling/rounds"], stats["dynamic_sampling/sampled_groups"],
@@ -331,11 +331,11 @@ def test_dynamic_sampling_on_the_second_of_two_processes(tiny_base, monkeypatch)
         asked.append(prompts)
         return fake_rollout([0.0, 1.0, 2.0, 3.0], 2, 3, pad_id=0)
 
-    monkeypatch.setattr(ppo, "rollout", rollout)
+    monkeypatch.setattr(rl, "rollout", rollout)
     prompts = [f"p{i}" for i in range(32)]
-    m = ppo.Models(policy=None, reference=None, critic=None, rewards=None, tok=type("Tok", (), {"pad_token_id": 0})())
-    r, stats = ppo.sample_batch(m, TwoProcesses(), recipe, {}, (prompts, prompts, [{}] * 32), 0)
-    rows = ppo.batch_indices(32, 4, 0, recipe.seed)  # 4 prompts a batch: 2 per process
+    m = rl.Models(policy=None, reference=None, critic=None, rewards=None, tok=type("Tok", (), {"pad_token_id": 0})())
+    r, stats = rl.sample_batch(m, TwoProcesses(), recipe, {}, (prompts, prompts, [{}] * 32), 0)
+    rows = rl.batch_indices(32, 4, 0, recipe.seed)  # 4 prompts a batch: 2 per process
     assert asked == [[prompts[i] for i in rows[2:] for _ in range(2)]]
     assert r.scores.tolist() == [0.0, 1.0, 2.0, 3.0]
     assert stats["dynamic_sampling/rounds"] == 4 and stats["dynamic_sampling/sampled_groups"] == 4
@@ -416,18 +416,18 @@ def test_none_from_a_reward_function_means_not_applicable(in_tmp, tiny_base):
     function's logged mean leaves its None rows out. A reply no function scores is refused."""
     (in_tmp / "na.py").write_text(NOT_APPLICABLE)
     recipe = grpo_recipe(tiny_base, "reward_fn=[na.py:first, na.py:second]", "reward_weights=[1, 3]")
-    m = ppo.build_models(recipe, {"model": str(tiny_base)}, print)
-    prompts, rendered, *_ = ppo.load_prompts(recipe, m.tok)
+    m = rl.build_models(recipe, {"model": str(tiny_base)}, print)
+    prompts, rendered, *_ = rl.load_prompts(recipe, m.tok)
     torch.manual_seed(0)
-    r = ppo.rollout(m, Accelerator(cpu=True), rendered[:8], prompts[:8], recipe, {"generation": 0.0, "scoring": 0.0})
+    r = rl.rollout(m, Accelerator(cpu=True), rendered[:8], prompts[:8], recipe, {"generation": 0.0, "scoring": 0.0})
     assert r.scores.tolist() == [1.0, 6.0, 7.0, 6.0, 1.0, 6.0, 7.0, 6.0]
-    metrics = ppo.iteration_metrics(Accelerator(cpu=True), m, r, torch.zeros_like(r.response_mask, dtype=torch.float),
+    metrics = rl.iteration_metrics(Accelerator(cpu=True), m, r, torch.zeros_like(r.response_mask, dtype=torch.float),
                                     None, None, 0.0, recipe.rl)
     assert metrics["rewards/na.py:first"] == 1.0 and metrics["rewards/na.py:second"] == 2.0
     recipe = grpo_recipe(tiny_base, "reward_fn=[na.py:never, na.py:first]")
-    m = ppo.build_models(recipe, {"model": str(tiny_base)}, print)
+    m = rl.build_models(recipe, {"model": str(tiny_base)}, print)
     with pytest.raises(RecipeError, match=r"reward_fn: every function returned None for prompt 1 \("):
-        ppo.rollout(m, Accelerator(cpu=True), rendered[:8], prompts[:8], recipe, {"generation": 0.0, "scoring": 0.0})
+        rl.rollout(m, Accelerator(cpu=True), rendered[:8], prompts[:8], recipe, {"generation": 0.0, "scoring": 0.0})
 
 
 def test_a_reward_function_that_cannot_be_loaded_is_refused_before_any_stage_runs(in_tmp, capsys):

@@ -22,7 +22,7 @@ from alignment.recipe_file import load_recipe
 from alignment.errors import RecipeError
 from alignment.models import load_classifier, load_tokenizer, save_model
 from alignment.pipeline import run
-from alignment.stages import ppo
+from alignment.stages import rl
 
 from .conftest import MICRO_DEMO_CHAIN, RECIPES, tensorboard_scalars
 
@@ -42,9 +42,9 @@ def recipe_for(tiny_base, reward_dir, *extra):
 def setup(tiny_base, reward_dir):
     recipe = recipe_for(tiny_base, reward_dir)
     inputs = {"model": str(tiny_base), "reward_model": str(reward_dir)}
-    m = ppo.build_models(recipe, inputs, print)
+    m = rl.build_models(recipe, inputs, print)
     accelerator = Accelerator(cpu=True)
-    prompts, rendered, *_ = ppo.load_prompts(recipe, m.tok)
+    prompts, rendered, *_ = rl.load_prompts(recipe, m.tok)
     return recipe, inputs, m, accelerator, prompts[:8], rendered[:8]
 
 
@@ -52,7 +52,7 @@ def fresh_rollout(setup, seed=0):
     recipe, _, m, accelerator, prompts, rendered = setup
     torch.manual_seed(seed)
     timer = {"generation": 0.0, "scoring": 0.0}
-    return ppo.rollout(m, accelerator, rendered, prompts, recipe, timer)
+    return rl.rollout(m, accelerator, rendered, prompts, recipe, timer)
 
 
 def kl_shaped_rewards(logp, ref_logp, mask, scores, beta):
@@ -79,9 +79,9 @@ def test_explained_variance_by_hand():
 
 
 def test_batch_indices_walk_through_the_data_then_reshuffle():
-    first = [i for it in range(3) for i in ppo.batch_indices(6, 2, it, seed=1)]
+    first = [i for it in range(3) for i in rl.batch_indices(6, 2, it, seed=1)]
     assert sorted(first) == list(range(6))  # one pass: every row once
-    assert ppo.batch_indices(6, 2, 4, seed=1) == ppo.batch_indices(6, 2, 4, seed=1)  # position = iteration
+    assert rl.batch_indices(6, 2, 4, seed=1) == rl.batch_indices(6, 2, 4, seed=1)  # position = iteration
 
 
 def test_policy_equal_to_reference_gives_exactly_zero_kl(setup):
@@ -95,24 +95,24 @@ def test_policy_equal_to_reference_gives_exactly_zero_kl(setup):
 def test_sampling_temperature_is_the_log_prob_temperature(setup, monkeypatch):
     recipe, _, m, accelerator, prompts, rendered = setup
     seen = {}
-    real_sample = ppo.sample
+    real_sample = rl.sample
 
     def spy(*args, **kwargs):
         seen["temperature"] = kwargs["temperature"]
         return real_sample(*args, **kwargs)
 
-    monkeypatch.setattr(ppo, "sample", spy)
+    monkeypatch.setattr(rl, "sample", spy)
     hot = recipe.model_copy(update={"ppo": recipe.ppo.model_copy(update={"temperature": 0.5})})
     torch.manual_seed(0)
-    r = ppo.rollout(m, accelerator, rendered, prompts, hot, {"generation": 0.0, "scoring": 0.0})
+    r = rl.rollout(m, accelerator, rendered, prompts, hot, {"generation": 0.0, "scoring": 0.0})
     assert seen["temperature"] == 0.5
     with torch.no_grad():
         logits = m.policy(input_ids=r.input_ids, attention_mask=r.attention_mask,
-                          position_ids=ppo.position_ids(r.attention_mask)).logits
+                          position_ids=rl.position_ids(r.attention_mask)).logits
     width = r.response_ids.shape[1]
     expected = torch.log_softmax(logits[:, -width - 1 : -1] / 0.5, -1).gather(-1, r.response_ids[..., None])[..., 0]
     assert torch.allclose(r.logp, expected * r.response_mask, atol=1e-5)
-    assert not torch.allclose(r.logp, ppo.reply_logprobs(m.policy, r, 1.0), atol=1e-3)
+    assert not torch.allclose(r.logp, rl.reply_logprobs(m.policy, r, 1.0), atol=1e-3)
 
 
 def test_log_probs_values_and_scores_ignore_left_padding_and_batch_mates(setup):
@@ -121,16 +121,16 @@ def test_log_probs_values_and_scores_ignore_left_padding_and_batch_mates(setup):
     alone = r.rows(slice(0, 1))
     # Row 0 alone, with 3 extra left pads (prompt width grows, positions must not).
     pad = torch.full((1, 3), m.tok.pad_token_id)
-    padded = ppo.Rollout(
+    padded = rl.Rollout(
         torch.cat([pad, alone.input_ids], 1), torch.cat([torch.zeros_like(pad), alone.attention_mask], 1),
         alone.context_length + 3, alone.response_ids, alone.response_mask, alone.finished,
     )
     with torch.no_grad():
-        batch_scores = ppo.source_scores(m, r, prompts, [{}] * len(prompts))["reward_model"]  # before the missing-EOS penalty
+        batch_scores = rl.source_scores(m, r, prompts, [{}] * len(prompts))["reward_model"]  # before the missing-EOS penalty
         for other in (alone, padded):
-            assert torch.allclose(ppo.reply_logprobs(m.policy, other, recipe.ppo.temperature), r.logp[:1], atol=1e-5)
-            assert torch.allclose(ppo.reply_values(m.critic, other), r.values[:1], atol=1e-5)
-            assert torch.allclose(ppo.source_scores(m, other, prompts[:1], [{}])["reward_model"], batch_scores[:1], atol=1e-5)
+            assert torch.allclose(rl.reply_logprobs(m.policy, other, recipe.ppo.temperature), r.logp[:1], atol=1e-5)
+            assert torch.allclose(rl.reply_values(m.critic, other), r.values[:1], atol=1e-5)
+            assert torch.allclose(rl.source_scores(m, other, prompts[:1], [{}])["reward_model"], batch_scores[:1], atol=1e-5)
 
 
 def test_nothing_after_the_first_eos_adds_kl_or_trains_the_value():
@@ -161,7 +161,7 @@ def test_first_minibatch_ratio_is_one_and_only_policy_and_critic_learn(tiny_base
     base, rm = with_dropout(tiny_base, tmp_path / "base"), with_dropout(reward_dir, tmp_path / "rm")
     recipe = recipe_for(base, rm, "ppo.num_minibatches=2", "training.gradient_accumulation_steps=2")
     inputs = {"model": str(base), "reward_model": str(rm)}
-    m = ppo.build_models(recipe, inputs, print)
+    m = rl.build_models(recipe, inputs, print)
     repeatable = {"policy": [], "critic": []}
 
     def twice(real, name):
@@ -176,16 +176,16 @@ def test_first_minibatch_ratio_is_one_and_only_policy_and_critic_learn(tiny_base
             return out
         return spy
 
-    monkeypatch.setattr(ppo, "reply_logprobs", twice(ppo.reply_logprobs, "policy"))
-    monkeypatch.setattr(ppo, "reply_values", twice(ppo.reply_values, "critic"))
+    monkeypatch.setattr(rl, "reply_logprobs", twice(rl.reply_logprobs, "policy"))
+    monkeypatch.setattr(rl, "reply_values", twice(rl.reply_values, "critic"))
     accelerator = Accelerator(cpu=True)
-    optimizer, scheduler = ppo.prepare_training(m, accelerator, recipe)
-    prompts, rendered, *_ = ppo.load_prompts(recipe, m.tok)
+    optimizer, scheduler = rl.prepare_training(m, accelerator, recipe)
+    prompts, rendered, *_ = rl.load_prompts(recipe, m.tok)
     frozen = {n: p.clone() for model in (m.reference, m.rewards.reward_model) for n, p in model.named_parameters()}
     policy_before = {n: p.clone() for n, p in m.policy.named_parameters()}
     torch.manual_seed(0)
-    r = ppo.rollout(m, accelerator, rendered[:8], prompts[:8], recipe, {"generation": 0.0, "scoring": 0.0})
-    stats, *_ = ppo.learn(m, accelerator, optimizer, scheduler, r, 0.05, recipe, 0)
+    r = rl.rollout(m, accelerator, rendered[:8], prompts[:8], recipe, {"generation": 0.0, "scoring": 0.0})
+    stats, *_ = rl.learn(m, accelerator, optimizer, scheduler, r, 0.05, recipe, 0)
     assert stats["policy/ratio_first_minibatch"] == 1.0 and stats["policy/clipfrac_first_minibatch"] == 0.0
     for model in (m.reference, m.rewards.reward_model):
         assert not model.training
@@ -206,19 +206,19 @@ def test_lora_policy_is_its_own_reference_and_only_adapters_learn(tiny_base, rew
     from alignment.models import load_causal_lm
 
     recipe = recipe_for(tiny_base, reward_dir, "lora={}", "training.learning_rate=1e-2")
-    m = ppo.build_models(recipe, {"model": str(tiny_base), "reward_model": str(reward_dir)}, print)
+    m = rl.build_models(recipe, {"model": str(tiny_base), "reward_model": str(reward_dir)}, print)
     assert m.reference is None
     start = load_causal_lm(str(tiny_base), m.tok).eval()
     accelerator = Accelerator(cpu=True)
-    optimizer, scheduler = ppo.prepare_training(m, accelerator, recipe)
-    prompts, rendered, *_ = ppo.load_prompts(recipe, m.tok)
+    optimizer, scheduler = rl.prepare_training(m, accelerator, recipe)
+    prompts, rendered, *_ = rl.load_prompts(recipe, m.tok)
     before = {name: {n: p.clone() for n, p in model.named_parameters()} for name, model in (("policy", m.policy), ("critic", m.critic))}
     for iteration in range(2):
         torch.manual_seed(iteration)
-        r = ppo.rollout(m, accelerator, rendered[:8], prompts[:8], recipe, {"generation": 0.0, "scoring": 0.0})
+        r = rl.rollout(m, accelerator, rendered[:8], prompts[:8], recipe, {"generation": 0.0, "scoring": 0.0})
         with torch.no_grad():
-            assert torch.allclose(r.ref_logp, ppo.reply_logprobs(start, r, recipe.ppo.temperature), atol=1e-5)
-        ppo.learn(m, accelerator, optimizer, scheduler, r, 0.05, recipe, iteration)
+            assert torch.allclose(r.ref_logp, rl.reply_logprobs(start, r, recipe.ppo.temperature), atol=1e-5)
+        rl.learn(m, accelerator, optimizer, scheduler, r, 0.05, recipe, iteration)
     assert not torch.allclose(r.logp, r.ref_logp, atol=1e-3)  # the policy moved, its reference did not
     for name, model in (("policy", m.policy), ("critic", m.critic)):
         changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[name][n])}
@@ -228,7 +228,7 @@ def test_lora_policy_is_its_own_reference_and_only_adapters_learn(tiny_base, rew
     save_model(accelerator.unwrap_model(m.policy), m.tok, tmp_path, recipe.lora)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # transformers alone, no peft
     with torch.no_grad():
-        assert torch.allclose(ppo.reply_logprobs(merged, r, recipe.ppo.temperature), ppo.reply_logprobs(m.policy, r, recipe.ppo.temperature), atol=1e-4)
+        assert torch.allclose(rl.reply_logprobs(merged, r, recipe.ppo.temperature), rl.reply_logprobs(m.policy, r, recipe.ppo.temperature), atol=1e-4)
 
 
 @pytest.mark.dynamics
@@ -294,16 +294,16 @@ def test_short_run_on_the_demo_world_raises_reward_and_gold_score(micro_demo_cha
 KILLED_AFTER_ITERATION_5 = """
 import os, signal, sys
 from alignment.cli import main
-from alignment.stages import ppo
+from alignment.stages import rl
 
-log = ppo.append_metrics
+log = rl.append_metrics
 
 def append_metrics(path, record):
     log(path, record)
     if record.get("step") == 5:
         os.kill(os.getpid(), signal.SIGKILL)
 
-ppo.append_metrics = append_metrics
+rl.append_metrics = append_metrics
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -350,27 +350,27 @@ TWO_PROCESS_SCRIPT = """
 import json, sys, torch
 from accelerate import Accelerator
 from alignment.recipe_file import load_recipe, parse_override
-from alignment.stages import ppo
+from alignment.stages import rl
 accelerator = Accelerator(cpu=True)
 for recipe_path, *overrides in json.loads(sys.argv[1]):
     recipe = load_recipe(recipe_path, [(p, v, raw) for raw in overrides for _, p, v in [parse_override(raw)]])
     inputs = {"model": str(recipe.model), "reward_model": str(recipe.reward_model)}
-    m = ppo.build_models(recipe, inputs, print)
-    ppo.prepare_training(m, accelerator, recipe)
+    m = rl.build_models(recipe, inputs, print)
+    rl.prepare_training(m, accelerator, recipe)
     # Plain SGD: Adam's first steps are about lr * sign(gradient), which turns float noise in
     # gradients near 0 into whole steps; SGD keeps the comparison about the gradients themselves.
-    params = [p for model in ppo.trained_models(m) for p in model.parameters() if p.requires_grad]
+    params = [p for model in rl.trained_models(m) for p in model.parameters() if p.requires_grad]
     optimizer = accelerator.prepare(torch.optim.SGD(params, lr=0.5))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    prompts, rendered, *_ = ppo.load_prompts(recipe, m.tok)
+    prompts, rendered, *_ = rl.load_prompts(recipe, m.tok)
     G = recipe.rl.group_size  # 8 rollouts: 8 // G prompts, G replies each; each process keeps whole groups
     mine = [i for i in range(8 // G) for _ in range(G)]
     torch.manual_seed(0)  # the same global batch in every process; each then keeps its share
-    r = ppo.rollout(m, accelerator, [rendered[i] for i in mine], [prompts[i] for i in mine], recipe,
+    r = rl.rollout(m, accelerator, [rendered[i] for i in mine], [prompts[i] for i in mine], recipe,
                     {"generation": 0.0, "scoring": 0.0})
     n = 8 // accelerator.num_processes
     r = r.rows(slice(accelerator.process_index * n, (accelerator.process_index + 1) * n))
-    ppo.learn(m, accelerator, optimizer, scheduler, r, 0.05, recipe, 0)
+    rl.learn(m, accelerator, optimizer, scheduler, r, 0.05, recipe, 0)
     if accelerator.is_main_process:
         torch.save(accelerator.unwrap_model(m.policy).state_dict(), overrides[-1].split("=", 1)[1])
 if torch.distributed.is_initialized():  # leaving with the group open can abort the process at exit
@@ -449,16 +449,16 @@ def test_reward_model_with_another_tokenizer_scores_retokenised_text(in_tmp, tin
     other_tok.save_pretrained("other_rm")
 
     recipe = recipe_for(tiny_base, in_tmp / "other_rm")
-    m = ppo.build_models(recipe, {"model": str(tiny_base), "reward_model": str(in_tmp / "other_rm")}, print)
+    m = rl.build_models(recipe, {"model": str(tiny_base), "reward_model": str(in_tmp / "other_rm")}, print)
     assert m.rewards.reward_tok is not None
-    prompts, rendered, *_ = ppo.load_prompts(recipe, m.tok)
+    prompts, rendered, *_ = rl.load_prompts(recipe, m.tok)
     torch.manual_seed(0)
-    r = ppo.rollout(m, Accelerator(cpu=True), rendered[:4], prompts[:4], recipe, {"generation": 0.0, "scoring": 0.0})
+    r = rl.rollout(m, Accelerator(cpu=True), rendered[:4], prompts[:4], recipe, {"generation": 0.0, "scoring": 0.0})
     reply = m.tok.decode(r.response_ids[0, : r.response_mask[0].sum() - r.finished[0].long()], skip_special_tokens=True)
     ids = torch.tensor([reward_ids(other_tok, prompts[0], reply, bool(r.finished[0]))])
     with torch.no_grad():
         expected = m.rewards.reward_model(ids).logits[0, 0]
-    assert ppo.source_scores(m, r, prompts[:4], [{}] * 4)["reward_model"][0].item() == pytest.approx(expected.item(), abs=1e-5)
+    assert rl.source_scores(m, r, prompts[:4], [{}] * 4)["reward_model"][0].item() == pytest.approx(expected.item(), abs=1e-5)
 
     run(RECIPES / "ppo.yaml", [f"model={tiny_base}", "reward_model=other_rm", *MICRO_PPO, "output_dir=out/ppo"])
     assert capsys.readouterr().out.count("tokenizer differs from the policy's") == 2  # once per build

@@ -11,7 +11,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 from alignment.generation import response_logits
-from alignment.stages import ppo
+from alignment.stages import rl
 
 from .test_ppo import recipe_for
 
@@ -30,13 +30,13 @@ def bf16_accelerator() -> Accelerator:
 
 
 def first_rollout(recipe, inputs, accelerator, n=8, adjust=None):
-    m = ppo.build_models(recipe, inputs, print)
+    m = rl.build_models(recipe, inputs, print)
     if adjust:
         adjust(m)
-    optimizer, scheduler = ppo.prepare_training(m, accelerator, recipe)
-    prompts, rendered, *_ = ppo.load_prompts(recipe, m.tok)
+    optimizer, scheduler = rl.prepare_training(m, accelerator, recipe)
+    prompts, rendered, *_ = rl.load_prompts(recipe, m.tok)
     torch.manual_seed(0)
-    r = ppo.rollout(m, accelerator, rendered[:n], prompts[:n], recipe, {"generation": 0.0, "scoring": 0.0})
+    r = rl.rollout(m, accelerator, rendered[:n], prompts[:n], recipe, {"generation": 0.0, "scoring": 0.0})
     return m, optimizer, scheduler, r
 
 
@@ -50,8 +50,8 @@ def test_bf16_first_rollout_has_exactly_zero_kl_and_ratio_one(tiny_base, reward_
     assert m.reference_kind == "copy"
     assert torch.equal(r.logp, r.ref_logp)
     with torch.no_grad():  # the same forward without autocast differs: bf16 was really in use
-        assert not torch.equal(ppo.reply_logprobs(m.reference, r, recipe.ppo.temperature), r.ref_logp)
-    stats, kl, *_ = ppo.learn(m, accelerator, optimizer, scheduler, r, 0.05, recipe, 0)
+        assert not torch.equal(rl.reply_logprobs(m.reference, r, recipe.ppo.temperature), r.ref_logp)
+    stats, kl, *_ = rl.learn(m, accelerator, optimizer, scheduler, r, 0.05, recipe, 0)
     assert kl.abs().sum().item() == 0.0
     assert stats["policy/ratio_first_minibatch"] == 1.0 and stats["policy/clipfrac_first_minibatch"] == 0.0
 
@@ -65,15 +65,15 @@ def test_bf16_on_policy_grpo_takes_the_old_log_probs_of_its_update_with_kl_exact
     recipe = grpo_recipe(tiny_base, "reward_fn=gold", "grpo.num_iterations=1", "grpo.num_minibatches=1",
                          "training.gradient_accumulation_steps=2")
     accelerator = bf16_accelerator()
-    m = ppo.build_models(recipe, {"model": str(tiny_base)}, print)
-    optimizer, scheduler = ppo.prepare_training(m, accelerator, recipe)
-    prompts, rendered, *_ = ppo.load_prompts(recipe, m.tok)
+    m = rl.build_models(recipe, {"model": str(tiny_base)}, print)
+    optimizer, scheduler = rl.prepare_training(m, accelerator, recipe)
+    prompts, rendered, *_ = rl.load_prompts(recipe, m.tok)
     mine = [i for i in range(2) for _ in range(4)]  # two groups of four replies
     torch.manual_seed(0)
-    r = ppo.rollout(m, accelerator, [rendered[i] for i in mine], [prompts[i] for i in mine], recipe,
+    r = rl.rollout(m, accelerator, [rendered[i] for i in mine], [prompts[i] for i in mine], recipe,
                     {"generation": 0.0, "scoring": 0.0})
     assert r.logp is None and m.reference_kind == "copy"
-    stats, kl, *_ = ppo.learn(m, accelerator, optimizer, scheduler, r, 0.04, recipe, 0)
+    stats, kl, *_ = rl.learn(m, accelerator, optimizer, scheduler, r, 0.04, recipe, 0)
     assert torch.equal(r.logp, r.ref_logp) and kl.abs().sum().item() == 0.0
     assert stats["policy/ratio_first_minibatch"] == 1.0
 
@@ -88,14 +88,14 @@ def test_chain_stages_each_get_their_own_mixed_precision(in_tmp, tiny_base, rewa
     from .test_ppo import MICRO_PPO
 
     seen = []
-    real = ppo.Accelerator
+    real = rl.Accelerator
 
     def spy(*args, **kwargs):
         accelerator = real(*args, **kwargs)
         seen.append(accelerator.mixed_precision)
         return accelerator
 
-    monkeypatch.setattr(ppo, "Accelerator", spy)
+    monkeypatch.setattr(rl, "Accelerator", spy)
     base = {"stage": "ppo", "reward_model": str(reward_dir), "report": {"models": {}}}
     (in_tmp / "first.yaml").write_text(yaml.safe_dump({**base, "model": str(tiny_base), "training": {"mixed_precision": "no"}}))
     (in_tmp / "second.yaml").write_text(yaml.safe_dump({**base, "model": {"from": "first.yaml"},
@@ -123,8 +123,8 @@ def test_bf16_lora_policy_samples_from_the_autocast_distribution(tiny_base, rewa
     argmax of the bf16 logits of the scoring forward at every reply token."""
     recipe = recipe_for(tiny_base, reward_dir, "lora={}", "ppo.response_length=16")
     accelerator = bf16_accelerator()
-    real_sample = ppo.sample
-    monkeypatch.setattr(ppo, "sample", lambda *a, **k: real_sample(*a, **{**k, "temperature": 0.0}))
+    real_sample = rl.sample
+    monkeypatch.setattr(rl, "sample", lambda *a, **k: real_sample(*a, **{**k, "temperature": 0.0}))
     m, *_, r = first_rollout(recipe, {"model": str(tiny_base), "reward_model": str(reward_dir)}, accelerator, n=16,
                              adjust=random_adapters)
     assert m.reference_kind == "adapters"

@@ -12,7 +12,7 @@ from alignment.recipe_file import load_recipe, parse_override
 from alignment.errors import RecipeError
 from alignment.models import load_tokenizer
 from alignment.pipeline import plan
-from alignment.stages import ppo
+from alignment.stages import rl
 
 from .conftest import RECIPES
 
@@ -64,6 +64,6 @@ def test_every_prompt_of_a_file_is_kept_long_ones_included(in_tmp, tiny_base):
     r = recipe("ppo.yaml", "data.source=prompts.jsonl", "data.num_examples=null", f"model={tiny_base}",
                "reward_model=null", "reward_fn=gold")
     tok = load_tokenizer(str(tiny_base))
-    prompts, rendered, counts, _ = ppo.load_prompts(r, tok)
+    prompts, rendered, counts, _ = rl.load_prompts(r, tok)
     assert len(prompts) == len(rows) and counts == {"prompts": len(rows)}
     assert len(tok(rendered[-1], add_special_tokens=False)["input_ids"]) > 64

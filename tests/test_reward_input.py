@@ -19,7 +19,7 @@ from alignment.evaluation import Generation
 from alignment.errors import RecipeError
 from alignment.models import load_classifier, load_reward_tokenizer, load_tokenizer, per_token_head, token_scores
 from alignment.rewards import Rewards
-from alignment.stages import ppo, reward
+from alignment.stages import reward, rl
 
 from . import zoo
 
@@ -345,12 +345,12 @@ def test_a_roberta_reward_model_in_ppo_scores_what_the_model_itself_gives(tiny_b
 
     rm = encoder_rm("roberta")
     recipe = recipe_for(tiny_base, rm, "ppo.response_length=4")
-    m = ppo.build_models(recipe, {"model": str(tiny_base), "reward_model": str(rm)}, print)
+    m = rl.build_models(recipe, {"model": str(tiny_base), "reward_model": str(rm)}, print)
     assert "the critic starts from the policy" in capsys.readouterr().out
-    prompts, rendered, *_ = ppo.load_prompts(recipe, m.tok)
+    prompts, rendered, *_ = rl.load_prompts(recipe, m.tok)
     AcceleratorState._reset_state()
     torch.manual_seed(0)
-    r = ppo.rollout(m, Accelerator(cpu=True), rendered[:4], prompts[:4], recipe, {"generation": 0.0, "scoring": 0.0})
+    r = rl.rollout(m, Accelerator(cpu=True), rendered[:4], prompts[:4], recipe, {"generation": 0.0, "scoring": 0.0})
     rm_tok = m.rewards.reward_tok
     for i in range(4):
         reply = m.tok.decode(r.response_ids[i, : r.response_mask[i].sum() - r.finished[i].long()], skip_special_tokens=True)

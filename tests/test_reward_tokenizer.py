@@ -11,7 +11,7 @@ from accelerate.state import AcceleratorState
 
 from alignment.templates import render_prompt, reward_ids, reward_text
 from alignment.models import DEFAULT_CHAT_TEMPLATE, load_classifier, load_tokenizer, same_tokenizer
-from alignment.stages import ppo
+from alignment.stages import rl
 
 from .test_ppo import recipe_for
 
@@ -49,14 +49,14 @@ def other_template_rm(tmp_path, tiny_base):
 
 def test_reward_model_with_another_template_sees_truncation(tiny_base, other_template_rm, capsys):
     recipe = recipe_for(tiny_base, other_template_rm, "ppo.response_length=3")
-    m = ppo.build_models(recipe, {"model": str(tiny_base), "reward_model": str(other_template_rm)}, print)
+    m = rl.build_models(recipe, {"model": str(tiny_base), "reward_model": str(other_template_rm)}, print)
     assert "tokenizer differs from the policy's" in capsys.readouterr().out
     rm_tok = m.rewards.reward_tok
     assert rm_tok is not None and rm_tok.chat_template == OTHER_TEMPLATE
-    prompts, rendered, *_ = ppo.load_prompts(recipe, m.tok)
+    prompts, rendered, *_ = rl.load_prompts(recipe, m.tok)
     AcceleratorState._reset_state()
     torch.manual_seed(0)
-    r = ppo.rollout(m, Accelerator(cpu=True), rendered[:8], prompts[:8], recipe, {"generation": 0.0, "scoring": 0.0})
+    r = rl.rollout(m, Accelerator(cpu=True), rendered[:8], prompts[:8], recipe, {"generation": 0.0, "scoring": 0.0})
     assert not r.finished.all()  # 3 tokens: some replies are cut off
     for i in range(8):
         reply = m.tok.decode(r.response_ids[i, : r.response_mask[i].sum() - r.finished[i].long()], skip_special_tokens=True)

@@ -207,7 +207,7 @@ def _seen_demo_rows(monkeypatch, target: str) -> dict:
 
 @pytest.mark.parametrize("preset", ["hard", "probe"])
 def test_the_world_key_reaches_the_data_of_every_training_stage(preset, probe, in_tmp, monkeypatch, tmp_path, tiny_base):
-    from alignment.stages import dpo, init, ppo, pretrain, reward, sft
+    from alignment.stages import dpo, init, pretrain, reward, rl, sft
 
     w = world.preset(preset)
     nodes = {}
@@ -228,9 +228,9 @@ def test_the_world_key_reaches_the_data_of_every_training_stage(preset, probe, i
         with pytest.raises(_Stop):
             stage.run(recipe, {"model": str(tiny_base)}, tmp_path)  # sft and dpo load the tokenizer first
         assert seen["rows"] == rows, name
-    seen = _seen_demo_rows(monkeypatch, "alignment.stages.ppo.load_rows")  # ppo, grpo and rloo load prompts here
+    seen = _seen_demo_rows(monkeypatch, "alignment.stages.rl.load_rows")  # ppo, grpo and rloo load prompts here
     with pytest.raises(_Stop):
-        ppo.load_prompts(nodes["grpo"].recipe, None)
+        rl.load_prompts(nodes["grpo"].recipe, None)
     assert seen["rows"] == w.train_prompts(6, 3)
     if preset == "probe":  # data no other world makes: the world given is the one used
         assert all(world.parse_prompt(r["prompt"]).kind == "reverse" for r in seen["rows"])
