@@ -73,7 +73,7 @@ def rl(stage: str, *more: str) -> list[str]:
 def chain(request, files, tmp_path_factory, zoo_checkpoint):
     """The family's chain: {'base', stage: output dir, 'rollouts': [(response ids, finished)], 'compare': dir,
     'data_prep': dir}. A stage that raises fails every test of the family."""
-    from alignment.stages import rl
+    from alignment.stages import rl as loop
 
     family = request.param
     base = zoo_checkpoint(family)
@@ -93,21 +93,21 @@ def chain(request, files, tmp_path_factory, zoo_checkpoint):
     stage("dpo", sft, files["pairs"], "training.max_steps=1", "data.eval_examples=2", "report.models={}")
     stage("kto", sft, files["pairs"], "training.max_steps=1", "data.eval_examples=2", "report.models={}")
 
-    real_rollout = rl.rollout
+    real_rollout = loop.rollout
 
     def keep(*args, **kwargs):
         r = real_rollout(*args, **kwargs)
         got["rollouts"].setdefault(current, []).append((r.response_ids.clone(), r.response_mask.clone(), r.finished.clone()))
         return r
 
-    real_build = rl.build_models
+    real_build = loop.build_models
 
     def build_and_listen(recipe, inputs, say):
         return real_build(recipe, inputs, lambda line: (got["said"].append(line), say(line)))
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(rl, "rollout", keep)
-    mp.setattr(rl, "build_models", build_and_listen)
+    mp.setattr(loop, "rollout", keep)
+    mp.setattr(loop, "build_models", build_and_listen)
     fn = f"{files['reward_fn']}:score"
     try:
         for current, more in (("ppo", rl("ppo", f"reward_model={rm}", "ppo.ppo_epochs=1")),

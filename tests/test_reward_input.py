@@ -132,7 +132,7 @@ def test_reward_stage_rl_and_compare_read_the_same_position(zoo_checkpoint, fami
     stage_ids = [list(r) for r in rows["chosen_ids"]]
 
     seen.ids.clear()
-    rl = rl_scores(model, tok, REPLIES, [True] * len(REPLIES))
+    in_rl = rl_scores(model, tok, REPLIES, [True] * len(REPLIES))
     rl_ids = [real(row, tok.pad_token_id) for row in seen.ids[0]]
     seen.ids.clear()
     gens = [Generation(PROMPT, r, True, 5) for r in REPLIES]
@@ -140,7 +140,7 @@ def test_reward_stage_rl_and_compare_read_the_same_position(zoo_checkpoint, fami
     compare_ids = [real(row, tok.pad_token_id) for row in seen.ids[0]]
 
     assert rl_ids == stage_ids and compare_ids == stage_ids
-    assert rl.tolist() == pytest.approx(trained.tolist(), abs=1e-5)
+    assert in_rl.tolist() == pytest.approx(trained.tolist(), abs=1e-5)
     assert compared == pytest.approx(trained.tolist(), abs=1e-5)
     assert len(set(round(s, 3) for s in compared)) == len(REPLIES)  # the replies do score differently
     for ids, reply in zip(stage_ids, REPLIES):
