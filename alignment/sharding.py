@@ -190,7 +190,8 @@ class Checkpointer:
         try:
             import numpy as np
 
-            own["rng"]["numpy"] = np.random.get_state()
+            kind, keys, pos, has_gauss, cached = np.random.get_state()
+            own["rng"]["numpy"] = (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)
         except ImportError:  # pragma: no cover
             pass
         torch.save(own, Path(directory) / f"process_{self.accelerator.process_index}.pt")
@@ -202,7 +203,7 @@ class Checkpointer:
         state = self._state()
         dcp.load(state, checkpoint_id=str(directory))
         set_state_dict(self.container, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        own = torch.load(Path(directory) / f"process_{self.accelerator.process_index}.pt", weights_only=False)
+        own = torch.load(Path(directory) / f"process_{self.accelerator.process_index}.pt", weights_only=True)
         for obj, saved in zip(self.stateful, own["stateful"]):
             obj.load_state_dict(saved)
         rng = own["rng"]
@@ -213,7 +214,8 @@ class Checkpointer:
         if "numpy" in rng:
             import numpy as np
 
-            np.random.set_state(rng["numpy"])
+            kind, keys, pos, has_gauss, cached = rng["numpy"]
+            np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
 def full_state_dict(model: torch.nn.Module) -> dict:
