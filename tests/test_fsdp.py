@@ -139,7 +139,7 @@ def test_fsdp2_rl_stages_train_like_one_process(tmp_path, tiny_base, reward_dir,
     exec(compile(SCRIPT, str(script), "exec"), {})  # one process: this one, unsharded
     start = load_file(Path(tiny_base) / "model.safetensors")
     for name in UPDATES:
-        one, two = (torch.load(tmp_path / f"{name}-{procs}.pt", weights_only=False) for procs in (1, 2))
+        one, two = (torch.load(tmp_path / f"{name}-{procs}.pt", weights_only=True) for procs in (1, 2))
         assert one["state"].keys() == two["state"].keys()
         moved = max((one["state"][k] - start[k]).abs().max().item() for k in start if k in one["state"])
         assert moved > 1e-4, name  # the updates did something
