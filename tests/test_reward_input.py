@@ -42,12 +42,7 @@ PROMPT = "first: pen car red star"
 REPLIES = ["Sure! pen", "Whatever. car red", " spaced  reply \n"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reward_model_of(path):
