@@ -122,7 +122,7 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fingerprint(path_or_id: str, revision: str | None = None) -> str:
+def fingerprint(path_or_id: str, revision: str | None = None) -> str:
     """What an input's content is: a local file's bytes; a local directory's files (bytes up to
     CONTENT_HASH_MAX_BYTES, name/size/mtime above); a hub id with the revision it is loaded at.
     A leading `~` is expanded, as the loaders do."""
@@ -182,7 +182,7 @@ def _chat_template_fingerprint(template: str | None) -> str | None:
     """A chat template given as a .jinja file counts by its contents, not its path
     (models.load_tokenizer reads such a file; any other value is the template text itself)."""
     if template and template.endswith(".jinja") and Path(template).expanduser().is_file():
-        return _fingerprint(template)
+        return fingerprint(template)
     return None
 
 
@@ -299,8 +299,8 @@ def plan(recipe_path: str | Path, overrides: list[str] = (), num_processes: int 
         node.hash = content_hash(
             _hashed_view(recipe),
             {role: ref.hash for role, ref in node.refs.items()},
-            {role: _fingerprint(p, recipe.model_options.revision) for role, p in node.inputs().items() if role not in node.refs},
-            [_fingerprint(source) for source in data_files(recipe)],
+            {role: fingerprint(p, recipe.model_options.revision) for role, p in node.inputs().items() if role not in node.refs},
+            [fingerprint(source) for source in data_files(recipe)],
             {
                 "chat_template_file": _chat_template_fingerprint(recipe.model_options.chat_template),
                 "num_processes": num_processes if every_process else 1,

@@ -205,7 +205,7 @@ def comparison_key(sweep: Sweep) -> str:
     A baseline or reward model given as a path is keyed by its files' content (as the pipeline
     keys a stage's inputs given as paths), so a model retrained in place is compared again."""
     def ident(directory, node):
-        return node.hash if node is not None else pipeline._fingerprint(directory, sweep.recipe.model_options.revision)
+        return node.hash if node is not None else pipeline.fingerprint(directory, sweep.recipe.model_options.revision)
 
     models = {p.label: p.nodes[-1].hash for p in sweep.points}
     models[sweep.baseline[0]] = ident(sweep.baseline[1], sweep.baseline[2])

@@ -18,7 +18,9 @@ from alignment.demo import world
 from alignment.report_html import render_html
 from alignment.stages.init import train_tokenizer
 
-from .test_compare import forced_lm, one_thread, tiny_config  # noqa: F401  (one_thread: autouse fixture)
+from .test_compare import forced_lm, tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPTS = world.eval_prompts(6, seed=0)
 SAMPLED = GenerationOptions(max_new_tokens=6, temperature=1.0, batch_size=4, seed=0)

@@ -17,8 +17,10 @@ from alignment.pipeline import plan, run
 from alignment.report import build_report
 
 from .conftest import RECIPES
-from .test_compare import one_thread  # noqa: F401  (autouse fixture)
+
 from .test_compare_models import dirs, tok  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run"]
