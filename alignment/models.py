@@ -455,4 +455,6 @@ class PerTokenScores(torch.nn.Module):
         self.train(classifier.training)  # a wrapper of a frozen / dropout-free model stays in eval mode
 
     def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
-        return token_scores(self.classifier, input_ids, attention_mask, position_ids)
+        # a copy, not the head's squeezed view: FSDP2 hangs its pre-backward hook on a sharded module's output,
+        # and an in-place op on a view of it would drop the hook (and the gather backward needs)
+        return token_scores(self.classifier, input_ids, attention_mask, position_ids).clone()
