@@ -97,6 +97,23 @@ UPDATES = {  # the loop's two ways of rollout from a sharded policy, both
 }
 
 
+# A reward under which the two processes need different numbers of dynamic-sampling rounds: process 0's
+# first batch scores all equal (every group dropped), every other batch alternates 0, 1 (every group of 2
+# informative).
+UNEVEN_REWARD = """
+import os
+
+calls = []
+
+
+def score(completions, **kwargs):
+    calls.append(len(completions))
+    if os.environ.get("RANK") == "0" and len(calls) == 1:
+        return [0.0] * len(completions)
+    return [float(i % 2) for i in range(len(completions))]
+"""
+
+
 def update_cases(tmp_path, tiny_base, reward_dir, procs):
     return [["update", name, str(RECIPES / f"{stage}.yaml"),
              [f"model={tiny_base}", f"reward_model={reward_dir}", *MICRO_RL[stage], f"{stage}.batch_size=8",
@@ -125,12 +142,15 @@ def test_fsdp2_rl_stages_train_like_one_process(tmp_path, tiny_base, reward_dir,
     weights and metrics of one process; each process holds about half of the trained parameters, of the
     optimizer's states and of the frozen models; the stages run by the pipeline record how they trained
     and save a full Hugging Face directory; grpo with LoRA trains its adapters over a sharded base; grpo
-    with dynamic sampling runs (every process samples each round: a forward is collective)."""
+    with dynamic sampling runs when one process needs more rounds than the other (every process samples each
+    round: a forward is collective)."""
     stage = ["stage", "ppo", str(RECIPES / "ppo.yaml"), stage_args(tiny_base, reward_dir, "ppo", tmp_path / "ppo")]
     lora = ["stage", "grpo lora", str(RECIPES / "grpo.yaml"),
             stage_args(tiny_base, reward_dir, "grpo", tmp_path / "lora", "lora={r: 4}", "training.learning_rate=0.05")]
-    dynamic = ["stage", "grpo dynamic sampling", str(RECIPES / "grpo.yaml"),  # processes may need different rounds
-               stage_args(tiny_base, reward_dir, "grpo", tmp_path / "dynamic", "grpo.dynamic_sampling=true")]
+    (tmp_path / "uneven.py").write_text(UNEVEN_REWARD)
+    dynamic = ["stage", "grpo dynamic sampling", str(RECIPES / "grpo.yaml"),
+               stage_args(tiny_base, "null", "grpo", tmp_path / "dynamic", "grpo.dynamic_sampling=true",
+                          f"reward_fn={tmp_path / 'uneven.py'}:score")]
     done = launch(tmp_path, [*update_cases(tmp_path, tiny_base, reward_dir, 2), stage, lora, dynamic])
     assert "the RL stages shard their models with FSDP2 themselves" in done.stdout  # the runner's note, not DDP's
 
@@ -172,8 +192,14 @@ def test_fsdp2_rl_stages_train_like_one_process(tmp_path, tiny_base, reward_dir,
     merged = load_file(tmp_path / "lora" / "model.safetensors")
     assert merged.keys() == start.keys()  # merged into the base: no adapter weights left
     assert max((merged[k] - start[k]).abs().max().item() for k in start) > 1e-5  # the adapters trained
-    rounds = [json.loads(line) for line in (tmp_path / "dynamic" / "metrics.jsonl").read_text().splitlines()]
-    assert all(row["dynamic_sampling/rounds"] >= 1 for row in rounds if "step" in row)
+    # process 0 needed a second round in the first iteration, process 1 did not (and sampled with it, since a
+    # sharded forward is collective: had it skipped the round, process 0 would have waited for it forever)
+    logged = [json.loads(line) for line in (tmp_path / "dynamic" / "metrics.jsonl").read_text().splitlines()]
+    logged = [row for row in logged if "step" in row]
+    assert [row["dynamic_sampling/rounds"] for row in logged] == [2, 1, 1, 1]
+    first = logged[0]  # 2 groups per process: process 0's first 2 dropped, then 2 more; process 1's 2 kept
+    assert (first["dynamic_sampling/sampled_groups"], first["dynamic_sampling/dropped_groups"]) == (6, 2)
+    assert first["dynamic_sampling/topped_up"] == 0
 
 
 def test_fsdp2_killed_run_resumes_to_the_same_weights(tmp_path, tiny_base, reward_dir):
