@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator,
+    model_validator,
+)
 
 from .errors import RecipeError
 from .estimators import ADVANTAGE, KL
@@ -630,6 +633,78 @@ class KTORecipe(BaseRecipe):
         return self
 
 
+BUILTIN_REWARDS = ("gold",)  # reward_fn names that are not 'file.py:function' / 'module:function'
+
+
+def _one_or_many(value):
+    return [value] if isinstance(value, str) else value
+
+
+def check_function_refs(refs: list[str]) -> list[str]:
+    twice = sorted({ref for ref in refs if refs.count(ref) > 1})
+    if twice:
+        raise ValueError(
+            f"{twice[0]!r} is listed more than once; list it once and give it the sum of its weights in "
+            "reward_weights"
+        )
+    for ref in refs:
+        target, sep, name = ref.rpartition(":")
+        if ref not in BUILTIN_REWARDS and not (sep and target and name.isidentifier()):
+            raise ValueError(
+                f"{ref!r} is not a reward function: expected 'file.py:name', 'package.module:name' or one of "
+                f"{', '.join(BUILTIN_REWARDS)}"
+            )
+    return refs
+
+
+# `reward_fn` wherever a recipe takes Python reward functions (the RL stages, online_dpo, prep): one
+# string or a list, each named once, each 'file.py:name', 'package.module:name' or a built-in.
+RewardFunctions = Annotated[list[str], BeforeValidator(_one_or_many), AfterValidator(check_function_refs)]
+
+
+def check_reward_weights(has_model: bool, reward_fn: list[str], weights: list[float] | None) -> None:
+    """`reward_weights` gives one weight per reward source: reward_model first when set, then each reward_fn."""
+    count = has_model + len(reward_fn)
+    if weights is not None and len(weights) != count:
+        raise ValueError(
+            f"reward_weights has {len(weights)} entries for {count} reward sources "
+            "(reward_model first when set, then each reward_fn)"
+        )
+
+
+def check_scorers(recipe, scorers: list[str], key: str) -> None:
+    """The reward sources that `key` (online.scorer, samples.scorer), set to each of `scorers`, reads are
+    set, and reward_fn / reward_weights are not set unread. 'reward_fn' sums the functions and, when it
+    is set, the reward model, as the RL stages sum their sources."""
+    if "reward_model" in scorers and recipe.reward_model is None:
+        raise ValueError(f"{key} 'reward_model' needs 'reward_model' (a path or {{from: reward.yaml}})")
+    if "reward_fn" in scorers and not recipe.reward_fn:
+        raise ValueError(f"{key} 'reward_fn' needs 'reward_fn' (Python functions, 'file.py:name' or "
+                         "'package.module:name', or 'gold')")
+    if "reward_fn" not in scorers and (recipe.reward_fn or recipe.reward_weights is not None):
+        which = "reward_fn" if recipe.reward_fn else "reward_weights"
+        raise ValueError(f"{which} is set but no {key} is 'reward_fn': set {key}: reward_fn to score with the "
+                         "functions, or remove it")
+    check_reward_weights(recipe.reward_model is not None, recipe.reward_fn, recipe.reward_weights)
+
+
+SCORER_HELP = (
+    "'oracle': the demo world's gold score (demo prompts only); 'reward_model': the recipe's `reward_model`; "
+    "'reward_fn': the recipe's `reward_fn` functions (and `reward_model` too when it is set), summed with "
+    "`reward_weights` as the RL stages sum their reward sources."
+)
+SAMPLED_REWARD_FN_HELP = (
+    "Python reward functions that score the sampled replies ({key}: reward_fn), as the RL stages' "
+    "`reward_fn`: 'file.py:name' or 'package.module:name', called once per batch of replies as name(prompts=..., "
+    "completions=..., **columns) -> list of floats (None: not applicable), where columns are the prompt "
+    "file's other fields (TRL's GRPO reward functions work unchanged); 'gold': the demo world's gold oracle. "
+    "A single string is one function. A file's bytes are part of the content hash."
+)
+REWARD_WEIGHTS_HELP = (
+    "Weight of each reward source in the sum, in order: reward_model (when set), then each reward_fn. Null: all 1."
+)
+
+
 class OnlineOptions(Section):
     """Iterative online DPO: each round samples k replies per prompt from the current policy, scores them, keeps
     best vs worst and trains DPO on those pairs (alignment/rounds.py)."""
@@ -639,10 +714,7 @@ class OnlineOptions(Section):
         256, gt=0, description="Prompts answered each round: the first N of data.source, or N demo-world training "
         "prompts drawn with a seed of the round's own (seed + round), so each round sees other prompts."
     )
-    scorer: Literal["oracle", "reward_model"] = Field(
-        "oracle", description="'oracle': the demo world's gold score (demo prompts only); 'reward_model': the "
-        "recipe's `reward_model`."
-    )
+    scorer: Literal["oracle", "reward_model", "reward_fn"] = Field("oracle", description=SCORER_HELP)
     temperature: float = Field(1.0, gt=0.0, description="Sampling temperature.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling (1: off).")
     max_new_tokens: int = Field(32, gt=0, description="Longest sampled reply, in tokens.")
@@ -670,8 +742,13 @@ class OnlineDPORecipe(BaseRecipe):
     stage: Literal["online_dpo"]
     rounds: int = Field(2, ge=1, description="Rounds of sample -> score -> pairs -> DPO; adding one trains only it.")
     reward_model: ModelRef | None = Field(
-        None, description="Scores the samples (online.scorer: reward_model): a path or {from: reward.yaml}."
+        None, description="Scores the samples (online.scorer: reward_model, or reward_fn beside the functions): a "
+        "path or {from: reward.yaml}."
     )
+    reward_fn: RewardFunctions = Field(
+        default_factory=list, description=SAMPLED_REWARD_FN_HELP.format(key="online.scorer")
+    )
+    reward_weights: list[float] | None = Field(None, description=REWARD_WEIGHTS_HELP)
     online: OnlineOptions = Field(default_factory=OnlineOptions)
     dpo: DPOOptions = Field(default_factory=DPOOptions)
 
@@ -679,8 +756,7 @@ class OnlineDPORecipe(BaseRecipe):
     def _sources(self):
         if not isinstance(self.data.source, str):
             raise ValueError("data.source: online_dpo reads prompts from 'demo' or a file of prompts, not a prep output")
-        if self.online.scorer == "reward_model" and self.reward_model is None:
-            raise ValueError("online.scorer 'reward_model' needs 'reward_model' (a path or {from: reward.yaml})")
+        check_scorers(self, [self.online.scorer], "online.scorer")
         return self
 
 
@@ -718,10 +794,7 @@ class PrepSamples(Section):
     """Replies sampled from the prep recipe's `model` for a source's prompts, and how they are scored."""
 
     k: int = Field(4, ge=1, description="Replies sampled per prompt.")
-    scorer: Literal["oracle", "reward_model"] = Field(
-        "oracle", description="'oracle': the demo world's gold score (demo prompts only); 'reward_model': the "
-        "recipe's `reward_model`."
-    )
+    scorer: Literal["oracle", "reward_model", "reward_fn"] = Field("oracle", description=SCORER_HELP)
     temperature: float = Field(1.0, gt=0.0, description="Sampling temperature.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling (1: off).")
     max_new_tokens: int = Field(512, gt=0, description="Longest sampled reply, in tokens.")
@@ -849,8 +922,13 @@ class PrepRecipe(BaseRecipe):
         "with `samples`: a path, a hub id or {from: recipe.yaml}. Null: no token limits, no sampling.",
     )
     reward_model: ModelRef | None = Field(
-        None, description="Scores sampled replies (sources with samples.scorer: reward_model): a path or {from: reward.yaml}."
+        None, description="Scores sampled replies (sources with samples.scorer: reward_model, or reward_fn beside the "
+        "functions): a path or {from: reward.yaml}."
     )
+    reward_fn: RewardFunctions = Field(
+        default_factory=list, description=SAMPLED_REWARD_FN_HELP.format(key="samples.scorer")
+    )
+    reward_weights: list[float] | None = Field(None, description=REWARD_WEIGHTS_HELP)
     ref_model: ModelRef | None = Field(
         None, description="Sources with samples: also measure KL(model || ref_model) on the sampled replies (the "
         "mean over replies of their summed log-ratio; summary: samples/<source>/kl). Null: not measured.",
@@ -864,8 +942,7 @@ class PrepRecipe(BaseRecipe):
         sampled = [s for s in self.prep.sources if s.samples is not None]
         if sampled and self.model is None:
             raise ValueError("prep.sources[].samples: replies are sampled from 'model': set it (e.g. {from: sft.yaml})")
-        if any(s.samples.scorer == "reward_model" for s in sampled) and self.reward_model is None:
-            raise ValueError("samples.scorer 'reward_model' needs 'reward_model' (a path or {from: reward.yaml})")
+        check_scorers(self, [s.samples.scorer for s in sampled], "samples.scorer")
         return self
 
 
@@ -1200,9 +1277,6 @@ class PromptDataOptions(DataOptions):
     )
 
 
-BUILTIN_REWARDS = ("gold",)  # reward_fn names that are not 'file.py:function' / 'module:function'
-
-
 class RLRecipe(BaseRecipe):
     """What ppo, grpo and rloo share: prompts and the reward sources."""
 
@@ -1212,53 +1286,21 @@ class RLRecipe(BaseRecipe):
         description="Reward model (a one-label sequence classifier): a path, a hub id or {from: reward.yaml}. "
         "ppo: the critic starts from it too.",
     )
-    reward_fn: list[str] = Field(
+    reward_fn: RewardFunctions = Field(
         default_factory=list,
         description="Python reward functions, 'file.py:name' or 'package.module:name', called as "
         "name(prompts=..., completions=..., **columns) -> list of floats (TRL's GRPO reward functions work "
         "unchanged); 'gold': the demo world's gold oracle. A single string is one function.",
     )
-    reward_weights: list[float] | None = Field(
-        None,
-        description="Weight of each reward source in the sum, in order: reward_model (when set), then each "
-        "reward_fn. Null: all 1.",
-    )
+    reward_weights: list[float] | None = Field(None, description=REWARD_WEIGHTS_HELP)
     data: PromptDataOptions = Field(default_factory=PromptDataOptions)
     training: PolicyTrainingOptions = Field(default_factory=PolicyTrainingOptions)
 
-    @field_validator("reward_fn", mode="before")
-    @classmethod
-    def _one_or_many(cls, value):
-        return [value] if isinstance(value, str) else value
-
-    @field_validator("reward_fn")
-    @classmethod
-    def _function_refs(cls, refs):
-        twice = sorted({ref for ref in refs if refs.count(ref) > 1})
-        if twice:
-            raise ValueError(
-                f"{twice[0]!r} is listed more than once; list it once and give it the sum of its weights in "
-                "reward_weights"
-            )
-        for ref in refs:
-            target, sep, name = ref.rpartition(":")
-            if ref not in BUILTIN_REWARDS and not (sep and target and name.isidentifier()):
-                raise ValueError(
-                    f"{ref!r} is not a reward function: expected 'file.py:name', 'package.module:name' or one of "
-                    f"{', '.join(BUILTIN_REWARDS)}"
-                )
-        return refs
-
     @model_validator(mode="after")
     def _reward_sources(self):
-        count = (self.reward_model is not None) + len(self.reward_fn)
-        if count == 0:
+        if self.reward_model is None and not self.reward_fn:
             raise ValueError("no reward: set reward_model, reward_fn or both")
-        if self.reward_weights is not None and len(self.reward_weights) != count:
-            raise ValueError(
-                f"reward_weights has {len(self.reward_weights)} entries for {count} reward sources "
-                "(reward_model first when set, then each reward_fn)"
-            )
+        check_reward_weights(self.reward_model is not None, self.reward_fn, self.reward_weights)
         o = self.rl
         per_minibatch = o.batch_size // o.num_minibatches
         if per_minibatch % self.training.gradient_accumulation_steps:
@@ -1399,7 +1441,7 @@ def model_inputs(recipe: BaseRecipe) -> dict[str, "str | FromRecipe"]:
 
 def data_files(recipe: BaseRecipe) -> list[str]:
     """Local data sources the recipe reads (for its content hash): `data.source`, prep's sources,
-    compare's prompt file and the files of an RL recipe's reward functions."""
+    compare's prompt file and the files of a recipe's reward functions (RL stages, online_dpo, prep)."""
     sources = [recipe.data.source] if isinstance(recipe.data.source, str) else []
     sources += [s.path for s in getattr(getattr(recipe, "prep", None), "sources", [])]
     sources += [recipe.prompts.source] if isinstance(recipe, CompareRecipe) else []

@@ -295,7 +295,7 @@ def plan(recipe_path: str | Path, overrides: list[str] = (), num_processes: int 
         path, recipe = node.path, node.recipe
         every_process = _runs_on_every_process(recipe.stage)
         check_rl_launcher(path, recipe, distributed(recipe, num_processes))
-        check_reward_functions(path, recipe)
+        check_reward_functions(path.with_name(node.rounds_of + path.suffix) if node.rounds_of else path, recipe)
         node.hash = content_hash(
             _hashed_view(recipe),
             {role: ref.hash for role, ref in node.refs.items()},
@@ -381,12 +381,14 @@ def check_rl_launcher(path: Path, recipe: BaseRecipe, distributed: str) -> None:
 
 
 def check_reward_functions(path: Path, recipe: BaseRecipe) -> None:
-    """Every `reward_fn` of an RL recipe is loaded (its file read, its module imported) before any
-    stage of the chain trains: a missing file or function is refused at plan time."""
-    if isinstance(recipe, RLRecipe):
+    """Every `reward_fn` of a recipe (RL stages, online DPO's pairs stages, prep) is loaded (its file
+    read, its module imported) before any stage of the chain trains: a missing file or function is
+    refused at plan time."""
+    refs = getattr(recipe, "reward_fn", [])
+    if refs:
         from .rewards import load_function
 
-        for ref in recipe.reward_fn:
+        for ref in refs:
             try:
                 load_function(ref)
             except RecipeError as exc:

@@ -1,4 +1,5 @@
-"""Reward sources of the RL stages (ppo, grpo, rloo), behind one call.
+"""Reward sources of the RL stages (ppo, grpo, rloo) and of on-policy sampling (online DPO's rounds,
+prep's `samples` with scorer 'reward_fn'), behind one call.
 
 A recipe names one or more sources, summed with `reward_weights`:
 - `reward_model`: a one-label sequence classifier, given prompt + reply in the form it was trained on
@@ -149,6 +150,45 @@ def _first_failing(fn: Callable, offered: dict) -> str:
     return "on the whole batch; every prompt alone passes"
 
 
+def source_weights(has_model: bool, refs: list[str], weights: list[float] | None) -> dict[str, float]:
+    """Source name -> weight, in the order `reward_weights` gives them: 'reward_model' first when there
+    is one, then each function. No weights: all 1."""
+    names = (["reward_model"] if has_model else []) + list(refs)
+    return dict(zip(names, weights or [1.0] * len(names)))
+
+
+def offered_batch(prompts: list[str], replies: list[str], ids: list[list[int]], finished: list[bool],
+                  columns: dict[str, list]) -> dict:
+    """What a reward function may ask for, one entry per reply: `columns` (the prompt rows' other
+    fields) and the reply in its forms."""
+    return {**columns, "prompts": prompts, "completions": replies, "replies": replies, "completion_ids": ids,
+            "finished": finished}
+
+
+def function_scores(functions: dict[str, Callable], offered: dict, with_model: bool) -> dict[str, torch.Tensor]:
+    """Each function's scores of the batch (`call_function`; None is NaN). Without a reward model
+    scoring beside them (`with_model`), a reply that no function applies to is refused: it would have
+    no score at all."""
+    out = {ref: call_function(ref, fn, offered) for ref, fn in functions.items()}
+    if functions and not with_model:
+        unscored = torch.stack(list(out.values())).isnan().all(0).nonzero()
+        if len(unscored):
+            i = int(unscored[0])
+            prompt = offered["prompts"][i]
+            raise RecipeError(
+                f"reward_fn: every function returned None for prompt {i} ({prompt[:60]!r}); None means 'not "
+                "applicable', and each reply needs a score from at least one reward source"
+            )
+    return out
+
+
+def weighted_sum(per_source: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    """The weighted sum of the sources, NaN-aware: a source's None (NaN) adds 0 to that reply, as
+    TRL's GRPOTrainer sums its reward functions (nansum). Sources without a weight (the overlong
+    shaping) weigh 1."""
+    return sum(weights.get(name, 1.0) * value.nan_to_num(0.0) for name, value in per_source.items())
+
+
 class Rewards:
     """The recipe's reward sources. `scores(...)` gives each source's raw scores; `total(...)` their
     weighted sum."""
@@ -158,9 +198,8 @@ class Rewards:
         self.tok, self.reward_tok = tok, reward_tok  # the policy's tokenizer, the reward model's
         self.prompt_field = recipe.data.prompt_field
         self.functions = {ref: load_function(ref) for ref in recipe.reward_fn}
-        self.names = (["reward_model"] if reward_model is not None else []) + list(self.functions)
-        weights = recipe.reward_weights or [1.0] * len(self.names)
-        self.weights = dict(zip(self.names, weights))
+        self.weights = source_weights(reward_model is not None, recipe.reward_fn, recipe.reward_weights)
+        self.names = list(self.weights)
 
     def scores(self, prompts: list[str], rows: list[dict], input_ids, attention_mask, response_ids, response_mask,
                finished, which: str = "all") -> dict[str, torch.Tensor]:
@@ -176,28 +215,17 @@ class Rewards:
         if self.reward_model is not None and which != "functions":
             scores = model_scores(self.reward_model, self.reward_tok, prompts, replies, finished.tolist())
             out["reward_model"] = scores.to(input_ids.device)
-        columns = {k: [row.get(k) for row in rows] for k in (rows[0] if rows else {}) if k != self.prompt_field}
-        offered = {**columns, "prompts": prompts, "completions": replies, "replies": replies,
-                   "completion_ids": ids, "finished": finished.tolist()}
         if which == "model":
             return out
-        for ref, fn in self.functions.items():
-            out[ref] = call_function(ref, fn, offered).to(input_ids.device)
-        if self.functions and self.reward_model is None:
-            unscored = torch.stack([out[ref] for ref in self.functions]).isnan().all(0).nonzero()
-            if len(unscored):
-                i = int(unscored[0])
-                raise RecipeError(
-                    f"reward_fn: every function returned None for prompt {i} ({prompts[i][:60]!r}); None means 'not "
-                    "applicable', and each reply needs a score from at least one reward source"
-                )
+        columns = {k: [row.get(k) for row in rows] for k in (rows[0] if rows else {}) if k != self.prompt_field}
+        offered = offered_batch(prompts, replies, ids, finished.tolist(), columns)
+        scored = function_scores(self.functions, offered, with_model=self.reward_model is not None)
+        out.update({ref: value.to(input_ids.device) for ref, value in scored.items()})
         return out
 
     def total(self, per_source: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The weighted sum of the sources, NaN-aware: a source's None (NaN) adds 0 to that reply, as
-        TRL's GRPOTrainer sums its reward functions (nansum). Sources without a weight (the overlong
-        shaping) weigh 1."""
-        return sum(self.weights.get(name, 1.0) * value.nan_to_num(0.0) for name, value in per_source.items())
+        """`weighted_sum` with the recipe's weights."""
+        return weighted_sum(per_source, self.weights)
 
 
 def model_scores(model, tok, prompts: list, replies: list[str], finished: list[bool]) -> torch.Tensor:

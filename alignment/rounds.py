@@ -4,7 +4,8 @@ A recipe with `rounds: N` stands for 2N ordinary stages, which the pipeline plan
 and resumes like any other (no second runner):
 
     round r pairs   a `prep` stage: the model round r starts from answers `online.prompts_per_round`
-                    prompts `online.k` times, the gold oracle or the reward model scores the replies,
+                    prompts `online.k` times, the gold oracle, the reward model or the recipe's Python
+                    reward functions (`reward_fn`, summed with the reward model when set) score the replies,
                     best vs worst become pairs (ties and margins under `online.min_margin` dropped and
                     counted); it also measures the sampling model's KL to the starting model.
                     Output: <output_dir>/round-r-pairs/
@@ -60,6 +61,8 @@ def expand(recipe: OnlineDPORecipe, stem: str, out_dir: Path) -> list[RoundStage
     start = recipe.model.model_dump(by_alias=True) if isinstance(recipe.model, FromRecipe) else recipe.model
     stages: list[RoundStage] = []
     previous, previous_ref = start, outer_model
+    # 'reward_fn' sums the functions with the reward model when one is set, as the RL stages do
+    uses_model = o.scorer == "reward_model" or (o.scorer == "reward_fn" and recipe.reward_model is not None)
     for r in range(1, recipe.rounds + 1):
         pairs_name = stage_name(stem, r, recipe.rounds, pairs=True)
         samples = {"k": o.k, "scorer": o.scorer, "temperature": o.temperature, "top_p": o.top_p,
@@ -67,7 +70,8 @@ def expand(recipe: OnlineDPORecipe, stem: str, out_dir: Path) -> list[RoundStage
         pairs = PrepRecipe.model_validate({
             "stage": "prep", **common,
             "model": previous,
-            "reward_model": _as_input(recipe.reward_model) if o.scorer == "reward_model" else None,
+            "reward_model": _as_input(recipe.reward_model) if uses_model else None,
+            **({"reward_fn": recipe.reward_fn, "reward_weights": recipe.reward_weights} if o.scorer == "reward_fn" else {}),
             "ref_model": start,
             "prep": {
                 "kind": "pairs", "min_margin": o.min_margin, "test_fraction": o.test_fraction, "seed": recipe.seed + r,
@@ -76,7 +80,7 @@ def expand(recipe: OnlineDPORecipe, stem: str, out_dir: Path) -> list[RoundStage
             },
         })
         refs = {role: ref for role, ref in (("model", previous_ref), ("ref_model", outer_model)) if ref}
-        if o.scorer == "reward_model" and isinstance(recipe.reward_model, FromRecipe):
+        if uses_model and isinstance(recipe.reward_model, FromRecipe):
             refs["reward_model"] = "outer:reward_model"
         stages.append(RoundStage(pairs_name, pairs, out_dir / f"round-{r}-pairs", refs))
 

@@ -208,8 +208,9 @@ def convert(args: argparse.Namespace) -> int:
 
 
 def onpolicy(args: argparse.Namespace) -> int:
-    from alignment.config import GenerationOptions
+    from alignment.config import GenerationOptions, check_function_refs, check_reward_weights
     from alignment.models import check_model_kind
+    from alignment.rewards import load_function
 
     from .onpolicy import onpolicy_rows, read_prompts
     from .prepare import prepare
@@ -217,23 +218,40 @@ def onpolicy(args: argparse.Namespace) -> int:
 
     out = Path(user_path(args.out))
     check_out_dir(out, inputs=(("--prompts", args.prompts),))
-    if args.reward_model is None and not args.oracle:
-        raise DataError("score with --reward-model DIR, or --oracle for the demo world's gold oracle")
+    if args.reward_model is None and not args.oracle and not args.reward_fn:
+        raise DataError("score with --reward-model DIR, --reward-fn FILE.py:NAME, or --oracle for the demo world's "
+                        "gold oracle")
+    if args.oracle and (args.reward_fn or args.reward_model is not None):
+        other = "--reward-fn" if args.reward_fn else "--reward-model"
+        raise DataError(f"--oracle and {other}: give one scorer (to add the oracle to other reward sources, give it "
+                        "as the reward function 'gold': --reward-fn gold)")
+    if args.reward_weights is not None and not args.reward_fn:
+        raise DataError("--reward-weights weighs --reward-fn functions (and --reward-model): give --reward-fn")
+    try:
+        check_reward_weights(args.reward_model is not None, check_function_refs(args.reward_fn), args.reward_weights)
+    except ValueError as exc:
+        raise DataError(f"--reward-fn / --reward-weights: {exc}") from None
     GenerationOptions(temperature=args.temperature, top_p=args.top_p, samples_per_prompt=args.k)  # their ranges
     model, reward_model = user_path(args.model), args.reward_model and user_path(args.reward_model)
     check_model_kind(model, "causal-lm", key="--model")  # before any sampling
     if reward_model:
         check_model_kind(reward_model, "classifier", key="--reward-model")
+    for ref in args.reward_fn:
+        try:
+            load_function(ref)  # a missing file or function: one line, before any sampling
+        except RecipeError as exc:
+            raise DataError(f"--reward-fn: {exc}") from None
     options = PrepOptions(
         kind="pairs", sources=[PrepSource(path=args.prompts, name="onpolicy", shape="explicit")], test_fraction=args.test_fraction,
         split_seed=args.split_seed, dedup=args.dedup, max_turns=args.max_turns, max_length=args.max_length,
         strict=args.strict, seed=args.seed, min_margin=args.min_margin,
     )
-    prompts = read_prompts(options.sources[0].path, args.prompt_column, args.num_prompts, args.seed, args.world)
+    columns: dict = {}
+    prompts = read_prompts(options.sources[0].path, args.prompt_column, args.num_prompts, args.seed, args.world, columns)
     rows = onpolicy_rows(
-        prompts, model, k=args.k, reward_model=reward_model, min_margin=args.min_margin,
-        temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size, seed=args.seed, progress=not args.quiet,
+        prompts, model, k=args.k, reward_model=reward_model, min_margin=args.min_margin, columns=columns,
+        reward_fn=args.reward_fn, reward_weights=args.reward_weights, temperature=args.temperature, top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed, progress=not args.quiet,
     )
     prepared = prepare(options, _tokenizer(args), progress=not args.quiet, given={"onpolicy": rows}, num_proc=args.num_proc)
     return _finish(out, prepared)
@@ -311,10 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "onpolicy", help="sample k replies per prompt, score them, keep best vs worst (iterative DPO)",
         description="On-policy pairs: sample --k replies per prompt from --model, score them with --reward-model "
-        "(or --oracle: the demo world's gold oracle), keep best vs worst when the score margin is at least --min-margin.",
+        "and/or --reward-fn (or --oracle: the demo world's gold oracle), keep best vs worst when the score margin is at "
+        "least --min-margin. A sampled reply may be empty (the model stopped at once): it is kept, marked generated.",
         epilog="examples:\n  python -m data_prep onpolicy --model runs/sft --prompts demo --num-prompts 500 --k 4 --oracle --out data/onpolicy\n"
         "  python -m data_prep onpolicy --model runs/dpo --prompts prompts.jsonl --k 8 --reward-model runs/reward \\\n"
-        "      --min-margin 0.5 --out data/round2\n",
+        "      --min-margin 0.5 --out data/round2\n"
+        "  python -m data_prep onpolicy --model runs/sft --prompts tasks.jsonl --reward-fn checks.py:exact_match --out data/r1\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", required=True, help="policy to sample from (a model directory or hub id)")
@@ -323,6 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-prompts", type=_count, help="use the first N prompts (demo: how many to make, default 200)")
     p.add_argument("--k", type=_count, default=4, help="samples per prompt (default 4)")
     p.add_argument("--reward-model", help="reward model directory (a one-label classifier) that scores the samples")
+    p.add_argument("--reward-fn", action="append", default=[], metavar="FILE.py:NAME",
+                   help="Python reward function that scores the samples, as the RL stages' reward_fn: 'file.py:name' "
+                   "or 'package.module:name', called as name(prompts=..., completions=..., **columns) with the prompt "
+                   "file's other columns; repeat for several (summed, with --reward-model too when given)")
+    p.add_argument("--reward-weights", type=_finite, nargs="+", metavar="W",
+                   help="weight of each source in the sum: --reward-model first when given, then each --reward-fn "
+                   "(default: all 1)")
     p.add_argument("--oracle", action="store_true", help="score with the demo world's gold oracle instead")
     p.add_argument("--min-margin", type=_finite, default=0.0, help="least score gap between chosen and rejected (ties always dropped)")
     p.add_argument("--temperature", type=_finite, default=1.0, help="sampling temperature (default 1.0)")

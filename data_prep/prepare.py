@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from alignment.config import PrepColumns, PrepOptions, PrepSource
 
 from .read import Bad, DataError, read_source
-from .shapes import KIND_SHAPES, check_columns, detect_shape, extra_reason, make_parser
+from .shapes import KIND_SHAPES, check_columns, detect_shape, extra_reason, is_generated, make_parser
 
 try:  # orjson serialises about 5x faster; the standard library is the fallback
     from orjson import dumps as _dumps
@@ -129,12 +129,15 @@ def normalised_key(row: dict, prompt: str) -> str:
 
 
 def row_problem(row: dict, max_turns: int | None = None) -> str | None:
-    """Empty text, chosen identical to rejected, too many turns: the checks every canonical row gets."""
+    """Empty text, chosen identical to rejected, too many turns: the checks every canonical row gets.
+    A generated row's replies may be empty (`shapes.is_generated`: the model stopped at once); its
+    prompt may not."""
+    may_be_empty = is_generated(row)
     if "completion" in row:
         for m in row["prompt"]:
             if m["role"] != "system" and not m["content"].strip():
                 return "empty 'prompt'"
-        if not row["completion"][-1]["content"].strip():
+        if not row["completion"][-1]["content"].strip() and not may_be_empty:
             return "empty 'completion'"
         turns = row["prompt"]
     elif "prompt" in row:
@@ -142,9 +145,9 @@ def row_problem(row: dict, max_turns: int | None = None) -> str | None:
             if m["role"] != "system" and not m["content"].strip():
                 return "empty 'prompt'"
         chosen, rejected = row["chosen"][-1]["content"].strip(), row["rejected"][-1]["content"].strip()
-        if not chosen:
+        if not chosen and not may_be_empty:
             return "empty 'chosen'"
-        if not rejected:
+        if not rejected and not may_be_empty:
             return "empty 'rejected'"
         if chosen == rejected and [m["content"].strip() for m in row["chosen"][:-1]] == [
             m["content"].strip() for m in row["rejected"][:-1]
@@ -537,6 +540,7 @@ def _summary(o: PrepOptions, run: _Run, names: list[str], splits: dict) -> dict:
         "splits": {k: len(v) for k, v in splits.items()},
         **({"labels": {k: label_counts(v) for k, v in splits.items()}} if o.kind == "binary" else {}),
         "system_turns": {k: system_turn_rows(v) for k, v in splits.items()},
+        "empty_replies": empty_replies([row for rows in splits.values() for row in rows]),
         "sources": {name: run.tallies[name].as_dict() for name in names},
         "options": o.model_dump(mode="json"),
     }
@@ -550,6 +554,17 @@ def system_turn_rows(rows: list[dict]) -> int:
         return found if isinstance(found, list) else []
 
     return sum(any(isinstance(m, dict) and m.get("role") == "system" for m in turns(r)) for r in rows)
+
+
+def empty_replies(rows: list[dict]) -> dict[str, int]:
+    """Source -> kept rows with an empty reply (chosen, rejected or completion), which only generated
+    rows may have: sampled replies where the model stopped at once."""
+    found: Counter = Counter()
+    for row in rows:
+        replies = [row[k] for k in ("chosen", "rejected", "completion") if k in row]
+        if any(not reply[-1]["content"].strip() for reply in replies):
+            found[row["source"]] += 1
+    return dict(found)
 
 
 def label_counts(rows: list[dict]) -> dict:
@@ -570,6 +585,8 @@ def summary_text(summary: dict) -> str:
     if systems:
         lines.append("  system turns: " + ", ".join(f"{k} {v} rows" for k, v in systems.items())
                      + " (a chat template that refuses them: data.system_message merges, drops or refuses them)")
+    lines += [f"  empty replies kept: {name} {n} rows (sampled replies where the model stopped at once)"
+              for name, n in summary.get("empty_replies", {}).items()]
     lines += [f"  dropped  {v:>7}  {k}" for k, v in summary["dropped"].items()]
     lines += [f"  extra   +{v:>7}  {k}" for k, v in summary["extra"].items()]
     if len(summary["sources"]) > 1:

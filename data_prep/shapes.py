@@ -36,6 +36,12 @@ labelled by `threshold`. Binary rows are
 
 TRL's unpaired preference format (conversational).
 
+A row whose `generated` column is true holds replies sampled from a model (on-policy data: the
+`onpolicy` command, prep's `samples`), and every row made from it carries `"generated": true`. Its
+replies may be empty: a model that stops at once writes nothing, and that reply is data (the worst
+of a prompt's samples is what DPO and KTO learn to avoid); an empty reply in a row without the mark
+is a broken row, dropped as "empty 'chosen'" and the like.
+
 `make_parser(shape, columns, options)` returns a function row -> list of canonical rows, or a
 string: the reason the row is dropped. Reasons are short and fixed, so they can be counted.
 """
@@ -252,7 +258,7 @@ def make_parser(shape: str, c: PrepColumns, o: PrepOptions) -> Callable[[dict], 
         raise ValueError(f"unknown shape {shape!r}")
     check_columns(shape, c)
     if o.kind == "binary" and shape == "rated":
-        return _rated_binary(c, o)
+        return _keep_generated(_rated_binary(c, o))
     parse = {
         "explicit": _explicit,
         "implicit": _implicit,
@@ -263,9 +269,29 @@ def make_parser(shape: str, c: PrepColumns, o: PrepOptions) -> Callable[[dict], 
         "sft": _sft,
         "text": _text,
     }[shape](c, o)
+    if shape not in ("sft", "text"):  # rows with replies
+        parse = _keep_generated(parse)
     if o.kind == "binary" and shape in PREFERENCE_SHAPES:
         return _unpaired(parse)
     return parse
+
+
+def is_generated(row: dict) -> bool:
+    """The row's replies were sampled from a model (its `generated` column is true)."""
+    return row.get("generated") is True
+
+
+def _keep_generated(parse):
+    """`parse`, with the rows it makes from a generated row marked generated too."""
+
+    def marked(row: dict):
+        made = parse(row)
+        if is_generated(row) and not isinstance(made, str):
+            for item in made:
+                item["generated"] = True
+        return made
+
+    return marked
 
 
 def extra_reason(shape: str, kind: str) -> str:
@@ -517,13 +543,19 @@ def _unpaired(parse_pairs):
         rows = []
         for pair in made:
             chosen, rejected = pair["chosen"][-1]["content"].strip(), pair["rejected"][-1]["content"].strip()
-            if not chosen or not rejected or chosen == rejected:  # the pair is dropped whole, under the pairs' reason
-                return "empty 'chosen'" if not chosen else "empty 'rejected'" if not rejected else "'chosen' identical to 'rejected'"
+            # the pair is dropped whole, under the pairs' reason; a generated reply may be empty
+            if not chosen and not is_generated(pair):
+                return "empty 'chosen'"
+            if not rejected and not is_generated(pair):
+                return "empty 'rejected'"
+            if chosen == rejected:
+                return "'chosen' identical to 'rejected'"
             row_id = pair["id"]
-            rows.append(_unpaired_row(pair["prompt"], pair["chosen"], True, pair["score_chosen"],
-                                      None if row_id is None else f"{row_id}-chosen"))
-            rows.append(_unpaired_row(pair["prompt"], pair["rejected"], False, pair["score_rejected"],
-                                      None if row_id is None else f"{row_id}-rejected"))
+            two = [_unpaired_row(pair["prompt"], pair["chosen"], True, pair["score_chosen"],
+                                 None if row_id is None else f"{row_id}-chosen"),
+                   _unpaired_row(pair["prompt"], pair["rejected"], False, pair["score_rejected"],
+                                 None if row_id is None else f"{row_id}-rejected")]
+            rows += [{**r, "generated": True} for r in two] if is_generated(pair) else two
         return rows
 
     return parse

@@ -2,7 +2,8 @@
 
 Output directory (`--out` or the prep stage's output):
 
-    train.jsonl, train.parquet     the canonical rows (see shapes.py): pairs, binary rows, conversations or text
+    train.jsonl, train.parquet     the canonical rows (see shapes.py): pairs, binary rows, conversations or text;
+                                   rows of sampled replies also have `generated: true`
     test.jsonl, test.parquet       held-out prompts (when test_fraction > 0)
     summary.json                   the accounting: rows read, kept, dropped by reason, options
 
@@ -98,7 +99,10 @@ def write_files(directory: Path, kind: str, splits: dict[str, list[dict]], summa
         with open(directory / f"{split}.jsonl", "wb") as fh:
             fh.writelines(lines)
         longest = max(map(len, lines), default=0)
-        pq.write_table(_table(directory / f"{split}.jsonl", longest, SCHEMAS[kind]), directory / f"{split}.parquet")
+        schema = SCHEMAS[kind]
+        if any("generated" in r for r in rows):  # sampled replies: the column marks them (shapes.is_generated)
+            schema = schema.append(pa.field("generated", pa.bool_()))
+        pq.write_table(_table(directory / f"{split}.jsonl", longest, schema), directory / f"{split}.parquet")
         names += [f"{split}.jsonl", f"{split}.parquet"]
     summary = {**summary, "files": names}
     (directory / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")

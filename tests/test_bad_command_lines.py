@@ -87,6 +87,19 @@ def test_onpolicy_sampling_settings_out_of_range(tmp_path, capsys, tiny_base, fl
     assert expected in line
 
 
+@pytest.mark.parametrize("extra, expected", [
+    (["--oracle", "--reward-fn", "gold"], "--oracle and --reward-fn: give one scorer"),
+    (["--reward-fn", "score"], "--reward-fn / --reward-weights: 'score' is not a reward function"),
+    (["--reward-fn", "gold", "--reward-weights", "1", "2"], "reward_weights has 2 entries for 1 reward sources"),
+    (["--oracle", "--reward-weights", "1"], "--reward-weights weighs --reward-fn functions"),
+    (["--reward-fn", "{tmp}/nope.py:score"], "--reward-fn: reward_fn '{tmp}/nope.py:score': no such file '{tmp}/nope.py'"),
+])
+def test_onpolicy_reward_function_mistakes_are_one_line(tmp_path, capsys, tiny_base, extra, expected):
+    extra = [a.format(tmp=tmp_path) for a in extra]
+    line = data_prep(["onpolicy", "--model", tiny_base, "--prompts", "demo", *extra, "--out", tmp_path / "o"], capsys, tmp_path)
+    assert expected.format(tmp=tmp_path) in line
+
+
 def test_data_prep_infinite_weight_is_one_line(tmp_path, capsys, pairs):
     line = data_prep(["pairs", pairs, "--weights", "inf", "--quiet", "--out", tmp_path / "o"], capsys, tmp_path)
     assert line.endswith("argument --weights: expected a finite number, got inf")

@@ -769,6 +769,15 @@ def data_prep_family() -> list[Case]:
         Case(F, "onpolicy --oracle on prompts that are not demo", ONP[:4] + ["--prompts", "bad/p.jsonl"] + ONP[6:]
              + ["--oracle", *out], ("oracle", "gold", "demo"), {"bad/p.jsonl": jsonl({"prompt": "hello"}, {"prompt": "how are you"})}),
         Case(F, "onpolicy --out is a file", ONP + ["--oracle", "--out", "notes.txt"], ("notes.txt",)),
+        Case(F, "onpolicy --reward-fn file missing", ONP + ["--reward-fn", "nope.py:score", *out], ("--reward-fn", "nope.py")),
+        Case(F, "onpolicy --reward-fn not a function ref", ONP + ["--reward-fn", "score", *out], ("--reward-fn", "score")),
+        Case(F, "onpolicy --reward-fn no such function", ONP + ["--reward-fn", "rf.py:nope", *out], ("--reward-fn", "nope"),
+             {"rf.py": b"def score(completions, **kw):\n    return [1.0] * len(completions)\n"}),
+        Case(F, "onpolicy --oracle and --reward-fn", ONP + ["--oracle", "--reward-fn", "gold", *out], ("--oracle", "--reward-fn")),
+        Case(F, "onpolicy --reward-weights without --reward-fn", ONP + ["--reward-model", "models/rm", "--reward-weights", "1",
+             *out], ("--reward-weights",)),
+        Case(F, "onpolicy --reward-weights too many", ONP + ["--reward-fn", "gold", "--reward-weights", "1", "2", *out],
+             ("--reward-weights",)),
     ]
     for cmd, flag, value in [
         ("pairs", "--weights", "0"), ("pairs", "--weights", "-1"), ("pairs", "--weights", "inf"), ("pairs", "--weights", "nan"),

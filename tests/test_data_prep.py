@@ -557,3 +557,58 @@ def test_a_source_with_no_readable_row_is_all_counted_drops(tmp_path, capsys):
     src = write_jsonl(tmp_path / "bad.jsonl", ["{oops", "[1]"] * 60)
     code, _, _ = run_cli(["pairs", src, "--test-fraction", "0", "--out", tmp_path / "out"], capsys)
     assert code == 0 and summary(tmp_path / "out")["dropped"] == {"not valid JSON": 60, "row is not a JSON object": 60}
+
+
+def test_an_empty_sampled_reply_is_kept_and_counted_an_empty_reply_in_a_users_file_is_dropped(tmp_path):
+    """The same pair, once sampled (given rows marked generated, as the on-policy builder makes them)
+    and once from a user's file: the sampled one with its empty rejected reply is kept and counted under
+    empty_replies; the file's is dropped as "empty 'rejected'". Written, the generated column survives
+    in JSONL and Parquet, and the stages' reader (alignment.data) accepts the pair."""
+    import pyarrow.parquet as pq
+
+    from alignment.data import check_rows, preference_rows
+    from data_prep.write import write_files
+
+    pair = {"prompt": "repeat: cat dog", "chosen": "Sure! cat dog", "rejected": "", "score_chosen": 1.0,
+            "score_rejected": 0.0}
+    users = write_jsonl(tmp_path / "users.jsonl", [{**pair, "prompt": "repeat: sun moon"}])
+    options = PrepOptions(sources=[PrepSource(path="prompts", name="sampled", shape="explicit"),
+                                   PrepSource(path=str(users), name="users")], test_fraction=0)
+    prepared = prepare(options, progress=False, given={"sampled": [("prompt 1", {**pair, "generated": True})]})
+    s = prepared.summary
+    assert s["sources"]["sampled"]["kept"] == 1 and s["sources"]["users"]["dropped"] == {"empty 'rejected'": 1}
+    assert s["empty_replies"] == {"sampled": 1}
+    [row] = prepared.splits["train"]
+    assert row["rejected"] == [bot("")] and row["generated"] is True and row["source"] == "sampled"
+
+    out = tmp_path / "out"
+    out.mkdir()
+    write_files(out, prepared.kind, prepared.splits, s)
+    assert pq.read_table(out / "train.parquet").column("generated").to_pylist() == [True]
+    options = DataOptions(source=str(out))
+    [read_back] = check_rows(preference_rows(load_rows(options, None), options), lambda r: None, "error").rows
+    assert read_back["rejected"] == [bot("")] and read_back["chosen"] == [bot("Sure! cat dog")]
+    # without the mark, the same written row is a broken one
+    unmarked = load_rows(options, None)
+    unmarked.rows[0].pop("generated")
+    with pytest.raises(RecipeError, match=r"train\.jsonl:1: empty 'rejected'"):
+        check_rows(preference_rows(unmarked, options), lambda r: None, "error")
+
+
+def test_empty_sampled_replies_make_binary_rows_too():
+    """Kind binary: a generated rated list (its empty reply rated lowest) and a generated pair give their
+    empty reply as an undesirable row; both identical (empty) sides still drop the pair."""
+    rated = {"prompt": "first: a b", "completions": ["Sure! a", ""], "ratings": [1.0, 0.0], "generated": True}
+    pair = {"prompt": "last: c d", "chosen": "Sure! d", "rejected": "", "generated": True}
+    both_empty = {"prompt": "last: e f", "chosen": "", "rejected": " ", "generated": True}
+    made = {}
+    for name, row, shape in (("rated", rated, "rated"), ("pair", pair, "explicit"), ("tie", both_empty, "explicit")):
+        options = PrepOptions(kind="binary", threshold=0.5, test_fraction=0,
+                              sources=[PrepSource(path="prompts", name=name, shape=shape)])
+        made[name] = prepare(options, progress=False, given={name: [("prompt 1", row)]})
+    for name, good in (("rated", "Sure! a"), ("pair", "Sure! d")):
+        rows = made[name].splits["train"]
+        assert [(r["completion"][0]["content"], r["label"], r["generated"]) for r in rows] == [
+            (good, True, True), ("", False, True)]
+        assert made[name].summary["empty_replies"] == {name: 1}
+    assert made["tie"].summary["dropped"] == {"'chosen' identical to 'rejected'": 1}

@@ -149,6 +149,26 @@ def test_onpolicy_command_end_to_end(tmp_path, tiny_base, reward_dir):
         assert pair["score_chosen"] > pair["score_rejected"]
 
 
+def test_onpolicy_command_scores_with_a_reward_function_given_the_prompt_columns(tmp_path, tiny_base):
+    """--reward-fn: the function is given each prompt row's other columns (here a target length) as
+    the RL stages give them, and every pair is the reply it scores highest against the lowest."""
+    (tmp_path / "score.py").write_text(
+        "def near(completions, target, **kwargs):\n    return [-abs(len(c) - t) for c, t in zip(completions, target)]\n")
+    targets = {f"repeat: w{i} v{i}": 3 * i for i in range(8)}
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p, "target": t} for p, t in targets.items()])
+    out = tmp_path / "onpolicy"
+    assert main(["onpolicy", "--model", str(tiny_base), "--prompts", str(prompts), "--k", "3", "--reward-fn",
+                 f"{tmp_path}/score.py:near", "--max-new-tokens", "6", "--test-fraction", "0", "--quiet",
+                 "--out", str(out)]) == 0
+    pairs = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    assert pairs
+    for pair in pairs:
+        target = targets[pair["prompt"][0]["content"]]
+        chosen, rejected = (len(pair[side][0]["content"]) for side in ("chosen", "rejected"))
+        assert (pair["score_chosen"], pair["score_rejected"]) == (-abs(chosen - target), -abs(rejected - target))
+        assert pair["score_chosen"] > pair["score_rejected"] and pair["generated"] is True
+
+
 def test_onpolicy_keeps_best_against_worst_when_the_margin_clears(tiny_base, reward_dir):
     """k=3 replies per prompt from a tiny real policy, scored by a tiny real reward model: each
     prompt's pair is its best reply against its worst, kept when the gap clears min_margin; a bad
@@ -177,7 +197,7 @@ def test_onpolicy_keeps_best_against_worst_when_the_margin_clears(tiny_base, rew
     for text, group, row in zip(texts, groups, made):
         (low, worst), (high, best) = group[0], group[-1]
         if high - low >= min_margin:
-            assert row == {"prompt": text, "chosen": best, "rejected": worst,
+            assert row == {"prompt": text, "chosen": best, "rejected": worst, "generated": True,
                            "score_chosen": pytest.approx(high), "score_rejected": pytest.approx(low)}
         else:
             assert row.reason == "score margin below min_margin"
@@ -209,3 +229,37 @@ def test_token_limits_count_with_the_given_tokenizer(tmp_path, tiny_base):
     s = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert s["kept"] == sum(n <= limit for n in lengths) and s["dropped"] == {f"longer than {limit} tokens": sum(n > limit for n in lengths)}
     assert 0 < s["kept"] < len(rows)
+
+
+@pytest.mark.parametrize("kind, stage, trained", [("pairs", "dpo", "train_pairs"), ("binary", "kto", "train_rows")])
+def test_an_empty_sampled_reply_that_scored_worst_is_kept_and_trains(in_tmp, tiny_base, monkeypatch, kind, stage, trained):
+    """A stand-in sampler answers each prompt with a good reply and an empty one (the model stopped at
+    once), the empty one scored worst: every pair (kind pairs) or undesirable row (kind binary) with the
+    empty reply is kept, counted, and the dpo / kto stage trains a step on it, the empty reply being the
+    chat template's empty assistant turn."""
+    from data_prep import onpolicy
+
+    def sampler(prompts, model_path, *, k, stats=None, **_):
+        if stats is not None:
+            stats.update(samples=k * len(prompts), mean_score=0.5)
+        return [[(1.0, "Sure! " + p.split(": ", 1)[-1]), (0.0, "")] for p in prompts]
+
+    monkeypatch.setattr(onpolicy, "sample_and_score", sampler)
+    threshold = "  threshold: 0.5\n" if kind == "binary" else ""
+    (in_tmp / "prep.yaml").write_text(
+        f"stage: prep\nmodel: {tiny_base}\nprep:\n  kind: {kind}\n{threshold}  test_fraction: 0\n"
+        "  sources: [{path: demo, name: sampled, num_examples: 6, samples: {k: 2}}]\n")
+    (in_tmp / "train.yaml").write_text(
+        f"stage: {stage}\nmodel: {tiny_base}\ndata: {{source: {{from: prep.yaml}}, eval_examples: 0}}\n"
+        "training: {max_length: 64, max_steps: 1, per_device_train_batch_size: 4, logging_steps: 1}\n")
+    prep_node, node = run(in_tmp / "train.yaml")
+    rows = [json.loads(line) for line in (prep_node.out_dir / "train.jsonl").read_text().splitlines()]
+    prompts = {r["prompt"][0]["content"] for r in rows}
+    empty = [r for r in rows if not (r.get("rejected") or r.get("completion"))[0]["content"]]
+    assert len(rows) == len(prompts) * (2 if kind == "binary" else 1) and len(prompts) >= 5
+    assert len(empty) == len(prompts) and all(r["generated"] for r in rows)
+    assert summary_of(prep_node)["samples/sampled/empty_replies"] == len(prompts)
+    assert summary_of(node)[trained] == len(rows)
+    losses = [json.loads(line)["loss"] for line in (node.out_dir / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line and "summary" not in line]
+    assert len(losses) == 1 and losses[0] == losses[0]  # one step, a number (not NaN)

@@ -8,9 +8,11 @@ test split as the held-out set. Like every stage it is skipped when its content 
 recipe, the source files' contents, the tokenizer's hash) matches a finished output.
 
 A source with `samples` is on-policy data: its rows are prompts, the recipe's `model` answers each
-`samples.k` times (seeded with prep.seed) and the gold oracle or `reward_model` scores the replies,
-which become rated rows: best vs worst pairs (kind pairs) or one row per reply labelled by
-prep.threshold (kind binary, for kto).
+`samples.k` times (seeded with prep.seed) and the gold oracle, `reward_model` or the `reward_fn`
+functions (`samples.scorer`) score the replies, which become rated rows: best vs worst pairs (kind
+pairs) or one row per reply labelled by prep.threshold (kind binary, for kto). Their rows are marked
+`generated`, so an empty reply (the model stopped at once) is kept; the summary counts the kept
+rows with one as samples/<source>/empty_replies.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ def run(recipe: PrepRecipe, inputs: dict, work_dir: Path) -> dict:
     write_files(work_dir, prepared.kind, prepared.splits, prepared.summary)
     print(summary_text(prepared.summary))
     s = prepared.summary
+    for name, found in stats.items():
+        found["empty_replies"] = s["empty_replies"].get(name, 0)
     return {
         "rows_read": s["rows_read"],
         "kept": s["kept"],
@@ -50,7 +54,8 @@ def run(recipe: PrepRecipe, inputs: dict, work_dir: Path) -> dict:
 
 def sampled_sources(recipe: PrepRecipe, inputs: dict, stats: dict) -> dict:
     """Source name -> rated rows (origin, row or Bad) sampled from `model` for each source with `samples`;
-    `stats[name]` receives how many replies, their mean score and (with `ref_model`) the KL to it."""
+    `stats[name]` receives how many replies, their mean score and (with `ref_model`) the KL to it. Scorer
+    'reward_fn' sums the recipe's functions and, when it is set, its reward model (RL's reward sources)."""
     from data_prep.onpolicy import rated_rows, read_prompts
     from data_prep.prepare import source_name
 
@@ -60,11 +65,14 @@ def sampled_sources(recipe: PrepRecipe, inputs: dict, stats: dict) -> dict:
         s = source.samples
         if s is None:
             continue
-        prompts = read_prompts(source.path, source.columns.prompt, source.num_examples, o.seed, recipe.world)
+        columns: dict = {}
+        prompts = read_prompts(source.path, source.columns.prompt, source.num_examples, o.seed, recipe.world, columns)
         name = source_name(source)
         stats[name] = {}
+        functions = recipe.reward_fn if s.scorer == "reward_fn" else []
         given[name] = rated_rows(
-            prompts, inputs["model"], k=s.k, reward_model=inputs["reward_model"] if s.scorer == "reward_model" else None,
+            prompts, inputs["model"], k=s.k, reward_model=inputs.get("reward_model") if s.scorer != "oracle" else None,
+            reward_fn=functions, reward_weights=recipe.reward_weights if functions else None, columns=columns,
             temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size,
             seed=o.seed, kl_model=inputs.get("ref_model"), stats=stats[name],
         )
