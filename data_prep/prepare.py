@@ -245,6 +245,8 @@ class _Run:
         self.owner: list[str] = []  # source name of each row
         self.places: list[float] = []  # unit_hash of each row's prompt_key: the split (test below test_fraction)
         self.tallies: dict[str, Tally] = {}
+        self.repeats: dict[bytes, int] = {}  # a generated row's exact key -> its earlier copies
+        self.repeated: Counter = Counter()  # source -> generated rows repeating an earlier one (kept)
 
     def drop(self, name: str, origin: str, reason: str, detail: str = "") -> None:
         if self.o.strict:
@@ -455,12 +457,20 @@ def _keep_or_drop(run: _Run, name: str, results, seen_exact: dict, seen_norm: di
                 run.drop(name, origin, entry)
                 continue
             item, place, exact, norm = entry
-            if dedup != "none":
+            if is_generated(item):
+                # a reply the model sampled again is not a copy of a row: how often the policy says it is part of
+                # the data (KTO's expectation is over the policy's outputs; deduplicating would weigh a rare reply
+                # like a frequent one). Kept, with an id of its own, and counted.
+                repeat = run.repeats[exact] = run.repeats.get(exact, -1) + 1
+                if repeat:
+                    item["id"] = f"{item['id']}-{repeat}"
+                    run.repeated[name] += 1
+            elif dedup != "none":
                 if exact in seen_exact:
                     run.drop(name, origin, "exact duplicate", f"of {seen_exact[exact]}")
                     continue
                 seen_exact[exact] = origin
-            if norm is not None:
+            if norm is not None and not is_generated(item):
                 if norm in seen_norm:
                     run.drop(name, origin, "duplicate after normalisation", f"of {seen_norm[norm]}")
                     continue
@@ -541,6 +551,7 @@ def _summary(o: PrepOptions, run: _Run, names: list[str], splits: dict) -> dict:
         **({"labels": {k: label_counts(v) for k, v in splits.items()}} if o.kind == "binary" else {}),
         "system_turns": {k: system_turn_rows(v) for k, v in splits.items()},
         "empty_replies": empty_replies([row for rows in splits.values() for row in rows]),
+        "repeated_samples": dict(run.repeated),
         "sources": {name: run.tallies[name].as_dict() for name in names},
         "options": o.model_dump(mode="json"),
     }
@@ -587,6 +598,8 @@ def summary_text(summary: dict) -> str:
                      + " (a chat template that refuses them: data.system_message merges, drops or refuses them)")
     lines += [f"  empty replies kept: {name} {n} rows (sampled replies where the model stopped at once)"
               for name, n in summary.get("empty_replies", {}).items()]
+    lines += [f"  repeated samples kept: {name} {n} rows (a reply the model sampled more than once)"
+              for name, n in summary.get("repeated_samples", {}).items()]
     lines += [f"  dropped  {v:>7}  {k}" for k, v in summary["dropped"].items()]
     lines += [f"  extra   +{v:>7}  {k}" for k, v in summary["extra"].items()]
     if len(summary["sources"]) > 1:

@@ -20,7 +20,7 @@ from alignment.errors import RecipeError
 from alignment.data import check_rows, load_rows, messages_problem, text_problem
 from alignment.demo import world
 from data_prep.cli import main
-from data_prep.prepare import hold_out_by_prompt, prepare, prompt_key, row_problem, unit_hash
+from data_prep.prepare import hold_out_by_prompt, prepare, prompt_key, row_problem, summary_text, unit_hash
 from data_prep.read import DataError, read_source
 
 H, A = "\n\nHuman: ", "\n\nAssistant: "
@@ -612,3 +612,23 @@ def test_empty_sampled_replies_make_binary_rows_too():
             (good, True, True), ("", False, True)]
         assert made[name].summary["empty_replies"] == {name: 1}
     assert made["tie"].summary["dropped"] == {"'chosen' identical to 'rejected'": 1}
+
+
+def test_a_reply_sampled_twice_is_kept_twice_a_users_duplicate_row_is_dropped():
+    """Kind binary from rated lists: a generated list whose two samples are the same reply keeps both
+    (the policy said it twice), each with an id of its own, counted as repeated_samples; the same list
+    unmarked (a user's file) keeps one and counts the other as an exact duplicate."""
+    rated = {"prompt": "first: a b", "completions": ["Sure! a", "Sure! a", "b"], "ratings": [1.0, 1.0, 0.0]}
+    made = {}
+    for name, row in (("sampled", {**rated, "generated": True}), ("users", rated)):
+        options = PrepOptions(kind="binary", threshold=0.5, test_fraction=0,
+                              sources=[PrepSource(path="prompts", name=name, shape="rated")])
+        made[name] = prepare(options, progress=False, given={name: [("prompt 1", row)]})
+    sampled = made["sampled"].splits["train"]
+    assert [(r["completion"][0]["content"], r["label"]) for r in sampled] == [("Sure! a", True), ("Sure! a", True), ("b", False)]
+    assert len({r["id"] for r in sampled}) == 3
+    assert made["sampled"].summary["repeated_samples"] == {"sampled": 1} and made["sampled"].summary["dropped"] == {}
+    assert "repeated samples kept: sampled 1 rows" in summary_text(made["sampled"].summary)
+    users = made["users"].splits["train"]
+    assert [r["completion"][0]["content"] for r in users] == ["Sure! a", "b"]
+    assert made["users"].summary["dropped"] == {"exact duplicate": 1} and made["users"].summary["repeated_samples"] == {}

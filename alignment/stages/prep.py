@@ -11,8 +11,9 @@ A source with `samples` is on-policy data: its rows are prompts, the recipe's `m
 `samples.k` times (seeded with prep.seed) and the gold oracle, `reward_model` or the `reward_fn`
 functions (`samples.scorer`) score the replies, which become rated rows: best vs worst pairs (kind
 pairs) or one row per reply labelled by prep.threshold (kind binary, for kto). Their rows are marked
-`generated`, so an empty reply (the model stopped at once) is kept; the summary counts the kept
-rows with one as samples/<source>/empty_replies.
+`generated`, so an empty reply (the model stopped at once) is kept, and a reply sampled more than once
+is kept as often as it was sampled (not deduplicated: how often the policy says it is part of the
+data); the summary counts them as samples/<source>/empty_replies and samples/<source>/repeated_samples.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def run(recipe: PrepRecipe, inputs: dict, work_dir: Path) -> dict:
     s = prepared.summary
     for name, found in stats.items():
         found["empty_replies"] = s["empty_replies"].get(name, 0)
+        found["repeated_samples"] = s["repeated_samples"].get(name, 0)
     return {
         "rows_read": s["rows_read"],
         "kept": s["kept"],
