@@ -24,6 +24,7 @@ from pydantic import (
 from .errors import RecipeError
 from .estimators import ADVANTAGE, KL
 from .paths import user_path
+from .user_functions import is_reference, reference_file
 
 STAGES = ("init", "pretrain", "sft", "reward", "ppo", "grpo", "rloo", "dpo", "kto", "prep", "compare")
 
@@ -648,8 +649,7 @@ def check_function_refs(refs: list[str]) -> list[str]:
             "reward_weights"
         )
     for ref in refs:
-        target, sep, name = ref.rpartition(":")
-        if ref not in BUILTIN_REWARDS and not (sep and target and name.isidentifier()):
+        if ref not in BUILTIN_REWARDS and not is_reference(ref):
             raise ValueError(
                 f"{ref!r} is not a reward function: expected 'file.py:name', 'package.module:name' or one of "
                 f"{', '.join(BUILTIN_REWARDS)}"
@@ -1004,7 +1004,6 @@ class CompareRecipe(BaseRecipe):
 KL_ESTIMATORS = tuple(KL)  # the schema's names come from the registries (alignment/estimators.py)
 ADVANTAGE_ESTIMATORS = tuple(ADVANTAGE)
 KLEstimatorName = Literal[KL_ESTIMATORS]
-AdvantageEstimatorName = Literal[ADVANTAGE_ESTIMATORS]
 KL_HELP = (
     "Per-token estimator of KL(policy || reference) on sampled tokens, log r = ref_logp - logp; what its "
     "expected gradient follows with the KL in the loss / in the reward: " + "; ".join(
@@ -1161,11 +1160,12 @@ class CriticFreeOptions(RLOptions):
     num_generations: int = Field(
         4, ge=2, description="Replies sampled per prompt (G, RLOO's k); the group an advantage is measured in."
     )
-    advantage_estimator: AdvantageEstimatorName = Field(
+    advantage_estimator: str = Field(
         "grpo",
         description="'grpo': (r - group mean) / group std (std only with scale_rewards); 'rloo': r - the mean of "
         "the other replies to the prompt; 'reinforce_baseline': r - group mean, then whitened over the batch "
-        "(REINFORCE++-baseline).",
+        "(REINFORCE++-baseline); or your own, 'file.py:name' or 'package.module:name', called as "
+        "name(scores, group_size, scale, whiten) -> one float per reply (docs/rl.md).",
     )
     scale_rewards: bool = Field(
         True, description="(grpo) Divide by the group's standard deviation (false: Dr. GRPO); (reinforce_baseline) "
@@ -1202,6 +1202,14 @@ class CriticFreeOptions(RLOptions):
         4, gt=0, description="(dynamic_sampling) Rollout rounds per iteration at most; when they do not fill the "
         "batch, it is topped up with dropped groups (advantage 0), counted as dynamic_sampling/topped_up."
     )
+
+    @field_validator("advantage_estimator")
+    @classmethod
+    def _estimator_name_or_function(cls, value):
+        if value in ADVANTAGE or is_reference(value):  # a function is loaded when the chain is planned
+            return value
+        names = ", ".join(repr(name) for name in ADVANTAGE)
+        raise ValueError(f"expected one of {names} or a function 'file.py:name' / 'package.module:name', got {value!r}")
 
     @property
     def group_size(self) -> int:
@@ -1249,7 +1257,7 @@ class GRPOOptions(CriticFreeOptions):
 class RLOOOptions(CriticFreeOptions):
     """RLOO (Ahmadian et al. 2024): k replies per prompt, leave-one-out baseline, KL in the reward."""
 
-    advantage_estimator: AdvantageEstimatorName = Field(
+    advantage_estimator: str = Field(
         "rloo", description=CriticFreeOptions.model_fields["advantage_estimator"].description
     )
     kl_coef: float = Field(
@@ -1441,11 +1449,13 @@ def model_inputs(recipe: BaseRecipe) -> dict[str, "str | FromRecipe"]:
 
 def data_files(recipe: BaseRecipe) -> list[str]:
     """Local data sources the recipe reads (for its content hash): `data.source`, prep's sources,
-    compare's prompt file and the files of a recipe's reward functions (RL stages, online_dpo, prep)."""
+    compare's prompt file and the files of a recipe's Python functions (reward functions of the RL
+    stages, online_dpo and prep; an RL stage's advantage estimator)."""
     sources = [recipe.data.source] if isinstance(recipe.data.source, str) else []
     sources += [s.path for s in getattr(getattr(recipe, "prep", None), "sources", [])]
     sources += [recipe.prompts.source] if isinstance(recipe, CompareRecipe) else []
-    sources += [ref.rpartition(":")[0] for ref in getattr(recipe, "reward_fn", []) if ref.rpartition(":")[0].endswith(".py")]
+    refs = getattr(recipe, "reward_fn", []) + ([recipe.rl.estimator] if isinstance(recipe, RLRecipe) else [])
+    sources += [file for ref in refs if (file := reference_file(ref))]
     return [s for s in sources if s != "demo"]
 
 

@@ -7,7 +7,9 @@ new estimator is one decorated function here and nothing more.
   `scores` [N] holds N / G groups of G consecutive replies to one prompt; `scale` lets the estimator
   rescale (GRPO's group std, REINFORCE++'s batch whitening); `whiten(x)` whitens [N] over the whole
   batch, every process's rows included (the loop passes one that gathers). Returns [N]. PPO's `gae`
-  needs a critic's values and per-token rewards, so it is `losses.gae` and not in this registry.
+  needs a critic's values and per-token rewards, so it is `losses.gae` and not in this registry. A
+  recipe may also name a function of its own with this signature, 'file.py:name' (stages/rl.py loads
+  it and checks what it returns).
 - `KL`: per-token estimators of KL(policy || reference) from tokens sampled from the policy, with
   what each one's expected gradient follows in the loss and in the reward (the schema refuses a
   KL in the loss whose expected gradient is 0).
@@ -19,6 +21,7 @@ answer before torch loads) can read the names. Shapes and masks as in `losses.py
 from typing import Callable, Dict, NamedTuple, Optional
 
 ADVANTAGE: Dict[str, Callable] = {}
+ADVANTAGE_ARGUMENTS = ("scores", "group_size", "scale", "whiten")  # what the loop passes, in this order
 GRPO_EPS = 1e-4  # added to the group std (TRL's GRPOTrainer adds 1e-4 too)
 
 

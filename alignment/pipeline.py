@@ -43,8 +43,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import user_functions
 from .config import STAGES, BaseRecipe, FromRecipe, RLRecipe, data_files, model_inputs, resolved_dict
 from .errors import RecipeError
+from .estimators import ADVANTAGE_ARGUMENTS
 from .paths import keep_foreign, output_problem, replace_dir
 from .recipe_file import load_recipe, parse_override
 from .rounds import expand, round_table
@@ -295,7 +297,7 @@ def plan(recipe_path: str | Path, overrides: list[str] = (), num_processes: int 
         path, recipe = node.path, node.recipe
         every_process = _runs_on_every_process(recipe.stage)
         check_rl_launcher(path, recipe, distributed(recipe, num_processes))
-        check_reward_functions(path.with_name(node.rounds_of + path.suffix) if node.rounds_of else path, recipe)
+        check_functions(path.with_name(node.rounds_of + path.suffix) if node.rounds_of else path, recipe)
         node.hash = content_hash(
             _hashed_view(recipe),
             {role: ref.hash for role, ref in node.refs.items()},
@@ -380,19 +382,22 @@ def check_rl_launcher(path: Path, recipe: BaseRecipe, distributed: str) -> None:
         )
 
 
-def check_reward_functions(path: Path, recipe: BaseRecipe) -> None:
-    """Every `reward_fn` of a recipe (RL stages, online DPO's pairs stages, prep) is loaded (its file
-    read, its module imported) before any stage of the chain trains: a missing file or function is
-    refused at plan time."""
+def check_functions(path: Path, recipe: BaseRecipe) -> None:
+    """Every Python function a recipe names (each `reward_fn` of an RL stage, online DPO's pairs stages or
+    prep; an `advantage_estimator` given as 'file.py:name') is loaded (its file read, its module
+    imported) before any stage of the chain trains: a missing file or function is refused at plan time."""
     refs = getattr(recipe, "reward_fn", [])
-    if refs:
-        from .rewards import load_function
+    estimator = recipe.rl.estimator if isinstance(recipe, RLRecipe) else None
+    if refs or (estimator and user_functions.is_reference(estimator)):
+        from .rewards import load_function  # imports torch: only once every recipe of the chain is valid
 
-        for ref in refs:
-            try:
+        try:
+            for ref in refs:
                 load_function(ref)
-            except RecipeError as exc:
-                raise RecipeError(f"{path}: {exc}") from None
+            if estimator and user_functions.is_reference(estimator):
+                user_functions.load_function(estimator, f"{recipe.stage}.advantage_estimator", ADVANTAGE_ARGUMENTS)
+        except RecipeError as exc:
+            raise RecipeError(f"{path}: {exc}") from None
 
 
 def _read_info(directory: Path) -> dict:

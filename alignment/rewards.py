@@ -23,16 +23,13 @@ non-number, NaN or inf) is a one-line RecipeError naming the function and the pr
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
 import math
-import sys
-from pathlib import Path
 from typing import Callable
 
 import torch
 
+from . import user_functions
 from .errors import RecipeError
 from .demo import world
 from .templates import reward_batch
@@ -55,46 +52,10 @@ def gold(prompts: list[str], completions: list[str], finished: list[bool], **_) 
 BUILTIN = {"gold": gold}
 
 
-_FILES: dict[tuple, object] = {}  # (resolved path, size, mtime) -> module: a file is run once per process (plan, then stage)
-
-
-def _load_file(ref: str, path: Path):
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key in _FILES:
-        return _FILES[key]
-    module_name = f"_alignment_reward_{abs(hash(key))}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:  # the user's file: any error is theirs to see in one line
-        del sys.modules[module_name]
-        raise RecipeError(f"reward_fn {ref!r}: importing {path} failed ({type(exc).__name__}: {exc})") from None
-    _FILES[key] = module
-    return module
-
-
 def load_function(ref: str) -> Callable:
-    """The function a `reward_fn` entry names; a one-line RecipeError when it cannot be had."""
-    if ref in BUILTIN:
-        return BUILTIN[ref]
-    target, _, name = ref.rpartition(":")
-    if target.endswith(".py"):
-        path = Path(target).expanduser()
-        if not path.is_file():
-            raise RecipeError(f"reward_fn {ref!r}: no such file {str(path)!r}")
-        module = _load_file(ref, path)
-    else:
-        try:
-            module = importlib.import_module(target)
-        except Exception as exc:
-            raise RecipeError(f"reward_fn {ref!r}: cannot import module {target!r} ({type(exc).__name__}: {exc})") from None
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise RecipeError(f"reward_fn {ref!r}: {target} has no function {name!r}")
-    return fn
+    """The function a `reward_fn` entry names (a built-in, or `user_functions.load_function`'s); a one-line
+    RecipeError when it cannot be had."""
+    return BUILTIN[ref] if ref in BUILTIN else user_functions.load_function(ref, "reward_fn")
 
 
 def _accepted(fn: Callable, offered: dict) -> dict:

@@ -449,6 +449,128 @@ def test_a_reward_function_file_is_hashed_by_content(in_tmp, tiny_base):
     assert plan(RECIPES / "grpo.yaml", overrides)[-1].hash != before
 
 
+# --------------------------------------------------------------------------- a user advantage estimator
+
+
+# Raw scores plus 1 as advantages: nothing a registered estimator gives (theirs average 0 in a group).
+# Each call appends "N group_size scale" to calls.log.
+USER_ESTIMATOR = """
+def plus_one(scores, group_size, scale, whiten):
+    with open("calls.log", "a") as fh:
+        fh.write(f"{scores.shape[0]} {group_size} {scale}\\n")
+    return scores.float() + 1.0
+"""
+
+
+def test_a_user_advantage_estimator_gives_the_advantages_the_update_uses(in_tmp, tiny_base):
+    (in_tmp / "est.py").write_text(USER_ESTIMATOR)
+    [node] = run(RECIPES / "grpo.yaml", [f"model={tiny_base}", *MICRO_GRPO, "reward_fn=gold",
+                                         "grpo.advantage_estimator=est.py:plus_one", "output_dir=out/grpo"])
+    # each of the 2 iterations calls it once, on its 8 replies (the KL is in the loss, not in the reward)
+    assert (in_tmp / "calls.log").read_text().splitlines() == ["8 4 True"] * 2
+    rows = [json.loads(line) for line in (node.out_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [row for row in rows if "step" in row]
+    assert len(rows) == 2
+    for row in rows:
+        assert row["advantages/mean"] == pytest.approx(row["objective/scores"] + 1.0, abs=1e-6)
+
+
+def test_a_user_advantage_estimator_is_called_on_the_kl_too_when_the_kl_is_in_the_reward(in_tmp, tiny_base):
+    """rloo (KL in the reward): A = est(scores) - beta est(summed KLs, unscaled), here (s + 1) - beta (kl + 1);
+    with the policy still its own reference the KL is exactly 0, so A = s + 1 - beta."""
+    (in_tmp / "est.py").write_text(USER_ESTIMATOR)
+    recipe = grpo_recipe(tiny_base, "reward_fn=gold", "reward_model=null", "rloo.advantage_estimator=est.py:plus_one",
+                         "rloo.beta=0.25", stage="rloo")
+    m = rl.build_models(recipe, {"model": str(tiny_base)}, print)
+    accelerator = Accelerator(cpu=True)
+    optimizer, scheduler = rl.prepare_training(m, accelerator, recipe)
+    prompts, rendered, *_ = rl.load_prompts(recipe, m.tok)
+    torch.manual_seed(0)
+    r = rl.rollout(m, accelerator, rendered[:8], prompts[:8], recipe, {"generation": 0.0, "scoring": 0.0})
+    _, _, _, per_reply = rl.learn(m, accelerator, optimizer, scheduler, r, 0.25, recipe, 0)
+    assert (in_tmp / "calls.log").read_text().splitlines() == ["8 4 True", "8 4 False"]  # scores, then KLs
+    assert torch.allclose(per_reply, r.scores + 1.0 - 0.25)
+
+
+BAD_ESTIMATORS = {
+    "ok": "def est(scores, group_size, scale, whiten):\n    return scores.float()\n",
+    "one_argument": "def est(scores):\n    return scores\n",
+    "matrix": "def est(scores, group_size, scale, whiten):\n    return scores.view(-1, group_size)\n",
+    "integers": "def est(scores, group_size, scale, whiten):\n    return (scores > 0).long()\n",
+    "nan": "def est(scores, group_size, scale, whiten):\n    out = scores.float().clone()\n    out[2] = float('nan')\n"
+           "    return out\n",
+    "list": "def est(scores, group_size, scale, whiten):\n    return scores.tolist()\n",
+    "raises": "def est(scores, group_size, scale, whiten):\n    raise ValueError('groups of 3 only')\n",
+}
+KEY = "grpo.advantage_estimator"
+
+
+@pytest.mark.parametrize("ref, body, message", [
+    ("missing.py:est", None, f"{KEY} 'missing.py:est': no such file 'missing.py'"),
+    ("est.py:nope", "ok", f"{KEY} 'est.py:nope': est.py has no function 'nope'"),
+    ("est.py:est", "one_argument", f"{KEY} 'est.py:est': it is called as est(scores, group_size, scale, whiten), which it "
+                                   "cannot take ("),
+    ("no_such_module_x:est", None, f"{KEY} 'no_such_module_x:est': cannot import module 'no_such_module_x'"),
+    ("est.py", None, f"{KEY}: expected one of 'grpo', 'rloo', 'reinforce_baseline' or a function 'file.py:name' / "
+                     "'package.module:name', got 'est.py'"),
+], ids=["missing file", "missing name", "wrong signature", "missing module", "not a reference"])
+def test_a_user_advantage_estimator_that_cannot_be_loaded_is_refused_when_the_chain_is_planned(in_tmp, tiny_base, capsys,
+                                                                                                ref, body, message):
+    from alignment.cli import main
+
+    if body is not None:
+        (in_tmp / "est.py").write_text(BAD_ESTIMATORS[body])
+    overrides = [f"model={tiny_base}", *MICRO_GRPO, "reward_fn=gold", f"{KEY}={ref}", "output_dir=out/grpo"]
+    with pytest.raises(RecipeError) as caught:
+        plan(RECIPES / "grpo.yaml", overrides)  # before any stage runs
+    assert message in str(caught.value)
+    code = main(["run", str(RECIPES / "grpo.yaml"), *overrides])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1] == f"error: {caught.value}", err[-3:]
+    assert not (in_tmp / "out").exists()
+
+
+EXPECTED = "expected a float tensor of shape [8], one finite advantage per reply"
+
+
+@pytest.mark.parametrize("body, message", [
+    ("matrix", f"returned a tensor of shape [2, 4]; {EXPECTED}"),
+    ("integers", f"returned a torch.int64 tensor; {EXPECTED}"),
+    ("nan", f"returned nan for reply 2; {EXPECTED}"),
+    ("list", f"returned list; {EXPECTED}"),
+    ("raises", "raised ValueError: groups of 3 only"),
+], ids=["shape", "dtype", "nan", "list", "raises"])
+def test_what_a_user_advantage_estimator_returns_is_checked(in_tmp, tiny_base, body, message):
+    (in_tmp / "est.py").write_text(BAD_ESTIMATORS[body])
+    estimate = rl.advantage_estimator(grpo_recipe(tiny_base, "reward_fn=gold", f"{KEY}=est.py:est"))
+    with pytest.raises(RecipeError) as caught:
+        estimate(torch.arange(8.0), 4, True, lambda x: x)
+    assert str(caught.value) == f"{KEY} 'est.py:est' {message}"
+    (in_tmp / "est.py").write_text(BAD_ESTIMATORS["ok"])  # edited: read anew, and a good answer passes unchanged
+    good = rl.advantage_estimator(grpo_recipe(tiny_base, "reward_fn=gold", f"{KEY}=est.py:est"))
+    assert torch.equal(good(torch.arange(8.0), 4, True, lambda x: x), torch.arange(8.0))
+
+
+def test_a_bad_answer_from_a_user_advantage_estimator_ends_the_run_in_one_line(in_tmp, tiny_base, capsys):
+    from alignment.cli import main
+
+    (in_tmp / "est.py").write_text(BAD_ESTIMATORS["matrix"])
+    code = main(["run", str(RECIPES / "grpo.yaml"), f"model={tiny_base}", *MICRO_GRPO, "reward_fn=gold",
+                 f"{KEY}=est.py:est", "output_dir=out/grpo"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1] == f"error: {KEY} 'est.py:est' returned a tensor of shape [2, 4]; {EXPECTED}", err[-3:]
+    assert not (in_tmp / "out").exists() or not any((in_tmp / "out").iterdir())
+
+
+def test_a_user_advantage_estimator_file_is_hashed_by_content(in_tmp, tiny_base):
+    (in_tmp / "est.py").write_text(BAD_ESTIMATORS["ok"])
+    overrides = [f"model={tiny_base}", "reward_fn=gold", f"{KEY}=est.py:est"]
+    before = plan(RECIPES / "grpo.yaml", overrides)[-1].hash
+    assert plan(RECIPES / "grpo.yaml", overrides)[-1].hash == before
+    (in_tmp / "est.py").write_text(BAD_ESTIMATORS["ok"].replace("scores.float()", "2 * scores.float()"))
+    assert plan(RECIPES / "grpo.yaml", overrides)[-1].hash != before
+
+
 # --------------------------------------------------------------------------- a whole run
 
 

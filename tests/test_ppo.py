@@ -3,12 +3,17 @@ then whole micro runs (reward rises, kill and resume, two processes, bad input).
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import dataclasses
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
+import types
 from pathlib import Path
 
 import pytest
@@ -18,7 +23,7 @@ from safetensors.torch import load_file
 
 from alignment import estimators, losses
 from alignment.templates import reward_ids
-from alignment.recipe_file import load_recipe
+from alignment.recipe_file import load_recipe, parse_override
 from alignment.errors import RecipeError
 from alignment.models import load_classifier, load_tokenizer, save_model
 from alignment.pipeline import run
@@ -33,8 +38,6 @@ MICRO_PPO = ["ppo.total_episodes=32", "ppo.batch_size=8", "ppo.response_length=6
 
 def recipe_for(tiny_base, reward_dir, *extra):
     overrides = [f"model={tiny_base}", f"reward_model={reward_dir}", *MICRO_PPO, *extra]
-    from alignment.recipe_file import parse_override
-
     return load_recipe(RECIPES / "ppo.yaml", [(p, v, raw) for raw in overrides for _, p, v in [parse_override(raw)]])
 
 
@@ -344,72 +347,237 @@ def test_killed_run_resumes_to_bit_identical_weights(in_tmp, tiny_base, reward_d
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-# Each case: a recipe and its overrides (the last one names the weights' file). One launch runs
-# them all (each launch costs seconds of imports per process).
+# --------------------------------------------------------------------------- several processes
+
+
+class World:
+    """`n` processes of one data-parallel job, played by threads of this one: `run(fn)` calls
+    fn(accelerator) in each, with a `StandIn` accelerator whose gather and reduce answer over every
+    thread's tensor in process order, as torch.distributed's collectives do."""
+
+    def __init__(self, n: int):
+        self.n, self.slots = n, [None] * n
+        self.barrier = threading.Barrier(n, timeout=120)
+
+    def exchange(self, index: int, x: torch.Tensor) -> list[torch.Tensor]:
+        self.slots[index] = x
+        self.barrier.wait()
+        everyone = list(self.slots)
+        self.barrier.wait()  # no thread writes the next exchange's slot before every thread has read this one
+        return everyone
+
+    def run(self, fn) -> list:
+        results, errors = [None] * self.n, []
+
+        def one(index):
+            try:
+                results[index] = fn(StandIn(self, index))
+            except BaseException as exc:  # the others would wait at the barrier until its timeout
+                errors.append(exc)
+                self.barrier.abort()
+
+        threads = [threading.Thread(target=one, args=(k,)) for k in range(self.n)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
+        return results
+
+
+class StandIn:
+    """What the RL loop's update asks of accelerate, for one process of a `World`. Gradients stay the
+    process's own (no DDP): the test averages them, as DDP's all-reduce would; nothing is clipped
+    (DDP clips the averaged gradient, so per-process clipping would compare something else)."""
+
+    device = torch.device("cpu")
+    sync_gradients = True
+
+    def __init__(self, world: World, index: int):
+        self.world, self.process_index, self.num_processes = world, index, world.n
+
+    def gather(self, x):
+        return torch.cat(self.world.exchange(self.process_index, x))
+
+    def reduce(self, x, reduction="sum"):
+        assert reduction == "sum"
+        return torch.stack(self.world.exchange(self.process_index, x)).sum(0)
+
+    def backward(self, loss):
+        loss.backward()
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+    def no_sync(self, model):
+        return contextlib.nullcontext()
+
+    def clip_grad_norm_(self, params, max_norm):
+        pass
+
+
+def micro_rl_recipe(stage: str, tiny_base, reward_dir, *extra):
+    overrides = [f"model={tiny_base}", f"reward_model={reward_dir}", *MICRO_RL[stage], *extra]
+    return load_recipe(RECIPES / f"{stage}.yaml", [(p, v, raw) for raw in overrides for _, p, v in [parse_override(raw)]])
+
+
+def first_step_gradients(m, recipe, r: rl.Rollout, accelerator) -> list[torch.Tensor]:
+    """`rl.learn` on this process's share of the rollouts `r` (consecutive rows, whole groups), on
+    copies of the trained models: the gradients of its first optimizer step, which is not taken."""
+    models = [copy.deepcopy(model) for model in rl.trained_models(m)]
+    mine = dataclasses.replace(m, policy=models[0], critic=models[1] if m.critic is not None else None)
+    params = [p for model in models for p in model.parameters() if p.requires_grad]
+    steps = []
+
+    class FirstStep:
+        def step(self):
+            steps.append([p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params])
+
+        def zero_grad(self, set_to_none=True):
+            for p in params:
+                p.grad = None
+
+    n = len(r.finished) // accelerator.num_processes
+    share = r.rows(torch.arange(accelerator.process_index * n, (accelerator.process_index + 1) * n))  # a copy
+    rl.learn(mine, accelerator, FirstStep(), types.SimpleNamespace(step=lambda: None), share, 0.05, recipe, 0)
+    return steps[0]
+
+
+# What the update's arithmetic does across processes, each with gradient accumulation 2: the loss
+# aggregations (token, sequence, dr_grpo: global token and reply totals), the critic's value loss and
+# GAE advantages whitened over every process's tokens (ppo), the KL in the loss or in the reward,
+# the old log-probs from the update's own forward (on-policy), and reinforce_baseline's whitening.
+UPDATE_CASES = {
+    "ppo": ("ppo", []),
+    "grpo": ("grpo", []),  # group-normalised advantages, KL (k3) in the loss, replies' mean per sequence
+    "grpo on-policy": ("grpo", ["grpo.num_iterations=1"]),  # each micro-batch's forward gives its old log-probs
+    "grpo dr_grpo": ("grpo", ["grpo.loss_aggregation=dr_grpo"]),
+    "rloo whitened": ("rloo", ["rloo.advantage_estimator=reinforce_baseline"]),  # whitened over both processes' groups
+}
+
+
+@pytest.mark.parametrize("case", UPDATE_CASES)
+def test_two_processes_compute_the_gradient_of_one(tiny_base, reward_dir, case):
+    """One update from the same 8 rollouts: the mean of two processes' gradients (what DDP's all-reduce
+    makes of them), each process with its half of the batch, is the gradient of one process with all
+    of it. The collectives and DDP themselves are tested by the launch below."""
+    stage, extra = UPDATE_CASES[case]
+    recipe = micro_rl_recipe(stage, tiny_base, reward_dir, f"{stage}.batch_size=8", f"{stage}.num_minibatches=1",
+                             "training.gradient_accumulation_steps=2", *extra)
+    m = rl.build_models(recipe, {"model": str(tiny_base), "reward_model": str(reward_dir)}, print)
+    prompts, rendered, *_ = rl.load_prompts(recipe, m.tok)
+    G = recipe.rl.group_size
+    mine = [i for i in range(8 // G) for _ in range(G)]
+    torch.manual_seed(0)
+    r = rl.rollout(m, Accelerator(cpu=True), [rendered[i] for i in mine], [prompts[i] for i in mine], recipe,
+                   {"generation": 0.0, "scoring": 0.0})
+    update = lambda accelerator: first_step_gradients(m, recipe, r, accelerator)  # noqa: E731
+    [one] = World(1).run(update)
+    two = World(2).run(update)
+    assert max(g.abs().max().item() for g in one) > 1e-4, case  # the update has something to compare
+    for g1, g2a, g2b in zip(one, *two):
+        assert torch.allclose((g2a + g2b) / 2, g1, atol=1e-7, rtol=1e-4), case
+
+
+def test_whitening_inside_an_estimator_spans_every_process():
+    """reinforce_baseline's batch whitening, given the loop's `whiten`: two processes holding two
+    groups each get what one process holding all four gets (not their own halves whitened alone)."""
+    scores = torch.tensor([1.0, 3.0, 0.0, 4.0, 2.0, 2.5, 5.0, 1.0])
+    estimator = estimators.ADVANTAGE["reinforce_baseline"]
+    [whole] = World(1).run(lambda a: rl.group_advantages(a, scores, estimator, 2, scale=True))
+    halves = World(2).run(lambda a: rl.group_advantages(a, scores[4 * a.process_index : 4 * a.process_index + 4],
+                                                         estimator, 2, scale=True))
+    assert torch.allclose(torch.cat(halves), whole, atol=1e-6)
+    alone = torch.cat([estimator(scores[:4], 2), estimator(scores[4:], 2)])
+    assert not torch.allclose(alone, whole, atol=1e-3)  # the halves' own statistics differ from the batch's
+
+
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+def test_every_trained_model_is_handed_to_accelerate(tiny_base, reward_dir, stage):
+    """Under DDP a model accelerate never prepared would keep each process's gradients to itself
+    (the launch below compares weights of the ppo stage, whose branch holds the critic too)."""
+    recipe = micro_rl_recipe(stage, tiny_base, reward_dir)
+    m = rl.build_models(recipe, {"model": str(tiny_base), "reward_model": str(reward_dir)}, print)
+    trained = rl.trained_models(m)
+    prepared = []
+
+    class Recording:
+        device, num_processes = torch.device("cpu"), 1
+
+        def prepare(self, *objects):
+            prepared.extend(objects)
+            return objects if len(objects) > 1 else objects[0]
+
+    optimizer, _ = rl.prepare_training(m, Recording(), recipe)
+    assert [id(x) for x in prepared] == [id(x) for x in trained] + [id(optimizer)]
+    assert len(trained) == (2 if stage == "ppo" else 1)
+
+
+# The launch: real processes (DDP over gloo), so that what the stand-ins above take for granted is
+# tested once: accelerate wraps every trained model (policy and critic) and DDP averages their
+# gradients (the update multiplies the loss by the process count for that), and gather and reduce
+# return every process's tensors in process order (the GAE advantages are whitened over both
+# processes' tokens). PPO alone uses all of these; the critic-free stages add only arithmetic, which
+# test_two_processes_compute_the_gradient_of_one covers in a second. Its cost is the two processes'
+# start (imports), not the stage: four stages in one launch took as long as this one.
 TWO_PROCESS_SCRIPT = """
 import json, sys, torch
 from accelerate import Accelerator
 from alignment.recipe_file import load_recipe, parse_override
 from alignment.stages import rl
 accelerator = Accelerator(cpu=True)
-for recipe_path, *overrides in json.loads(sys.argv[1]):
-    recipe = load_recipe(recipe_path, [(p, v, raw) for raw in overrides for _, p, v in [parse_override(raw)]])
-    inputs = {"model": str(recipe.model), "reward_model": str(recipe.reward_model)}
-    m = rl.build_models(recipe, inputs, print)
-    rl.prepare_training(m, accelerator, recipe)
-    # Plain SGD: Adam's first steps are about lr * sign(gradient), which turns float noise in
-    # gradients near 0 into whole steps; SGD keeps the comparison about the gradients themselves.
-    params = [p for model in rl.trained_models(m) for p in model.parameters() if p.requires_grad]
-    optimizer = accelerator.prepare(torch.optim.SGD(params, lr=0.5))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    prompts, rendered, *_ = rl.load_prompts(recipe, m.tok)
-    G = recipe.rl.group_size  # 8 rollouts: 8 // G prompts, G replies each; each process keeps whole groups
-    mine = [i for i in range(8 // G) for _ in range(G)]
-    torch.manual_seed(0)  # the same global batch in every process; each then keeps its share
-    r = rl.rollout(m, accelerator, [rendered[i] for i in mine], [prompts[i] for i in mine], recipe,
-                    {"generation": 0.0, "scoring": 0.0})
-    n = 8 // accelerator.num_processes
-    r = r.rows(slice(accelerator.process_index * n, (accelerator.process_index + 1) * n))
-    rl.learn(m, accelerator, optimizer, scheduler, r, 0.05, recipe, 0)
-    if accelerator.is_main_process:
-        torch.save(accelerator.unwrap_model(m.policy).state_dict(), overrides[-1].split("=", 1)[1])
+recipe_path, *overrides, out = json.loads(sys.argv[1])
+recipe = load_recipe(recipe_path, [(p, v, raw) for raw in overrides for _, p, v in [parse_override(raw)]])
+inputs = {"model": str(recipe.model), "reward_model": str(recipe.reward_model)}
+m = rl.build_models(recipe, inputs, print)
+rl.prepare_training(m, accelerator, recipe)
+# Plain SGD: Adam's first steps are about lr * sign(gradient), which turns float noise in
+# gradients near 0 into whole steps; SGD keeps the comparison about the gradients themselves.
+params = [p for model in rl.trained_models(m) for p in model.parameters() if p.requires_grad]
+optimizer = accelerator.prepare(torch.optim.SGD(params, lr=0.5))
+scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+prompts, rendered, *_ = rl.load_prompts(recipe, m.tok)
+def weights():
+    return [{k: v.clone() for k, v in accelerator.unwrap_model(x).state_dict().items()} for x in rl.trained_models(m)]
+start = weights()
+torch.manual_seed(0)  # the same global batch in every process; each then keeps its half
+r = rl.rollout(m, accelerator, rendered[:8], prompts[:8], recipe, {"generation": 0.0, "scoring": 0.0})
+n = 8 // accelerator.num_processes
+r = r.rows(slice(accelerator.process_index * n, (accelerator.process_index + 1) * n))
+rl.learn(m, accelerator, optimizer, scheduler, r, 0.05, recipe, 0)
+if accelerator.is_main_process:
+    torch.save({"start": start, "end": weights()}, out)
 if torch.distributed.is_initialized():  # leaving with the group open can abort the process at exit
     accelerator.wait_for_everyone()
     torch.distributed.destroy_process_group()
 """
 
-TWO_PROCESS_CASES = {
-    "ppo": ("ppo", []),
-    "grpo": ("grpo", []),  # group-normalised advantages, KL (k3) in the loss, replies' mean per sequence
-    "grpo on-policy": ("grpo", ["grpo.num_iterations=1"]),  # each micro-batch's forward gives its old log-probs
-    "rloo whitened": ("rloo", ["rloo.advantage_estimator=reinforce_baseline"]),  # whitened over both processes' groups
-}
-
 
 def test_two_processes_update_like_one(tmp_path, tiny_base, reward_dir, monkeypatch):
-    """One update of each RL stage from the same rollout batch: two processes (DDP over gloo, each
-    its half of the batch, gradient accumulation 2) end with the weights of one process."""
+    """One ppo update from the same rollout batch: two processes (DDP over gloo, each its half of
+    the batch, gradient accumulation 2) end with the policy's and the critic's weights of one process."""
     script = tmp_path / "update.py"
     script.write_text(TWO_PROCESS_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
-    def cases(procs):
-        return [[str(RECIPES / f"{stage}.yaml"), f"model={tiny_base}", f"reward_model={reward_dir}", *MICRO_RL[stage],
-                 f"{stage}.batch_size=8", f"{stage}.num_minibatches=1", "training.gradient_accumulation_steps=2", *extra,
-                 f"output_dir={tmp_path / f'{name}-{procs}.pt'}"] for name, (stage, extra) in TWO_PROCESS_CASES.items()]
+    def case(procs):
+        return [str(RECIPES / "ppo.yaml"), f"model={tiny_base}", f"reward_model={reward_dir}", *MICRO_RL["ppo"],
+                "ppo.batch_size=8", "ppo.num_minibatches=1", "training.gradient_accumulation_steps=2",
+                "training.max_grad_norm=1e6", str(tmp_path / f"ppo-{procs}.pt")]  # clipping would hide a wrong scale
 
     launch = ["accelerate", "launch", "--num_processes", "2", "--multi_gpu", str(script)]
-    done = subprocess.run([*launch, json.dumps(cases(2))], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([*launch, json.dumps(case(2))], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    monkeypatch.setattr(sys, "argv", [str(script), json.dumps(cases(1))])
+    monkeypatch.setattr(sys, "argv", [str(script), json.dumps(case(1))])
     exec(compile(TWO_PROCESS_SCRIPT, str(script), "exec"), {})  # one process: this one
-    start = load_file(Path(tiny_base) / "model.safetensors")
-    for name in TWO_PROCESS_CASES:
-        one, two = (torch.load(tmp_path / f"{name}-{procs}.pt", weights_only=True) for procs in (1, 2))
-        moved = max((one[k] - start[k]).abs().max().item() for k in start if k in one)
-        assert moved > 1e-4, name  # the update did something
-        for k in one:
-            assert torch.allclose(one[k], two[k], atol=1e-5, rtol=1e-4), (name, k)
+    one, two = (torch.load(tmp_path / f"ppo-{procs}.pt", weights_only=True) for procs in (1, 2))
+    assert len(one["end"]) == 2  # the policy and the critic
+    for name, start, a, b in zip(("policy", "critic"), one["start"], one["end"], two["end"]):
+        assert max((a[k] - start[k]).abs().max().item() for k in start) > 1e-4, name  # the update did something
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), (name, k)
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,8 @@ One iteration, as the loop below reads:
    gives them, detached (ratio exactly 1), with the entropy, as TRL's GRPOTrainer does;
 3. advantages: PPO: r_t = -beta kl_t on every reply token plus the score on the last, GAE,
    whitened over all real tokens. Critic-free: the reply's score against its group's by the
-   registered estimator (`estimators.ADVANTAGE`: grpo, rloo, ...), minus beta times the
+   registered estimator (`estimators.ADVANTAGE`: grpo, rloo, ...) or the recipe's own
+   function (`advantage_estimator`), minus beta times the
    estimator's unscaled advantage of its summed KL when the KL is in the reward; the same
    advantage on every token of the reply;
 4. policy epochs: `ppo_epochs` passes over `num_minibatches` minibatches, one optimizer step
@@ -47,6 +48,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
@@ -54,7 +56,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .. import estimators, losses
+from .. import estimators, losses, user_functions
 from ..templates import encode, render_prompt, template_complaint
 from ..config import RLRecipe
 from ..errors import RecipeError
@@ -345,15 +347,50 @@ def global_whiten(accelerator, x: torch.Tensor, mask: torch.Tensor, shift_mean: 
     return everything[accelerator.process_index * n : (accelerator.process_index + 1) * n]
 
 
-def group_advantages(accelerator, scores: torch.Tensor, o, scale: bool) -> torch.Tensor:
-    """One advantage per reply from the scores of its group (a process holds whole groups), by the
-    registered estimator `o.estimator` (alignment/estimators.py); its batch-wide whitening, if any,
-    over every process's replies."""
+def advantage_estimator(recipe: RLRecipe) -> Callable:
+    """The critic-free estimator `advantage_estimator` names: a registered one (alignment/estimators.py),
+    or the recipe's own function ('file.py:name', 'module:name'), whose every answer is checked: a
+    float tensor of one finite advantage per reply, else a one-line RecipeError naming the key."""
+    ref = recipe.rl.estimator
+    if ref in estimators.ADVANTAGE:
+        return estimators.ADVANTAGE[ref]
+    key = f"{recipe.stage}.advantage_estimator"
+    fn = user_functions.load_function(ref, key, estimators.ADVANTAGE_ARGUMENTS)
+
+    def checked(scores: torch.Tensor, group_size: int, scale: bool, whiten: Callable) -> torch.Tensor:
+        try:
+            out = fn(scores, group_size, scale, whiten)
+        except RecipeError:
+            raise
+        except Exception as exc:  # the user's code: its error in one line
+            raise RecipeError(f"{key} {ref!r} raised {type(exc).__name__}: {exc}") from None
+        n = scores.shape[0]
+        if not isinstance(out, torch.Tensor):
+            got = type(out).__name__
+        elif not out.is_floating_point():
+            got = f"a {out.dtype} tensor"
+        elif tuple(out.shape) != (n,):
+            got = f"a tensor of shape {list(out.shape)}"
+        elif not out.isfinite().all():
+            bad = int((~out.isfinite()).nonzero()[0])
+            got = f"{out[bad].item()} for reply {bad}"
+        else:
+            return out.float()  # float32 as the registered ones give: a float64 answer would make the loss float64
+        raise RecipeError(f"{key} {ref!r} returned {got}; expected a float tensor of shape [{n}], one finite advantage "
+                          "per reply")
+
+    return checked
+
+
+def group_advantages(accelerator, scores: torch.Tensor, estimator: Callable, group_size: int, scale: bool) -> torch.Tensor:
+    """One advantage per reply from the scores of its group (a process holds whole groups), by
+    `estimator` (`advantage_estimator`'s); its batch-wide whitening, if any, over every process's
+    replies."""
 
     def whiten(x: torch.Tensor) -> torch.Tensor:
         return global_whiten(accelerator, x[:, None], torch.ones_like(x[:, None]))[:, 0]
 
-    return estimators.ADVANTAGE[o.estimator](scores, o.group_size, scale=scale, whiten=whiten)
+    return estimator(scores, group_size, scale, whiten)
 
 
 def cat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
@@ -555,9 +592,11 @@ def learn(m: Models, accelerator, optimizer, scheduler, r: Rollout, beta: float,
         advantages = global_whiten(accelerator, advantages, mask) * mask
         loss_mask, per_reply = mask, None
     else:
-        per_reply = group_advantages(accelerator, r.scores, o, scale=o.scale_rewards)
+        estimator = advantage_estimator(recipe)
+        per_reply = group_advantages(accelerator, r.scores, estimator, o.group_size, scale=o.scale_rewards)
         if not o.kl_in_loss and m.reference_kind != "none":  # the KL in the reward keeps beta's scale: unscaled
-            per_reply = per_reply - beta * group_advantages(accelerator, token_kl(r, o.kl_estimator).sum(-1), o, scale=False)
+            kl_sums = token_kl(r, o.kl_estimator).sum(-1)
+            per_reply = per_reply - beta * group_advantages(accelerator, kl_sums, estimator, o.group_size, scale=False)
         loss_mask = mask * r.finished[:, None] if o.mask_truncated_completions else mask
         advantages, returns = per_reply[:, None] * loss_mask, None
     with train_mode(trained_models(m)):
