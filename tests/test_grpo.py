@@ -204,6 +204,17 @@ def test_truncated_replies_can_be_left_out_of_the_loss(tiny_base, monkeypatch):
                 assert mask.sum().item() == r.response_mask.sum().item() > finished_tokens
 
 
+
+def first_update(m, recipe, beta: float):
+    """One rollout of the first 8 prompts (seeded) and one update from it: (rollout, what `learn` returns)."""
+    accelerator = Accelerator(cpu=True)
+    optimizer, scheduler = rl.prepare_training(m, accelerator, recipe)
+    prompts, rendered, *_ = rl.load_prompts(recipe, m.tok)
+    torch.manual_seed(0)
+    r = rl.rollout(m, accelerator, rendered[:8], prompts[:8], recipe, {"generation": 0.0, "scoring": 0.0})
+    return r, rl.learn(m, accelerator, optimizer, scheduler, r, beta, recipe, 0)
+
+
 def test_beta_zero_with_the_kl_in_the_reward_runs_on_policy(tiny_base, reward_dir):
     """rloo (KL in the reward) and grpo with kl_in reward, beta 0, one pass over one minibatch: no
     reference is loaded, the update gives the old log-probs, the KL is 0 and the advantages are the
@@ -213,12 +224,7 @@ def test_beta_zero_with_the_kl_in_the_reward_runs_on_policy(tiny_base, reward_di
                              f"{stage}.num_minibatches=1", *extra, stage=stage)
         m = rl.build_models(recipe, {"model": str(tiny_base), "reward_model": str(reward_dir)}, print)
         assert m.reference_kind == "none" and rl.old_logprobs_from_update(m, recipe.rl)
-        accelerator = Accelerator(cpu=True)
-        optimizer, scheduler = rl.prepare_training(m, accelerator, recipe)
-        prompts, rendered, *_ = rl.load_prompts(recipe, m.tok)
-        torch.manual_seed(0)
-        r = rl.rollout(m, accelerator, rendered[:8], prompts[:8], recipe, {"generation": 0.0, "scoring": 0.0})
-        stats, kl, _, per_reply = rl.learn(m, accelerator, optimizer, scheduler, r, 0.0, recipe, 0)
+        r, (stats, kl, _, per_reply) = first_update(m, recipe, beta=0.0)
         assert kl.abs().sum().item() == 0.0 and r.logp is not None
         want = estimators.ADVANTAGE[recipe.rl.estimator](r.scores, 4, scale=recipe.rl.scale_rewards)
         assert torch.allclose(per_reply, want), stage
@@ -482,12 +488,7 @@ def test_a_user_advantage_estimator_is_called_on_the_kl_too_when_the_kl_is_in_th
     recipe = grpo_recipe(tiny_base, "reward_fn=gold", "reward_model=null", "rloo.advantage_estimator=est.py:plus_one",
                          "rloo.beta=0.25", stage="rloo")
     m = rl.build_models(recipe, {"model": str(tiny_base)}, print)
-    accelerator = Accelerator(cpu=True)
-    optimizer, scheduler = rl.prepare_training(m, accelerator, recipe)
-    prompts, rendered, *_ = rl.load_prompts(recipe, m.tok)
-    torch.manual_seed(0)
-    r = rl.rollout(m, accelerator, rendered[:8], prompts[:8], recipe, {"generation": 0.0, "scoring": 0.0})
-    _, _, _, per_reply = rl.learn(m, accelerator, optimizer, scheduler, r, 0.25, recipe, 0)
+    r, (_, _, _, per_reply) = first_update(m, recipe, beta=0.25)
     assert (in_tmp / "calls.log").read_text().splitlines() == ["8 4 True", "8 4 False"]  # scores, then KLs
     assert torch.allclose(per_reply, r.scores + 1.0 - 0.25)
 
