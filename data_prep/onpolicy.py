@@ -28,12 +28,14 @@ def read_prompts(source: str, column: str, limit: int | None, seed: int, world_n
         convs = world.sft_conversations(limit or 200, seed, world=world_name)
         return [(f"demo prompt {i + 1}", c["messages"][0]["content"]) for i, c in enumerate(convs)]
     found = []
+    seen: set[str] = set()  # the columns of the rows read
     for origin, row in read_source(source):
         if limit is not None and len(found) >= limit:
             break
         if isinstance(row, Bad):
             found.append((origin, row))
             continue
+        seen.update(row)
         prompt = _prompt(row, column)
         if isinstance(prompt, str):
             found.append((origin, Bad(prompt)))
@@ -43,6 +45,9 @@ def read_prompts(source: str, column: str, limit: int | None, seed: int, world_n
             found.append((origin, prompt[0]["content"]))
             if columns is not None:
                 columns[origin] = {k: v for k, v in row.items() if k != column}
+    if seen and column not in seen:  # a column no row has is a wrong name, not rows to count as dropped
+        raise DataError(f"{source}: no column {column!r} in its rows (columns: {', '.join(sorted(seen))}); "
+                        "name the prompt column with --prompt-column (a recipe: data.prompt_field)")
     return found
 
 

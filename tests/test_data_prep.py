@@ -632,3 +632,15 @@ def test_a_reply_sampled_twice_is_kept_twice_a_users_duplicate_row_is_dropped():
     users = made["users"].splits["train"]
     assert [r["completion"][0]["content"] for r in users] == ["Sure! a", "b"]
     assert made["users"].summary["dropped"] == {"exact duplicate": 1} and made["users"].summary["repeated_samples"] == {}
+
+
+def test_onpolicy_prompts_refuse_a_column_no_row_has(tmp_path):
+    """A prompt column missing from every row is a wrong name (one DataError naming the file, the column
+    and the columns there), not rows to drop; missing from some rows, those are counted drops."""
+    from data_prep.onpolicy import read_prompts
+
+    src = write_jsonl(tmp_path / "p.jsonl", [json.dumps({"prompt": "hello", "answer": "hi"}), json.dumps({"text": "x"})])
+    with pytest.raises(DataError, match=r"p\.jsonl: no column 'promt' in its rows \(columns: answer, prompt, text\)"):
+        read_prompts(str(src), "promt", None, 0)
+    found = read_prompts(str(src), "prompt", None, 0)
+    assert found[0][1] == "hello" and found[1][1].reason == "missing 'prompt'"
