@@ -232,6 +232,8 @@ def onpolicy(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise DataError(f"--reward-fn / --reward-weights: {exc}") from None
     GenerationOptions(temperature=args.temperature, top_p=args.top_p, samples_per_prompt=args.k)  # their ranges
+    if args.k < 2:
+        raise DataError(f"--k {args.k}: a pair needs at least 2 samples per prompt (best vs worst)")
     model, reward_model = user_path(args.model), args.reward_model and user_path(args.reward_model)
     check_model_kind(model, "causal-lm", key="--model")  # before any sampling
     if reward_model:

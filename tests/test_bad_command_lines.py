@@ -80,6 +80,7 @@ def test_onpolicy_causal_lm_as_reward_model_is_refused_before_sampling(tmp_path,
     ("--temperature", "inf", "argument --temperature: expected a finite number, got inf"),
     ("--top-p", "0", "--top-p: Input should be greater than 0"),
     ("--top-p", "2", "--top-p: Input should be less than or equal to 1"),
+    ("--k", "1", "--k 1: a pair needs at least 2 samples per prompt (best vs worst)"),
 ])
 def test_onpolicy_sampling_settings_out_of_range(tmp_path, capsys, tiny_base, flag, value, expected):
     line = data_prep(["onpolicy", "--model", tiny_base, "--prompts", "demo", "--oracle", flag, value,
