@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from data_prep.read import read_text
+from data_prep.read import read_text, split_problem
 from tqdm.auto import tqdm
 
 from . import models as model_layer
@@ -210,6 +210,8 @@ def load_prompts(options: PromptOptions, world_name: str = "default") -> tuple[l
     """(prompts, what they are) from the prompt options; a bad source is a CompareError('prompts').
     Demo prompts are the held-out prompts of the world preset `world_name`."""
     source = options.source
+    if problem := split_problem(source, options.split):  # a split a file or the demo prompts would ignore
+        raise CompareError("split", problem)
     if source == "demo":
         prompts = world.eval_prompts(options.num_prompts or DEMO_PROMPTS, options.seed, world=world_name)
         return prompts, demo_prompt_source(world_name)

@@ -15,7 +15,7 @@ from alignment.config import PrepColumns, PrepOptions, PrepSamples, PrepSource
 from alignment.errors import RecipeError
 from alignment.paths import user_path
 
-from .read import READ, DataError
+from .read import READ, DataError, split_problem
 
 SHAPE_EXAMPLES = """\
 row shapes (detected from the columns; --shape when several match; names settable with --column):
@@ -156,6 +156,9 @@ def options_from(args: argparse.Namespace, kind: str) -> PrepOptions:
     for flag, values in (("--weights", args.weights), ("--names", args.names)):
         if values is not None and len(values) != n:
             raise DataError(f"{flag}: {len(values)} values for {n} sources")
+    for path in args.sources:
+        if problem := split_problem(path, args.split):
+            raise DataError(f"--split: {problem}")
     columns = PrepColumns(**dict(args.column))
     sources = [
         PrepSource(

@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 
 from alignment.config import PrepColumns, PrepOptions, PrepSource
 
-from .read import Bad, DataError, read_source
-from .shapes import KIND_SHAPES, check_columns, detect_shape, extra_reason, is_generated, make_parser
+from .read import Bad, DataError, read_source, split_problem
+from .shapes import KIND_SHAPES, absent_columns, check_columns, detect_shape, extra_reason, is_generated, make_parser
 
 try:  # orjson serialises about 5x faster; the standard library is the fallback
     from orjson import dumps as _dumps
@@ -216,7 +216,10 @@ def source_name(source: PrepSource) -> str:
 
 def source_rows(source: PrepSource, kind: str, seed: int, world_name: str = "default"):
     """(origin, row or Bad) of a source; 'demo' generates the rows of the kind of the demo world's
-    preset `world_name`."""
+    preset `world_name`. A split other than train asked of a file or of 'demo' is refused (a split
+    names a part of a hub dataset or a saved DatasetDict; a file's rows are one)."""
+    if problem := split_problem(source.path, source.split):
+        raise DataError(f"{source.path}: split {problem}")
     if source.path != "demo":
         rows = read_source(source.path, source.split)
         return islice(rows, source.num_examples) if source.num_examples else rows
@@ -297,11 +300,14 @@ def _prepare(o: PrepOptions, tokenizer, progress: bool, given: dict | None, num_
 
     for source, name in zip(o.sources, names):
         run.tallies[name] = Tally()
-        rows = iter(given[name] if given and name in given else source_rows(source, o.kind, o.seed, world))
+        ours = bool(given and name in given)  # rows made here (sampled), not read from the user's file
+        rows = iter(given[name] if ours else source_rows(source, o.kind, o.seed, world))
         head = []  # the first DETECT_ROWS rows, and on until one is readable
+        whole = True  # the head holds every row of the source
         for item in rows:
             head.append(item)
             if len(head) >= DETECT_ROWS and any(isinstance(r, dict) for _, r in head):
+                whole = False
                 break
         columns = set().union(*(r.keys() for _, r in head if isinstance(r, dict)))
         where = source.path if source.path != "demo" else "demo"
@@ -313,14 +319,20 @@ def _prepare(o: PrepOptions, tokenizer, progress: bool, given: dict | None, num_
         elif shape not in KIND_SHAPES[o.kind]:
             raise DataError(f"{where}: shape '{shape}' does not make {o.kind} (expected {', '.join(KIND_SHAPES[o.kind])})")
         check_columns(shape, source.columns)  # here, before any worker process parses with them
+        forced = source.shape != "auto"
+        if whole and not ours and (absent := absent_columns(shape, source.columns, columns, forced, where)):
+            raise absent  # before parsing (and before --strict stops on the first row without them)
+        seen = set(columns)  # every column of every row: checked again once all are read
         procs = num_proc
         if procs is None:  # enough rows to pay for starting processes?
             head.extend(islice(rows, max(0, PARALLEL_ROWS - len(head))))
             procs = min(AUTO_PROCS, usable_cpus()) if len(head) >= PARALLEL_ROWS else 1
         with _normaliser(procs, chunk_rows, shape, source.columns, name, o) as normalise:
-            results = normalise(chain(head, rows))
+            results = normalise(_noting_columns(chain(head, rows), seen))
             with tqdm(results, desc=f"read {name}", unit=" rows", disable=not progress, mininterval=0.5) as bar:
                 _keep_or_drop(run, name, bar, seen_exact, seen_norm, extra_reason(shape, o.kind))
+        if not whole and not ours and (absent := absent_columns(shape, source.columns, seen, forced, where)):
+            raise absent
 
     if o.max_prompt_tokens or o.max_length:
         _token_limits(run, tokenizer)
@@ -339,6 +351,14 @@ def _prepare(o: PrepOptions, tokenizer, progress: bool, given: dict | None, num_
     if not o.test_fraction:
         del splits["test"]
     return Prepared(o.kind, splits, _summary(o, run, names, splits))
+
+
+def _noting_columns(items, seen: set):
+    """The (origin, row) items, each readable row's columns added to `seen` as it passes."""
+    for item in items:
+        if isinstance(item[1], dict):
+            seen.update(item[1])
+        yield item
 
 
 def usable_cpus() -> int:

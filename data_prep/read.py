@@ -64,8 +64,24 @@ def looks_like_path(source: str) -> bool:
     )
 
 
+def split_problem(source: str, split: str) -> str | None:
+    """Why `split` cannot be read from `source`: a split other than train names a part of a hub
+    dataset or a saved DatasetDict (or a data_prep output's test.jsonl); a file is one split, and a
+    split given with one would be ignored. None when it can be read."""
+    if split == "train" or (looks_like_path(source) and Path(source).expanduser().is_dir()):
+        return None
+    if source == "demo" or looks_like_path(source):
+        what = "the demo data (generated, one split)" if source == "demo" else f"the file {source} (a file is one split)"
+        return (f"'{split}' applies only to a hub dataset or a saved DatasetDict (or a data_prep output directory), "
+                f"not to {what}: leave the split out")
+    return None
+
+
 def read_source(source: str, split: str = "train") -> Iterator[tuple[str, dict | Bad]]:
-    """Yield (origin, row or Bad) for every row of `source`; raise DataError for whole-file problems."""
+    """Yield (origin, row or Bad) for every row of `source`; raise DataError for whole-file problems
+    (a split other than train asked of a file included: see split_problem)."""
+    if source != "demo" and (problem := split_problem(source, split)):
+        raise DataError(f"split: {problem}")
     if not looks_like_path(source):
         yield from _read_hub(source, split)
         return

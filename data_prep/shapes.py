@@ -253,6 +253,29 @@ def check_columns(shape: str, c: PrepColumns) -> None:
         seen[name] = role
 
 
+def absent_columns(shape: str, c: PrepColumns, seen, forced: bool, where: str) -> DataError | None:
+    """A DataError when the rows lack, in every row, a column they were said to have: a role named
+    (--column, a recipe's columns) that the shape reads or whose absence decided the shape (prompt
+    for implicit pairs), or, when the shape was stated (--shape) rather than detected, a column the
+    shape needs. `seen` is every column of every row: a column no row has is a wrong name or a
+    wrong shape, not rows to count as dropped (a column missing from some rows only is a drop)."""
+    reads, excludes = set(SHAPE_ROLES[shape]), {r for r in PrepColumns.model_fields if getattr(c, r) in _needs(shape, c)[1]}
+    named = [getattr(c, r) for r in PrepColumns.model_fields if r in c.model_fields_set and r in reads | excludes]
+    needs = _needs(shape, c)[0] if forced else ()
+    missing = [n for n in dict.fromkeys([*named, *needs]) if n not in seen]
+    if not seen or not missing:
+        return None
+    have = ", ".join(sorted(map(str, seen)))
+    absent = ", ".join(repr(n) for n in missing)
+    if any(n in needs for n in missing):
+        fix = (f"shape '{shape}' reads {', '.join(needs)}: check --shape, or name the columns with --column ROLE=COLUMN "
+               "(a recipe: prep.sources[].shape / .columns)")
+    else:
+        roles = [f"{r}={getattr(c, r)}" for r in PrepColumns.model_fields if r in c.model_fields_set and getattr(c, r) in missing]
+        fix = f"--column {' '.join(roles)} names a column no row has (a recipe: prep.sources[].columns): check the name"
+    return DataError(f"{where}: no column {absent} in its rows (columns: {have}); {fix}")
+
+
 def make_parser(shape: str, c: PrepColumns, o: PrepOptions) -> Callable[[dict], list[dict] | str]:
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}")

@@ -120,7 +120,37 @@ def test_strict_with_a_weight_below_one_names_the_conflict(tmp_path, capsys, pai
     assert "p.jsonl:" not in line  # no valid row is blamed
 
 
+def test_stated_shape_whose_columns_no_row_has_is_refused(tmp_path, capsys, pairs):
+    line = data_prep(["pairs", pairs, "--shape", "ranked", "--quiet", "--out", tmp_path / "o"], capsys, tmp_path)
+    assert line == (f"error: {pairs}: no column 'ranked' in its rows (columns: chosen, prompt, rejected); shape 'ranked' "
+                    "reads prompt, ranked: check --shape, or name the columns with --column ROLE=COLUMN "
+                    "(a recipe: prep.sources[].shape / .columns)")
+
+
+def test_column_no_row_has_is_refused(tmp_path, capsys, pairs):
+    line = data_prep(["pairs", pairs, "--column", "prompt=question", "--quiet", "--out", tmp_path / "o"], capsys, tmp_path)
+    assert line == (f"error: {pairs}: no column 'question' in its rows (columns: chosen, prompt, rejected); "
+                    "--column prompt=question names a column no row has (a recipe: prep.sources[].columns): check the name")
+
+
+@pytest.mark.parametrize("source", ["file", "demo"])
+def test_data_prep_split_of_a_file_is_refused(tmp_path, capsys, pairs, source):
+    src = pairs if source == "file" else "demo"
+    what = f"the file {pairs} (a file is one split)" if source == "file" else "the demo data (generated, one split)"
+    line = data_prep(["pairs", src, "--split", "test", "--quiet", "--out", tmp_path / "o"], capsys, tmp_path)
+    assert line == ("error: --split: 'test' applies only to a hub dataset or a saved DatasetDict (or a data_prep output "
+                    f"directory), not to {what}: leave the split out")
+
+
 # ------------------------------------------------------------------ compare
+
+
+def test_compare_split_of_a_prompt_file_is_refused(tmp_path, capsys, tiny_base):
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "hello"}) + "\n")
+    line = alignment(["compare", f"a={tiny_base}", f"b={tiny_base}", "--prompts", tmp_path / "p.jsonl", "--split", "test",
+                      "--out", tmp_path / "o"], capsys, tmp_path)
+    assert line == ("error: --split: 'test' applies only to a hub dataset or a saved DatasetDict (or a data_prep output "
+                    f"directory), not to the file {tmp_path / 'p.jsonl'} (a file is one split): leave the split out")
 
 
 def test_compare_prompt_file_not_utf8(tmp_path, capsys, tiny_base):

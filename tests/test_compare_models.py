@@ -256,6 +256,20 @@ def test_bad_prompt_files_name_the_line(tmp_path, name, text, expected):
     assert err.value.arg == "prompts" and expected in err.value.message
 
 
+@pytest.mark.parametrize("name", ["p.jsonl", "p.txt", "demo"])
+def test_a_split_of_a_prompt_file_is_refused(tmp_path, name):
+    """prompts.split names a part of a hub dataset or a saved DatasetDict: with a file (or the demo
+    prompts) it would be ignored, so it is refused, naming the split and the source."""
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "one"}) + "\n")
+    (tmp_path / "p.txt").write_text("one\n")
+    source = name if name == "demo" else str(tmp_path / name)
+    with pytest.raises(CompareError) as err:
+        evaluation.load_prompts(PromptOptions(source=source, split="test"))
+    assert err.value.arg == "split" and err.value.message.startswith("'test' applies only to a hub dataset")
+    assert ("demo data" if name == "demo" else f"the file {source} ") in err.value.message
+    assert evaluation.load_prompts(PromptOptions(source=str(tmp_path / "p.jsonl"), split="train"))[0] == ["one"]
+
+
 # ---------------------------------------------------------------- the command's bad input
 
 def run_cli(args, capsys):

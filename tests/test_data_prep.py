@@ -644,3 +644,40 @@ def test_onpolicy_prompts_refuse_a_column_no_row_has(tmp_path):
         read_prompts(str(src), "promt", None, 0)
     found = read_prompts(str(src), "prompt", None, 0)
     assert found[0][1] == "hello" and found[1][1].reason == "missing 'prompt'"
+
+
+def test_a_column_missing_from_every_row_is_refused_from_some_rows_dropped(tmp_path):
+    """A stated shape whose column no row has, or a named column no row has, is a wrong shape or name:
+    one DataError naming the file, the column and the columns there (also when the rows past the
+    first DETECT_ROWS are read before it is known). Missing from some rows only, those rows are drops."""
+    from alignment.config import PrepColumns
+
+    rows = [{"chosen": f"a{i}", "rejected": f"b{i}"} for i in range(150)]
+    src = write_jsonl(tmp_path / "p.jsonl", [json.dumps(r) for r in rows])
+    ranked = PrepOptions(kind="pairs", sources=[PrepSource(path=str(src), shape="ranked")], test_fraction=0)
+    with pytest.raises(DataError, match=r"p\.jsonl: no column 'prompt', 'ranked' in its rows \(columns: chosen, rejected\); "
+                       r"shape 'ranked' reads prompt, ranked"):
+        prepare(ranked, progress=False, num_proc=1)
+    named = PrepOptions(kind="pairs", sources=[PrepSource(path=str(src), columns=PrepColumns(id="uid"))], test_fraction=0)
+    with pytest.raises(DataError, match=r"p\.jsonl: no column 'uid' in its rows .*--column id=uid names a column no row has"):
+        prepare(named, progress=False, num_proc=1)
+    # the last row has a prompt: the column is not a wrong name, the 149 rows without it are drops
+    rows[-1]["prompt"] = "q"
+    src = write_jsonl(tmp_path / "p.jsonl", [json.dumps(r) for r in rows])
+    explicit = PrepOptions(kind="pairs", sources=[PrepSource(path=str(src), shape="explicit")], test_fraction=0)
+    done = prepare(explicit, progress=False, num_proc=1)
+    assert len(done.splits["train"]) == 1
+    assert done.summary["sources"]["p"]["dropped"] == {"missing 'prompt'": 149}
+
+
+def test_a_split_of_a_file_or_the_demo_data_is_refused(tmp_path):
+    """A split other than train names a part of a hub dataset or a saved DatasetDict; a file's rows
+    (or the demo data) are one split, so it would be ignored: refused, naming the split."""
+    src = write_jsonl(tmp_path / "p.jsonl", [json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"})])
+    with pytest.raises(DataError, match=r"^split: 'test' applies only to a hub dataset or a saved DatasetDict"):
+        list(read_source(str(src), "test"))
+    for path in (str(src), "demo"):
+        options = PrepOptions(kind="pairs", sources=[PrepSource(path=path, split="test")], test_fraction=0)
+        with pytest.raises(DataError, match=rf"^{path}: split 'test' applies only to a hub dataset"):
+            prepare(options, progress=False, num_proc=1)
+    assert len(list(read_source(str(src), "train"))) == 1

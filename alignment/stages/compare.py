@@ -28,9 +28,9 @@ MAIN_PROCESS_ONLY = True  # generation runs once, on the main process
 WRITES_MODEL = False  # the output is a report, not a model: no model card
 
 # How each argument of compare_models is spelled on the command line and in a recipe.
-FLAGS = {"models": "MODEL", "baseline": "--baseline", "prompts": "--prompts", "reward_model": "--reward-model",
-         "out": "--out"}
-KEYS = {"prompts": "prompts.source"}
+FLAGS = {"models": "MODEL", "baseline": "--baseline", "prompts": "--prompts", "split": "--split",
+         "reward_model": "--reward-model", "out": "--out"}
+KEYS = {"prompts": "prompts.source", "split": "prompts.split"}
 
 
 def _compare(models, prompts_options, generation, baseline, reward_model, model_options=None, world="default"):
