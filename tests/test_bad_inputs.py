@@ -196,6 +196,32 @@ def test_missing_chat_template_file(fails_cleanly, tiny_base):
                   "model_options.chat_template: 'missing.jinja': no such file")
 
 
+def test_chat_template_file_that_is_not_utf8(fails_cleanly, tiny_base, in_tmp):
+    (in_tmp / "t.jinja").write_bytes(b"{{ messages }}\xff\xfe\n")
+    fails_cleanly([*SFT, f"model={tiny_base}", "model_options.chat_template=t.jinja"],
+                  "model_options.chat_template: 't.jinja': not UTF-8 text (byte 0xff at offset 14)")
+
+
+@pytest.mark.parametrize("as_file", [False, True], ids=["text", "file"])
+def test_chat_template_that_does_not_compile(fails_cleanly, tiny_base, in_tmp, as_file):
+    broken = "{% for m in messages %}{{ m.content }"
+    if as_file:
+        (in_tmp / "t.jinja").write_text(broken + "\n")
+    value = "t.jinja" if as_file else json.dumps(broken)  # a quoted YAML scalar
+    line = fails_cleanly([*SFT, f"model={tiny_base}", f"model_options.chat_template={value}"],
+                         "model_options.chat_template: ", "does not compile, Jinja syntax error on line 1")
+    assert ("'t.jinja': the chat template" in line) == as_file, line
+    assert "row" not in line, line
+
+
+def test_model_whose_chat_template_does_not_compile(fails_cleanly, tiny_base, in_tmp):
+    bad = in_tmp / "bad"
+    shutil.copytree(tiny_base, bad)
+    (bad / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }")
+    fails_cleanly([*SFT, f"model={bad}"], f"{bad / 'chat_template.jinja'}: the tokenizer's chat_template does not compile, "
+                  "Jinja syntax error on line 1", "model_options.chat_template: FILE")
+
+
 def test_weights_that_do_not_match_config_json(fails_cleanly, tiny_base, in_tmp):
     bad = in_tmp / "bad"
     shutil.copytree(tiny_base, bad)
