@@ -315,6 +315,8 @@ def load_causal_lm(
     """A causal LM (policy, reference); `key` names the recipe key it came from in errors."""
     options = options or ModelOptions()
     check_model_kind(name_or_path, "causal-lm", key, options)
+    if Path(name_or_path).is_dir():
+        _check_weights_fit_config(Path(name_or_path), key)
     model = _load(AutoModelForCausalLM.from_pretrained, name_or_path, "model", **_model_kwargs(options))
     return _finish(_fit_to_tokenizer(model, tok), options)
 
