@@ -236,6 +236,18 @@ def test_data_from_a_recipe_that_is_not_prep_is_refused_before_it_is_built(fails
     fails_cleanly([str(in_tmp / "r.yaml")], "data.source: from: sft.yaml is a 'sft' recipe", "output of a 'prep' recipe")
 
 
+@pytest.mark.parametrize("role", ["model", "ref_model"])
+def test_model_from_a_compare_or_prep_recipe_is_refused_before_anything_runs(fails_cleanly, in_tmp, role):
+    (in_tmp / "c.yaml").write_text(f"stage: compare\nmodels: {{a: {RECIPES / 'sft.yaml'}, b: x}}\n")
+    (in_tmp / "p.yaml").write_text("stage: prep\nprep: {kind: pairs}\n")
+    other = "" if role == "model" else f"model: {{from: {RECIPES / 'sft.yaml'}}}\n"
+    (in_tmp / "r.yaml").write_text(f"stage: dpo\n{other}{role}: {{from: c.yaml}}\n")
+    fails_cleanly([str(in_tmp / "r.yaml")], f"{in_tmp / 'r.yaml'}: {role}: from: c.yaml is a 'compare' recipe; "
+                  "a compare stage writes a report, not a model")
+    (in_tmp / "r.yaml").write_text(f"stage: dpo\n{other}{role}: {{from: p.yaml}}\n")
+    fails_cleanly([str(in_tmp / "r.yaml")], f"{role}: from: p.yaml is a 'prep' recipe; a prep stage writes data")
+
+
 def test_data_from_a_prep_recipe_of_another_kind_is_refused_before_it_is_built(fails_cleanly, in_tmp):
     (in_tmp / "p.yaml").write_text("stage: prep\nprep: {kind: sft}\n")
     (in_tmp / "r.yaml").write_text(f"stage: dpo\nmodel: {{from: {RECIPES / 'sft.yaml'}}}\ndata:\n  source: {{from: p.yaml}}\n")
