@@ -100,8 +100,28 @@ class ModelOptions(Section):
     @field_validator("chat_template")
     @classmethod
     def _template_file_exists(cls, template):
-        if template and "\n" not in template and template.endswith(".jinja") and not Path(user_path(template)).is_file():
-            raise ValueError(f"'{template}': no such file (a value ending in .jinja is a template file to read)")
+        from .templates import template_problem
+
+        if not template:
+            return template
+        text = template
+        if "\n" not in template and template.endswith(".jinja"):
+            path = Path(user_path(template))
+            if not path.is_file():
+                raise ValueError(f"'{template}': no such file (a value ending in .jinja is a template file to read)")
+            try:
+                text = path.read_bytes().decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(
+                    f"'{template}': not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+                    "save the template file as UTF-8"
+                ) from None
+            except OSError as exc:
+                raise ValueError(f"'{template}': cannot be read ({exc.strerror or exc})") from None
+        problem = template_problem(text)
+        if problem:
+            raise ValueError(f"'{template}': the chat template {problem}" if text is not template
+                             else f"the chat template text {problem}")
         return template
 
     @field_validator("attn_implementation")

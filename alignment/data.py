@@ -153,6 +153,7 @@ def preference_rows(found: Rows, options: DataOptions, margin_field: str | None 
     columns = PrepColumns(prompt=options.prompt_field, chosen=options.chosen_field, rejected=options.rejected_field)
     keys = set().union(*(r.keys() for r in found.rows[:100] if isinstance(r, dict)))
     where = found.origins[0].rsplit(":", 1)[0] if found.origins else str(options.source)
+    _check_prompt_field(keys, options, where)
     shape = detect_shape(keys, columns, ("explicit", "implicit"), f"data.source {where}")
     parse = make_parser(shape, columns, PrepOptions())
     out = Rows([], list(found.origins), Counter(found.dropped))
@@ -178,6 +179,7 @@ def unpaired_rows(found: Rows, options) -> Rows:
                           completion=options.completion_field, label=options.label_field)
     keys = set().union(*(r.keys() for r in found.rows[:100] if isinstance(r, dict)))
     where = found.origins[0].rsplit(":", 1)[0] if found.origins else str(options.source)
+    _check_prompt_field(keys, options, where)
     shape = detect_shape(keys, columns, ("binary", "explicit", "implicit"), f"data.source {where}")
     parse = make_parser(shape, columns, PrepOptions(kind="binary"))
     out = Rows([], [], Counter(found.dropped))
@@ -193,6 +195,20 @@ def unpaired_rows(found: Rows, options) -> Rows:
             out.rows.append(item)
             out.origins.append(origin)
     return out
+
+
+def _check_prompt_field(keys: set, options: DataOptions, where: str) -> None:
+    """A prompt column the recipe names (data.prompt_field other than its default) must be in the rows.
+    Without this, rows lacking it would be read as implicit-prompt pairs (two whole transcripts), and
+    fail as 'not a transcript' or, worse, be read in the wrong shape. With the default, rows without
+    a prompt column are the implicit shape, as before."""
+    name, default = options.prompt_field, type(options).model_fields["prompt_field"].default
+    if not keys or name == default or name in keys:
+        return
+    have = ", ".join(sorted(map(str, keys)))
+    hint = (f"the rows have the default '{default}' column: drop the key or set data.prompt_field: {default}"
+            if default in keys else "set data.prompt_field to the column that holds the prompt")
+    raise RecipeError(f"data.prompt_field: '{name}' names no column of {where} (its columns: {have}); {hint}")
 
 
 def _margin_problem(margin, name: str) -> str | None:

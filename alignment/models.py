@@ -25,6 +25,7 @@ from transformers import (
 
 from .config import LoraOptions, ModelOptions
 from .errors import RecipeError
+from .templates import template_problem
 
 # Used when a tokenizer ships no chat template. The assistant turn ends with EOS, so a model
 # trained on it learns to stop. SFT finds the assistant tokens by rendering turn by turn
@@ -153,9 +154,28 @@ def load_tokenizer(
     if options.chat_template:
         template = options.chat_template
         if template.endswith(".jinja") and Path(template).is_file():
-            template = Path(template).read_text()
+            try:
+                template = Path(template).read_bytes().decode("utf-8")
+            except UnicodeDecodeError:
+                raise RecipeError(
+                    f"model_options.chat_template: '{options.chat_template}': not UTF-8 text; save the template file as UTF-8"
+                ) from None
+        problem = template_problem(template)
+        if problem:
+            raise RecipeError(f"model_options.chat_template: '{options.chat_template}': the chat template {problem}")
         tok.chat_template = template
-    elif not tok.chat_template and fallback_template:
+    elif tok.chat_template:
+        problem = template_problem(tok.chat_template)
+        if problem:
+            local = Path(name_or_path)
+            where = local / "chat_template.jinja" if (local / "chat_template.jinja").is_file() else (
+                f"{name_or_path} (tokenizer_config.json's chat_template)"
+            )
+            raise RecipeError(
+                f"{where}: the tokenizer's chat_template {problem}; fix the template or set "
+                "model_options.chat_template: FILE"
+            )
+    elif fallback_template:
         tok.chat_template = DEFAULT_CHAT_TEMPLATE
     tok.padding_side = padding_side
     return tok
@@ -295,6 +315,8 @@ def load_causal_lm(
     """A causal LM (policy, reference); `key` names the recipe key it came from in errors."""
     options = options or ModelOptions()
     check_model_kind(name_or_path, "causal-lm", key, options)
+    if Path(name_or_path).is_dir():
+        _check_weights_fit_config(Path(name_or_path), key)
     model = _load(AutoModelForCausalLM.from_pretrained, name_or_path, "model", **_model_kwargs(options))
     return _finish(_fit_to_tokenizer(model, tok), options)
 

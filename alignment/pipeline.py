@@ -93,6 +93,19 @@ class Node:
         }
 
 
+# Stages whose output is not a model, and what they write instead: a model-valued key (`model`,
+# `ref_model`, `reward_model`, compare's `models.LABEL`) cannot start from them.
+NOT_A_MODEL = {"compare": "a report", "prep": "data (data.source: {from: ...} takes it)"}
+
+
+def _check_model_ref(path: Path, role: str, ref: "Node") -> None:
+    """Refuse, at plan time, a model-valued key whose {from: ...} names a stage that writes no model."""
+    stage = ref.recipe.stage
+    if role != "data" and stage in NOT_A_MODEL:
+        raise RecipeError(f"{path}: {role}: from: {ref.path.name} is a '{stage}' recipe; a {stage} stage writes "
+                          f"{NOT_A_MODEL[stage]}, not a model: name a recipe that trains one, or a model directory")
+
+
 def _resolve_ref(ref: str, from_recipe: Path) -> Path:
     for candidate in (from_recipe.parent / ref, Path(ref)):
         if candidate.is_file():
@@ -252,6 +265,7 @@ def resolve(recipe_path: str | Path, overrides: list[str] = (), runs_dir: str | 
         for role, value in model_inputs(recipe).items():
             if isinstance(value, FromRecipe):
                 node.refs[role] = visit(_resolve_ref(value.from_, path), False, (*stack, key))
+                _check_model_ref(path, role, node.refs[role])
         if "data" in node.refs and node.refs["data"].recipe.stage != "prep":
             ref = node.refs["data"]
             raise RecipeError(f"{path}: data.source: from: {ref.path.name} is a '{ref.recipe.stage}' recipe; "
@@ -346,6 +360,8 @@ def _plan_rounds(recipe, path: Path, runs_dir: Path, visit_ref, order: list[Node
     """Append the stages of a rounds recipe (alignment/rounds.py) to `order`, each an ordinary node
     whose references are the rounds recipe's own inputs or earlier rounds; return the last round's."""
     outer = {role: visit_ref(value.from_) for role, value in model_inputs(recipe).items() if isinstance(value, FromRecipe)}
+    for role, ref in outer.items():
+        _check_model_ref(path, role, ref)
     made: dict[str, Node] = {}
     for stage in expand(recipe, path.stem, Path(recipe.output_dir or runs_dir / path.stem)):
         node = Node(stage.recipe, path.with_name(stage.name + path.suffix), stage.out_dir, rounds_of=path.stem)

@@ -196,6 +196,32 @@ def test_missing_chat_template_file(fails_cleanly, tiny_base):
                   "model_options.chat_template: 'missing.jinja': no such file")
 
 
+def test_chat_template_file_that_is_not_utf8(fails_cleanly, tiny_base, in_tmp):
+    (in_tmp / "t.jinja").write_bytes(b"{{ messages }}\xff\xfe\n")
+    fails_cleanly([*SFT, f"model={tiny_base}", "model_options.chat_template=t.jinja"],
+                  "model_options.chat_template: 't.jinja': not UTF-8 text (byte 0xff at offset 14)")
+
+
+@pytest.mark.parametrize("as_file", [False, True], ids=["text", "file"])
+def test_chat_template_that_does_not_compile(fails_cleanly, tiny_base, in_tmp, as_file):
+    broken = "{% for m in messages %}{{ m.content }"
+    if as_file:
+        (in_tmp / "t.jinja").write_text(broken + "\n")
+    value = "t.jinja" if as_file else json.dumps(broken)  # a quoted YAML scalar
+    line = fails_cleanly([*SFT, f"model={tiny_base}", f"model_options.chat_template={value}"],
+                         "model_options.chat_template: ", "does not compile, Jinja syntax error on line 1")
+    assert ("'t.jinja': the chat template" in line) == as_file, line
+    assert "row" not in line, line
+
+
+def test_model_whose_chat_template_does_not_compile(fails_cleanly, tiny_base, in_tmp):
+    bad = in_tmp / "bad"
+    shutil.copytree(tiny_base, bad)
+    (bad / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }")
+    fails_cleanly([*SFT, f"model={bad}"], f"{bad / 'chat_template.jinja'}: the tokenizer's chat_template does not compile, "
+                  "Jinja syntax error on line 1", "model_options.chat_template: FILE")
+
+
 def test_weights_that_do_not_match_config_json(fails_cleanly, tiny_base, in_tmp):
     bad = in_tmp / "bad"
     shutil.copytree(tiny_base, bad)
@@ -208,6 +234,18 @@ def test_weights_that_do_not_match_config_json(fails_cleanly, tiny_base, in_tmp)
 def test_data_from_a_recipe_that_is_not_prep_is_refused_before_it_is_built(fails_cleanly, in_tmp):
     (in_tmp / "r.yaml").write_text(f"stage: dpo\nmodel: {{from: {RECIPES / 'sft.yaml'}}}\ndata:\n  source: {{from: {RECIPES / 'sft.yaml'}}}\n")
     fails_cleanly([str(in_tmp / "r.yaml")], "data.source: from: sft.yaml is a 'sft' recipe", "output of a 'prep' recipe")
+
+
+@pytest.mark.parametrize("role", ["model", "ref_model"])
+def test_model_from_a_compare_or_prep_recipe_is_refused_before_anything_runs(fails_cleanly, in_tmp, role):
+    (in_tmp / "c.yaml").write_text(f"stage: compare\nmodels: {{a: {RECIPES / 'sft.yaml'}, b: x}}\n")
+    (in_tmp / "p.yaml").write_text("stage: prep\nprep: {kind: pairs}\n")
+    other = "" if role == "model" else f"model: {{from: {RECIPES / 'sft.yaml'}}}\n"
+    (in_tmp / "r.yaml").write_text(f"stage: dpo\n{other}{role}: {{from: c.yaml}}\n")
+    fails_cleanly([str(in_tmp / "r.yaml")], f"{in_tmp / 'r.yaml'}: {role}: from: c.yaml is a 'compare' recipe; "
+                  "a compare stage writes a report, not a model")
+    (in_tmp / "r.yaml").write_text(f"stage: dpo\n{other}{role}: {{from: p.yaml}}\n")
+    fails_cleanly([str(in_tmp / "r.yaml")], f"{role}: from: p.yaml is a 'prep' recipe; a prep stage writes data")
 
 
 def test_data_from_a_prep_recipe_of_another_kind_is_refused_before_it_is_built(fails_cleanly, in_tmp):

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from data_prep.read import read_source
 
 
@@ -76,3 +78,31 @@ def test_reply_quoting_a_dialogue_is_the_reply_itself():
 def test_transcript_with_single_newlines_is_parsed():
     [pair] = parse_explicit({"prompt": "Human: a\nAssistant:", "chosen": "b", "rejected": "c"})
     assert pair["prompt"] == [{"role": "user", "content": "a"}]
+
+
+def test_a_named_prompt_field_that_is_no_column_is_refused_and_the_implicit_shape_still_reads():
+    from alignment.config import FeedbackDataOptions, PreferenceDataOptions
+    from alignment.data import Rows, preference_rows, unpaired_rows
+    from alignment.errors import RecipeError
+
+    explicit = Rows([{"prompt": "hi", "chosen": "yes", "rejected": "no"}], ["p.jsonl:1"])
+    for read, options in [(preference_rows, PreferenceDataOptions), (unpaired_rows, FeedbackDataOptions)]:
+        with pytest.raises(RecipeError) as caught:
+            read(explicit, options(prompt_field="question"))
+        assert str(caught.value) == (
+            "data.prompt_field: 'question' names no column of p.jsonl (its columns: chosen, prompt, rejected); "
+            "the rows have the default 'prompt' column: drop the key or set data.prompt_field: prompt")
+    without = Rows([{"chosen": "yes", "rejected": "no"}], ["p.jsonl:1"])
+    with pytest.raises(RecipeError, match=r"^data\.prompt_field: 'question' names no column of p\.jsonl "
+                                          r"\(its columns: chosen, rejected\); set data\.prompt_field to the column"):
+        preference_rows(without, PreferenceDataOptions(prompt_field="question"))
+    # the named column, when there, is the prompt
+    named = Rows([{"question": "hi", "chosen": "yes", "rejected": "no"}], ["p.jsonl:1"])
+    [pair] = preference_rows(named, PreferenceDataOptions(prompt_field="question")).rows
+    assert pair["prompt"] == [{"role": "user", "content": "hi"}]
+    # with the default prompt_field, rows of two whole transcripts are still the implicit-prompt shape
+    implicit = Rows([{"chosen": "\n\nHuman: hi\n\nAssistant: yes", "rejected": "\n\nHuman: hi\n\nAssistant: no"}],
+                    ["p.jsonl:1"])
+    [pair] = preference_rows(implicit, PreferenceDataOptions()).rows
+    assert pair["prompt"] == [{"role": "user", "content": "hi"}]
+    assert pair["chosen"] == [{"role": "assistant", "content": "yes"}]

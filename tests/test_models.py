@@ -107,3 +107,36 @@ def test_custom_chat_template_from_recipe(tiny_base, tmp_path):
     template.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% endfor %}")
     tok = load_tokenizer(str(tiny_base), ModelOptions(chat_template=str(template)))
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "[user] hi"
+
+
+def test_causal_lm_whose_weights_do_not_match_config_json_is_named_not_a_traceback(tiny_base, tmp_path):
+    # `alignment compare` loads its models here directly (no plan-time check before it).
+    import json
+    import shutil
+
+    bad = tmp_path / "mismatch"
+    shutil.copytree(tiny_base, bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "intermediate_size": 2 * config["intermediate_size"]}))
+    tok = load_tokenizer(str(tiny_base))
+    with pytest.raises(RecipeError) as caught:
+        load_causal_lm(str(bad), tok, key="b")
+    line = str(caught.value)
+    assert line.startswith(f"b: {bad / 'model.safetensors'}: tensor 'model.layers.0.mlp."), line
+    assert line.endswith("the weights do not match config.json") and "\n" not in line, line
+
+
+def test_tokenizer_whose_own_chat_template_does_not_compile_names_its_file(tiny_base, tmp_path):
+    import shutil
+
+    bad = tmp_path / "badtemplate"
+    shutil.copytree(tiny_base, bad)
+    (bad / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }")
+    with pytest.raises(RecipeError, match=r"badtemplate/chat_template\.jinja: the tokenizer's chat_template does not compile, "
+                       r"Jinja syntax error on line 1"):
+        load_tokenizer(str(bad))
+    # a recipe's own template replaces it, so the run can go on
+    good = tmp_path / "t.jinja"
+    good.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% endfor %}")
+    tok = load_tokenizer(str(bad), ModelOptions(chat_template=str(good)))
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "[user] hi"
