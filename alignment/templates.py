@@ -20,7 +20,8 @@ def template_problem(template) -> str | None:
     syntax error is named there rather than at the first conversation it cannot render."""
     import jinja2
 
-    try:
+    try:  # transformers' private compiler (it knows `{% generation %}`, plain jinja2 does not); pinned by
+        # tests/test_models.py::test_the_private_template_compiler_the_check_uses_is_there
         from transformers.utils.chat_template_utils import _compile_jinja_template as compile_template
     except ImportError:  # the helper moved: leave the check to the first render
         return None
