@@ -23,9 +23,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from .config import LoraOptions, ModelOptions
+from .config import LoraOptions, ModelOptions, template_problem
 from .errors import RecipeError
-from .templates import template_problem
 
 # Used when a tokenizer ships no chat template. The assistant turn ends with EOS, so a model
 # trained on it learns to stop. SFT finds the assistant tokens by rendering turn by turn

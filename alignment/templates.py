@@ -13,30 +13,6 @@ import weakref
 from .errors import RecipeError
 
 
-def template_problem(template) -> str | None:
-    """Why a chat template (its text, or a mapping of named templates) does not compile, as
-    `apply_chat_template` compiles it (transformers' own sandboxed jinja2 environment, with its
-    `{% generation %}` tag); None when it compiles. Checked where a template is loaded, so that a
-    syntax error is named there rather than at the first conversation it cannot render."""
-    import jinja2
-
-    try:  # transformers' private compiler (it knows `{% generation %}`, plain jinja2 does not); pinned by
-        # tests/test_models.py::test_the_private_template_compiler_the_check_uses_is_there
-        from transformers.utils.chat_template_utils import _compile_jinja_template as compile_template
-    except ImportError:  # the helper moved: leave the check to the first render
-        return None
-    texts = template.items() if isinstance(template, dict) else [(None, template)]
-    for name, text in texts:
-        if not isinstance(text, str):
-            continue
-        try:
-            compile_template(text)
-        except jinja2.TemplateSyntaxError as exc:
-            which = f"the template named '{name}' " if name else ""
-            return f"{which}does not compile, Jinja syntax error on line {exc.lineno}: {' '.join(str(exc.message).split())}"
-    return None
-
-
 def render_prompt(tok, prompt: str) -> str:
     """A user prompt in `tok`'s chat template, ready for the assistant's reply."""
     return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)

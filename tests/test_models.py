@@ -143,10 +143,10 @@ def test_tokenizer_whose_own_chat_template_does_not_compile_names_its_file(tiny_
 
 
 def test_the_private_template_compiler_the_check_uses_is_there():
-    """templates.template_problem compiles with transformers' private `_compile_jinja_template`, which knows
+    """config.template_problem compiles with transformers' private `_compile_jinja_template`, which knows
     the `{% generation %}` tag; without it the check is skipped. Pinned here, so that a transformers release
     that moves it fails this test instead of turning the check off unseen."""
-    from alignment.templates import template_problem
+    from alignment.config import template_problem
     from transformers.utils.chat_template_utils import _compile_jinja_template  # noqa: F401
 
     assert "does not compile" in template_problem("{% for m in messages %}{{ m.content }")
