@@ -150,6 +150,12 @@ def weighted_sum(per_source: dict[str, torch.Tensor], weights: dict[str, float])
     return sum(weights.get(name, 1.0) * value.nan_to_num(0.0) for name, value in per_source.items())
 
 
+def reply_ids(response_ids, response_mask, finished) -> list[list[int]]:
+    """Each sampled reply's token ids before its stop token (what reward functions get as completion_ids)."""
+    lengths = (response_mask.sum(-1) - finished.long()).tolist()
+    return [response_ids[i, :n].tolist() for i, n in enumerate(lengths)]
+
+
 class Rewards:
     """The recipe's reward sources. `scores(...)` gives each source's raw scores; `total(...)` their
     weighted sum."""
@@ -169,8 +175,7 @@ class Rewards:
         after its first EOS masked). `which`: 'model' (the reward model only, for a chunk of the batch),
         'functions' (the Python functions only, called once on the whole batch) or 'all'. A function's
         None is NaN here; with 'functions' or 'all', a reply that no source can score is refused."""
-        lengths = (response_mask.sum(-1) - finished.long()).tolist()  # reply tokens before the EOS
-        ids = [response_ids[i, : lengths[i]].tolist() for i in range(len(prompts))]
+        ids = reply_ids(response_ids, response_mask, finished)
         replies = self.tok.batch_decode(ids, skip_special_tokens=True)
         out = {}
         if self.reward_model is not None and which != "functions":

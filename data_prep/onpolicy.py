@@ -79,7 +79,7 @@ def sample_and_score(
     mean over replies of their summed log-ratio log p_model - log p_kl_model (an estimate of
     KL(model || kl_model) on the model's own samples, under the sampling temperature)."""
     from alignment import evaluation, models
-    from alignment.rewards import load_function, source_weights
+    from alignment.rewards import load_function, reply_ids, source_weights
 
     if reward_model is None and not reward_fn and not evaluation.has_gold(prompts):
         raise DataError("the gold oracle (--oracle, scorer: oracle) grades demo-world prompts only; "
@@ -109,7 +109,7 @@ def sample_and_score(
             rm_tok = models.load_reward_tokenizer(reward_model)
             scores = evaluation.reward_scores(models.load_classifier(reward_model, rm_tok), rm_tok, gens, batch_size=batch_size)
         if reward_fn:
-            ids = [reply for b in batches for reply in reply_ids(b)]
+            ids = [reply for b in batches for reply in reply_ids(b.response_ids, b.response_mask, b.finished)]
             weights = source_weights(reward_model is not None, reward_fn, reward_weights)
             per_prompt = columns if columns is not None else [{}] * len(prompts)
             scores = summed_scores(gens, ids, [c for c in per_prompt for _ in range(k)], functions, weights,
@@ -118,12 +118,6 @@ def sample_and_score(
         stats.update(samples=len(scores), mean_score=sum(scores) / len(scores) if scores else float("nan"),
                      **({"kl": kl} if kl is not None else {}))
     return [list(zip(scores[i * k : (i + 1) * k], (g.text for g in gens[i * k : (i + 1) * k]))) for i in range(len(prompts))]
-
-
-def reply_ids(samples) -> list[list[int]]:
-    """Each sampled reply's token ids before its stop token (the ids reward functions are given)."""
-    lengths = (samples.response_mask.sum(-1) - samples.finished.long()).tolist()
-    return [samples.response_ids[i, :n].tolist() for i, n in enumerate(lengths)]
 
 
 def summed_scores(gens, ids: list[list[int]], columns: list[dict], functions: dict, weights: dict,

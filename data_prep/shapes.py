@@ -295,7 +295,7 @@ def make_parser(shape: str, c: PrepColumns, o: PrepOptions) -> Callable[[dict], 
     if shape not in ("sft", "text"):  # rows with replies
         parse = _keep_generated(parse)
     if o.kind == "binary" and shape in PREFERENCE_SHAPES:
-        return _unpaired(parse)
+        return _keep_generated(_unpaired(parse))  # the unpaired rows of a generated row are marked too
     return parse
 
 
@@ -578,7 +578,7 @@ def _unpaired(parse_pairs):
                                  None if row_id is None else f"{row_id}-chosen"),
                    _unpaired_row(pair["prompt"], pair["rejected"], False, pair["score_rejected"],
                                  None if row_id is None else f"{row_id}-rejected")]
-            rows += [{**r, "generated": True} for r in two] if is_generated(pair) else two
+            rows += two
         return rows
 
     return parse
