@@ -551,6 +551,11 @@ if accelerator.is_main_process:
 if torch.distributed.is_initialized():  # leaving with the group open can abort the process at exit
     accelerator.wait_for_everyone()
     torch.distributed.destroy_process_group()
+    # a launched process: gloo's threads can still abort the interpreter's own teardown ("terminate called
+    # without an active exception", seen once in a loaded run after everything was saved); end here instead
+    import os, sys
+    sys.stdout.flush(); sys.stderr.flush()
+    os._exit(0)
 """
 
 
